@@ -1,0 +1,118 @@
+"""Build a release into artifacts/<release>/: load, quantize, export, manifest; atomically.
+
+    builder build smollm2-135m-instruct-fp8-dynamic
+"""
+
+import fcntl
+import os
+import shutil
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+from builder import export, load, lock, manifest
+from builder.errors import BuilderError, Problem
+from builder.release_files import write_release_files
+
+
+def build(root: Path, release: str, overrides: tuple = (), out: Path | None = None,
+          force: bool = False, log=print) -> dict:
+    """Build one release; returns its manifest. Nothing is left behind unless it succeeds."""
+    entry = lock.lock_entry(root, release, tuple(overrides))
+    if not overrides:
+        require_current_lock(root, release, entry)
+    out = (out or default_out(root, release, entry, overrides)).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(out):
+        if not force and is_artifact(out) and manifest.read(out).get("artifact_id") == entry["artifact_id"]:
+            log(f"{out.name}: up to date ({entry['artifact_id']}); --force rebuilds")
+            return manifest.read(out)
+        if out.exists() and not is_artifact(out) and not force:
+            raise BuilderError(Problem(str(out), "--out", "exists and is not an artifact; "
+                                       "choose another folder or pass --force to replace it"))
+        staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        try:
+            staging.mkdir()
+            result = build_into(root, entry, staging, log)
+            replace(staging, out)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    log(f"{out.name}: built {result['content_digest']} (artifact_id {entry['artifact_id']})")
+    return result
+
+
+def build_into(root: Path, entry: dict, staging: Path, log) -> dict:
+    """The verbs of a build, top to bottom, writing only into staging."""
+    from builder import determinism
+
+    determinism.apply_torch()
+    spec = entry["spec"]
+    source = load.source_dir(root, spec)
+    config = load.read_config(source, spec)
+    tensors = load.tensor_index(source)
+    modules = load.module_classes(source)
+    log(f"{entry['release']}: {len(tensors)} tensors from {spec['model']['path']}")
+    export.write_weights(staging, tensors, modules, spec["quant"], spec["target"]["max_shard_bytes"])
+    export.write_config(config, staging, spec["quant"])
+    export.copy_side_files(source, staging)
+    write_release_files(staging, entry)
+    return manifest.create(staging, entry)
+
+
+def require_current_lock(root: Path, release: str, entry: dict) -> None:
+    """Refuse to build a release whose committed lock no longer matches specs/ and the toolchain."""
+    committed = lock.read(root, release)
+    if committed is None or committed["artifact_id"] == entry["artifact_id"]:
+        return
+    changed = [part for part in ("spec", "inputs") if committed.get(part) != entry[part]]
+    if committed.get("inputs", {}).get("toolchain") != entry["inputs"]["toolchain"]:
+        changed.append(f"toolchain {committed['inputs']['toolchain']} -> {entry['inputs']['toolchain']}")
+    raise BuilderError(Problem(f"locks/{release}.json", "artifact_id",
+                               f"stale ({', '.join(changed)} changed); run `builder lock` first"))
+
+
+def default_out(root: Path, release: str, entry: dict, overrides) -> Path:
+    """artifacts/<release>, or artifacts/<release>-<id prefix> for a build with overrides."""
+    suffix = f"-{entry['artifact_id'].split(':')[1][:12]}" if overrides else ""
+    return root / "artifacts" / f"{release}{suffix}"
+
+
+def is_artifact(path: Path) -> bool:
+    return (path / manifest.NAME).is_file()
+
+
+@contextmanager
+def exclusive(out: Path):
+    """Hold a lock file beside out so two builds of one folder never interleave; undo killed builds."""
+    with open(out.parent / f".{out.name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        for stale in out.parent.glob(f".{out.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        retired = sorted(out.parent.glob(f".{out.name}.old-*"))
+        if retired and not out.exists():  # a build killed mid-swap: put the previous artifact back
+            retired.pop().rename(out)
+        for stale in retired:
+            shutil.rmtree(stale, ignore_errors=True)
+        yield
+
+
+def replace(staging: Path, out: Path) -> None:
+    """Move staging into place: the old artifact is swapped out whole, never half-replaced."""
+    retired = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        out.rename(retired)
+    staging.rename(out)
+    fsync_dir(out.parent)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def fsync_dir(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def stderr_log(message: str) -> None:
+    print(message, file=sys.stderr)

@@ -1,0 +1,118 @@
+"""The `builder` command line: one function per verb, one dict from verb to function.
+
+    builder list | resolve | lock | import | build | verify   (builder VERB --help)
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from builder import determinism
+from builder.canonical import pretty_json
+from builder.errors import BuilderError
+from builder.paths import find_root
+
+
+def cmd_list(args) -> int:
+    from builder.resolve import list_releases
+
+    print("\n".join(list_releases(find_root())))
+    return 0
+
+
+def cmd_resolve(args) -> int:
+    from builder.lock import lock_entry
+
+    entry = lock_entry(find_root(), args.release, tuple(args.overrides))
+    shown = {"artifact_id": entry["artifact_id"], "spec": entry["spec"], "inputs": entry["inputs"]}
+    if args.json:
+        sys.stdout.write(pretty_json(shown))
+    else:
+        sys.stdout.write(yaml.safe_dump(entry["spec"], sort_keys=True))
+        print(f"# artifact_id: {entry['artifact_id']}")
+    return 0
+
+
+def cmd_lock(args) -> int:
+    from builder import lock
+
+    root = find_root()
+    if args.check:
+        lock.check(root)
+        print("locks/ and params.yaml are up to date")
+        return 0
+    changed = lock.write(root)
+    print("\n".join(f"wrote {path}" for path in changed) or "locks/ and params.yaml are up to date")
+    return 0
+
+
+def cmd_import(args) -> int:
+    from builder.importer import import_model
+
+    import_model(find_root(), args.model, log=log)
+    return 0
+
+
+def cmd_build(args) -> int:
+    from builder.build import build
+
+    result = build(find_root(), args.release, tuple(args.overrides), out=args.out, force=args.force, log=log)
+    print(f"{result['release']} {result['content_digest']}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from builder.verify import verify
+
+    result = verify(args.artifact)
+    print(f"OK {result['artifact']}: {result['files']} files match, content digest {result['content_digest']}")
+    return 0
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+VERBS = {
+    "list": (cmd_list, "list releases, one a line"),
+    "resolve": (cmd_resolve, "show a release's resolved spec and artifact_id"),
+    "lock": (cmd_lock, "write locks/ and params.yaml from specs/ (--check: fail if stale)"),
+    "import": (cmd_import, "import a model's pinned source into weights/"),
+    "build": (cmd_build, "build a release into artifacts/<release>/"),
+    "verify": (cmd_verify, "re-hash an artifact's files against its manifest"),
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="builder", description="Reproducible builds of quantized LLM releases.")
+    verbs = top.add_subparsers(dest="verb", required=True, metavar="VERB")
+    sub = {name: verbs.add_parser(name, help=text, description=text) for name, (_, text) in VERBS.items()}
+    for name in ("resolve", "build"):
+        sub[name].add_argument("release")
+        sub[name].add_argument("overrides", nargs="*", metavar="OVERRIDE", help="Hydra override, e.g. quant=bf16")
+    sub["resolve"].add_argument("--json", action="store_true", help="machine-readable output")
+    sub["lock"].add_argument("--check", action="store_true", help="exit 1 if locks/ or params.yaml are stale")
+    sub["import"].add_argument("model", help="a file name in specs/model/, without .yaml")
+    sub["build"].add_argument("--out", type=Path, help="output folder (default artifacts/<release>)")
+    sub["build"].add_argument("--force", action="store_true", help="rebuild even if up to date")
+    sub["verify"].add_argument("artifact", type=Path)
+    return top
+
+
+def main(argv=None) -> int:
+    determinism.apply_environment()  # before anything imports torch
+    args = parser().parse_args(argv)
+    try:
+        return VERBS[args.verb][0](args)
+    except BuilderError as error:
+        print(f"builder {args.verb}: error: {error.render()}", file=sys.stderr)
+        return error.exit_code
+    except OSError as error:  # disk full, permissions, vanished files: say which, and stop
+        print(f"builder {args.verb}: error: {error.strerror or error}: {error.filename or ''}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"builder {args.verb}: interrupted", file=sys.stderr)
+        return 130

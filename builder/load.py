@@ -1,0 +1,113 @@
+"""Load a source checkpoint safely: pinned digest, safetensors only, tensors listed lazily."""
+
+import json
+import struct
+from pathlib import Path
+
+from builder.canonical import file_entries, tree_digest
+from builder.errors import BuilderError, Problem
+from builder.paths import inside
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on a header
+
+
+def source_dir(root: Path, spec: dict) -> Path:
+    """The source checkpoint folder, checked against the spec's pinned digest before any work."""
+    model_file = f"specs/model/{spec['choices']['model']}.yaml"
+    path = inside(root, spec["model"]["path"], file=model_file, key="model.path")
+    if not path.is_dir():
+        raise BuilderError(Problem(model_file, "model.path", f"{spec['model']['path']!r} does not exist; "
+                                   f"import it first: builder import {spec['choices']['model']}"))
+    for link in (p for p in path.rglob("*") if p.is_symlink()):
+        inside(root, str(link.relative_to(root)), file=model_file, key="model.path")
+    pickles = sorted(p.name for p in path.rglob("*") if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise BuilderError(Problem(model_file, "model.path", f"pickle weight files are refused "
+                                   f"(they can run code when loaded): {', '.join(pickles)}"))
+    digest = tree_digest(file_entries(path))
+    if digest != spec["model"]["digest"]:
+        raise BuilderError(Problem(model_file, "model.digest", f"{spec['model']['path']} has digest "
+                                   f"{digest}, but the spec pins {spec['model']['digest']}; "
+                                   "refusing a source that is not the pinned one"))
+    return path
+
+
+def read_config(path: Path, spec: dict) -> dict:
+    """config.json of the source, checked against the architecture the spec declares."""
+    model_file = f"specs/model/{spec['choices']['model']}.yaml"
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    if config.get("auto_map"):
+        raise BuilderError(Problem(model_file, "model.path", "config.json asks for remote code "
+                                   "(auto_map); trust_remote_code is not supported"))
+    problems = []
+    for key, declared in spec["model"]["architecture"].items():
+        actual = (config.get("architectures") or [None])[0] if key == "class" else config.get(key)
+        if actual != declared:
+            problems.append(Problem(model_file, f"model.architecture.{key}",
+                                    f"{declared!r} declared, but config.json has {actual!r}"))
+    if problems:
+        raise BuilderError(problems)
+    return config
+
+
+def weight_files(path: Path) -> list:
+    """The safetensors files of a checkpoint, from its index when it has one."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted({path / name for name in json.loads(index.read_text())["weight_map"].values()})
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise BuilderError(Problem(str(path.name), "", "no *.safetensors weight files"))
+    return files
+
+
+def read_header(file: Path) -> dict:
+    """A safetensors header (name -> dtype, shape, offsets), checked against the file's size."""
+    size = file.stat().st_size
+    with open(file, "rb") as handle:
+        prefix = handle.read(8)
+        length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
+        if not 0 < length <= min(MAX_HEADER_BYTES, size - 8):
+            raise BuilderError(Problem(file.name, "", "corrupt safetensors header (bad length)"))
+        try:
+            header = json.loads(handle.read(length))
+        except ValueError:
+            raise BuilderError(Problem(file.name, "", "corrupt safetensors header (not JSON)")) from None
+    header.pop("__metadata__", None)
+    end = max((t["data_offsets"][1] for t in header.values()), default=0)
+    if 8 + length + end != size:
+        raise BuilderError(Problem(file.name, "", f"truncated or padded: header promises "
+                                   f"{8 + length + end} bytes, file has {size}"))
+    return header
+
+
+def tensor_index(path: Path) -> dict:
+    """tensor name -> (file, dtype code, shape) across every shard of the checkpoint."""
+    found = {}
+    for file in weight_files(path):
+        for name, info in read_header(file).items():
+            found[name] = (file, info["dtype"], tuple(info["shape"]))
+    return found
+
+
+def module_classes(config_dir: Path) -> dict:
+    """module name -> class name, from the architecture built on the meta device (no memory)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(config_dir, trust_remote_code=False)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    return {name: type(module).__name__ for name, module in model.named_modules() if name}
+
+
+def torch_dtype(code: str):
+    """The torch dtype of a safetensors dtype code."""
+    from builder.shards import DTYPE_ORDER
+
+    for name, dtype in DTYPE_ORDER:
+        if name == code:
+            return dtype
+    raise BuilderError(Problem("", "", f"unsupported tensor dtype {code}"))

@@ -1,0 +1,36 @@
+"""Where things live: the repository root, and paths in specs kept inside it."""
+
+import os
+from pathlib import Path
+
+from builder.errors import BuilderError, Problem
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+SCHEMAS_DIR = PACKAGE_DIR.parent / "schemas"
+
+
+def find_root(start: Path | None = None) -> Path:
+    """The nearest ancestor of start (default: the working directory) that holds specs/config.yaml.
+
+    BUILDER_ROOT, when set, names the root directly.
+    """
+    if os.environ.get("BUILDER_ROOT"):
+        root = Path(os.environ["BUILDER_ROOT"]).resolve()
+        if not (root / "specs" / "config.yaml").is_file():
+            raise BuilderError(Problem(str(root), "BUILDER_ROOT", "has no specs/config.yaml"))
+        return root
+    here = (start or Path.cwd()).resolve()
+    for candidate in (here, *here.parents):
+        if (candidate / "specs" / "config.yaml").is_file():
+            return candidate
+    raise BuilderError(Problem(str(here), "", "not inside a release repository "
+                               "(no specs/config.yaml here or above); cd into one or set BUILDER_ROOT"))
+
+
+def inside(root: Path, relative: str, *, file: str, key: str) -> Path:
+    """Resolve a repository-relative path from a spec, refusing anything that leaves the root."""
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise BuilderError(Problem(file, key, f"{relative!r} points outside the repository "
+                                   "(through '..' or a symbolic link); keep inputs inside it"))
+    return path

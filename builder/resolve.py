@@ -1,0 +1,204 @@
+"""Resolve a release: compose specs/ with Hydra, validate, return the canonical spec. Pure.
+
+    builder resolve smollm2-135m-instruct-fp8-dynamic quant.ignore='[lm_head]' --json
+"""
+
+import json
+import re
+from functools import cache
+from pathlib import Path
+
+import yaml
+from jsonschema import Draft202012Validator
+
+from builder.errors import BuilderError, Problem
+from builder.paths import SCHEMAS_DIR
+
+GROUPS = ("model", "quant", "target", "parallelism", "context", "calibration", "eval")
+
+
+def list_releases(root: Path) -> list:
+    """Release names: the file names in specs/release/, sorted."""
+    return sorted(p.stem for p in (root / "specs" / "release").glob("*.yaml"))
+
+
+def resolve(root: Path, release: str, overrides: tuple = ()) -> dict:
+    """The resolved, validated spec of one release, as plain data with sorted-key semantics.
+
+    Raises BuilderError listing every problem, each naming its file and key.
+    """
+    spec = compose(root, release, tuple(overrides))
+    problems = [locate(root, spec["choices"], overrides, path, message)
+                for path, message in schema_problems(spec)]
+    if not problems:
+        problems = [locate(root, spec["choices"], overrides, path, message)
+                    for path, message in semantic_problems(spec)]
+    if problems:
+        raise BuilderError(problems)
+    return spec
+
+
+def compose(root: Path, release: str, overrides: tuple) -> dict:
+    """Hydra composition of specs/config.yaml + release/<release>.yaml + overrides."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    release_file = root / "specs" / "release" / f"{release}.yaml"
+    if not release_file.is_file():
+        known = ", ".join(list_releases(root)) or "none"
+        raise BuilderError(Problem(f"specs/release/{release}.yaml", "", f"no such release; known: {known}"))
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str((root / "specs").resolve()), version_base="1.3"):
+            cfg = hydra_compose("config", overrides=[f"+release={release}", *overrides],
+                                return_hydra_config=True)
+            choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
+            spec = {key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key])
+                    else cfg[key] for key in cfg if key != "hydra"}
+    except Exception as error:  # Hydra and OmegaConf raise many types; all are input errors here
+        raise BuilderError(Problem(f"specs/release/{release}.yaml", "", hydra_message(error))) from None
+    finally:
+        GlobalHydra.instance().clear()
+    spec["choices"] = {key: value for key, value in choices.items() if not key.startswith("hydra")}
+    return spec
+
+
+def hydra_message(error: Exception) -> str:
+    """Hydra's message without its search-path dump (absolute paths, noise)."""
+    text = str(error).split("\nConfig search path:")[0].split("\nSee https://hydra.cc")[0]
+    return " ".join(line.strip() for line in text.strip().splitlines() if line.strip()) or type(error).__name__
+
+
+@cache
+def schema(name: str) -> Draft202012Validator:
+    document = json.loads((SCHEMAS_DIR / name).read_text())
+    Draft202012Validator.check_schema(document)
+    return Draft202012Validator(document)
+
+
+def schema_problems(document: dict, name: str = "release.schema.json") -> list:
+    """(key path, message) for every schema violation, in key order."""
+    found = []
+    for error in schema(name).iter_errors(document):
+        found.extend(explain(error))
+    return sorted(set(found))
+
+
+def explain(error) -> list:
+    """One readable (path, message) per leaf jsonschema error."""
+    path = tuple(str(p) for p in error.absolute_path)
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        extra = sorted(set(error.instance) - set(allowed))
+        return [((*path, key), f"unknown key; allowed keys: {', '.join(allowed)}") for key in extra]
+    if error.validator in ("oneOf", "anyOf") and error.context:
+        # the branch that matched best says what is wrong; nulls are always allowed alternatives
+        branches = [e for e in error.context if e.validator != "type" or e.validator_value != "null"]
+        deepest = max(branches or error.context, key=lambda e: len(e.absolute_path))
+        return explain(deepest)
+    if error.validator == "enum":
+        allowed = ", ".join(json.dumps(v) for v in error.validator_value)
+        return [(path, f"{json.dumps(error.instance)} is not allowed; allowed: {allowed}")]
+    if error.validator == "required":
+        missing = re.findall(r"'([^']+)' is a required property", error.message)
+        return [((*path, key), "missing required key") for key in missing] or [(path, error.message)]
+    return [(path, f"{json.dumps(error.instance) if is_scalar(error.instance) else 'value'}: {error.message}")]
+
+
+def is_scalar(value) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def semantic_problems(spec: dict) -> list:
+    """Choices that are each valid but do not fit together, as (key path, message)."""
+    arch = spec["model"]["architecture"]
+    found = []
+    if spec["release"]["name"] != spec["choices"]["release"]:
+        found.append((("release", "name"), f"{spec['release']['name']!r} must equal the file name "
+                      f"{spec['choices']['release']!r}"))
+    max_len, limit = spec["context"]["max_model_len"], arch["max_position_embeddings"]
+    if max_len > limit:
+        found.append((("context", "max_model_len"), f"{max_len} tokens exceeds the model's "
+                      f"max_position_embeddings {limit}"))
+    tp, pp = spec["parallelism"]["tensor"], spec["parallelism"]["pipeline"]
+    for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+        if arch[key] % tp:
+            found.append((("parallelism", "tensor"), f"{tp} does not divide model {key} {arch[key]}"))
+    if pp > arch["num_hidden_layers"]:
+        found.append((("parallelism", "pipeline"), f"{pp} exceeds the model's "
+                      f"{arch['num_hidden_layers']} layers"))
+    found.extend(quant_problems(spec["quant"]))
+    if not found:
+        scheme = scheme_class(spec["quant"])
+        if scheme not in spec["target"]["schemes"]:
+            found.append((("target", "schemes"), f"the target does not run {scheme} "
+                          f"(quant recipe); it runs: {', '.join(spec['target']['schemes'])}"))
+    return found
+
+
+def quant_problems(quant: dict) -> list:
+    """Recipe fields that contradict each other."""
+    found = []
+    weights, acts = quant["weights"], quant["input_activations"]
+    if quant["format"] == "dense":
+        for key in ("weights", "input_activations"):
+            if quant[key] is not None:
+                found.append((("quant", key), "must be null when format is dense"))
+        return found
+    if weights is None:
+        return [(("quant", "weights"), f"format {quant['format']} needs weight quantization arguments")]
+    if not quant["targets"]:
+        found.append((("quant", "targets"), "empty: name the modules to quantize, e.g. [Linear]"))
+    for key, args in (("weights", weights), ("input_activations", acts)):
+        if args is None:
+            continue
+        if args["type"] == "float" and (args["num_bits"] != 8 or not args["symmetric"]):
+            found.append((("quant", key), "float quantization is FP8 E4M3: num_bits 8, symmetric true"))
+        if (args["strategy"] == "group") != (args["group_size"] is not None):
+            found.append((("quant", key, "group_size"), f"{args['group_size']}: group_size is "
+                          "required with strategy group and not allowed otherwise"))
+    if weights["dynamic"] or weights["strategy"] == "token":
+        found.append((("quant", "weights"), "weights are quantized once at build time: "
+                      "dynamic false and strategy tensor, channel, group or block"))
+    if acts is not None and not acts["dynamic"]:
+        found.append((("quant", "input_activations", "dynamic"), "false: static activation scales "
+                      "need calibration, which this builder version does not run yet; use dynamic true"))
+    return found
+
+
+def scheme_class(quant: dict) -> str:
+    """The runtime kernel family a recipe needs, as targets name them: w8a8-fp8, w4a16-int, ..."""
+    weights, acts = quant["weights"], quant["input_activations"]
+    if weights is None:
+        return "w16a16"
+    bits = f"w{weights['num_bits']}a{acts['num_bits'] if acts else 16}"
+    if weights["type"] == "float":
+        return f"{bits}-fp8"
+    return f"{bits}-int8" if acts else f"{bits}-int"
+
+
+def locate(root: Path, choices: dict, overrides, path: tuple, message: str) -> Problem:
+    """Name the file that set the key at path: an override, the release file or a group file."""
+    dotted = ".".join(path)
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key and (dotted == key or dotted.startswith(key + ".") or key.startswith(dotted + ".")):
+            return Problem(f"override {override!r}", dotted, message)
+    release_file = f"specs/release/{choices['release']}.yaml"
+    if sets_key(root / release_file, path) or not path or path[0] not in GROUPS:
+        return Problem(release_file, dotted, message)
+    return Problem(f"specs/{path[0]}/{choices[path[0]]}.yaml", dotted, message)
+
+
+def sets_key(file: Path, path: tuple) -> bool:
+    """Whether a (global-package) YAML file sets the key path itself."""
+    try:
+        node = yaml.safe_load(file.read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    for part in path:
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
