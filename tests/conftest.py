@@ -1,0 +1,104 @@
+"""Shared fixtures: a release repository in tmp_path with tiny random models made from configs."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from builder.canonical import file_entries, tree_digest
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+# Tiny configs of the architectures we promise to handle; every divisibility the specs check holds.
+TINY = {
+    "tiny-llama": ("LlamaConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=4, vocab_size=256,
+                                       max_position_embeddings=2048, tie_word_embeddings=False)),
+    "tiny-qwen2": ("Qwen2Config", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                                       max_position_embeddings=2048, tie_word_embeddings=True)),
+    "tiny-mistral": ("MistralConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=1, vocab_size=256,
+                                           max_position_embeddings=2048, tie_word_embeddings=False,
+                                           sliding_window=None)),
+}
+RECIPES = ("bf16", "fp8-dynamic")
+
+
+def make_checkpoint(kind: str, path: Path, seed: int = 0) -> dict:
+    """Save a randomly initialised BF16 model of a tiny config; returns its config.json as a dict."""
+    import json
+
+    import torch
+    import transformers
+
+    config_class, values = TINY[kind]
+    config = getattr(transformers, config_class)(**values)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    model.save_pretrained(path)
+    (path / "generation_config.json").unlink(missing_ok=True)
+    return json.loads((path / "config.json").read_text())
+
+
+def model_spec(kind: str, config: dict, digest: str) -> dict:
+    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "vocab_size", "max_position_embeddings", "tie_word_embeddings")
+    return {"id": f"test/{kind}", "license": "apache-2.0", "source": {"kind": "local"},
+            "path": f"weights/{kind}", "digest": digest,
+            "architecture": {"class": config["architectures"][0], **{k: config[k] for k in keys}}}
+
+
+def release_text(name: str, model: str, quant: str, target: str = "cpu") -> str:
+    return (f"# @package _global_\ndefaults:\n  - override /model: {model}\n  - override /quant: {quant}\n"
+            f"  - override /target: {target}\n\nrelease:\n  name: {name}\n  version: 0.0.1\n")
+
+
+class Repo:
+    """A release repository in a temporary folder, with the project's specs and tiny models."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def add_model(self, kind: str, seed: int = 0) -> Path:
+        weights = self.root / "weights" / kind
+        config = make_checkpoint(kind, weights, seed)
+        digest = tree_digest(file_entries(weights))
+        spec = model_spec(kind, config, digest)
+        (self.root / "specs" / "model" / f"{kind}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+        for recipe in RECIPES:
+            name = f"{kind}-{recipe}"
+            (self.root / "specs" / "release" / f"{name}.yaml").write_text(release_text(name, kind, recipe))
+        return weights
+
+    def run(self, *args, cwd=None, env=None, check=None):
+        """Run the real `builder` command in this repository; returns the CompletedProcess."""
+        environment = {**os.environ, "BUILDER_ROOT": "", **(env or {})}
+        result = subprocess.run([sys.executable, "-m", "builder", *args], cwd=cwd or self.root,
+                                env=environment, capture_output=True, text=True)
+        if check is not None:
+            assert result.returncode == check, result.stderr
+        return result
+
+
+@pytest.fixture
+def repo(tmp_path) -> Repo:
+    """A repository holding a copy of the shipped specs/ (no weights, no locks)."""
+    root = tmp_path / "repo"
+    shutil.copytree(PROJECT / "specs", root / "specs")
+    return Repo(root)
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(tmp_path_factory) -> Repo:
+    """One shared repository with every tiny model imported (read-only for tests that share it)."""
+    root = tmp_path_factory.mktemp("tiny") / "repo"
+    shutil.copytree(PROJECT / "specs", root / "specs")
+    repo = Repo(root)
+    for kind in TINY:
+        repo.add_model(kind)
+    return repo
