@@ -77,7 +77,7 @@ class Repo:
 
     def run(self, *args, cwd=None, env=None, check=None):
         """Run the real `builder` command in this repository; returns the CompletedProcess."""
-        environment = {**os.environ, "BUILDER_ROOT": "", **(env or {})}
+        environment = {**os.environ, "BUILDER_ROOT": "", "PYTHONPATH": str(PROJECT), **(env or {})}
         result = subprocess.run([sys.executable, "-m", "builder", *args], cwd=cwd or self.root,
                                 env=environment, capture_output=True, text=True)
         if check is not None:
