@@ -16,8 +16,11 @@ from builder.release_files import write_release_files
 
 
 def build(root: Path, release: str, overrides: tuple = (), out: Path | None = None,
-          force: bool = False, log=print) -> dict:
-    """Build one release; returns its manifest. Nothing is left behind unless it succeeds."""
+          force: bool = False, log=print, calibration_dump: Path | None = None) -> dict:
+    """Build one release; returns its manifest. Nothing is left behind unless it succeeds.
+
+    calibration_dump: a JSON file (outside the artifact) to receive the calibration maxima, for debugging.
+    """
     entry = lock.lock_entry(root, release, tuple(overrides))
     if not overrides:
         require_current_lock(root, release, entry)
@@ -33,7 +36,7 @@ def build(root: Path, release: str, overrides: tuple = (), out: Path | None = No
         staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
         try:
             staging.mkdir()
-            result = build_into(root, entry, staging, log)
+            result = build_into(root, entry, staging, log, calibration_dump)
             replace(staging, out)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -41,9 +44,9 @@ def build(root: Path, release: str, overrides: tuple = (), out: Path | None = No
     return result
 
 
-def build_into(root: Path, entry: dict, staging: Path, log) -> dict:
+def build_into(root: Path, entry: dict, staging: Path, log, calibration_dump: Path | None = None) -> dict:
     """The verbs of a build, top to bottom, writing only into staging."""
-    from builder import determinism
+    from builder import calibrate, determinism
 
     determinism.apply_torch()
     spec = entry["spec"]
@@ -52,11 +55,25 @@ def build_into(root: Path, entry: dict, staging: Path, log) -> dict:
     tensors = load.tensor_index(source)
     modules = load.module_classes(source)
     log(f"{entry['release']}: {len(tensors)} tensors from {spec['model']['path']}")
-    export.write_weights(staging, tensors, modules, spec["quant"], spec["target"]["max_shard_bytes"])
+    calibration = calibrate.for_build(root, spec, source, tensors, modules, log, calibration_dump)
+    export.write_weights(staging, tensors, modules, spec["quant"], spec["target"]["max_shard_bytes"], calibration)
     export.write_config(config, staging, spec["quant"])
     export.copy_side_files(source, staging)
     write_release_files(staging, entry)
+    evaluate_staged(root, spec, source, staging, log)
     return manifest.create(staging, entry)
+
+
+def evaluate_staged(root: Path, spec: dict, source: Path, staging: Path, log) -> None:
+    """When the release asks for it: measure the staged artifact, write eval.json, enforce the gate."""
+    from builder import evaluate
+    from builder.canonical import pretty_json
+
+    if spec["eval"]["dataset"] is None:
+        return
+    result = evaluate.evaluate(root, spec, source, staging, log)
+    (staging / evaluate.NAME).write_text(pretty_json(result), encoding="utf-8")
+    evaluate.require_gate(result, spec)
 
 
 def require_current_lock(root: Path, release: str, entry: dict) -> None:

@@ -25,12 +25,16 @@ def plan_outputs(tensors: dict, modules: dict, quant: dict) -> list:
     return groups
 
 
-def write_weights(out: Path, tensors: dict, modules: dict, quant: dict, max_shard_bytes: int) -> list:
-    """Quantize and write every tensor, one at a time; returns the weight file names written."""
+def write_weights(out: Path, tensors: dict, modules: dict, quant: dict, max_shard_bytes: int,
+                  calibration: dict | None = None) -> list:
+    """Quantize and write every tensor, one at a time; returns the weight file names written.
+
+    calibration: builder.calibrate's statistics and GPTQ weights, for recipes that calibrate.
+    """
     from safetensors import safe_open
 
     groups = plan_outputs(tensors, modules, quant)
-    source_of = {o.name: group[0].name for group in groups for o in group}
+    source_of = {o.name: source for source, group in zip(sorted(tensors), groups) for o in group}
     handles, last = {}, {}
 
     def produce(output_name: str):
@@ -41,7 +45,8 @@ def write_weights(out: Path, tensors: dict, modules: dict, quant: dict, max_shar
                 handles[file] = safe_open(file, framework="pt")
             tensor = handles[file].get_tensor(source)
             last.clear()
-            last[source] = quantize.compute(source, tensor, quantize.targeted(source, shape, modules, quant), quant)
+            is_targeted = quantize.targeted(source, shape, modules, quant)
+            last[source] = quantize.compute(source, tensor, is_targeted, quant, calibration)
         return last[source][output_name]
 
     assigned = shards.assign(groups, max_shard_bytes)
@@ -60,7 +65,9 @@ def write_weights(out: Path, tensors: dict, modules: dict, quant: dict, max_shar
 
 
 def quantization_config(quant: dict) -> dict:
-    """config.json's quantization_config exactly as compressed-tensors writes it."""
+    """config.json's quantization_config exactly as compressed-tensors (or, for format fp8, AutoFP8) writes it."""
+    if quant["format"] == "fp8":
+        return legacy_fp8_config(quant)
     import compressed_tensors
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
@@ -70,9 +77,19 @@ def quantization_config(quant: dict) -> dict:
     scheme = QuantizationScheme(targets=list(quant["targets"]), weights=args(quant["weights"]),
                                 input_activations=args(quant["input_activations"]))
     config = QuantizationConfig(config_groups={"group_0": scheme}, format=quantize.compression_format(quant),
-                                quantization_status="compressed", ignore=list(quant["ignore"]))
+                                quantization_status="compressed", ignore=list(quant["ignore"]),
+                                kv_cache_scheme=args(quant["kv_cache_scheme"]))
     return {"version": compressed_tensors.__version__, "quant_method": "compressed-tensors",
             "sparsity_config": {}, "transform_config": {}, **config.model_dump(exclude=["quant_method"])}
+
+
+def legacy_fp8_config(quant: dict) -> dict:
+    """The AutoFP8 / vLLM `quant_method: fp8` config: per-tensor FP8 weights, static or dynamic activations."""
+    config = {"quant_method": "fp8", "ignored_layers": list(quant["ignore"]),
+              "activation_scheme": "dynamic" if quant["input_activations"]["dynamic"] else "static"}
+    if quant["kv_cache_scheme"] is not None:
+        config["kv_cache_scheme"] = "static"
+    return config
 
 
 def write_config(source: dict, out: Path, quant: dict) -> None:

@@ -129,6 +129,10 @@ def semantic_problems(spec: dict) -> list:
         found.append((("parallelism", "pipeline"), f"{pp} exceeds the model's "
                       f"{arch['num_hidden_layers']} layers"))
     found.extend(quant_problems(spec["quant"]))
+    found.extend(group_problems(spec))
+    if needs_calibration(spec["quant"]) and spec["calibration"]["dataset"] is None:
+        found.append((("calibration", "dataset"), "null, but the recipe calibrates (static scales, KV-cache "
+                      "scales or GPTQ); choose a calibration group, e.g. calibration=licenses"))
     if not found:
         scheme = scheme_class(spec["quant"])
         if scheme not in spec["target"]["schemes"]:
@@ -139,32 +143,74 @@ def semantic_problems(spec: dict) -> list:
 
 def quant_problems(quant: dict) -> list:
     """Recipe fields that contradict each other."""
-    found = []
-    weights, acts = quant["weights"], quant["input_activations"]
+    weights, acts, kv = quant["weights"], quant["input_activations"], quant["kv_cache_scheme"]
     if quant["format"] == "dense":
-        for key in ("weights", "input_activations"):
-            if quant[key] is not None:
-                found.append((("quant", key), "must be null when format is dense"))
-        return found
+        return [(("quant", key), "must be null when format is dense")
+                for key in ("algorithm", "gptq", "weights", "input_activations", "kv_cache_scheme")
+                if quant[key] is not None]
     if weights is None:
         return [(("quant", "weights"), f"format {quant['format']} needs weight quantization arguments")]
+    found = []
     if not quant["targets"]:
         found.append((("quant", "targets"), "empty: name the modules to quantize, e.g. [Linear]"))
-    for key, args in (("weights", weights), ("input_activations", acts)):
+    for key, args in (("weights", weights), ("input_activations", acts), ("kv_cache_scheme", kv)):
         if args is None:
             continue
-        if args["type"] == "float" and (args["num_bits"] != 8 or not args["symmetric"]):
-            found.append((("quant", key), "float quantization is FP8 E4M3: num_bits 8, symmetric true"))
+        if not args["symmetric"]:
+            found.append((("quant", key, "symmetric"), "false: only symmetric quantization is supported"))
+        if args["type"] == "float" and args["num_bits"] != 8:
+            found.append((("quant", key, "num_bits"), f"{args['num_bits']}: float quantization is FP8 E4M3 (8)"))
         if (args["strategy"] == "group") != (args["group_size"] is not None):
             found.append((("quant", key, "group_size"), f"{args['group_size']}: group_size is "
                           "required with strategy group and not allowed otherwise"))
     if weights["dynamic"] or weights["strategy"] == "token":
         found.append((("quant", "weights"), "weights are quantized once at build time: "
-                      "dynamic false and strategy tensor, channel, group or block"))
-    if acts is not None and not acts["dynamic"]:
-        found.append((("quant", "input_activations", "dynamic"), "false: static activation scales "
-                      "need calibration, which this builder version does not run yet; use dynamic true"))
+                      "dynamic false and strategy tensor, channel or group"))
+    if acts is not None:
+        if acts["num_bits"] != 8:
+            found.append((("quant", "input_activations", "num_bits"), f"{acts['num_bits']}: activations are 8-bit"))
+        if acts["strategy"] not in (("token", "tensor") if acts["dynamic"] else ("tensor",)):
+            found.append((("quant", "input_activations", "strategy"), f"{acts['strategy']}: dynamic activations "
+                          "use token or tensor, static ones tensor (one calibrated scale)"))
+        if weights["num_bits"] != 8:
+            found.append((("quant", "weights", "num_bits"), f"{weights['num_bits']}: 4-bit weights are "
+                          "weight-only (input_activations null)"))
+    if kv is not None and (kv["type"], kv["strategy"], kv["dynamic"]) != ("float", "tensor", False):
+        found.append((("quant", "kv_cache_scheme"), "the KV cache takes FP8 per-tensor static scales: "
+                      "type float, strategy tensor, dynamic false"))
+    if quant["algorithm"] is None:
+        found.append((("quant", "algorithm"), "null: a quantized recipe needs rtn or gptq"))
+    if (quant["algorithm"] == "gptq") != (quant["gptq"] is not None):
+        found.append((("quant", "gptq"), "GPTQ settings are required with algorithm gptq and not allowed otherwise"))
+    if quant["algorithm"] == "gptq" and weights["type"] != "int":
+        found.append((("quant", "algorithm"), "gptq: GPTQ rounds integer weights; use type int or algorithm rtn"))
+    if quant["format"] == "fp8":
+        legacy = (weights["type"], weights["strategy"]) == ("float", "tensor") and acts is not None and \
+            acts["type"] == "float" and acts["strategy"] == "tensor"
+        if not legacy:
+            found.append((("quant", "format"), "fp8: the legacy layout holds FP8 per-tensor weights and FP8 "
+                          "per-tensor activations (static or dynamic); use compressed-tensors otherwise"))
     return found
+
+
+def needs_calibration(quant: dict) -> bool:
+    """Whether a recipe reads calibration data: static activation or KV-cache scales, or GPTQ."""
+    acts = quant["input_activations"]
+    return (acts is not None and not acts["dynamic"]) or quant["kv_cache_scheme"] is not None \
+        or quant["algorithm"] == "gptq"
+
+
+def group_problems(spec: dict) -> list:
+    """Group sizes that do not divide a targeted layer's input features, naming the layer."""
+    from builder.layers import targeted_linears
+
+    args = spec["quant"]["weights"]
+    if args is None or args["strategy"] != "group":
+        return []
+    return [(("quant", "weights", "group_size"), f"{args['group_size']} does not divide the {features} input "
+             f"features of {name.replace('.0.', '.*.')}; use a divisor of {features}")
+            for name, features in targeted_linears(spec["model"]["architecture"], spec["quant"]).items()
+            if features % args["group_size"]]
 
 
 def scheme_class(quant: dict) -> str:

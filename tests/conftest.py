@@ -58,15 +58,29 @@ def release_text(name: str, model: str, quant: str, target: str = "cpu") -> str:
             f"  - override /target: {target}\n\nrelease:\n  name: {name}\n  version: 0.0.1\n")
 
 
+def save_byte_tokenizer(path: Path) -> None:
+    """A byte-level tokenizer with 256 ids (one per byte), so tiny models can read real text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=alphabet[0]).save_pretrained(path)
+
+
 class Repo:
     """A release repository in a temporary folder, with the project's specs and tiny models."""
 
     def __init__(self, root: Path):
         self.root = root
 
-    def add_model(self, kind: str, seed: int = 0) -> Path:
+    def add_model(self, kind: str, seed: int = 0, tokenizer: bool = False) -> Path:
         weights = self.root / "weights" / kind
         config = make_checkpoint(kind, weights, seed)
+        if tokenizer:
+            save_byte_tokenizer(weights)
         digest = tree_digest(file_entries(weights))
         spec = model_spec(kind, config, digest)
         (self.root / "specs" / "model" / f"{kind}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -87,10 +101,27 @@ class Repo:
 
 @pytest.fixture
 def repo(tmp_path) -> Repo:
-    """A repository holding a copy of the shipped specs/ (no weights, no locks)."""
+    """A repository holding a copy of the shipped specs/ and data/ (no weights, no locks)."""
     root = tmp_path / "repo"
     shutil.copytree(PROJECT / "specs", root / "specs")
+    shutil.copytree(PROJECT / "data", root / "data")  # the shipped releases' calibration/eval text
     return Repo(root)
+
+
+@pytest.fixture(scope="session")
+def calib_repo(tmp_path_factory) -> Repo:
+    """A repository with data/ and a tiny Llama that has a tokenizer, for calibrated recipes and eval."""
+    root = tmp_path_factory.mktemp("calib") / "repo"
+    shutil.copytree(PROJECT / "specs", root / "specs")
+    shutil.copytree(PROJECT / "data", root / "data")
+    repo = Repo(root)
+    repo.add_model("tiny-llama", tokenizer=True)
+    for name, recipe, calibration in (("fp8-static", "fp8-static", "licenses"),
+                                      ("w4a16-gptq", "w4a16-gptq", "licenses")):
+        text = release_text(f"tiny-llama-{name}", "tiny-llama", recipe, "vllm-h100")
+        text = text.replace("\n\nrelease:", f"\n  - override /calibration: {calibration}\n\nrelease:")
+        (root / "specs" / "release" / f"tiny-llama-{name}.yaml").write_text(text)
+    return repo
 
 
 @pytest.fixture(scope="session")

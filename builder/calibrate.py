@@ -1,0 +1,167 @@
+"""Calibrate layer by layer: the source model runs one decoder layer at a time (FP32, CPU) over the
+calibration tokens, recording max |input| of every targeted Linear, max |key| and |value| entering the
+KV cache, and (for GPTQ) each Linear's input second moments. Deterministic: fixed batches, max-abs.
+
+    builder build smollm2-135m-instruct-fp8-static   (calibrates when the recipe needs it)
+"""
+
+from pathlib import Path
+
+import torch
+
+from builder import gptq, quantize
+from builder.layers import KV_PROJECTIONS
+
+BATCH = 4  # calibration samples per forward pass: fixed, so every reduction splits the same way
+ATTENTION = "builder_observed_sdpa"  # sdpa, with keys and values shown to the layer's observer first
+
+
+def observed_sdpa(module, query, key, value, attention_mask, **kwargs):
+    """transformers' sdpa attention, after handing key and value (post-RoPE) to module.builder_observe."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    observe = getattr(module, "builder_observe", None)
+    if observe is not None:
+        observe(key, value)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def skeleton(source: Path):
+    """The model's modules on the meta device (no memory), with the observing attention."""
+    from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
+
+    AttentionInterface.register(ATTENTION, observed_sdpa)
+    config = AutoConfig.from_pretrained(source, trust_remote_code=False)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, attn_implementation=ATTENTION)
+    return config, model
+
+
+def materialize(module: torch.nn.Module, prefix: str, read) -> None:
+    """Give a meta module real FP32 weights read from the checkpoint (names under prefix)."""
+    module.to_empty(device="cpu")
+    module.to(torch.float32)
+    names = [name for name, _ in module.state_dict().items()]
+    module.load_state_dict({name: read(prefix + name) for name in names}, strict=True)
+
+
+def calibrate(source: Path, tensors: dict, modules: dict, quant: dict, ids: torch.Tensor, log=print) -> dict:
+    """Statistics and GPTQ weights for quantize.compute, from calibration token ids [samples, length].
+
+    Returns {"input_amax": {module: [1]}, "kv_amax": {kv scale name: [1]}, "gptq": {module: (ints, scale)}}.
+    Only one decoder layer's weights, inputs and outputs are in memory at a time.
+    """
+    from safetensors import safe_open
+    from tqdm import tqdm
+
+    handles = {}
+
+    def read(name):
+        file = tensors[name][0]
+        if file not in handles:
+            handles[file] = safe_open(file, framework="pt")
+        return handles[file].get_tensor(name)
+
+    config, model = skeleton(source)
+    body = model.model
+    hidden = torch.nn.functional.embedding(ids, read("model.embed_tokens.weight").to(torch.float32))
+    rotary = type(body.rotary_emb)(config=config)
+    positions = torch.arange(ids.shape[1]).unsqueeze(0)
+    with torch.no_grad():
+        cos_sin = rotary(hidden[:1], positions)
+    found = {"input_amax": {}, "kv_amax": {}, "gptq": {}}
+    for index in tqdm(range(len(body.layers)), desc="calibrate", unit="layer", disable=None, leave=False):
+        prefix = f"model.layers.{index}."
+        layer = body.layers[index]
+        materialize(layer, prefix, read)
+        linears = {prefix + name: module for name, module in layer.named_modules()
+                   if isinstance(module, torch.nn.Linear)
+                   and quantize.targeted(prefix + name + ".weight", tuple(module.weight.shape), modules, quant)}
+        stats = observe(layer, prefix, linears, quant)
+        outputs = run(layer, hidden, positions, cos_sin)
+        for undo in stats.pop("undo"):
+            undo()
+        found["input_amax"].update(stats["input_amax"])
+        found["kv_amax"].update(stats["kv_amax"])
+        if quant["algorithm"] == "gptq":
+            for name, module in linears.items():
+                values, scale = gptq.quantize(module.weight.data, stats["hessian"][name], quant, name)
+                found["gptq"][name] = (values, scale)
+                module.weight.data = dequantize(values, scale, quant["weights"])
+            outputs = run(layer, hidden, positions, cos_sin)  # the next layer sees quantized outputs
+        hidden = outputs
+        layer.to_empty(device="meta")  # free this layer's weights before the next is read
+    log(f"calibrated {len(body.layers)} layers on {ids.shape[0]} x {ids.shape[1]} tokens")
+    return found
+
+
+def observe(layer: torch.nn.Module, prefix: str, linears: dict, quant: dict) -> dict:
+    """Hooks that keep running maxima (and GPTQ's x xᵀ sums) while the layer runs."""
+    stats = {"input_amax": {}, "kv_amax": {}, "hessian": {}, "undo": []}
+    keep_hessian = quant["algorithm"] == "gptq"
+
+    def on_input(name):
+        def hook(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
+            amax = x.abs().amax().reshape(1)
+            previous = stats["input_amax"].get(name)
+            stats["input_amax"][name] = amax if previous is None else torch.maximum(previous, amax)
+            if keep_hessian:
+                product = x.T @ x
+                stats["hessian"][name] = product if name not in stats["hessian"] else stats["hessian"][name] + product
+        return hook
+
+    for name, module in linears.items():
+        stats["undo"].append(module.register_forward_pre_hook(on_input(name)).remove)
+    if quant["kv_cache_scheme"] is not None:
+        attention = layer.self_attn
+        names = {kind: prefix + scale for kind, scale in zip(("key", "value"), KV_PROJECTIONS.values())}
+
+        def on_kv(key, value):
+            for kind, tensor in (("key", key), ("value", value)):
+                amax = tensor.detach().abs().amax().to(torch.float32).reshape(1)
+                previous = stats["kv_amax"].get(names[kind])
+                stats["kv_amax"][names[kind]] = amax if previous is None else torch.maximum(previous, amax)
+
+        attention.builder_observe = on_kv
+        stats["undo"].append(lambda: delattr(attention, "builder_observe"))
+    return stats
+
+
+def run(layer: torch.nn.Module, hidden: torch.Tensor, positions: torch.Tensor, cos_sin: tuple) -> torch.Tensor:
+    """The layer's outputs for every sample, BATCH samples at a time (causal attention, no mask)."""
+    outputs = []
+    with torch.no_grad():
+        for batch in hidden.split(BATCH):
+            result = layer(batch, attention_mask=None, position_ids=positions, position_embeddings=cos_sin)
+            outputs.append(result[0] if isinstance(result, tuple) else result)
+    return torch.cat(outputs)
+
+
+def dequantize(values: torch.Tensor, scale: torch.Tensor, args: dict) -> torch.Tensor:
+    """values * scale in FP32, scales broadcast per tensor, channel or group."""
+    return values.to(torch.float32) * gptq.expand(scale.to(torch.float32).reshape(-1, 1) if scale.dim() < 2
+                                                  else scale.to(torch.float32), args, values.shape[1])
+
+
+def for_build(root: Path, spec: dict, source: Path, tensors: dict, modules: dict, log,
+              dump: Path | None = None) -> dict | None:
+    """Calibrate when the recipe needs it (static scales, KV-cache scales, GPTQ); None otherwise."""
+    from builder import data
+    from builder.canonical import pretty_json
+    from builder.resolve import needs_calibration
+
+    if not needs_calibration(spec["quant"]):
+        return None
+    ids = data.samples(root, spec["calibration"], source, file=f"specs/calibration/{spec['choices']['calibration']}.yaml",
+                       group="calibration")
+    found = calibrate(source, tensors, modules, spec["quant"], ids, log)
+    if dump is not None:
+        Path(dump).write_text(pretty_json(statistics(found)), encoding="utf-8")
+    return found
+
+
+def statistics(found: dict) -> dict:
+    """Calibration maxima as plain numbers for a debug dump: {kind: {name: float}}."""
+    return {kind: {name: float(value.reshape(-1)[0]) for name, value in sorted(found[kind].items())}
+            for kind in ("input_amax", "kv_amax")}

@@ -1,0 +1,101 @@
+"""Quantized layouts (INT8 W8A8, INT4 pack-quantized, FP8 static + KV cache) as compressed-tensors reads them."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from builder import build as build_module
+from builder import quantize
+from conftest import release_text
+
+SMALL = ("calibration.samples=4", "calibration.sequence_length=32")
+
+
+def tensors(path):
+    found = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as handle:
+            found.update({name: handle.get_tensor(name) for name in handle.keys()})
+    return found
+
+
+def built(repo, release, out, overrides=()):
+    return build_module.build(repo.root, release, tuple(overrides), out=out, log=lambda message: None)
+
+
+def load(path):
+    from transformers import AutoModelForCausalLM
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    model, info = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True),
+        output_loading_info=True)
+    return model, info
+
+
+def test_pack_matches_compressed_tensors_unpacking():
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    values = torch.randint(-8, 8, (6, 20), generator=torch.Generator().manual_seed(0), dtype=torch.int8)
+    packed = quantize.pack(values, 4)
+    assert packed.dtype == torch.int32 and packed.shape == (6, 3)
+    assert torch.equal(unpack_from_int32(packed, 4, torch.Size((6, 20))).to(torch.int8), values)
+
+
+@pytest.mark.parametrize("recipe,weight_names", [
+    ("w8a8-int8", {"weight": (torch.int8, "full"), "weight_scale": (torch.bfloat16, "channel")}),
+    ("w4a16", {"weight_packed": (torch.int32, "packed"), "weight_scale": (torch.bfloat16, "group"),
+               "weight_shape": (torch.int64, (2,))}),
+])
+def test_integer_recipes_write_compressed_tensors_names_and_load_in_transformers(calib_repo, tmp_path, recipe,
+                                                                                   weight_names):
+    name = f"tiny-llama-{recipe}"
+    (calib_repo.root / "specs" / "release" / f"{name}.yaml").write_text(
+        release_text(name, "tiny-llama", recipe, "vllm-h100"))
+    overrides = ("quant.weights.group_size=32",) if recipe == "w4a16" else ()
+    built(calib_repo, name, tmp_path / "a", overrides)
+    out = tensors(tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "config.json").read_text())["quantization_config"]
+    assert config["format"] == ("pack-quantized" if recipe == "w4a16" else "int-quantized")
+    module = "model.layers.0.mlp.down_proj"  # 128 input features, 64 outputs
+    assert {n[len(module) + 1:] for n in out if n.startswith(module + ".")} == set(weight_names)
+    shapes = {"full": (64, 128), "channel": (64, 1), "group": (64, 4), "packed": (64, 16)}
+    for suffix, (dtype, shape) in weight_names.items():
+        tensor = out[f"{module}.{suffix}"]
+        assert tensor.dtype == dtype
+        assert tuple(tensor.shape) == (shapes[shape] if isinstance(shape, str) else shape)
+    model, info = load(tmp_path / "a")
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    source = tensors(calib_repo.root / "weights" / "tiny-llama")[f"{module}.weight"].float()
+    restored = model.model.layers[0].mlp.down_proj.weight.float()
+    step = 2 * source.abs().amax(dim=1, keepdim=True) / (255 if recipe == "w8a8-int8" else 15)
+    # half a step, plus the clamp at q_max when BF16 rounds a scale down (relative error <= 2^-8) and
+    # amax lands past q_max: amax / scale <= 7.5 * (1 + 2^-8)
+    assert torch.all((restored - source).abs() <= step * (0.5 + 8 * 2 ** -8) + 1e-6)
+    generated = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False)
+    assert generated.shape == (1, 7)
+
+
+def test_fp8_static_writes_calibrated_input_and_kv_scales_that_transformers_loads(calib_repo, tmp_path):
+    dump = tmp_path / "stats.json"
+    build_module.build(calib_repo.root, "tiny-llama-fp8-static", SMALL, out=tmp_path / "a",
+                       log=lambda message: None, calibration_dump=dump)
+    out = tensors(tmp_path / "a")
+    layer = "model.layers.1.self_attn"
+    assert out[f"{layer}.q_proj.weight"].dtype == torch.float8_e4m3fn
+    for name in (f"{layer}.q_proj.weight_scale", f"{layer}.q_proj.input_scale", f"{layer}.k_scale",
+                 f"{layer}.v_scale"):
+        assert out[name].dtype == torch.bfloat16 and out[name].shape == (1,), name
+    stats = json.loads(dump.read_text())
+    assert out[f"{layer}.q_proj.input_scale"].float() == pytest.approx(
+        stats["input_amax"][f"{layer}.q_proj"] / 448, rel=2 ** -7)
+    assert out[f"{layer}.k_scale"].float() == pytest.approx(stats["kv_amax"][f"{layer}.k_scale"] / 448, rel=2 ** -7)
+    config = json.loads((tmp_path / "a" / "config.json").read_text())["quantization_config"]
+    assert config["kv_cache_scheme"]["type"] == "float" and config["kv_cache_scheme"]["dynamic"] is False
+    model, info = load(tmp_path / "a")
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    attention = model.model.layers[1].self_attn
+    assert attention.k_scale.float() == out[f"{layer}.k_scale"].float()
+    assert model.model.layers[1].self_attn.q_proj.input_scale.float() == out[f"{layer}.q_proj.input_scale"].float()
