@@ -1,6 +1,6 @@
 """The `builder` command line: one function per verb, one dict from verb to function.
 
-    builder list | resolve | lock | import | build | verify   (builder VERB --help)
+    builder list | resolve | lock | import | build | verify | eval | summary   (builder VERB --help)
 """
 
 import argparse
@@ -59,7 +59,8 @@ def cmd_import(args) -> int:
 def cmd_build(args) -> int:
     from builder.build import build
 
-    result = build(find_root(), args.release, tuple(args.overrides), out=args.out, force=args.force, log=log)
+    result = build(find_root(), args.release, tuple(args.overrides), out=args.out, force=args.force, log=log,
+                   calibration_dump=args.calibration_stats)
     print(f"{result['release']} {result['content_digest']}")
     return 0
 
@@ -69,6 +70,27 @@ def cmd_verify(args) -> int:
 
     result = verify(args.artifact)
     print(f"OK {result['artifact']}: {result['files']} files match, content digest {result['content_digest']}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from builder import evaluate
+
+    result, spec = evaluate.evaluate_artifact(find_root(), args.artifact, args.eval, log=log)
+    text = pretty_json(result)
+    if args.out:
+        args.out.write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    evaluate.require_gate(result, spec)
+    return 0
+
+
+def cmd_summary(args) -> int:
+    from builder import summary
+
+    result = summary.summarize(args.artifact, details=args.details)
+    sys.stdout.write(pretty_json(result) if args.json else summary.render(result))
     return 0
 
 
@@ -83,6 +105,8 @@ VERBS = {
     "import": (cmd_import, "import a model's pinned source into weights/"),
     "build": (cmd_build, "build a release into artifacts/<release>/"),
     "verify": (cmd_verify, "re-hash an artifact's files against its manifest"),
+    "eval": (cmd_eval, "perplexity and mean KL of an artifact against its source model (exit 1: gate missed)"),
+    "summary": (cmd_summary, "bytes per dtype; per-layer dtypes, shapes and scale statistics (--details)"),
 }
 
 
@@ -99,6 +123,15 @@ def parser() -> argparse.ArgumentParser:
     sub["build"].add_argument("--out", type=Path, help="output folder (default artifacts/<release>)")
     sub["build"].add_argument("--force", action="store_true", help="rebuild even if up to date")
     sub["verify"].add_argument("artifact", type=Path)
+    sub["build"].add_argument("--calibration-stats", type=Path, metavar="FILE",
+                              help="also write calibration maxima per layer to FILE (JSON, outside the artifact)")
+    for name in ("eval", "summary"):
+        sub[name].add_argument("artifact", type=Path)
+    sub["eval"].add_argument("--eval", metavar="OPTION", help="an eval group option (specs/eval/OPTION.yaml) "
+                             "instead of the release's own")
+    sub["eval"].add_argument("--out", type=Path, help="write eval JSON here instead of to stdout")
+    sub["summary"].add_argument("--details", action="store_true", help="per-layer table with scale statistics")
+    sub["summary"].add_argument("--json", action="store_true", help="machine-readable output")
     return top
 
 

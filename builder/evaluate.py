@@ -6,9 +6,10 @@ the evaluation text, on CPU through plain transformers loading (FP32); and the r
 
 import json
 import math
+import sys
 from pathlib import Path
 
-from builder.errors import CheckFailed, Problem
+from builder.errors import BuilderError, CheckFailed, Problem
 
 NAME = "eval.json"
 DIGITS = 6  # decimals kept in eval.json: far below run-to-run noise of any real comparison
@@ -18,8 +19,11 @@ def load_model(path: Path):
     """A causal LM in FP32; compressed-tensors checkpoints are dequantized (activations still fake-quantized)."""
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
     from transformers.utils.quantization_config import CompressedTensorsConfig
 
+    if not sys.stderr.isatty():
+        logging.disable_progress_bar()  # quiet in pipes and CI, like our own tqdm bars
     config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     kwargs = {}
     if config.get("quantization_config", {}).get("quant_method") == "compressed-tensors":
@@ -93,3 +97,22 @@ def require_gate(result: dict, spec: dict) -> None:
     problems = gate_problems(result, spec["eval"]["gate"], f"specs/eval/{spec['choices']['eval']}.yaml")
     if problems:
         raise CheckFailed(problems)
+
+
+def evaluate_artifact(root: Path, artifact: Path, option: str | None = None, log=print) -> tuple:
+    """(eval result, spec) for a built artifact: its release's eval group, or the eval option given."""
+    from builder import load
+    from builder.resolve import resolve
+
+    release_file = artifact / "release.json"
+    if not release_file.is_file():
+        raise BuilderError(Problem(str(artifact), "", "not an artifact (no release.json)"))
+    spec = json.loads(release_file.read_text(encoding="utf-8"))
+    if option is not None:
+        manifest_file = artifact / "manifest.json"
+        overrides = json.loads(manifest_file.read_text())["overrides"] if manifest_file.is_file() else []
+        spec = resolve(root, spec["release"]["name"], (*overrides, f"eval={option}"))
+    if spec["eval"]["dataset"] is None:
+        raise BuilderError(Problem(f"specs/eval/{spec['choices']['eval']}.yaml", "eval.dataset",
+                                   "null: the release measures nothing; pass --eval OPTION, e.g. --eval docstrings"))
+    return evaluate(root, spec, load.source_dir(root, spec), artifact, log), spec

@@ -41,8 +41,9 @@ def static_inputs(quant: dict) -> bool:
     return acts is not None and not acts["dynamic"]
 
 
-def kv_scale_name(tensor_name: str, quant: dict) -> str | None:
-    """The KV-cache scale (…self_attn.k_scale / v_scale) stored beside a k_proj/v_proj weight, if any."""
+def kv_scale_key(tensor_name: str, quant: dict) -> str | None:
+    """The KV-cache scale a k_proj/v_proj weight carries, by its compressed-tensors name
+    (…self_attn.k_scale / v_scale, as calibration records it); None for other tensors."""
     if quant.get("kv_cache_scheme") is None or not tensor_name.endswith(".weight"):
         return None
     module = tensor_name[: -len(".weight")]
@@ -50,6 +51,15 @@ def kv_scale_name(tensor_name: str, quant: dict) -> str | None:
         if module.endswith("." + projection):
             return module[: -len(projection)] + scale
     return None
+
+
+def kv_scale_name(tensor_name: str, quant: dict) -> str | None:
+    """The KV-cache scale's name in the artifact: compressed-tensors' self_attn.k_scale, or AutoFP8's
+    k_proj.output_scale in the legacy fp8 layout (vLLM maps both to attn.k_scale)."""
+    key = kv_scale_key(tensor_name, quant)
+    if key is None or quant["format"] != "fp8":
+        return key
+    return tensor_name[: -len(".weight")] + ".output_scale"
 
 
 def layout(name: str, dtype: torch.dtype, shape: tuple, is_targeted: bool, quant: dict) -> list:
@@ -95,8 +105,8 @@ def compute(name: str, tensor: torch.Tensor, is_targeted: bool, quant: dict, cal
     found = {}
     kv_name = kv_scale_name(name, quant)
     if kv_name:
-        found[kv_name] = scale_from_amax(calibration["kv_amax"][kv_name], quant["kv_cache_scheme"]) \
-            .to(scale_dtype).reshape(scalar)
+        amax = calibration["kv_amax"][kv_scale_key(name, quant)]
+        found[kv_name] = scale_from_amax(amax, quant["kv_cache_scheme"]).to(scale_dtype).reshape(scalar)
     if not is_targeted:
         found[name] = tensor.to(out_dtype) if tensor.is_floating_point() else tensor
         return found

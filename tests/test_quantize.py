@@ -99,3 +99,20 @@ def test_fp8_static_writes_calibrated_input_and_kv_scales_that_transformers_load
     attention = model.model.layers[1].self_attn
     assert attention.k_scale.float() == out[f"{layer}.k_scale"].float()
     assert model.model.layers[1].self_attn.q_proj.input_scale.float() == out[f"{layer}.q_proj.input_scale"].float()
+
+
+def test_legacy_fp8_layout_writes_autofp8_names_and_scalar_f32_scales(calib_repo, tmp_path):
+    built(calib_repo, "tiny-llama-fp8-static", tmp_path / "a", (*SMALL, "quant.format=fp8"))
+    config = json.loads((tmp_path / "a" / "config.json").read_text())["quantization_config"]
+    assert config == {"quant_method": "fp8", "activation_scheme": "static", "ignored_layers": ["lm_head"],
+                      "kv_cache_scheme": "static"}
+    out = tensors(tmp_path / "a")
+    attention = "model.layers.0.self_attn"
+    assert out[f"{attention}.o_proj.weight"].dtype == torch.float8_e4m3fn
+    for name in (f"{attention}.o_proj.weight_scale", f"{attention}.o_proj.input_scale",
+                 f"{attention}.k_proj.output_scale", f"{attention}.v_proj.output_scale"):
+        assert out[name].dtype == torch.float32 and out[name].shape == (), name
+    assert not any(name.endswith(("k_scale", "v_scale")) for name in out)
+    source = tensors(calib_repo.root / "weights" / "tiny-llama")[f"{attention}.o_proj.weight"].float()
+    restored = out[f"{attention}.o_proj.weight"].float() * out[f"{attention}.o_proj.weight_scale"]
+    assert torch.allclose(restored, source, rtol=2 ** -4, atol=float(out[f"{attention}.o_proj.weight_scale"]) * 2 ** -9)

@@ -1,0 +1,109 @@
+"""Benchmark against llm-compressor on the same model, data, sample count and sequence length: per recipe
+wall time and peak RSS of the whole process, perplexity and mean KL (both evaluated by builder.evaluate).
+
+    python bench/compare.py [--recipes fp8-dynamic,fp8-static] [--samples 64] [--length 512] [--eval-samples 32]
+        [--llmc /work/venvs/llmc/bin/python] [--json bench/results.json]     (run from the repository root)
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "smollm2-135m-instruct"
+RECIPES = ("fp8-dynamic", "fp8-static", "w8a8-int8", "w4a16", "w4a16-gptq")
+CALIBRATED = ("fp8-static", "w4a16-gptq")  # recipes whose release reads calibration data
+
+
+def measured(command: list, env: dict | None = None) -> dict:
+    """Run a command; its wall time (s) and the peak RSS (bytes) of the process, from wait4."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **(env or {})},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - start
+    error = process.stderr.read().decode(errors="replace")
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{error[-3000:]}")
+    return {"seconds": round(seconds, 1), "peak_rss_bytes": usage.ru_maxrss * 1024}
+
+
+def ours(recipe: str, out: Path, samples: int, length: int) -> dict:
+    overrides = ["eval=none"]  # evaluated below, like theirs, outside the timed run
+    if recipe in CALIBRATED:
+        overrides += [f"calibration.samples={samples}", f"calibration.sequence_length={length}"]
+    return measured([sys.executable, "-m", "builder", "build", f"{MODEL}-{recipe}", *overrides,
+                     "--out", str(out), "--force"])
+
+
+def theirs(llmc: str, recipe: str, ids_file: Path, out: Path) -> dict:
+    return measured([llmc, str(ROOT / "bench" / "llmcompressor_side.py"), recipe,
+                     str(ROOT / "weights" / MODEL), str(ids_file), str(out)])
+
+
+def windows(group: str, option: str, samples: int, length: int):
+    """The token windows builder.data selects for a shipped calibration/eval option, resized."""
+    import yaml
+
+    from builder import data
+
+    spec = {**yaml.safe_load((ROOT / "specs" / group / f"{option}.yaml").read_text()),
+            "samples": samples, "sequence_length": length}
+    return data.samples(ROOT, spec, ROOT / "weights" / MODEL, file=f"specs/{group}/{option}.yaml", group=group)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--length", type=int, default=512)
+    parser.add_argument("--eval-samples", type=int, default=32)
+    parser.add_argument("--llmc", default="/work/venvs/llmc/bin/python")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from safetensors.torch import save_file
+
+    from builder import determinism, evaluate
+
+    determinism.apply_environment()
+    determinism.apply_torch()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-") as scratch:
+        scratch = Path(scratch)
+        ids_file = scratch / "calibration.safetensors"
+        save_file({"input_ids": windows("calibration", "licenses", args.samples, args.length).contiguous()},
+                  ids_file)
+        eval_ids = windows("eval", "docstrings", args.eval_samples, args.length)
+        for recipe in args.recipes.split(","):
+            for side, run in (("ours", lambda out: ours(recipe, out, args.samples, args.length)),
+                              ("llm-compressor", lambda out: theirs(args.llmc, recipe, ids_file, out))):
+                out = scratch / f"{side}-{recipe}"
+                row = {"recipe": recipe, "side": side, **run(out)}
+                quality = evaluate.measure(ROOT / "weights" / MODEL, out, eval_ids)
+                row.update(perplexity=quality["perplexity"]["artifact"], source_perplexity=quality["perplexity"]["source"],
+                           perplexity_increase_pct=quality["perplexity_increase_pct"], mean_kl=quality["mean_kl"])
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2, sort_keys=True) + "\n")
+    print(table(rows))
+
+
+def table(rows: list) -> str:
+    """Markdown: one line per recipe and side."""
+    lines = ["| recipe | tool | wall time (s) | peak RSS (GB) | perplexity | increase | mean KL |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        lines.append(f"| {row['recipe']} | {row['side']} | {row['seconds']} | {row['peak_rss_bytes'] / 1e9:.2f} | "
+                     f"{row['perplexity']:.3f} | {row['perplexity_increase_pct']:+.2f} % | {row['mean_kl']:.4f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
