@@ -49,8 +49,10 @@ def build_into(root: Path, entry: dict, staging: Path, log) -> dict:
     spec = entry["spec"]
     source = load.source_dir(root, spec)
     config = load.read_config(source, spec)
+    load.check_tokenizer(source, spec["model"]["path"])
     tensors = load.tensor_index(source)
-    modules = load.module_classes(source)
+    modules, shapes, tied = load.architecture(source)
+    load.check_tensors(spec["model"]["path"], tensors, shapes, tied)
     log(f"{entry['release']}: {len(tensors)} tensors from {spec['model']['path']}")
     export.write_weights(staging, tensors, modules, spec["quant"], spec["target"]["max_shard_bytes"])
     export.write_config(config, staging, spec["quant"])
