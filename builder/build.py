@@ -12,6 +12,7 @@ from pathlib import Path
 
 from builder import export, load, lock, manifest
 from builder.errors import BuilderError, Problem
+from builder.paths import artifact_name
 from builder.release_files import write_release_files
 
 
@@ -21,7 +22,7 @@ def build(root: Path, release: str, overrides: tuple = (), out: Path | None = No
     entry = lock.lock_entry(root, release, tuple(overrides))
     if not overrides:
         require_current_lock(root, release, entry)
-    out = (out or default_out(root, release, entry, overrides)).absolute()
+    out = (out or root / "artifacts" / artifact_name(entry)).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
     with exclusive(out):
         if not force and is_artifact(out) and manifest.read(out).get("artifact_id") == entry["artifact_id"]:
@@ -69,12 +70,6 @@ def require_current_lock(root: Path, release: str, entry: dict) -> None:
         changed.append(f"toolchain {committed['inputs']['toolchain']} -> {entry['inputs']['toolchain']}")
     raise BuilderError(Problem(f"locks/{release}.json", "artifact_id",
                                f"stale ({', '.join(changed)} changed); run `builder lock` first"))
-
-
-def default_out(root: Path, release: str, entry: dict, overrides) -> Path:
-    """artifacts/<release>, or artifacts/<release>-<id prefix> for a build with overrides."""
-    suffix = f"-{entry['artifact_id'].split(':')[1][:12]}" if overrides else ""
-    return root / "artifacts" / f"{release}{suffix}"
 
 
 def is_artifact(path: Path) -> bool:
