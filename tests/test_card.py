@@ -27,7 +27,8 @@ def test_card_has_hub_front_matter_and_says_how_to_serve_and_rebuild(release):
     assert serve_config(entry)["command"] in text
     assert entry["artifact_id"] in text and f"builder build {release}\n" in text
     assert f"dvc repro build@{release}" in text
-    assert f"| tensor / pipeline parallel | {spec['parallelism']['tensor']} / {spec['parallelism']['pipeline']} |" in text
+    layout = f"{spec['parallelism']['tensor']} / {spec['parallelism']['pipeline']}"
+    assert f"| tensor / pipeline parallel | {layout} |" in text
     assert "Not measured at build time" in text
 
 

@@ -114,7 +114,8 @@ def test_delta_release_builds_bit_for_bit_like_the_full_model(repo, tmp_path):
     out = {model: build_module.build(repo.root, f"{model}-fp8", out=tmp_path / model, log=lambda message: None)
            for model in ("tiny-llama-full", "tiny-llama-merged")}
     for name in ("model.safetensors", "config.json"):
-        assert (tmp_path / "tiny-llama-full" / name).read_bytes() == (tmp_path / "tiny-llama-merged" / name).read_bytes()
+        full_bytes = (tmp_path / "tiny-llama-full" / name).read_bytes()
+        assert full_bytes == (tmp_path / "tiny-llama-merged" / name).read_bytes()
     weights = {m: {r["path"]: r["sha256"] for r in manifest["files"]} for m, manifest in out.items()}
     assert weights["tiny-llama-full"]["model.safetensors"] == weights["tiny-llama-merged"]["model.safetensors"]
     assert not torch.equal(load_file(tmp_path / "tiny-llama-full" / "model.safetensors")["model.embed_tokens.weight"],
