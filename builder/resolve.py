@@ -49,6 +49,7 @@ def compose(root: Path, release: str, overrides: tuple) -> dict:
     if not release_file.is_file():
         known = ", ".join(list_releases(root)) or "none"
         raise BuilderError(Problem(f"specs/release/{release}.yaml", "", f"no such release; known: {known}"))
+    check_override_syntax(overrides)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str((root / "specs").resolve()), version_base="1.3"):
@@ -58,11 +59,29 @@ def compose(root: Path, release: str, overrides: tuple) -> dict:
             spec = {key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key])
                     else cfg[key] for key in cfg if key != "hydra"}
     except Exception as error:  # Hydra and OmegaConf raise many types; all are input errors here
-        raise BuilderError(Problem(f"specs/release/{release}.yaml", "", hydra_message(error))) from None
+        message = hydra_message(error)
+        culprit = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in message or o in message]
+        where = f"override {culprit[0]!r}" if culprit else f"specs/release/{release}.yaml"
+        raise BuilderError(Problem(where, "", message)) from None
     finally:
         GlobalHydra.instance().clear()
     spec["choices"] = {key: value for key, value in choices.items() if not key.startswith("hydra")}
     return spec
+
+
+def check_override_syntax(overrides: tuple) -> None:
+    """Parse each override alone, so a syntax error names the override it is in."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser, problems = OverridesParser.create(), []
+    for override in overrides:
+        try:
+            parser.parse_overrides([override])
+        except Exception as error:  # Hydra's parser raises several types for bad syntax
+            problems.append(Problem(f"override {override!r}", "", f"not Hydra override syntax "
+                                    f"(key=value, +key=value, ~key, group=option): {hydra_message(error)}"))
+    if problems:
+        raise BuilderError(problems)
 
 
 def hydra_message(error: Exception) -> str:
