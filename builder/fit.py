@@ -26,7 +26,8 @@ def position_limit(arch: dict) -> tuple:
         return arch["max_position_embeddings"], f"max_position_embeddings {arch['max_position_embeddings']}"
     base = rope.get(base_key, arch["max_position_embeddings"])
     factor = rope.get("factor", 1)
-    return int(base * factor), f"{base_key} {base} x RoPE {rope['rope_type']} factor {factor}"
+    limit = int(base * factor)
+    return limit, f"{base_key} {base} x RoPE {rope['rope_type']} factor {factor} = {limit}"
 
 
 def context_problems(spec: dict) -> list:
@@ -36,8 +37,8 @@ def context_problems(spec: dict) -> list:
     limit, why = position_limit(spec["model"]["architecture"])
     found = []
     if max_len > limit:
-        found.append((("context", "max_model_len"), f"{max_len} tokens exceeds the model's limit of "
-                      f"{limit} ({why}); allowed: 1 to {limit}"))
+        found.append((("context", "max_model_len"), f"{max_len} tokens exceeds the model's {why}; "
+                      f"allowed: 1 to {limit}"))
     if chunk < seqs:  # vLLM's own rule: a scheduling step must fit one token of every sequence
         found.append((("context", "prefill_chunk_size"), f"{chunk} tokens is less than max_num_seqs {seqs}; "
                       f"allowed: {seqs} or more"))
@@ -64,7 +65,7 @@ def parallelism_problems(spec: dict) -> list:
     tp, pp = spec["parallelism"]["tensor"], spec["parallelism"]["pipeline"]
     common = math.gcd(*(arch[key] for key in TP_DIVIDES))
     allowed = ", ".join(str(d) for d in range(1, common + 1) if common % d == 0)
-    found = [(("parallelism", "tensor"), f"{tp} does not divide the model's {key} {arch[key]}; "
+    found = [(("parallelism", "tensor"), f"{tp} does not divide model {key} {arch[key]}; "
               f"allowed tensor degrees: {allowed}") for key in TP_DIVIDES if arch[key] % tp]
     if pp > arch["num_hidden_layers"]:
         found.append((("parallelism", "pipeline"), f"{pp} exceeds the model's {arch['num_hidden_layers']} "

@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 import yaml
 
 from builder import build as build_module, lock
@@ -31,21 +30,3 @@ def test_model_card_shows_eval_json_when_the_artifact_holds_one(tmp_path):
     assert "| kl.mean | 0.002 |\n| perplexity.increase_pct | 0.8 |" in card
     assert json.loads((tmp_path / "release.json").read_text()) == entry["spec"]
 
-
-@pytest.mark.e2e
-def test_smollm2_tp3_release_builds_with_its_serve_json_card_and_estimated_size(tmp_path):
-    from builder.importer import import_model
-    from builder.load import read_header
-    from builder.memory import weight_bytes
-
-    import_model(PROJECT, "smollm2-135m-instruct", log=lambda message: None)  # no-op when present
-    release = "smollm2-135m-instruct-fp8-dynamic-l4-tp3"
-    build_module.build(PROJECT, release, out=tmp_path / release, log=lambda message: None)
-    entry = lock.read(PROJECT, release)
-    serve = json.loads((tmp_path / release / "serve.json").read_text())
-    assert serve == serve_config(entry) and serve["arguments"]["tensor_parallel_size"] == 3
-    card = (tmp_path / release / "README.md").read_text()
-    assert card == model_card(entry) and "vllm-l4" in yaml.safe_load(card.split("---\n")[1])["tags"]
-    written = sum(t["data_offsets"][1] - t["data_offsets"][0]
-                  for t in read_header(tmp_path / release / "model.safetensors").values())
-    assert written == weight_bytes(entry["spec"]["model"]["architecture"], entry["spec"]["quant"])
