@@ -85,8 +85,15 @@ def make_delta(base, finetuned, out):
     out.mkdir(parents=True)
     delta = {name: (tuned[name].float() - base_tensors[name].float()).to(tuned[name].dtype) for name in tuned}
     save_file(delta, out / "model.safetensors", metadata={"format": "pt"})
-    shutil.copyfile(finetuned / "config.json", out / "config.json")
+    copy_side_files(finetuned, out)
     return delta
+
+
+def copy_side_files(checkpoint, out):
+    """config.json, tokenizer files: everything but the weights."""
+    for path in sorted(checkpoint.iterdir()):
+        if path.suffix != ".safetensors":
+            shutil.copyfile(path, out / path.name)
 
 
 def test_delta_release_builds_bit_for_bit_like_the_full_model(repo, tmp_path):
@@ -99,7 +106,7 @@ def test_delta_release_builds_bit_for_bit_like_the_full_model(repo, tmp_path):
     base_tensors = load_file(base / "model.safetensors")
     save_file({name: (base_tensors[name].float() + d.float()).to(d.dtype) for name, d in delta.items()},
               full / "model.safetensors", metadata={"format": "pt"})
-    shutil.copyfile(tmp_path / "finetuned" / "config.json", full / "config.json")
+    copy_side_files(tmp_path / "finetuned", full)
     full_digest = tree_digest(file_entries(full))
     write_model_spec(repo, "tiny-llama-full", model_spec("tiny-llama-full", config, full_digest))
     delta_spec = model_spec("tiny-llama-merged", config, full_digest)
@@ -113,7 +120,7 @@ def test_delta_release_builds_bit_for_bit_like_the_full_model(repo, tmp_path):
     assert import_model(repo.root, "tiny-llama-merged", log=lambda message: None) == full_digest
     out = {model: build_module.build(repo.root, f"{model}-fp8", out=tmp_path / model, log=lambda message: None)
            for model in ("tiny-llama-full", "tiny-llama-merged")}
-    for name in ("model.safetensors", "config.json"):
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
         full_bytes = (tmp_path / "tiny-llama-full" / name).read_bytes()
         assert full_bytes == (tmp_path / "tiny-llama-merged" / name).read_bytes()
     weights = {m: {r["path"]: r["sha256"] for r in manifest["files"]} for m, manifest in out.items()}
