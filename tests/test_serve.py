@@ -1,5 +1,7 @@
 """serve.json: the runtime arguments and command line each shipped release is meant to be served with."""
 
+import shlex
+
 import pytest
 
 from builder import lock
@@ -55,3 +57,13 @@ def test_a_build_with_overrides_names_its_own_artifact_folder():
     entry = {**lock.read(PROJECT, "smollm2-135m-instruct-bf16"), "overrides": ["context.max_num_seqs=4"]}
     prefix = entry["artifact_id"].split(":")[1][:12]
     assert serve_config(entry)["model"] == f"artifacts/smollm2-135m-instruct-bf16-{prefix}"
+
+
+def test_a_transformers_target_gets_a_from_pretrained_command():
+    entry = lock.read(PROJECT, "smollm2-135m-instruct-bf16")
+    entry["spec"]["target"]["runtime"] = "transformers"
+    serve = serve_config(entry)
+    assert serve["arguments"] == {"dtype": "bfloat16"} and serve["environment"] == {}
+    assert shlex.split(serve["command"]) == [
+        "python", "-c", "from transformers import pipeline; pipeline('text-generation', "
+        "model='artifacts/smollm2-135m-instruct-bf16', dtype='bfloat16')"]
