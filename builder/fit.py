@@ -43,19 +43,24 @@ def context_problems(spec: dict) -> list:
         found.append((("context", "prefill_chunk_size"), f"{chunk} tokens is less than max_num_seqs {seqs}; "
                       f"allowed: {seqs} or more"))
     for phase in ("prefill", "decode"):
-        buckets = [tuple(bucket) for bucket in context["buckets"][phase]]
-        for first, second in zip(buckets, buckets[1:]):
-            if first >= second:
-                found.append((("context", "buckets", phase), f"not sorted: {list(first)} comes before "
-                              f"{list(second)}; list (batch, seq) pairs in increasing order, without repeats"))
-                break
-        for index, (batch, seq) in enumerate(buckets):
-            if batch > seqs:
-                found.append((("context", "buckets", phase, str(index)), f"{[batch, seq]}: batch {batch} "
-                              f"exceeds max_num_seqs {seqs}"))
-            if seq > max_len:
-                found.append((("context", "buckets", phase, str(index)), f"{[batch, seq]}: seq {seq} "
-                              f"exceeds max_model_len {max_len}"))
+        found.extend(bucket_problems(phase, [tuple(b) for b in context["buckets"][phase]], seqs, max_len))
+    return found
+
+
+def bucket_problems(phase: str, buckets: list, max_batch: int, max_seq: int) -> list:
+    """(batch, seq) buckets strictly increasing, each within max_num_seqs and max_model_len."""
+    found = []
+    for first, second in zip(buckets, buckets[1:]):
+        if first >= second:
+            found.append((("context", "buckets", phase), f"not sorted: {list(first)} comes before "
+                          f"{list(second)}; list (batch, seq) pairs in increasing order, without repeats"))
+            break
+    for index, (batch, seq) in enumerate(buckets):
+        key = ("context", "buckets", phase, str(index))
+        if batch > max_batch:
+            found.append((key, f"{[batch, seq]}: batch {batch} exceeds max_num_seqs {max_batch}"))
+        if seq > max_seq:
+            found.append((key, f"{[batch, seq]}: seq {seq} exceeds max_model_len {max_seq}"))
     return found
 
 
