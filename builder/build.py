@@ -7,6 +7,7 @@ from pathlib import Path
 
 from builder import atomic, export, failpoints, load, lock, manifest
 from builder.errors import BuilderError, Problem
+from builder.paths import artifact_name
 from builder.release_files import write_release_files
 
 
@@ -16,7 +17,7 @@ def build(root: Path, release: str, overrides: tuple = (), out: Path | None = No
     entry = lock.lock_entry(root, release, tuple(overrides))
     if not overrides:
         require_current_lock(root, release, entry)
-    out = (out or default_out(root, release, entry, overrides)).absolute()
+    out = (out or root / "artifacts" / artifact_name(entry)).absolute()
     if not force and up_to_date(out, entry):
         log(f"{out.name}: up to date ({entry['artifact_id']}); --force rebuilds")
         return manifest.read(out)
@@ -74,12 +75,6 @@ def require_current_lock(root: Path, release: str, entry: dict) -> None:
         changed.append(f"toolchain {committed['inputs']['toolchain']} -> {entry['inputs']['toolchain']}")
     raise BuilderError(Problem(f"locks/{release}.json", "artifact_id",
                                f"stale ({', '.join(changed)} changed); run `builder lock` first"))
-
-
-def default_out(root: Path, release: str, entry: dict, overrides) -> Path:
-    """artifacts/<release>, or artifacts/<release>-<id prefix> for a build with overrides."""
-    suffix = f"-{entry['artifact_id'].split(':')[1][:12]}" if overrides else ""
-    return root / "artifacts" / f"{release}{suffix}"
 
 
 def up_to_date(out: Path, entry: dict) -> bool:
