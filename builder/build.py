@@ -3,15 +3,11 @@
     builder build smollm2-135m-instruct-fp8-dynamic
 """
 
-import fcntl
-import os
-import shutil
-import sys
-from contextlib import contextmanager
 from pathlib import Path
 
-from builder import export, load, lock, manifest
+from builder import atomic, export, failpoints, load, lock, manifest
 from builder.errors import BuilderError, Problem
+from builder.paths import artifact_name
 from builder.release_files import write_release_files
 
 
@@ -24,44 +20,59 @@ def build(root: Path, release: str, overrides: tuple = (), out: Path | None = No
     entry = lock.lock_entry(root, release, tuple(overrides))
     if not overrides:
         require_current_lock(root, release, entry)
-    out = (out or default_out(root, release, entry, overrides)).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with exclusive(out):
-        if not force and is_artifact(out) and manifest.read(out).get("artifact_id") == entry["artifact_id"]:
-            log(f"{out.name}: up to date ({entry['artifact_id']}); --force rebuilds")
+    out = (out or root / "artifacts" / artifact_name(entry)).absolute()
+    if not force and up_to_date(out, entry):
+        log(f"{out.name}: up to date ({entry['artifact_id']}); --force rebuilds")
+        return manifest.read(out)
+    if out.exists() and not is_artifact(out) and not force:
+        raise BuilderError(Problem(str(out), "--out", "exists and is not an artifact; "
+                                   "choose another folder or pass --force to replace it"))
+    source = prepare(root, entry)  # every input check happens before anything is written
+    log(f"{release}: {len(source['tensors'])} tensors from {entry['spec']['model']['path']}")
+    with atomic.staging(out, root) as staging:
+        if not force and up_to_date(out, entry):  # a concurrent build of the same release finished
+            log(f"{out.name}: up to date ({entry['artifact_id']})")
             return manifest.read(out)
-        if out.exists() and not is_artifact(out) and not force:
-            raise BuilderError(Problem(str(out), "--out", "exists and is not an artifact; "
-                                       "choose another folder or pass --force to replace it"))
-        staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
-        try:
-            staging.mkdir()
-            result = build_into(root, entry, staging, log, calibration_dump)
-            replace(staging, out)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        result = build_into(entry, source, staging, root, log, calibration_dump)
+        atomic.publish(staging, out)
     log(f"{out.name}: built {result['content_digest']} (artifact_id {entry['artifact_id']})")
     return result
 
 
-def build_into(root: Path, entry: dict, staging: Path, log, calibration_dump: Path | None = None) -> dict:
-    """The verbs of a build, top to bottom, writing only into staging."""
+def prepare(root: Path, entry: dict) -> dict:
+    """Check the source against the spec and index it; reads only, so bad input writes nothing."""
+    spec = entry["spec"]
+    path = load.source_dir(root, spec)
+    config = load.read_config(path, spec)
+    load.check_tokenizer(path, spec["model"]["path"])
+    tensors = load.tensor_index(path)
+    modules, shapes, tied = load.architecture(path)
+    load.check_tensors(spec["model"]["path"], tensors, shapes, tied)
+    failpoints.reached("read")
+    return {"path": path, "config": config, "tensors": tensors, "modules": modules}
+
+
+def build_into(entry: dict, source: dict, staging: Path, root: Path | None = None, log=print,
+               calibration_dump: Path | None = None) -> dict:
+    """The verbs of a build, top to bottom, writing only into staging.
+
+    root (the repository) is needed by releases that calibrate or evaluate (their data lives there).
+    """
     from builder import calibrate, determinism
 
     determinism.apply_torch()
     spec = entry["spec"]
-    source = load.source_dir(root, spec)
-    config = load.read_config(source, spec)
-    tensors = load.tensor_index(source)
-    modules = load.module_classes(source)
-    log(f"{entry['release']}: {len(tensors)} tensors from {spec['model']['path']}")
-    calibration = calibrate.for_build(root, spec, source, tensors, modules, log, calibration_dump)
-    export.write_weights(staging, tensors, modules, spec["quant"], spec["target"]["max_shard_bytes"], calibration)
-    export.write_config(config, staging, spec["quant"])
-    export.copy_side_files(source, staging)
+    calibration = calibrate.for_build(root, spec, source["path"], source["tensors"], source["modules"], log,
+                                      calibration_dump)
+    export.write_weights(staging, source["tensors"], source["modules"], spec["quant"],
+                         spec["target"]["max_shard_bytes"], calibration)
+    export.write_config(source["config"], staging, spec["quant"])
+    export.copy_side_files(source["path"], staging)
+    evaluate_staged(root, spec, source["path"], staging, log)  # before the card, which shows eval.json
     write_release_files(staging, entry)
-    evaluate_staged(root, spec, source, staging, log)
-    return manifest.create(staging, entry)
+    result = manifest.create(staging, entry)
+    failpoints.reached("manifest")
+    return result
 
 
 def evaluate_staged(root: Path, spec: dict, source: Path, staging: Path, log) -> None:
@@ -88,48 +99,10 @@ def require_current_lock(root: Path, release: str, entry: dict) -> None:
                                f"stale ({', '.join(changed)} changed); run `builder lock` first"))
 
 
-def default_out(root: Path, release: str, entry: dict, overrides) -> Path:
-    """artifacts/<release>, or artifacts/<release>-<id prefix> for a build with overrides."""
-    suffix = f"-{entry['artifact_id'].split(':')[1][:12]}" if overrides else ""
-    return root / "artifacts" / f"{release}{suffix}"
+def up_to_date(out: Path, entry: dict) -> bool:
+    """Whether out already holds this artifact_id (a complete artifact: it has its manifest)."""
+    return is_artifact(out) and manifest.read(out).get("artifact_id") == entry["artifact_id"]
 
 
 def is_artifact(path: Path) -> bool:
     return (path / manifest.NAME).is_file()
-
-
-@contextmanager
-def exclusive(out: Path):
-    """Hold a lock file beside out so two builds of one folder never interleave; undo killed builds."""
-    with open(out.parent / f".{out.name}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        for stale in out.parent.glob(f".{out.name}.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        retired = sorted(out.parent.glob(f".{out.name}.old-*"))
-        if retired and not out.exists():  # a build killed mid-swap: put the previous artifact back
-            retired.pop().rename(out)
-        for stale in retired:
-            shutil.rmtree(stale, ignore_errors=True)
-        yield
-
-
-def replace(staging: Path, out: Path) -> None:
-    """Move staging into place: the old artifact is swapped out whole, never half-replaced."""
-    retired = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        out.rename(retired)
-    staging.rename(out)
-    fsync_dir(out.parent)
-    shutil.rmtree(retired, ignore_errors=True)
-
-
-def fsync_dir(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def stderr_log(message: str) -> None:
-    print(message, file=sys.stderr)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from builder import gptq, quantize
-from builder.layers import KV_PROJECTIONS
+from builder.quantize import KV_PROJECTIONS
 
 BATCH = 4  # calibration samples per forward pass: fixed, so every reduction splits the same way
 ATTENTION = "builder_observed_sdpa"  # sdpa, with keys and values shown to the layer's observer first

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from builder import quantize, shards
+from builder import failpoints, quantize, shards
 from builder.canonical import pretty_json
 from builder.load import WEIGHT_FILES
 
@@ -52,12 +52,19 @@ def write_weights(out: Path, tensors: dict, modules: dict, quant: dict, max_shar
     assigned = shards.assign(groups, max_shard_bytes)
     names = shards.shard_names(len(assigned))
     count = sum(len(outputs) for outputs in assigned)
+    written = 0
     with tqdm(total=count, desc="quantize", unit="tensor", disable=None, leave=False) as bar:
+        def produce_and_count(name):
+            nonlocal written
+            written += 1
+            bar.update()
+            if written == count // 2:
+                failpoints.reached("quantize")
+            return produce(name)
+
         for outputs, file_name in zip(assigned, names):
-            def produce_and_count(name):
-                bar.update()
-                return produce(name)
             shards.write(out / file_name, outputs, produce_and_count)
+            failpoints.reached("shard")
     if len(names) > 1:
         (out / WEIGHT_FILES[1]).write_text(pretty_json(shards.index(assigned, names)), encoding="utf-8")
         names.append(WEIGHT_FILES[1])

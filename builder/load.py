@@ -11,26 +11,33 @@ from builder.paths import inside
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on a header
+SOURCE_DTYPES = ("BF16", "F16", "F32")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
 def source_dir(root: Path, spec: dict) -> Path:
     """The source checkpoint folder, checked against the spec's pinned digest before any work."""
     model_file = f"specs/model/{spec['choices']['model']}.yaml"
-    path = inside(root, spec["model"]["path"], file=model_file, key="model.path")
+    return pinned_folder(root, spec["model"]["path"], spec["model"]["digest"], model_file, "model.path",
+                         "model.digest", f"import it first: builder import {spec['choices']['model']}")
+
+
+def pinned_folder(root: Path, relative: str, digest: str, file: str, path_key: str, digest_key: str,
+                  missing_hint: str) -> Path:
+    """A folder inside the repository, without pickles, whose tree digest is the pinned one."""
+    path = inside(root, relative, file=file, key=path_key)
     if not path.is_dir():
-        raise BuilderError(Problem(model_file, "model.path", f"{spec['model']['path']!r} does not exist; "
-                                   f"import it first: builder import {spec['choices']['model']}"))
+        raise BuilderError(Problem(file, path_key, f"{relative!r} does not exist; {missing_hint}"))
     for link in (p for p in path.rglob("*") if p.is_symlink()):
-        inside(root, str(link.relative_to(root)), file=model_file, key="model.path")
+        inside(root, str(link.relative_to(root)), file=file, key=path_key)
     pickles = sorted(p.name for p in path.rglob("*") if p.suffix in PICKLE_SUFFIXES)
     if pickles:
-        raise BuilderError(Problem(model_file, "model.path", f"pickle weight files are refused "
+        raise BuilderError(Problem(file, path_key, f"pickle weight files are refused "
                                    f"(they can run code when loaded): {', '.join(pickles)}"))
-    digest = tree_digest(file_entries(path))
-    if digest != spec["model"]["digest"]:
-        raise BuilderError(Problem(model_file, "model.digest", f"{spec['model']['path']} has digest "
-                                   f"{digest}, but the spec pins {spec['model']['digest']}; "
-                                   "refusing a source that is not the pinned one"))
+    actual = tree_digest(file_entries(path))
+    if actual != digest:
+        raise BuilderError(Problem(file, digest_key, f"{relative} has digest {actual}, but the spec pins "
+                                   f"{digest}; refusing a source that is not the pinned one"))
     return path
 
 
@@ -92,15 +99,46 @@ def tensor_index(path: Path) -> dict:
     return found
 
 
-def module_classes(config_dir: Path) -> dict:
-    """module name -> class name, from the architecture built on the meta device (no memory)."""
+def architecture(config_dir: Path) -> tuple:
+    """(module name -> class name, parameter name -> shape) of the model built on the meta device."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(config_dir, trust_remote_code=False)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
-    return {name: type(module).__name__ for name, module in model.named_modules() if name}
+    modules = {name: type(module).__name__ for name, module in model.named_modules() if name}
+    shapes = {name: tuple(parameter.shape) for name, parameter in model.named_parameters(remove_duplicate=False)}
+    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - \
+        {name for name, _ in model.named_parameters()}
+    return modules, shapes, tied
+
+
+def check_tensors(folder: str, tensors: dict, shapes: dict, tied: set) -> None:
+    """Every parameter present with its shape and a floating dtype; nothing the model lacks."""
+    problems = []
+    for name in sorted(set(shapes) - set(tensors) - tied):
+        problems.append(Problem(folder, name, "missing from the checkpoint (partial weights?)"))
+    for name in sorted(set(tensors) - set(shapes)):
+        problems.append(Problem(folder, name, "not a parameter of the model's architecture"))
+    for name in sorted(set(tensors) & set(shapes)):
+        _, code, shape = tensors[name]
+        if shape != shapes[name]:
+            problems.append(Problem(folder, name, f"shape {list(shape)}, the architecture needs {list(shapes[name])}"))
+        if code not in SOURCE_DTYPES:
+            problems.append(Problem(folder, name, f"dtype {code}; source weights must be one of "
+                                    f"{', '.join(SOURCE_DTYPES)} (not already quantized)"))
+    if problems:
+        raise BuilderError(problems)
+
+
+def check_tokenizer(path: Path, folder: str) -> None:
+    """An artifact is served with its tokenizer: refuse a source without one."""
+    missing = [] if (path / "tokenizer_config.json").is_file() else ["tokenizer_config.json"]
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        missing.append(" or ".join(TOKENIZER_FILES))
+    if missing:
+        raise BuilderError(Problem(folder, "", f"missing tokenizer files: {', '.join(missing)}"))
 
 
 def torch_dtype(code: str):

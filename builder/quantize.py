@@ -4,11 +4,13 @@ from dataclasses import dataclass
 
 import torch
 
-from builder.layers import KV_PROJECTIONS, matches
+from builder.patterns import matches
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
+# The key and value projections whose outputs fill the KV cache, and the scale names vLLM loads.
+KV_PROJECTIONS = {"self_attn.k_proj": "self_attn.k_scale", "self_attn.v_proj": "self_attn.v_scale"}
 PACK_BITS = 32  # sub-8-bit weights are packed into int32 words (compressed-tensors pack-quantized)
 
 

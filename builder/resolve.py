@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 from jsonschema import Draft202012Validator
 
+from builder import fit
 from builder.errors import BuilderError, Problem
 from builder.paths import SCHEMAS_DIR
 
@@ -48,6 +49,7 @@ def compose(root: Path, release: str, overrides: tuple) -> dict:
     if not release_file.is_file():
         known = ", ".join(list_releases(root)) or "none"
         raise BuilderError(Problem(f"specs/release/{release}.yaml", "", f"no such release; known: {known}"))
+    check_override_syntax(overrides)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str((root / "specs").resolve()), version_base="1.3"):
@@ -57,11 +59,29 @@ def compose(root: Path, release: str, overrides: tuple) -> dict:
             spec = {key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key])
                     else cfg[key] for key in cfg if key != "hydra"}
     except Exception as error:  # Hydra and OmegaConf raise many types; all are input errors here
-        raise BuilderError(Problem(f"specs/release/{release}.yaml", "", hydra_message(error))) from None
+        message = hydra_message(error)
+        culprit = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in message or o in message]
+        where = f"override {culprit[0]!r}" if culprit else f"specs/release/{release}.yaml"
+        raise BuilderError(Problem(where, "", message)) from None
     finally:
         GlobalHydra.instance().clear()
     spec["choices"] = {key: value for key, value in choices.items() if not key.startswith("hydra")}
     return spec
+
+
+def check_override_syntax(overrides: tuple) -> None:
+    """Parse each override alone, so a syntax error names the override it is in."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser, problems = OverridesParser.create(), []
+    for override in overrides:
+        try:
+            parser.parse_overrides([override])
+        except Exception as error:  # Hydra's parser raises several types for bad syntax
+            problems.append(Problem(f"override {override!r}", "", f"not Hydra override syntax "
+                                    f"(key=value, +key=value, ~key, group=option): {hydra_message(error)}"))
+    if problems:
+        raise BuilderError(problems)
 
 
 def hydra_message(error: Exception) -> str:
@@ -103,7 +123,12 @@ def explain(error) -> list:
     if error.validator == "required":
         missing = re.findall(r"'([^']+)' is a required property", error.message)
         return [((*path, key), "missing required key") for key in missing] or [(path, error.message)]
-    return [(path, f"{json.dumps(error.instance) if is_scalar(error.instance) else 'value'}: {error.message}")]
+    shown = json.dumps(error.instance) if is_scalar(error.instance) else "value"
+    if error.validator == "type":
+        return [(path, f"{shown}: expected {error.validator_value}")]
+    if error.validator == "pattern":
+        return [(path, f"{shown}: {error.schema.get('description') or 'must match ' + error.validator_value}")]
+    return [(path, f"{shown}: {error.message}")]
 
 
 def is_scalar(value) -> bool:
@@ -112,32 +137,21 @@ def is_scalar(value) -> bool:
 
 def semantic_problems(spec: dict) -> list:
     """Choices that are each valid but do not fit together, as (key path, message)."""
-    arch = spec["model"]["architecture"]
     found = []
     if spec["release"]["name"] != spec["choices"]["release"]:
         found.append((("release", "name"), f"{spec['release']['name']!r} must equal the file name "
                       f"{spec['choices']['release']!r}"))
-    max_len, limit = spec["context"]["max_model_len"], arch["max_position_embeddings"]
-    if max_len > limit:
-        found.append((("context", "max_model_len"), f"{max_len} tokens exceeds the model's "
-                      f"max_position_embeddings {limit}"))
-    tp, pp = spec["parallelism"]["tensor"], spec["parallelism"]["pipeline"]
-    for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
-        if arch[key] % tp:
-            found.append((("parallelism", "tensor"), f"{tp} does not divide model {key} {arch[key]}"))
-    if pp > arch["num_hidden_layers"]:
-        found.append((("parallelism", "pipeline"), f"{pp} exceeds the model's "
-                      f"{arch['num_hidden_layers']} layers"))
-    found.extend(quant_problems(spec["quant"]))
-    found.extend(group_problems(spec))
+    recipe = quant_problems(spec["quant"])
+    recipe.extend(group_problems(spec))
+    found.extend(recipe)
     if needs_calibration(spec["quant"]) and spec["calibration"]["dataset"] is None:
         found.append((("calibration", "dataset"), "null, but the recipe calibrates (static scales, KV-cache "
                       "scales or GPTQ); choose a calibration group, e.g. calibration=licenses"))
-    if not found:
-        scheme = scheme_class(spec["quant"])
-        if scheme not in spec["target"]["schemes"]:
-            found.append((("target", "schemes"), f"the target does not run {scheme} "
-                          f"(quant recipe); it runs: {', '.join(spec['target']['schemes'])}"))
+    found.extend(fit.context_problems(spec))
+    found.extend(fit.parallelism_problems(spec))
+    if not recipe:  # the recipe's kernel family and size are only meaningful for a consistent recipe
+        found.extend(fit.target_problems(spec, scheme_class(spec["quant"])))
+        found.extend(fit.memory_problems(spec))
     return found
 
 
@@ -202,15 +216,18 @@ def needs_calibration(quant: dict) -> bool:
 
 def group_problems(spec: dict) -> list:
     """Group sizes that do not divide a targeted layer's input features, naming the layer."""
-    from builder.layers import targeted_linears
+    from builder import memory
 
-    args = spec["quant"]["weights"]
+    args, quant = spec["quant"]["weights"], spec["quant"]
     if args is None or args["strategy"] != "group":
         return []
-    return [(("quant", "weights", "group_size"), f"{args['group_size']} does not divide the {features} input "
-             f"features of {name.replace('.0.', '.*.')}; use a divisor of {features}")
-            for name, features in targeted_linears(spec["model"]["architecture"], spec["quant"]).items()
-            if features % args["group_size"]]
+    found = {}
+    for module, _, columns in memory.linear_layers(spec["model"]["architecture"]):
+        if memory.is_quantized(module, quant) and columns % args["group_size"]:
+            name = re.sub(r"^model\.layers\.\d+\.", "model.layers.*.", module)
+            found[name] = ((("quant", "weights", "group_size"), f"{args['group_size']} does not divide the "
+                            f"{columns} input features of {name}; use a divisor of {columns}"))
+    return list(found.values())
 
 
 def scheme_class(quant: dict) -> str:
@@ -229,6 +246,8 @@ def locate(root: Path, choices: dict, overrides, path: tuple, message: str) -> P
     dotted = ".".join(path)
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
+        if key in GROUPS and path and key == path[0] and len(path) > 1:  # the override chose a group file
+            return Problem(f"specs/{key}/{choices[key]}.yaml (chosen by override {override!r})", dotted, message)
         if key and (dotted == key or dotted.startswith(key + ".") or key.startswith(dotted + ".")):
             return Problem(f"override {override!r}", dotted, message)
     release_file = f"specs/release/{choices['release']}.yaml"

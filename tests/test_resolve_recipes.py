@@ -48,7 +48,8 @@ def test_resolve_rejects_4_bit_activations_and_gptq_on_float_weights(repo):
 def test_resolve_rejects_the_legacy_fp8_layout_for_per_channel_weights(repo):
     found = problems(repo, "quant=fp8-dynamic", "quant.format=fp8")
     assert any("quant.format" in p and "per-tensor" in p for p in found)
-    spec = resolve(repo.root, RELEASE, ("quant=fp8-static", "quant.format=fp8", "calibration=licenses"))
+    spec = resolve(repo.root, RELEASE, ("quant=fp8-static", "quant.format=fp8", "calibration=licenses",
+                                        "target=vllm-h100"))
     assert spec["quant"]["format"] == "fp8"
 
 

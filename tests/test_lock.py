@@ -1,0 +1,52 @@
+"""Lock files: written from specs/, stable, and checked in CI."""
+
+import json
+
+from builder import lock
+from builder.resolve import list_releases
+from conftest import PROJECT
+
+
+def test_shipped_locks_and_params_are_current():
+    lock.check(PROJECT)
+
+
+def test_lock_writes_one_file_per_release_and_params(repo):
+    result = repo.run("lock", check=0)
+    written = sorted(line.split()[-1] for line in result.stdout.splitlines())
+    assert written == sorted([f"locks/{release}.json" for release in list_releases(PROJECT)] + ["params.yaml"])
+    entry = json.loads((repo.root / "locks" / "smollm2-135m-instruct-bf16.json").read_text())
+    assert entry["artifact_id"].startswith("sha256:") and entry["spec"]["quant"]["format"] == "dense"
+    assert repo.run("lock", "--check").returncode == 0
+    assert repo.run("lock").stdout.strip() == "locks/ and params.yaml are up to date"
+
+
+def test_lock_check_fails_naming_stale_removed_and_missing_locks(repo):
+    repo.run("lock", check=0)
+    fp8 = repo.root / "specs" / "quant" / "fp8-dynamic.yaml"
+    fp8.write_text(fp8.read_text().replace("ignore: [lm_head]", "ignore: [lm_head, re:.*down_proj]"))
+    (repo.root / "locks" / "retired-release.json").write_text("{}")
+    result = repo.run("lock", "--check")
+    assert result.returncode == 1
+    assert "locks/smollm2-135m-instruct-fp8-dynamic.json: stale" in result.stderr
+    assert "locks/retired-release.json" in result.stderr
+    assert "smollm2-135m-instruct-bf16.json" not in result.stderr
+    repo.run("lock", check=0)
+    assert not (repo.root / "locks" / "retired-release.json").exists()
+
+
+def test_a_comment_edit_leaves_every_lock_byte_identical(repo):
+    repo.run("lock", check=0)
+    before = {p.name: p.read_bytes() for p in (repo.root / "locks").iterdir()}
+    quant = repo.root / "specs" / "quant" / "fp8-dynamic.yaml"
+    quant.write_text("# reviewed by the release team\n" + quant.read_text())
+    assert repo.run("lock").stdout.strip() == "locks/ and params.yaml are up to date"
+    assert {p.name: p.read_bytes() for p in (repo.root / "locks").iterdir()} == before
+
+
+def test_lock_writes_nothing_when_any_release_is_broken(repo):
+    bad = repo.root / "specs" / "release" / "broken.yaml"
+    bad.write_text("# @package _global_\nrelease:\n  name: broken\n  version: one\n")
+    result = repo.run("lock")
+    assert result.returncode == 2 and "specs/release/broken.yaml: release.version" in result.stderr
+    assert not (repo.root / "locks").exists() and not (repo.root / "params.yaml").exists()

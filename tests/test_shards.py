@@ -1,0 +1,57 @@
+"""The streaming safetensors writer: same bytes as safetensors itself, any tensor order."""
+
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from builder import shards
+from builder.quantize import Output
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn, torch.int8, torch.int32,
+          torch.int64, torch.uint8, torch.bool]
+
+
+def random_tensors(seed: int) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    chooser = random.Random(seed)
+    found = {}
+    for index in range(chooser.randint(1, 12)):
+        shape = tuple(chooser.randint(1, 7) for _ in range(chooser.randint(0, 3)))
+        dtype = chooser.choice(DTYPES)
+        values = torch.randn(shape, generator=generator) * 50
+        found[f"t{chooser.randint(0, 99)}.{index}"] = values.to(dtype)
+    return found
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_streamed_shard_equals_safetensors_save_file_bytes(tmp_path, seed):
+    tensors = random_tensors(seed)
+    save_file(tensors, tmp_path / "reference.safetensors", metadata={"format": "pt"})
+    names = list(tensors)
+    random.Random(seed).shuffle(names)  # arrival order must not matter
+    outputs = [Output(n, tensors[n].dtype, tuple(tensors[n].shape)) for n in names]
+    shards.write(tmp_path / "streamed.safetensors", outputs, lambda name: tensors[name])
+    assert (tmp_path / "streamed.safetensors").read_bytes() == (tmp_path / "reference.safetensors").read_bytes()
+    loaded = load_file(tmp_path / "streamed.safetensors")
+    assert all(torch.equal(loaded[n].view(torch.uint8), tensors[n].view(torch.uint8)) for n in tensors
+               if tensors[n].dim())
+
+
+def test_a_produced_tensor_that_differs_from_the_plan_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="planned"):
+        shards.write(tmp_path / "x.safetensors", [Output("a", torch.float32, (2,))],
+                     lambda name: torch.zeros(3))
+
+
+def test_shards_keep_each_source_tensors_outputs_together_and_respect_the_limit():
+    groups = [[Output(f"w{i}", torch.float8_e4m3fn, (100,)), Output(f"w{i}_scale", torch.bfloat16, (1,))]
+              for i in range(5)]
+    assigned = shards.assign(groups, max_bytes=250)
+    assert [len(s) for s in assigned] == [4, 4, 2]
+    assert shards.shard_names(3) == ["model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors",
+                                     "model-00003-of-00003.safetensors"]
+    index = shards.index(assigned, shards.shard_names(3))
+    assert index["metadata"]["total_size"] == 5 * 102
+    assert index["weight_map"]["w4_scale"] == "model-00003-of-00003.safetensors"
