@@ -141,6 +141,7 @@ def tiny_repo(tmp_path_factory) -> Repo:
     """One shared repository with every tiny model imported (read-only for tests that share it)."""
     root = tmp_path_factory.mktemp("tiny") / "repo"
     shutil.copytree(PROJECT / "specs", root / "specs")
+    shutil.copytree(PROJECT / "data", root / "data")
     repo = Repo(root)
     for kind in TINY:
         repo.add_model(kind)

@@ -16,6 +16,7 @@ def smollm2(tmp_path_factory) -> Repo:
     """A repository with the shipped specs and the bundled model imported from its GGUF file."""
     root = tmp_path_factory.mktemp("e2e") / "repo"
     shutil.copytree(PROJECT / "specs", root / "specs")
+    shutil.copytree(PROJECT / "data", root / "data")
     repo = Repo(root)
     result = repo.run("import", "smollm2-135m-instruct")
     assert result.returncode == 0, result.stderr  # fails if the conversion is not the pinned bytes

@@ -23,6 +23,7 @@ def pristine(tmp_path_factory) -> Repo:
     from conftest import PROJECT
 
     shutil.copytree(PROJECT / "specs", root / "specs")
+    shutil.copytree(PROJECT / "data", root / "data")
     repo = Repo(root)
     repo.add_model("tiny-llama")
     return repo

@@ -4,21 +4,13 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from builder import build as build_module
 from builder import quantize
 from conftest import release_text
+from test_build import tensors
 
 SMALL = ("calibration.samples=4", "calibration.sequence_length=32")
-
-
-def tensors(path):
-    found = {}
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(file, framework="pt") as handle:
-            found.update({name: handle.get_tensor(name) for name in handle.keys()})
-    return found
 
 
 def built(repo, release, out, overrides=()):
