@@ -1,6 +1,6 @@
 """The `builder` command line: one function per verb, one dict from verb to function.
 
-    builder list | resolve | lock | import | build | verify   (builder VERB --help)
+    builder list | resolve | lock | plan | import | build | verify   (builder VERB --help)
 """
 
 import argparse
@@ -49,6 +49,14 @@ def cmd_lock(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from builder import plan
+
+    report = plan.plan(find_root(), args.base)
+    sys.stdout.write(pretty_json(report) if args.json else plan.markdown(report))
+    return 0
+
+
 def cmd_import(args) -> int:
     from builder.importer import import_model
 
@@ -80,6 +88,7 @@ VERBS = {
     "list": (cmd_list, "list releases, one a line"),
     "resolve": (cmd_resolve, "show a release's resolved spec and artifact_id"),
     "lock": (cmd_lock, "write locks/ and params.yaml from specs/ (--check: fail if stale)"),
+    "plan": (cmd_plan, "which releases change against a git revision, as Markdown for a PR comment"),
     "import": (cmd_import, "import a model's pinned source into weights/"),
     "build": (cmd_build, "build a release into artifacts/<release>/"),
     "verify": (cmd_verify, "re-hash an artifact's files against its manifest"),
@@ -95,6 +104,9 @@ def parser() -> argparse.ArgumentParser:
         sub[name].add_argument("overrides", nargs="*", metavar="OVERRIDE", help="Hydra override, e.g. quant=bf16")
     sub["resolve"].add_argument("--json", action="store_true", help="machine-readable output")
     sub["lock"].add_argument("--check", action="store_true", help="exit 1 if locks/ or params.yaml are stale")
+    sub["plan"].add_argument("--base", metavar="GIT_REV", help="revision to compare with "
+                             "(default: the merge base of HEAD with main)")
+    sub["plan"].add_argument("--json", action="store_true", help="machine-readable output")
     sub["import"].add_argument("model", help="a file name in specs/model/, without .yaml")
     sub["build"].add_argument("--out", type=Path, help="output folder (default artifacts/<release>)")
     sub["build"].add_argument("--force", action="store_true", help="rebuild even if up to date")
