@@ -1,6 +1,6 @@
 """The `builder` command line: one function per verb, one dict from verb to function.
 
-    builder list | resolve | lock | plan | import | build | verify   (builder VERB --help)
+    builder list | resolve | lock | plan | import | build | build-many | verify   (builder VERB --help)
 """
 
 import argparse
@@ -72,6 +72,15 @@ def cmd_build(args) -> int:
     return 0
 
 
+def cmd_build_many(args) -> int:
+    from builder.fanout import build_many
+
+    slurm = {key: yaml.safe_load(value) for key, value in (o.split("=", 1) for o in args.slurm)}
+    for result in build_many(find_root(), args.releases, args.launcher, slurm, args.force, log=log):
+        print(f"{result['release']} {result['content_digest']}")
+    return 0
+
+
 def cmd_verify(args) -> int:
     from builder.verify import verify
 
@@ -91,8 +100,15 @@ VERBS = {
     "plan": (cmd_plan, "which releases change against a git revision, as Markdown for a PR comment"),
     "import": (cmd_import, "import a model's pinned source into weights/"),
     "build": (cmd_build, "build a release into artifacts/<release>/"),
+    "build-many": (cmd_build_many, "build several releases in parallel jobs (submitit: local or SLURM)"),
     "verify": (cmd_verify, "re-hash an artifact's files against its manifest"),
 }
+
+
+def key_value(text: str) -> str:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE")
+    return text
 
 
 def parser() -> argparse.ArgumentParser:
@@ -110,6 +126,13 @@ def parser() -> argparse.ArgumentParser:
     sub["import"].add_argument("model", help="a file name in specs/model/, without .yaml")
     sub["build"].add_argument("--out", type=Path, help="output folder (default artifacts/<release>)")
     sub["build"].add_argument("--force", action="store_true", help="rebuild even if up to date")
+    sub["build-many"].add_argument("releases", nargs="+", metavar="RELEASE")
+    sub["build-many"].add_argument("--launcher", choices=("local", "slurm"), default="local",
+                                   help="local processes (default) or SLURM jobs")
+    sub["build-many"].add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
+                                   type=key_value, help="submitit SLURM parameter without its slurm_ "
+                                   "prefix, e.g. partition=cpu, array_parallelism=8 (repeatable)")
+    sub["build-many"].add_argument("--force", action="store_true", help="rebuild even if up to date")
     sub["verify"].add_argument("artifact", type=Path)
     return top
 

@@ -69,3 +69,15 @@ def test_lock_check_lists_the_stale_releases_and_what_changed_in_each(repo):
     assert "release smollm2-135m-instruct-bf16-v2 is new and has no lock" in message
     assert "release smollm2-135m-instruct-fp8-dynamic changed (spec)" in message
     assert "params.yaml: stale" in message and failed.value.exit_code == 1
+
+
+def test_params_name_the_models_to_import_and_every_releases_dependency_paths():
+    import yaml
+
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    model = params["models"]["smollm2-135m-instruct"]
+    assert model["path"] == "weights/smollm2-135m-instruct" and model["source"]["kind"] == "gguf"
+    for release, paths in params["releases"].items():
+        assert paths["lock"] == f"locks/{release}.json" and (PROJECT / paths["lock"]).is_file()
+        assert paths["weights"] in {m["path"] for m in params["models"].values()}
+        assert paths["calibration"] == paths["eval"] == paths["lock"]  # no data: the lock fills the slot
