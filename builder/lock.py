@@ -4,6 +4,7 @@
     builder lock --check    # in CI: exit 1 when locks/ or params.yaml are stale
 """
 
+import json
 from pathlib import Path
 
 import yaml
@@ -73,8 +74,11 @@ def write(root: Path) -> list:
         if relative in files:
             path.parent.mkdir(parents=True, exist_ok=True)
             temporary = path.with_name(path.name + ".tmp")
-            temporary.write_text(files[relative], encoding="utf-8")
-            temporary.replace(path)
+            try:
+                temporary.write_text(files[relative], encoding="utf-8")
+                temporary.replace(path)
+            finally:
+                temporary.unlink(missing_ok=True)
         else:
             path.unlink()
         changed.append(relative)
@@ -103,8 +107,6 @@ def why_stale(root: Path, relative: str, files: dict) -> str:
         return f"release {release} no longer exists in specs/release/"
     if not (root / relative).is_file():
         return f"release {release} is new and has no lock"
-    import json
-
     try:
         old, new = json.loads((root / relative).read_text(encoding="utf-8")), json.loads(files[relative])
     except ValueError:
