@@ -20,10 +20,11 @@ def build_job(root: str, release: str, force: bool) -> dict:
     from builder import determinism
 
     determinism.apply_environment()  # before the build imports torch in this fresh process
-    from builder.build import build, stderr_log
+    from builder.build import build
+    from builder.cli import log  # to stderr, which submitit keeps as the job's log
 
     try:
-        result = build(Path(root), release, force=force, log=stderr_log)
+        result = build(Path(root), release, force=force, log=log)
     except BuilderError as error:  # bad input comes back as a value the submitter reports
         return {"release": release, "error": error.render(), "pid": os.getpid()}
     return {"release": release, "content_digest": result["content_digest"],
