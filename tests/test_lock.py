@@ -80,4 +80,6 @@ def test_params_name_the_models_to_import_and_every_releases_dependency_paths():
     for release, paths in params["releases"].items():
         assert paths["lock"] == f"locks/{release}.json" and (PROJECT / paths["lock"]).is_file()
         assert paths["weights"] in {m["path"] for m in params["models"].values()}
-        assert paths["calibration"] == paths["eval"] == paths["lock"]  # no data: the lock fills the slot
+        spec = json.loads((PROJECT / paths["lock"]).read_text())["spec"]
+        for group in ("calibration", "eval"):  # a data file, or (no data) the lock fills the slot
+            assert paths[group] == (spec[group]["dataset"] or paths["lock"])

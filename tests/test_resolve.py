@@ -85,7 +85,7 @@ def test_unknown_key_names_the_group_file_and_the_allowed_keys(repo):
     quant.write_text(quant.read_text() + "sparsity: 0.5\n")
     message = problems_of(repo.root, "smollm2-135m-instruct-fp8-dynamic")
     assert "specs/quant/fp8-dynamic.yaml: quant.sparsity: unknown key" in message
-    assert "allowed keys: dtype, format, ignore" in message
+    assert "allowed keys: algorithm, dtype, format, gptq, ignore" in message
 
 
 def test_wrong_type_and_bad_enum_are_reported_together(repo):
@@ -154,4 +154,4 @@ def test_cli_reports_spec_errors_with_exit_code_2_and_writes_nothing(repo):
     result = repo.run("resolve", "smollm2-135m-instruct-fp8-dynamic", "quant.weights.num_bits=3", "+quant.bogus=1")
     assert result.returncode == 2
     assert result.stderr.count("\n") >= 2 and "Traceback" not in result.stderr
-    assert sorted(p.name for p in repo.root.iterdir()) == ["specs"]
+    assert sorted(p.name for p in repo.root.iterdir()) == ["data", "specs"]

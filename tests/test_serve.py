@@ -23,7 +23,7 @@ def test_serve_arguments_carry_the_release_layout_and_context(release):
     assert arguments["max_model_len"] == spec["context"]["max_model_len"]
     assert arguments["max_num_seqs"] == spec["context"]["max_num_seqs"]
     assert arguments["max_num_batched_tokens"] == spec["context"]["prefill_chunk_size"]
-    assert arguments["kv_cache_dtype"] == "auto"
+    assert arguments["kv_cache_dtype"] == ("fp8" if spec["quant"]["kv_cache_scheme"] else "auto")
     assert ("quantization" in arguments) == (spec["quant"]["format"] != "dense")
     assert f"--tensor-parallel-size {spec['parallelism']['tensor']}" in serve["command"]
     assert f"vllm serve artifacts/{release} " in serve["command"]
