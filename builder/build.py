@@ -10,7 +10,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from builder import export, load, lock, manifest
+from builder import export, load, lock, manifest, provenance
 from builder.errors import BuilderError, Problem
 from builder.release_files import write_release_files
 
@@ -56,6 +56,7 @@ def build_into(root: Path, entry: dict, staging: Path, log) -> dict:
     export.write_config(config, staging, spec["quant"])
     export.copy_side_files(source, staging)
     write_release_files(staging, entry)
+    provenance.write(root, entry, staging, exclude=manifest.OUTSIDE_DIGEST)
     return manifest.create(staging, entry)
 
 

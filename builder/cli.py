@@ -1,6 +1,6 @@
 """The `builder` command line: one function per verb, one dict from verb to function.
 
-    builder list | resolve | lock | import | build | verify   (builder VERB --help)
+    builder list | resolve | lock | import | build | verify | audit | sign   (builder VERB --help)
 """
 
 import argparse
@@ -12,7 +12,7 @@ import yaml
 
 from builder import determinism
 from builder.canonical import pretty_json
-from builder.errors import BuilderError
+from builder.errors import BuilderError, Problem
 from builder.paths import find_root
 
 
@@ -69,6 +69,40 @@ def cmd_verify(args) -> int:
 
     result = verify(args.artifact)
     print(f"OK {result['artifact']}: {result['files']} files match, content digest {result['content_digest']}")
+    if args.signature or args.key:
+        from builder import signing
+
+        if not args.key:
+            raise BuilderError(Problem("", "--key", "--signature needs --key PUBLIC.pem (the signer's P-256 key)"))
+        signature = args.signature or signing.signature_path(args.artifact)
+        signing.verify_signature(args.artifact, signature, args.key)
+        print(f"OK {signature.name}: valid signature of {args.artifact.name} by the key in {args.key}")
+    if args.rebuild:
+        from builder.rebuild import rebuild
+
+        rebuilt = rebuild(find_root(), args.artifact, log=log)
+        print(f"OK {rebuilt['artifact']}: rebuilt bit for bit, {rebuilt['files']} files, "
+              f"content digest {rebuilt['content_digest']}")
+    return 0
+
+
+def cmd_audit(args) -> int:
+    from builder import audit
+
+    try:
+        root = find_root()
+    except BuilderError:
+        root = None  # an artifact audited outside any release repository: inputs are not compared
+    report = audit.audit(args.artifact, root, public_key=args.key, signature=args.signature)
+    sys.stdout.write(audit.as_json(report) if args.json else audit.render(report))
+    return 0 if report["holds"] else 1
+
+
+def cmd_sign(args) -> int:
+    from builder.signing import sign
+
+    signature = sign(args.artifact, args.key, args.signature)
+    print(f"signed {args.artifact.name}: {signature}")
     return 0
 
 
@@ -82,7 +116,9 @@ VERBS = {
     "lock": (cmd_lock, "write locks/ and params.yaml from specs/ (--check: fail if stale)"),
     "import": (cmd_import, "import a model's pinned source into weights/"),
     "build": (cmd_build, "build a release into artifacts/<release>/"),
-    "verify": (cmd_verify, "re-hash an artifact's files against its manifest"),
+    "verify": (cmd_verify, "re-hash an artifact's files against its manifest (--rebuild, --signature)"),
+    "audit": (cmd_audit, "what an artifact was built from, and whether each claim still holds"),
+    "sign": (cmd_sign, "sign an artifact with a P-256 private key (writes <artifact>.sig beside it)"),
 }
 
 
@@ -98,7 +134,14 @@ def parser() -> argparse.ArgumentParser:
     sub["import"].add_argument("model", help="a file name in specs/model/, without .yaml")
     sub["build"].add_argument("--out", type=Path, help="output folder (default artifacts/<release>)")
     sub["build"].add_argument("--force", action="store_true", help="rebuild even if up to date")
-    sub["verify"].add_argument("artifact", type=Path)
+    for name in ("verify", "audit", "sign"):
+        sub[name].add_argument("artifact", type=Path)
+        sub[name].add_argument("--signature", type=Path, help="signature file (default: <artifact>.sig beside it)")
+    sub["verify"].add_argument("--rebuild", action="store_true", help="rebuild from the recorded inputs and compare")
+    sub["verify"].add_argument("--key", type=Path, help="the signer's P-256 public key (PEM); checks the signature")
+    sub["audit"].add_argument("--key", type=Path, help="the signer's P-256 public key (PEM); checks the signature")
+    sub["audit"].add_argument("--json", action="store_true", help="machine-readable output")
+    sub["sign"].add_argument("--key", type=Path, required=True, help="P-256 private key (PEM, unencrypted)")
     return top
 
 
