@@ -29,7 +29,7 @@ def audit(artifact: Path, root: Path | None, public_key: Path | None = None,
 
     if not (artifact / manifest.NAME).is_file():
         raise BuilderError(f"{artifact}: not an artifact (no {manifest.NAME})")
-    recorded = manifest.read(artifact)
+    recorded = readable(artifact / manifest.NAME) or {}  # unreadable: verification says so
     report = {key: recorded.get(key) for key in ("release", "version", "artifact_id", "content_digest", "overrides")}
     report["artifact"] = artifact.name
     try:
@@ -105,7 +105,7 @@ def input_checks(document: dict | None, spec: dict, root: Path | None) -> list:
     rows = []
     for dependency in document["predicate"]["buildDefinition"].get("resolvedDependencies", []):
         row = {"name": dependency["name"], "uri": dependency.get("uri", ""),
-               "sha256": dependency["digest"]["sha256"]}
+               "sha256": dependency.get("digest", {}).get("sha256", "")}
         local = local_digest(root, dependency, spec)
         if local is None:
             row.update(status=UNKNOWN, local="absent" if root else "no release repository (cd into one "
@@ -129,34 +129,36 @@ def lock_check(root: Path | None, recorded: dict) -> dict:
     """Does the repository's current lock of the release name this artifact_id; which commit set it."""
     if root is None:
         return {"status": UNKNOWN, "detail": "no release repository at hand"}
-    relative = f"locks/{recorded['release']}.json"
-    commit = last_commit(root, relative)
-    if recorded.get("overrides"):
+    if not recorded.get("release") or not recorded.get("artifact_id"):
+        return {"status": FAILED, "detail": f"{manifest.NAME} names no release or artifact_id"}
+    if recorded.get("overrides"):  # no committed lock: compare with what today's specs resolve to
         entry = lock.lock_entry(root, recorded["release"], tuple(recorded["overrides"]))
         same = entry["artifact_id"] == recorded["artifact_id"]
-        return {"status": OK if same else FAILED, "path": None, "commit": commit,
+        return {"status": OK if same else FAILED, "path": None,
                 "detail": f"built with overrides {recorded['overrides']}: the current specs resolve to "
                           f"{'the same' if same else 'another'} artifact_id {entry['artifact_id']}"}
+    relative = f"locks/{recorded['release']}.json"
+    commit = last_commit(root, relative)
     committed = lock.read(root, recorded["release"])
     if committed is None:
-        return {"status": FAILED, "path": relative, "commit": commit, "detail": f"{relative} does not exist"}
+        return {"status": FAILED, "path": relative, **commit, "detail": f"{relative} does not exist"}
     same = committed.get("artifact_id") == recorded["artifact_id"]
-    return {"status": OK if same else FAILED, "path": relative, "commit": commit,
+    return {"status": OK if same else FAILED, "path": relative, **commit,
             "detail": f"{relative} {'names this artifact_id' if same else 'names ' + str(committed.get('artifact_id'))}"}
 
 
-def last_commit(root: Path, relative: str) -> str:
-    """The git commit that last changed relative (`git log -1`), or why there is none."""
+def last_commit(root: Path, relative: str) -> dict:
+    """{commit: the git commit that last changed relative (`git log -1`) or None, git: what else to say}."""
     if shutil.which("git") is None:
-        return "git is not installed"
+        return {"commit": None, "git": "git is not installed"}
     result = subprocess.run(["git", "log", "-1", "--format=%H", "--", relative], cwd=root,
                             capture_output=True, text=True)
     if result.returncode != 0:
-        return "not a git repository"
+        return {"commit": None, "git": "not a git repository"}
     if not result.stdout.strip():
-        return "not committed"
+        return {"commit": None, "git": "never committed"}
     edited = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", relative], cwd=root).returncode != 0
-    return result.stdout.strip() + (" (the working copy differs from it)" if edited else "")
+    return {"commit": result.stdout.strip(), "git": "the working copy differs from it" if edited else ""}
 
 
 def signature_check(artifact: Path, signature: Path, public_key: Path | None) -> dict:
@@ -185,7 +187,8 @@ def render(report: dict) -> str:
               + ("" if row["status"] == OK else f" (installed: {row['installed']})") for row in report["toolchain"]]
     lock_row = report["lock"]
     lines += ["", f"lock          {lock_row['status']}: {lock_row['detail']}"
-              + (f"; last changed in commit {lock_row['commit']}" if lock_row.get("commit") else "")]
+              + (f"; last changed in commit {lock_row['commit']}" if lock_row.get("commit") else "")
+              + (f" ({lock_row['git']})" if lock_row.get("git") else "")]
     for key in ("verification", "provenance", "signature"):
         detail = report[key]["detail"]
         if isinstance(detail, list):

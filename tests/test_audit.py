@@ -77,6 +77,7 @@ TAMPERINGS = {  # name -> (how, the file each check must name)
     "removed file": (lambda out: (out / "release.json").unlink(), "release.json"),
     "renamed file": (lambda out: (out / "config.json").rename(out / "config.orig.json"), "config.orig.json"),
     "forged manifest": (forge_weight_and_manifest, "model.safetensors"),
+    "corrupt manifest": (lambda out: (out / "manifest.json").write_text("{"), "manifest.json"),
 }
 
 
@@ -115,7 +116,7 @@ def test_audit_fails_when_the_lock_names_another_artifact_id(repo, copy, tmp_pat
     path.write_text(json.dumps(entry))
     report = audit.audit(copy, local)
     assert report["lock"]["status"] == "FAILED" and "sha256:" + "0" * 64 in report["lock"]["detail"]
-    assert "working copy differs" in report["lock"]["commit"]
+    assert "working copy differs" in report["lock"]["git"] and report["lock"]["commit"]
     assert report["signature"]["status"] == "not checked" and not report["holds"]
 
 
