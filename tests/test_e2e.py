@@ -1,0 +1,67 @@
+"""End to end on the real bundled SmolLM2-135M-Instruct: import, lock, build, verify, load, generate."""
+
+import shutil
+
+import pytest
+import torch
+
+from conftest import PROJECT, Repo
+
+pytestmark = pytest.mark.e2e
+RELEASE = "smollm2-135m-instruct-fp8-dynamic"
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory) -> Repo:
+    """A repository with the shipped specs and the bundled model imported from its GGUF file."""
+    root = tmp_path_factory.mktemp("e2e") / "repo"
+    shutil.copytree(PROJECT / "specs", root / "specs")
+    repo = Repo(root)
+    result = repo.run("import", "smollm2-135m-instruct")
+    assert result.returncode == 0, result.stderr  # fails if the conversion is not the pinned bytes
+    repo.run("lock", check=0)
+    return repo
+
+
+def test_import_is_pinned_and_idempotent(smollm2):
+    again = smollm2.run("import", "smollm2-135m-instruct", check=0)
+    assert "up to date" in again.stderr
+
+
+def test_default_release_builds_verifies_and_is_half_the_size(smollm2, tmp_path):
+    built = smollm2.run("build", RELEASE, check=0)
+    artifact = smollm2.root / "artifacts" / RELEASE
+    assert smollm2.run("verify", str(artifact)).returncode == 0
+    rebuilt = smollm2.run("build", RELEASE, "--out", str(tmp_path / "again"), check=0)
+    assert built.stdout.split()[-1] == rebuilt.stdout.split()[-1]  # same content digest
+    source = (smollm2.root / "weights" / "smollm2-135m-instruct" / "model.safetensors").stat().st_size
+    quantized = (artifact / "model.safetensors").stat().st_size
+    # Linear weights go from 2 bytes to 1 (plus a BF16 scale per row); embeddings stay BF16.
+    assert 0.55 < quantized / source < 0.65
+
+
+def test_fp8_artifact_generates_coherent_text_with_transformers(smollm2):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    artifact = smollm2.root / "artifacts" / RELEASE
+    smollm2.run("build", RELEASE, check=0)
+    model = AutoModelForCausalLM.from_pretrained(artifact, dtype=torch.float32,
+                                                 quantization_config=CompressedTensorsConfig(dequantize=True))
+    tokenizer = AutoTokenizer.from_pretrained(artifact)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+    ids = ids if torch.is_tensor(ids) else ids["input_ids"]
+    output = model.generate(ids, max_new_tokens=12, do_sample=False)
+    answer = tokenizer.decode(output[0][ids.shape[1]:], skip_special_tokens=True)
+    assert "Paris" in answer, answer
+
+
+def test_bf16_release_builds_and_loads(smollm2):
+    from transformers import AutoModelForCausalLM
+
+    smollm2.run("build", "smollm2-135m-instruct-bf16", check=0)
+    artifact = smollm2.root / "artifacts" / "smollm2-135m-instruct-bf16"
+    assert "quantization_config" not in (artifact / "config.json").read_text()
+    model = AutoModelForCausalLM.from_pretrained(artifact, dtype=torch.bfloat16)
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
