@@ -1,6 +1,5 @@
 """Signing: model-signing (private-key mode, P-256) over every file; the signature sits beside the artifact."""
 
-import shutil
 import subprocess
 import sys
 
@@ -8,9 +7,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from builder import build, signing
+from builder import signing
 from builder.errors import BuilderError, CheckFailed
 from builder.verify import verify
+from test_verify import artifact, copy  # noqa: F401  (fixtures: a built tiny artifact, a fresh copy)
 
 
 def write_keys(folder, curve=ec.SECP256R1):
@@ -27,20 +27,6 @@ def write_keys(folder, curve=ec.SECP256R1):
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
     return write_keys(tmp_path_factory.mktemp("keys"))
-
-
-@pytest.fixture(scope="module")
-def artifact(tiny_repo, tmp_path_factory):
-    out = tmp_path_factory.mktemp("signing") / "tiny-llama-fp8-dynamic"
-    build.build(tiny_repo.root, "tiny-llama-fp8-dynamic", out=out, log=lambda m: None)
-    return out
-
-
-@pytest.fixture
-def copy(artifact, tmp_path):
-    target = tmp_path / artifact.name
-    shutil.copytree(artifact, target)
-    return target
 
 
 def test_a_signature_sits_beside_the_artifact_and_verify_does_not_see_it(copy, keys):
