@@ -62,9 +62,11 @@ def dependencies(root: Path, entry: dict) -> list:
             found.append({"name": f"tokenizer/{name}", "uri": f"{inputs['weights']['path']}/{name}",
                           "digest": {"sha256": hex_digest(sha256_file(path))},
                           "annotations": {"digestOf": "file"}})
-    for relative, digest in sorted(inputs["data"].items()):
-        found.append({"name": f"data/{relative}", "uri": relative, "digest": {"sha256": hex_digest(digest)},
-                      "annotations": {"digestOf": "file"}})
+    for group in ("calibration", "eval"):  # the data files the spec names, by the role they play
+        relative = entry["spec"][group]["dataset"]
+        if relative:
+            found.append({"name": group, "uri": relative, "digest": {"sha256": hex_digest(inputs["data"][relative])},
+                          "annotations": {"digestOf": "file"}})
     found.append({"name": "builder", "uri": BUILDER_ID,
                   "digest": {"sha256": hex_digest(inputs["builder"]["digest"])},
                   "annotations": {"digestOf": "tree", "version": inputs["builder"]["version"]}})

@@ -1,5 +1,6 @@
 """audit: what an artifact was built from, and every way it can stop holding (tampering, inputs, locks)."""
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -134,3 +135,29 @@ def test_audit_cli_prints_json_and_exits_1_when_something_does_not_hold(repo, co
     (copy / "notes.txt").write_text("hello")
     result = repo.run("audit", str(copy), check=1)
     assert "notes.txt" in result.stdout and "RESULT: DOES NOT HOLD" in result.stdout
+
+
+def test_data_files_are_provenance_inputs_and_audit_notices_when_they_change(repo, tmp_path):
+    from builder import provenance
+    from conftest import PROJECT
+
+    root = tmp_path / "repo"
+    shutil.copytree(PROJECT / "specs", root / "specs")
+    shutil.copytree(repo.root / "weights", root / "weights")
+    shutil.copy(repo.root / "specs" / "model" / "tiny-llama.yaml", root / "specs" / "model")
+    shutil.copy(repo.root / "specs" / "release" / "tiny-llama-bf16.yaml", root / "specs" / "release")
+    (root / "data").mkdir()
+    (root / "data" / "eval.txt").write_text("The quick brown fox.\n")
+    out = root / "artifacts" / "a"
+    build.build(root, "tiny-llama-bf16", ("eval.dataset=data/eval.txt",), out=out, log=lambda m: None)
+    dependencies = provenance.read(out)["predicate"]["buildDefinition"]["resolvedDependencies"]
+    digest = hashlib.sha256(b"The quick brown fox.\n").hexdigest()
+    assert {"name": "eval", "uri": "data/eval.txt", "digest": {"sha256": digest},
+            "annotations": {"digestOf": "file"}} in dependencies
+    report = audit.audit(out, root)
+    assert report["holds"] and "overrides" in report["lock"]["detail"]
+    (root / "data" / "eval.txt").write_text("Another text.\n")
+    report = audit.audit(out, root)
+    rows = {row["name"]: row for row in report["inputs"]}
+    assert rows["eval"]["status"] == "FAILED" and not report["holds"]
+    assert report["lock"]["status"] == "FAILED"  # today's data give another artifact_id
