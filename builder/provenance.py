@@ -1,6 +1,6 @@
 """provenance.json: an in-toto Statement v1 with a SLSA provenance v1 predicate, written by every build.
 
-    python -c "from builder.provenance import check; check(Path('artifacts/R'))"   # or: builder audit R
+    builder build R writes it; builder verify checks its subjects; builder audit reads it
 """
 
 import hashlib
@@ -47,7 +47,8 @@ def dependencies(root: Path, entry: dict) -> list:
     inputs, model = entry["inputs"], entry["spec"]["model"]
     found = [{"name": "weights", "uri": inputs["weights"]["path"],
               "digest": {"sha256": hex_digest(inputs["weights"]["digest"])},
-              "annotations": {"digestOf": "tree"}}]
+              "annotations": {"digestOf": "tree", "model": model["id"],
+                              **({"revision": model["revision"]} if model.get("revision") else {})}}]
     source = model.get("source", {})
     if source.get("sha256"):
         uri = source["file"]
