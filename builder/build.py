@@ -6,11 +6,10 @@
 import fcntl
 import os
 import shutil
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from builder import export, load, lock, manifest, provenance
+from builder import export, failpoints, load, lock, manifest, provenance
 from builder.errors import BuilderError, Problem
 from builder.release_files import write_release_files
 
@@ -22,18 +21,23 @@ def build(root: Path, release: str, overrides: tuple = (), out: Path | None = No
     if not overrides:
         require_current_lock(root, release, entry)
     out = (out or default_out(root, release, entry, overrides)).absolute()
+    if not force and up_to_date(out, entry):
+        log(f"{out.name}: up to date ({entry['artifact_id']}); --force rebuilds")
+        return manifest.read(out)
+    if out.exists() and not is_artifact(out) and not force:
+        raise BuilderError(Problem(str(out), "--out", "exists and is not an artifact; "
+                                   "choose another folder or pass --force to replace it"))
+    source = prepare(root, entry)  # every input check happens before anything is written
+    log(f"{release}: {len(source['tensors'])} tensors from {entry['spec']['model']['path']}")
     out.parent.mkdir(parents=True, exist_ok=True)
     with exclusive(out):
-        if not force and is_artifact(out) and manifest.read(out).get("artifact_id") == entry["artifact_id"]:
-            log(f"{out.name}: up to date ({entry['artifact_id']}); --force rebuilds")
+        if not force and up_to_date(out, entry):  # a concurrent build of the same release finished
+            log(f"{out.name}: up to date ({entry['artifact_id']})")
             return manifest.read(out)
-        if out.exists() and not is_artifact(out) and not force:
-            raise BuilderError(Problem(str(out), "--out", "exists and is not an artifact; "
-                                       "choose another folder or pass --force to replace it"))
         staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
         try:
             staging.mkdir()
-            result = build_into(root, entry, staging, log)
+            result = build_into(entry, source, staging)
             replace(staging, out)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -41,23 +45,34 @@ def build(root: Path, release: str, overrides: tuple = (), out: Path | None = No
     return result
 
 
-def build_into(root: Path, entry: dict, staging: Path, log) -> dict:
+def prepare(root: Path, entry: dict) -> dict:
+    """Check the source against the spec and index it; reads only, so bad input writes nothing."""
+    spec = entry["spec"]
+    path = load.source_dir(root, spec)
+    config = load.read_config(path, spec)
+    load.check_tokenizer(path, spec["model"]["path"])
+    tensors = load.tensor_index(path)
+    modules, shapes, tied = load.architecture(path)
+    load.check_tensors(spec["model"]["path"], tensors, shapes, tied)
+    failpoints.reached("read")
+    return {"path": path, "config": config, "tensors": tensors, "modules": modules}
+
+
+def build_into(entry: dict, source: dict, staging: Path) -> dict:
     """The verbs of a build, top to bottom, writing only into staging."""
     from builder import determinism
 
     determinism.apply_torch()
     spec = entry["spec"]
-    source = load.source_dir(root, spec)
-    config = load.read_config(source, spec)
-    tensors = load.tensor_index(source)
-    modules = load.module_classes(source)
-    log(f"{entry['release']}: {len(tensors)} tensors from {spec['model']['path']}")
-    export.write_weights(staging, tensors, modules, spec["quant"], spec["target"]["max_shard_bytes"])
-    export.write_config(config, staging, spec["quant"])
-    export.copy_side_files(source, staging)
+    export.write_weights(staging, source["tensors"], source["modules"], spec["quant"],
+                         spec["target"]["max_shard_bytes"])
+    export.write_config(source["config"], staging, spec["quant"])
+    export.copy_side_files(source["path"], staging)
     write_release_files(staging, entry)
-    provenance.write(root, entry, staging, exclude=manifest.OUTSIDE_DIGEST)
-    return manifest.create(staging, entry)
+    provenance.write(entry, source["path"], staging, exclude=manifest.OUTSIDE_DIGEST)
+    result = manifest.create(staging, entry)
+    failpoints.reached("manifest")
+    return result
 
 
 def require_current_lock(root: Path, release: str, entry: dict) -> None:
@@ -76,6 +91,11 @@ def default_out(root: Path, release: str, entry: dict, overrides) -> Path:
     """artifacts/<release>, or artifacts/<release>-<id prefix> for a build with overrides."""
     suffix = f"-{entry['artifact_id'].split(':')[1][:12]}" if overrides else ""
     return root / "artifacts" / f"{release}{suffix}"
+
+
+def up_to_date(out: Path, entry: dict) -> bool:
+    """Whether out already holds this artifact_id (a complete artifact: it has its manifest)."""
+    return is_artifact(out) and manifest.read(out).get("artifact_id") == entry["artifact_id"]
 
 
 def is_artifact(path: Path) -> bool:
@@ -102,6 +122,7 @@ def replace(staging: Path, out: Path) -> None:
     retired = out.parent / f".{out.name}.old-{os.getpid()}"
     if out.exists():
         out.rename(retired)
+        failpoints.reached("swap")
     staging.rename(out)
     fsync_dir(out.parent)
     shutil.rmtree(retired, ignore_errors=True)
@@ -113,7 +134,3 @@ def fsync_dir(path: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
-
-
-def stderr_log(message: str) -> None:
-    print(message, file=sys.stderr)

@@ -4,7 +4,7 @@
 """
 
 import argparse
-import json
+import signal
 import sys
 from pathlib import Path
 
@@ -147,6 +147,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     determinism.apply_environment()  # before anything imports torch
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # over a file-size limit: an OSError, not a crash
     args = parser().parse_args(argv)
     try:
         return VERBS[args.verb][0](args)
@@ -154,7 +155,9 @@ def main(argv=None) -> int:
         print(f"builder {args.verb}: error: {error.render()}", file=sys.stderr)
         return error.exit_code
     except OSError as error:  # disk full, permissions, vanished files: say which, and stop
-        print(f"builder {args.verb}: error: {error.strerror or error}: {error.filename or ''}", file=sys.stderr)
+        where = f" ({error.filename})" if error.filename else ""
+        print(f"builder {args.verb}: error: I/O error{where}: {error.strerror or error}; "
+              "nothing was left half-written", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"builder {args.verb}: interrupted", file=sys.stderr)

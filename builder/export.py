@@ -5,7 +5,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from builder import quantize, shards
+from builder import failpoints, quantize, shards
 from builder.canonical import pretty_json
 from builder.load import WEIGHT_FILES
 
@@ -51,8 +51,11 @@ def write_weights(out: Path, tensors: dict, modules: dict, quant: dict, max_shar
         for outputs, file_name in zip(assigned, names):
             def produce_and_count(name):
                 bar.update()
+                if bar.n == count // 2:
+                    failpoints.reached("quantize")
                 return produce(name)
             shards.write(out / file_name, outputs, produce_and_count)
+            failpoints.reached("shard")
     if len(names) > 1:
         (out / WEIGHT_FILES[1]).write_text(pretty_json(shards.index(assigned, names)), encoding="utf-8")
         names.append(WEIGHT_FILES[1])

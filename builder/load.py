@@ -11,6 +11,8 @@ from builder.paths import inside
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on a header
+SOURCE_DTYPES = ("BF16", "F16", "F32")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
 def source_dir(root: Path, spec: dict) -> Path:
@@ -92,15 +94,46 @@ def tensor_index(path: Path) -> dict:
     return found
 
 
-def module_classes(config_dir: Path) -> dict:
-    """module name -> class name, from the architecture built on the meta device (no memory)."""
+def architecture(config_dir: Path) -> tuple:
+    """(module name -> class name, parameter name -> shape) of the model built on the meta device."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(config_dir, trust_remote_code=False)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
-    return {name: type(module).__name__ for name, module in model.named_modules() if name}
+    modules = {name: type(module).__name__ for name, module in model.named_modules() if name}
+    shapes = {name: tuple(parameter.shape) for name, parameter in model.named_parameters(remove_duplicate=False)}
+    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - \
+        {name for name, _ in model.named_parameters()}
+    return modules, shapes, tied
+
+
+def check_tensors(folder: str, tensors: dict, shapes: dict, tied: set) -> None:
+    """Every parameter present with its shape and a floating dtype; nothing the model lacks."""
+    problems = []
+    for name in sorted(set(shapes) - set(tensors) - tied):
+        problems.append(Problem(folder, name, "missing from the checkpoint (partial weights?)"))
+    for name in sorted(set(tensors) - set(shapes)):
+        problems.append(Problem(folder, name, "not a parameter of the model's architecture"))
+    for name in sorted(set(tensors) & set(shapes)):
+        _, code, shape = tensors[name]
+        if shape != shapes[name]:
+            problems.append(Problem(folder, name, f"shape {list(shape)}, the architecture needs {list(shapes[name])}"))
+        if code not in SOURCE_DTYPES:
+            problems.append(Problem(folder, name, f"dtype {code}; source weights must be one of "
+                                    f"{', '.join(SOURCE_DTYPES)} (not already quantized)"))
+    if problems:
+        raise BuilderError(problems)
+
+
+def check_tokenizer(path: Path, folder: str) -> None:
+    """An artifact is served with its tokenizer: refuse a source without one."""
+    missing = [] if (path / "tokenizer_config.json").is_file() else ["tokenizer_config.json"]
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        missing.append(" or ".join(TOKENIZER_FILES))
+    if missing:
+        raise BuilderError(Problem(folder, "", f"missing tokenizer files: {', '.join(missing)}"))
 
 
 def torch_dtype(code: str):

@@ -57,8 +57,11 @@ def write(root: Path) -> list:
         if relative in files:
             path.parent.mkdir(parents=True, exist_ok=True)
             temporary = path.with_name(path.name + ".tmp")
-            temporary.write_text(files[relative], encoding="utf-8")
-            temporary.replace(path)
+            try:
+                temporary.write_text(files[relative], encoding="utf-8")
+                temporary.replace(path)
+            finally:
+                temporary.unlink(missing_ok=True)
         else:
             path.unlink()
         changed.append(relative)

@@ -42,7 +42,7 @@ def subjects(out: Path, exclude: frozenset) -> list:
             for entry in file_entries(out, exclude=exclude)]
 
 
-def dependencies(root: Path, entry: dict) -> list:
+def dependencies(entry: dict, weights: Path) -> list:
     """resolvedDependencies: source weights (+ its origin), tokenizer files, data, builder code, toolchain."""
     inputs, model = entry["inputs"], entry["spec"]["model"]
     found = [{"name": "weights", "uri": inputs["weights"]["path"],
@@ -58,7 +58,7 @@ def dependencies(root: Path, entry: dict) -> list:
                       "digest": {"sha256": hex_digest(source["sha256"])},
                       "annotations": {"digestOf": "file", "kind": source["kind"]}})
     for name in TOKENIZER_FILES:
-        path = root / inputs["weights"]["path"] / name
+        path = weights / name
         if path.is_file():
             found.append({"name": f"tokenizer/{name}", "uri": f"{inputs['weights']['path']}/{name}",
                           "digest": {"sha256": hex_digest(sha256_file(path))},
@@ -77,7 +77,7 @@ def dependencies(root: Path, entry: dict) -> list:
     return found
 
 
-def statement(root: Path, entry: dict, out: Path, exclude: frozenset) -> dict:
+def statement(entry: dict, weights: Path, out: Path, exclude: frozenset) -> dict:
     """The provenance of the artifact in out, from its lock entry. No clock, host or absolute path."""
     lock_text = pretty_json(entry).encode("utf-8")  # the bytes of locks/<release>.json when it is current
     return {
@@ -96,16 +96,20 @@ def statement(root: Path, entry: dict, out: Path, exclude: frozenset) -> dict:
                                         "gitBlob": git_blob(lock_text)}},
                 },
                 "internalParameters": {"artifact_id": entry["artifact_id"], **determinism.settings()},
-                "resolvedDependencies": dependencies(root, entry),
+                "resolvedDependencies": dependencies(entry, weights),
             },
             "runDetails": {"builder": {"id": BUILDER_ID, "version": {"quant-release-builder": builder.__version__}}},
         },
     }
 
 
-def write(root: Path, entry: dict, out: Path, exclude: frozenset) -> dict:
-    """Write provenance.json into out: subjects are every file but itself and those in exclude."""
-    document = statement(root, entry, out, exclude | {NAME})
+def write(entry: dict, weights: Path, out: Path, exclude: frozenset) -> dict:
+    """Write provenance.json into out: subjects are every file but itself and those in exclude.
+
+    Args:
+        weights: the source checkpoint folder, already checked against the pinned digest.
+    """
+    document = statement(entry, weights, out, exclude | {NAME})
     (out / NAME).write_text(pretty_json(document), encoding="utf-8")
     return document
 

@@ -38,17 +38,18 @@ def input_problems(root: Path, entry: dict, where: str) -> list:
 
 def rebuild(root: Path, artifact: Path, log=print) -> dict:
     """Rebuild from the recorded inputs; raise CheckFailed naming the first differing file (and tensor)."""
-    from builder.build import build_into
+    from builder.build import build_into, prepare
 
     entry = recorded_entry(artifact)
     problems = input_problems(root, entry, f"{artifact.name}/{manifest.NAME}")
     if problems:
         raise BuilderError(problems)
+    source = prepare(root, entry)
     with tempfile.TemporaryDirectory(prefix="builder-rebuild-") as temporary:
         staging = Path(temporary) / artifact.name
         staging.mkdir()
         log(f"{artifact.name}: rebuilding {entry['artifact_id']} in a temporary folder")
-        rebuilt = build_into(root, entry, staging, log)
+        rebuilt = build_into(entry, source, staging)
         difference = first_difference(artifact, staging)
     present = tree_digest(file_entries(artifact, exclude=manifest.OUTSIDE_DIGEST))
     if difference:

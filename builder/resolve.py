@@ -122,7 +122,12 @@ def explain(error) -> list:
     if error.validator == "required":
         missing = re.findall(r"'([^']+)' is a required property", error.message)
         return [((*path, key), "missing required key") for key in missing] or [(path, error.message)]
-    return [(path, f"{json.dumps(error.instance) if is_scalar(error.instance) else 'value'}: {error.message}")]
+    shown = json.dumps(error.instance) if is_scalar(error.instance) else "value"
+    if error.validator == "type":
+        return [(path, f"{shown}: expected {error.validator_value}")]
+    if error.validator == "pattern":
+        return [(path, f"{shown}: {error.schema.get('description') or 'must match ' + error.validator_value}")]
+    return [(path, f"{shown}: {error.message}")]
 
 
 def is_scalar(value) -> bool:

@@ -41,8 +41,20 @@ def make_checkpoint(kind: str, path: Path, seed: int = 0) -> dict:
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
     model.save_pretrained(path)
+    make_tokenizer(values["vocab_size"]).save_pretrained(path)
     (path / "generation_config.json").unlink(missing_ok=True)
     return json.loads((path / "config.json").read_text())
+
+
+def make_tokenizer(vocab_size: int):
+    """A word-level tokenizer over vocab_size made-up words: enough to be saved, copied and loaded."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, vocab_size)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>")
 
 
 def model_spec(kind: str, config: dict, digest: str) -> dict:

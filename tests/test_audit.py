@@ -49,7 +49,8 @@ def test_audit_of_an_intact_signed_artifact_holds_and_names_every_input(repo, co
     report = audit.audit(copy, repo.root, public_key=repo.keys[1])
     assert report["holds"], audit.render(report)
     assert report["release"] == RELEASE and report["artifact_id"] == manifest.read(copy)["artifact_id"]
-    assert [row["name"] for row in report["inputs"]] == ["weights", "builder", "toolchain"]
+    assert [row["name"] for row in report["inputs"]] == ["weights", "tokenizer/tokenizer.json",
+                                                         "tokenizer/tokenizer_config.json", "builder", "toolchain"]
     assert all(row["status"] == "ok" for row in report["inputs"] + report["toolchain"])
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo.root, capture_output=True, text=True).stdout
     assert report["lock"]["status"] == "ok" and report["lock"]["commit"] == head.strip()
