@@ -3,14 +3,11 @@
     builder build smollm2-135m-instruct-fp8-dynamic
 """
 
-import fcntl
-import os
-import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
-from builder import export, failpoints, load, lock, manifest, provenance
+from builder import atomic, export, failpoints, load, lock, manifest, provenance
 from builder.errors import BuilderError, Problem
+from builder.paths import artifact_name
 from builder.release_files import write_release_files
 
 
@@ -20,7 +17,7 @@ def build(root: Path, release: str, overrides: tuple = (), out: Path | None = No
     entry = lock.lock_entry(root, release, tuple(overrides))
     if not overrides:
         require_current_lock(root, release, entry)
-    out = (out or default_out(root, release, entry, overrides)).absolute()
+    out = (out or root / "artifacts" / artifact_name(entry)).absolute()
     if not force and up_to_date(out, entry):
         log(f"{out.name}: up to date ({entry['artifact_id']}); --force rebuilds")
         return manifest.read(out)
@@ -29,18 +26,12 @@ def build(root: Path, release: str, overrides: tuple = (), out: Path | None = No
                                    "choose another folder or pass --force to replace it"))
     source = prepare(root, entry)  # every input check happens before anything is written
     log(f"{release}: {len(source['tensors'])} tensors from {entry['spec']['model']['path']}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with exclusive(out):
+    with atomic.staging(out, root) as staging:
         if not force and up_to_date(out, entry):  # a concurrent build of the same release finished
             log(f"{out.name}: up to date ({entry['artifact_id']})")
             return manifest.read(out)
-        staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
-        try:
-            staging.mkdir()
-            result = build_into(entry, source, staging)
-            replace(staging, out)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        result = build_into(entry, source, staging)
+        atomic.publish(staging, out)
     log(f"{out.name}: built {result['content_digest']} (artifact_id {entry['artifact_id']})")
     return result
 
@@ -87,12 +78,6 @@ def require_current_lock(root: Path, release: str, entry: dict) -> None:
                                f"stale ({', '.join(changed)} changed); run `builder lock` first"))
 
 
-def default_out(root: Path, release: str, entry: dict, overrides) -> Path:
-    """artifacts/<release>, or artifacts/<release>-<id prefix> for a build with overrides."""
-    suffix = f"-{entry['artifact_id'].split(':')[1][:12]}" if overrides else ""
-    return root / "artifacts" / f"{release}{suffix}"
-
-
 def up_to_date(out: Path, entry: dict) -> bool:
     """Whether out already holds this artifact_id (a complete artifact: it has its manifest)."""
     return is_artifact(out) and manifest.read(out).get("artifact_id") == entry["artifact_id"]
@@ -100,37 +85,3 @@ def up_to_date(out: Path, entry: dict) -> bool:
 
 def is_artifact(path: Path) -> bool:
     return (path / manifest.NAME).is_file()
-
-
-@contextmanager
-def exclusive(out: Path):
-    """Hold a lock file beside out so two builds of one folder never interleave; undo killed builds."""
-    with open(out.parent / f".{out.name}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        for stale in out.parent.glob(f".{out.name}.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        retired = sorted(out.parent.glob(f".{out.name}.old-*"))
-        if retired and not out.exists():  # a build killed mid-swap: put the previous artifact back
-            retired.pop().rename(out)
-        for stale in retired:
-            shutil.rmtree(stale, ignore_errors=True)
-        yield
-
-
-def replace(staging: Path, out: Path) -> None:
-    """Move staging into place: the old artifact is swapped out whole, never half-replaced."""
-    retired = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        out.rename(retired)
-        failpoints.reached("swap")
-    staging.rename(out)
-    fsync_dir(out.parent)
-    shutil.rmtree(retired, ignore_errors=True)
-
-
-def fsync_dir(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

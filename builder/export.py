@@ -47,13 +47,17 @@ def write_weights(out: Path, tensors: dict, modules: dict, quant: dict, max_shar
     assigned = shards.assign(groups, max_shard_bytes)
     names = shards.shard_names(len(assigned))
     count = sum(len(outputs) for outputs in assigned)
+    written = 0
     with tqdm(total=count, desc="quantize", unit="tensor", disable=None, leave=False) as bar:
+        def produce_and_count(name):
+            nonlocal written
+            written += 1
+            bar.update()
+            if written == count // 2:
+                failpoints.reached("quantize")
+            return produce(name)
+
         for outputs, file_name in zip(assigned, names):
-            def produce_and_count(name):
-                bar.update()
-                if bar.n == count // 2:
-                    failpoints.reached("quantize")
-                return produce(name)
             shards.write(out / file_name, outputs, produce_and_count)
             failpoints.reached("shard")
     if len(names) > 1:

@@ -1,8 +1,9 @@
-"""Import a model's source into weights/<model>/ as the spec pins it (GGUF -> BF16 safetensors).
+"""Import a model's source into weights/<model>/ as the spec pins it: GGUF, HF snapshot, base + delta.
 
     builder import smollm2-135m-instruct
 """
 
+import fnmatch
 import importlib.util
 import json
 import os
@@ -44,12 +45,13 @@ def import_model(root: Path, model: str, log=print) -> str:
     if destination.is_dir() and tree_digest(file_entries(destination)) == spec["digest"]:
         log(f"{spec['path']}: up to date ({spec['digest']})")
         return spec["digest"]
-    if spec["source"]["kind"] == "local":
+    kind = spec["source"]["kind"]
+    if kind == "local":
         raise BuilderError(Problem(file, "source.kind", f"local: put the checkpoint in {spec['path']} "
                                    "yourself (its digest must match model.digest)"))
     staging = destination.parent / f".{destination.name}.tmp-{os.getpid()}"
     try:
-        convert_gguf(gguf_path(spec["source"], file), staging)
+        SOURCES[kind](root, spec, file, staging)
         digest = tree_digest(file_entries(staging))
         if digest != spec["digest"]:
             raise CheckFailed(Problem(file, "digest", f"the import produced {digest}, the spec pins "
@@ -61,6 +63,58 @@ def import_model(root: Path, model: str, log=print) -> str:
         shutil.rmtree(staging, ignore_errors=True)
     log(f"{spec['path']}: imported ({digest})")
     return digest
+
+
+def from_gguf(root: Path, spec: dict, file: str, out: Path) -> None:
+    convert_gguf(gguf_path(spec["source"], file), out)
+
+
+def from_hf(root: Path, spec: dict, file: str, out: Path) -> None:
+    """Copy the pinned Hugging Face snapshot's safe files (no pickles, no code) into out."""
+    snapshot = hf_snapshot(spec, file)
+    out.mkdir(parents=True)
+    for path in sorted(p for p in snapshot.rglob("*") if p.is_file()):  # follows the cache's blob links
+        relative = path.relative_to(snapshot)
+        if any(fnmatch.fnmatch(relative.name, pattern) for pattern in HF_FILES):
+            (out / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, out / relative)
+
+
+def hf_snapshot(spec: dict, file: str) -> Path:
+    """The snapshot folder of model.id at model.revision: the local HF cache first, then the hub."""
+    from huggingface_hub import snapshot_download
+
+    cache = os.environ.get("HF_HUB_CACHE")  # read at call time: the library reads it once, on import
+    where = dict(repo_id=spec["id"], revision=spec["revision"], cache_dir=cache)
+    try:
+        return Path(snapshot_download(**where, local_files_only=True))
+    except Exception:  # huggingface_hub raises several types for "not in the cache"
+        pass
+    reason = "HF_HUB_OFFLINE is set"
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes", "on"):
+        try:
+            return Path(snapshot_download(**where, allow_patterns=list(HF_FILES)))
+        except Exception as error:  # network, authentication, missing revision: all say the same here
+            reason = f"the hub did not provide it ({type(error).__name__})"
+    raise BuilderError(Problem(file, "revision", f"{spec['id']} at {spec['revision']} is not in the local "
+                               f"Hugging Face cache ({cache or 'the default cache'}) and {reason}; "
+                               "download it where the hub is reachable (huggingface-cli download "
+                               f"{spec['id']} --revision {spec['revision']}) or point HF_HUB_CACHE at a "
+                               "cache that holds it"))
+
+
+def from_delta(root: Path, spec: dict, file: str, out: Path) -> None:
+    """base + delta, both checked against their pinned digests first."""
+    from builder.delta import apply_delta
+    from builder.load import pinned_folder
+
+    source = spec["source"]
+    base_spec = model_spec(root, source["base"])
+    base = pinned_folder(root, base_spec["path"], base_spec["digest"], f"specs/model/{source['base']}.yaml",
+                         "path", "digest", f"import it first: builder import {source['base']}")
+    delta = pinned_folder(root, source["delta_path"], source["delta_digest"], file, "source.delta_path",
+                          "source.delta_digest", "put the delta checkpoint there")
+    apply_delta(base, delta, out)
 
 
 def gguf_path(source: dict, file: str) -> Path:
@@ -92,3 +146,8 @@ def convert_gguf(path: Path, out: Path) -> None:
     if "_name_or_path" in config:  # a local path: would make the digest depend on the machine
         del config["_name_or_path"]
         (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+SOURCES = {"gguf": from_gguf, "hf": from_hf, "delta": from_delta}
+# Files taken from a Hugging Face snapshot: weights as safetensors, configs, tokenizers, templates.
+HF_FILES = ("*.safetensors", "*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja")

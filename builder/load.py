@@ -18,21 +18,26 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 def source_dir(root: Path, spec: dict) -> Path:
     """The source checkpoint folder, checked against the spec's pinned digest before any work."""
     model_file = f"specs/model/{spec['choices']['model']}.yaml"
-    path = inside(root, spec["model"]["path"], file=model_file, key="model.path")
+    return pinned_folder(root, spec["model"]["path"], spec["model"]["digest"], model_file, "model.path",
+                         "model.digest", f"import it first: builder import {spec['choices']['model']}")
+
+
+def pinned_folder(root: Path, relative: str, digest: str, file: str, path_key: str, digest_key: str,
+                  missing_hint: str) -> Path:
+    """A folder inside the repository, without pickles, whose tree digest is the pinned one."""
+    path = inside(root, relative, file=file, key=path_key)
     if not path.is_dir():
-        raise BuilderError(Problem(model_file, "model.path", f"{spec['model']['path']!r} does not exist; "
-                                   f"import it first: builder import {spec['choices']['model']}"))
+        raise BuilderError(Problem(file, path_key, f"{relative!r} does not exist; {missing_hint}"))
     for link in (p for p in path.rglob("*") if p.is_symlink()):
-        inside(root, str(link.relative_to(root)), file=model_file, key="model.path")
+        inside(root, str(link.relative_to(root)), file=file, key=path_key)
     pickles = sorted(p.name for p in path.rglob("*") if p.suffix in PICKLE_SUFFIXES)
     if pickles:
-        raise BuilderError(Problem(model_file, "model.path", f"pickle weight files are refused "
+        raise BuilderError(Problem(file, path_key, f"pickle weight files are refused "
                                    f"(they can run code when loaded): {', '.join(pickles)}"))
-    digest = tree_digest(file_entries(path))
-    if digest != spec["model"]["digest"]:
-        raise BuilderError(Problem(model_file, "model.digest", f"{spec['model']['path']} has digest "
-                                   f"{digest}, but the spec pins {spec['model']['digest']}; "
-                                   "refusing a source that is not the pinned one"))
+    actual = tree_digest(file_entries(path))
+    if actual != digest:
+        raise BuilderError(Problem(file, digest_key, f"{relative} has digest {actual}, but the spec pins "
+                                   f"{digest}; refusing a source that is not the pinned one"))
     return path
 
 

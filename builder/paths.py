@@ -34,3 +34,9 @@ def inside(root: Path, relative: str, *, file: str, key: str) -> Path:
         raise BuilderError(Problem(file, key, f"{relative!r} points outside the repository "
                                    "(through '..' or a symbolic link); keep inputs inside it"))
     return path
+
+
+def artifact_name(entry: dict) -> str:
+    """The artifact's folder name under artifacts/: the release, plus an id prefix when overridden."""
+    suffix = f"-{entry['artifact_id'].split(':')[1][:12]}" if entry["overrides"] else ""
+    return f"{entry['release']}{suffix}"

@@ -1,9 +1,10 @@
 """Quantize one tensor at a time with compressed-tensors' arithmetic (symmetric scales)."""
 
-import re
 from dataclasses import dataclass
 
 import torch
+
+from builder.patterns import matches
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 FP8 = torch.float8_e4m3fn
@@ -17,17 +18,6 @@ class Output:
     name: str
     dtype: torch.dtype
     shape: tuple
-
-
-def matches(module: str, cls: str, patterns: list) -> bool:
-    """compressed-tensors target syntax: a class name, a module name, or 're:<regex>' on the name."""
-    for pattern in patterns:
-        if pattern.startswith("re:"):
-            if re.fullmatch(pattern[3:], module):
-                return True
-        elif pattern in (cls, module):
-            return True
-    return False
 
 
 def targeted(tensor_name: str, shape: tuple, modules: dict, quant: dict) -> bool:

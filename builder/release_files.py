@@ -1,10 +1,16 @@
-"""The artifact's own description of itself: release.json (the resolved spec)."""
+"""The artifact's own description of itself: release.json (resolved spec), serve.json, README.md (card)."""
 
+import json
 from pathlib import Path
 
+from builder import card, serve
 from builder.canonical import pretty_json
 
 
 def write_release_files(out: Path, entry: dict) -> None:
-    """release.json: the resolved spec, sorted keys, as the lock holds it."""
+    """release.json, serve.json and the model card; the card shows eval.json when out holds one."""
     (out / "release.json").write_text(pretty_json(entry["spec"]), encoding="utf-8")
+    (out / serve.NAME).write_text(pretty_json(serve.serve_config(entry)), encoding="utf-8")
+    evaluation = out / "eval.json"
+    result = json.loads(evaluation.read_text(encoding="utf-8")) if evaluation.is_file() else None
+    (out / card.NAME).write_text(card.model_card(entry, result), encoding="utf-8")

@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 from jsonschema import Draft202012Validator
 
+from builder import fit
 from builder.errors import BuilderError, Problem
 from builder.paths import SCHEMAS_DIR
 
@@ -136,28 +137,17 @@ def is_scalar(value) -> bool:
 
 def semantic_problems(spec: dict) -> list:
     """Choices that are each valid but do not fit together, as (key path, message)."""
-    arch = spec["model"]["architecture"]
     found = []
     if spec["release"]["name"] != spec["choices"]["release"]:
         found.append((("release", "name"), f"{spec['release']['name']!r} must equal the file name "
                       f"{spec['choices']['release']!r}"))
-    max_len, limit = spec["context"]["max_model_len"], arch["max_position_embeddings"]
-    if max_len > limit:
-        found.append((("context", "max_model_len"), f"{max_len} tokens exceeds the model's "
-                      f"max_position_embeddings {limit}"))
-    tp, pp = spec["parallelism"]["tensor"], spec["parallelism"]["pipeline"]
-    for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
-        if arch[key] % tp:
-            found.append((("parallelism", "tensor"), f"{tp} does not divide model {key} {arch[key]}"))
-    if pp > arch["num_hidden_layers"]:
-        found.append((("parallelism", "pipeline"), f"{pp} exceeds the model's "
-                      f"{arch['num_hidden_layers']} layers"))
-    found.extend(quant_problems(spec["quant"]))
-    if not found:
-        scheme = scheme_class(spec["quant"])
-        if scheme not in spec["target"]["schemes"]:
-            found.append((("target", "schemes"), f"the target does not run {scheme} "
-                          f"(quant recipe); it runs: {', '.join(spec['target']['schemes'])}"))
+    recipe = quant_problems(spec["quant"])
+    found.extend(recipe)
+    found.extend(fit.context_problems(spec))
+    found.extend(fit.parallelism_problems(spec))
+    if not recipe:  # the recipe's kernel family and size are only meaningful for a consistent recipe
+        found.extend(fit.target_problems(spec, scheme_class(spec["quant"])))
+        found.extend(fit.memory_problems(spec))
     return found
 
 
@@ -207,6 +197,8 @@ def locate(root: Path, choices: dict, overrides, path: tuple, message: str) -> P
     dotted = ".".join(path)
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
+        if key in GROUPS and path and key == path[0] and len(path) > 1:  # the override chose a group file
+            return Problem(f"specs/{key}/{choices[key]}.yaml (chosen by override {override!r})", dotted, message)
         if key and (dotted == key or dotted.startswith(key + ".") or key.startswith(dotted + ".")):
             return Problem(f"override {override!r}", dotted, message)
     release_file = f"specs/release/{choices['release']}.yaml"

@@ -65,3 +65,26 @@ def test_bf16_release_builds_and_loads(smollm2):
     assert "quantization_config" not in (artifact / "config.json").read_text()
     model = AutoModelForCausalLM.from_pretrained(artifact, dtype=torch.bfloat16)
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
+
+
+def test_tp3_release_ships_its_serve_json_card_and_estimated_size(smollm2):
+    import json
+
+    import yaml
+
+    from builder import lock
+    from builder.card import model_card
+    from builder.load import read_header
+    from builder.memory import weight_bytes
+    from builder.serve import serve_config
+
+    release = "smollm2-135m-instruct-fp8-dynamic-l4-tp3"
+    smollm2.run("build", release, check=0)
+    artifact, entry = smollm2.root / "artifacts" / release, lock.read(smollm2.root, release)
+    serve = json.loads((artifact / "serve.json").read_text())
+    assert serve == serve_config(entry) and serve["arguments"]["tensor_parallel_size"] == 3
+    card = (artifact / "README.md").read_text()
+    assert card == model_card(entry) and "vllm-l4" in yaml.safe_load(card.split("---\n")[1])["tags"]
+    header = read_header(artifact / "model.safetensors")
+    written = sum(t["data_offsets"][1] - t["data_offsets"][0] for t in header.values())
+    assert written == weight_bytes(entry["spec"]["model"]["architecture"], entry["spec"]["quant"])

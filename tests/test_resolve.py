@@ -75,8 +75,8 @@ def test_resolve_output_does_not_depend_on_the_working_directory(repo):
 
 def test_override_changes_the_spec_and_the_artifact_id():
     plain = lock_entry(PROJECT, "smollm2-135m-instruct-fp8-dynamic")
-    changed = lock_entry(PROJECT, "smollm2-135m-instruct-fp8-dynamic", ("context.max_model_len=1024",))
-    assert changed["spec"]["context"]["max_model_len"] == 1024
+    changed = lock_entry(PROJECT, "smollm2-135m-instruct-fp8-dynamic", ("context.max_model_len=4096",))
+    assert changed["spec"]["context"]["max_model_len"] == 4096
     assert changed["artifact_id"] != plain["artifact_id"]
 
 

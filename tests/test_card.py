@@ -1,0 +1,49 @@
+"""README.md: a Hugging Face model card for every release, with recipe, target, eval, serve and rebuild."""
+
+import pytest
+import yaml
+
+from builder import lock
+from builder.card import model_card
+from builder.resolve import list_releases, scheme_class
+from builder.serve import serve_config
+from conftest import PROJECT
+
+
+def front_matter(text):
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("---\n")[1])
+
+
+@pytest.mark.parametrize("release", list_releases(PROJECT))
+def test_card_has_hub_front_matter_and_says_how_to_serve_and_rebuild(release):
+    entry = lock.read(PROJECT, release)
+    spec, text = entry["spec"], model_card(entry)
+    matter = front_matter(text)
+    assert matter["base_model"] == spec["model"]["id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert matter["base_model_relation"] == "quantized"
+    assert matter["license"] == spec["model"]["license"] and matter["library_name"] == "transformers"
+    assert {scheme_class(spec["quant"]), spec["choices"]["target"], "vllm"} <= set(matter["tags"])
+    assert serve_config(entry)["command"] in text
+    assert entry["artifact_id"] in text and f"builder build {release}\n" in text
+    assert f"dvc repro build@{release}" in text
+    layout = f"{spec['parallelism']['tensor']} / {spec['parallelism']['pipeline']}"
+    assert f"| tensor / pipeline parallel | {layout} |" in text
+    assert "Not measured at build time" in text
+
+
+def test_card_shows_the_eval_table_when_the_build_measured_quality():
+    entry = lock.read(PROJECT, "smollm2-135m-instruct-fp8-dynamic")
+    text = model_card(entry, {"perplexity": {"source": 12.5, "artifact": 12.625}, "mean_kl": 0.004,
+                              "passed": True, "dataset": "data/eval.txt"})
+    assert "| metric | value |\n|---|---|\n| mean_kl | 0.004 |\n| perplexity.artifact | 12.625 |\n" \
+           "| perplexity.source | 12.5 |\n" in text
+    assert "Not measured" not in text
+
+
+def test_card_of_the_fp8_release_describes_its_recipe():
+    text = model_card(lock.read(PROJECT, "smollm2-135m-instruct-fp8-dynamic"))
+    assert "| weights | fp8, channel, symmetric, static scales |" in text
+    assert "| input activations | fp8, token, symmetric, dynamic scales |" in text
+    assert "| kept unquantized | lm_head |" in text
+    assert "compressed-tensors" in front_matter(text)["tags"]
