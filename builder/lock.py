@@ -4,6 +4,7 @@
     builder lock --check    # in CI: exit 1 when locks/ or params.yaml are stale
 """
 
+import json
 from pathlib import Path
 
 import yaml
@@ -14,7 +15,12 @@ from builder.errors import BuilderError, CheckFailed, Problem
 from builder.resolve import list_releases, resolve
 
 LOCK_SCHEMA = "builder.lock/v1"
-PARAMS_HEADER = "# Written by `builder lock` from specs/; do not edit. dvc.yaml builds one stage per release.\n"
+PARAMS_HEADER = """\
+# Written by `builder lock` from specs/; do not edit. dvc.yaml runs one import stage per model below
+# and one build stage per release. A release's calibration/eval slot names its data file, or its own
+# lock when it has none (a DVC dependency list cannot vary in length; a repeated path is harmless).
+"""
+DATA_GROUPS = ("calibration", "eval")
 
 
 def lock_entry(root: Path, release: str, overrides: tuple = ()) -> dict:
@@ -26,8 +32,8 @@ def lock_entry(root: Path, release: str, overrides: tuple = ()) -> dict:
             "spec": spec, "inputs": build_inputs}
 
 
-def expected_files(root: Path) -> dict:
-    """Every file `builder lock` owns, relative path -> text. Raises with all releases' problems."""
+def all_entries(root: Path) -> dict:
+    """release -> lock entry for every release in specs/. Raises with all releases' problems."""
     entries, problems = {}, []
     for release in list_releases(root):
         try:
@@ -36,16 +42,27 @@ def expected_files(root: Path) -> dict:
             problems.extend(error.problems)
     if problems:
         raise BuilderError(problems)
+    return entries
+
+
+def expected_files(root: Path) -> dict:
+    """Every file `builder lock` owns, relative path -> text."""
+    entries = all_entries(root)
     files = {f"locks/{name}.json": pretty_json(entry) for name, entry in entries.items()}
-    files["params.yaml"] = PARAMS_HEADER + yaml.safe_dump({"releases": params(entries)}, sort_keys=True)
+    files["params.yaml"] = PARAMS_HEADER + yaml.safe_dump(params(entries), sort_keys=True)
     return files
 
 
 def params(entries: dict) -> dict:
-    """What dvc.yaml's foreach needs per release: its lock, weights and data paths."""
-    return {name: {"lock": f"locks/{name}.json", "weights": entry["spec"]["model"]["path"],
-                   "data": sorted(entry["inputs"]["data"])}
-            for name, entry in entries.items()}
+    """What dvc.yaml's foreach loops need: models to import, and per release its dependency paths."""
+    releases, models = {}, {}
+    for name, entry in entries.items():
+        spec, own_lock = entry["spec"], f"locks/{name}.json"
+        releases[name] = {"lock": own_lock, "weights": spec["model"]["path"],
+                          **{group: spec[group]["dataset"] or own_lock for group in DATA_GROUPS}}
+        if spec["model"]["source"]["kind"] != "local":  # local checkpoints are `dvc add`-ed by hand
+            models[spec["choices"]["model"]] = {key: spec["model"][key] for key in ("path", "digest", "source")}
+    return {"models": models, "releases": releases}
 
 
 def write(root: Path) -> list:
@@ -69,12 +86,34 @@ def write(root: Path) -> list:
 
 
 def check(root: Path) -> None:
-    """Raise CheckFailed naming every stale, missing or orphaned lock file."""
+    """Raise CheckFailed naming every stale, missing or orphaned lock file and its release."""
     files = expected_files(root)
     out_of_date = stale(root, files)
     if out_of_date:
-        raise CheckFailed([Problem(relative, "", "stale: run `builder lock` and commit the result")
-                           for relative in out_of_date])
+        releases = sorted(Path(p).stem for p in out_of_date if p.startswith("locks/"))
+        problems = [Problem(relative, "", f"stale: {why_stale(root, relative, files)}")
+                    for relative in out_of_date]
+        summary = Problem("locks/", "", f"stale releases: {', '.join(releases) or 'none'}; "
+                          "run `builder lock` and commit locks/ and params.yaml")
+        raise CheckFailed([*problems, summary])
+
+
+def why_stale(root: Path, relative: str, files: dict) -> str:
+    """One phrase: which release and what about it no longer matches specs/."""
+    if relative == "params.yaml":
+        return "does not match the releases in specs/"
+    release = Path(relative).stem
+    if relative not in files:
+        return f"release {release} no longer exists in specs/release/"
+    if not (root / relative).is_file():
+        return f"release {release} is new and has no lock"
+    try:
+        old, new = json.loads((root / relative).read_text(encoding="utf-8")), json.loads(files[relative])
+    except ValueError:
+        return f"release {release}: unreadable lock"
+    parts = [key for key in ("spec", "overrides") if old.get(key) != new[key]]
+    parts += [f"inputs.{key}" for key in sorted(new["inputs"]) if old.get("inputs", {}).get(key) != new["inputs"][key]]
+    return f"release {release} changed ({', '.join(parts) or 'format'})"
 
 
 def stale(root: Path, files: dict) -> list:

@@ -1,6 +1,7 @@
 """Shared fixtures: a release repository in tmp_path with tiny random models made from configs."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -114,3 +115,85 @@ def tiny_repo(tmp_path_factory) -> Repo:
     for kind in TINY:
         repo.add_model(kind)
     return repo
+
+
+# --- Pipelines: real git + real DVC repositories holding a copy of the project's pipeline ---------
+
+GIT_IDENTITY = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
+                "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.invalid"}
+PIPELINE_FILES = (".dvcignore", ".gitignore", "dvc.yaml")
+PIPELINE_RELEASES = ("tiny-llama-bf16", "tiny-llama-fp8-dynamic", "tiny-qwen2-fp8-dynamic")
+
+
+class Pipeline(Repo):
+    """A git + DVC repository with the project's dvc.yaml, builder/ and schemas/, and tiny models."""
+
+    def environment(self) -> dict:
+        # DVC runs `python -m builder` through the shell: this interpreter first on PATH; no
+        # PYTHONPATH, so the repository's own copy of builder/ (cwd) is the one that runs.
+        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        environment = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "BUILDER_ROOT")}
+        return {**environment, **GIT_IDENTITY, "PATH": path, "DVC_NO_ANALYTICS": "1"}
+
+    def sh(self, *args, cwd=None, check=True) -> subprocess.CompletedProcess:
+        result = subprocess.run(args, cwd=cwd or self.root, env=self.environment(),
+                                capture_output=True, text=True)
+        if check:
+            assert result.returncode == 0, f"{args}: {result.stdout}\n{result.stderr}"
+        return result
+
+    def dvc(self, *args, **kwargs) -> subprocess.CompletedProcess:
+        return self.sh(sys.executable, "-m", "dvc", *args, **kwargs)
+
+    def git(self, *args, **kwargs) -> subprocess.CompletedProcess:
+        return self.sh("git", *args, **kwargs)
+
+    def repro(self, *args) -> set:
+        """Run `dvc repro`; returns the names of the stages whose command ran."""
+        return set(re.findall(r"Running stage '([^']+)'", self.dvc("repro", *args).stdout))
+
+    def commit(self, message: str) -> None:
+        self.git("add", "-A")
+        self.git("commit", "-q", "-m", message)
+
+
+def init_pipeline(root: Path, kinds: tuple, releases: tuple) -> Pipeline:
+    """specs/ with only the given tiny releases, the project's pipeline files, git + dvc initialised."""
+    shutil.copytree(PROJECT / "specs", root / "specs")
+    for name in ("builder", "schemas"):
+        shutil.copytree(PROJECT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in PIPELINE_FILES:
+        shutil.copy(PROJECT / name, root / name)
+    pipeline = Pipeline(root)
+    for kind in kinds:
+        pipeline.add_model(kind)
+    for release in (root / "specs" / "release").glob("*.yaml"):
+        if release.stem not in releases:
+            release.unlink()
+    pipeline.git("init", "-q", "-b", "main")
+    pipeline.dvc("init", "-q")
+    shutil.copy(PROJECT / ".dvc" / "config", root / ".dvc" / "config")  # remote: <repo>/../dvc-remote
+    return pipeline
+
+
+@pytest.fixture(scope="session")
+def built_pipeline(tmp_path_factory) -> Pipeline:
+    """A committed pipeline whose first `dvc repro` built every release (read-only: copy it to change)."""
+    from builder import lock
+
+    pipeline = init_pipeline(tmp_path_factory.mktemp("pipeline") / "repo", ("tiny-llama", "tiny-qwen2"),
+                             PIPELINE_RELEASES)
+    lock.write(pipeline.root)
+    pipeline.dvc("add", "-q", "weights/tiny-llama", "weights/tiny-qwen2")  # local checkpoints
+    pipeline.commit("releases")
+    pipeline.first_repro = pipeline.repro()
+    pipeline.commit("built")
+    return pipeline
+
+
+@pytest.fixture
+def pipeline(built_pipeline, tmp_path) -> Pipeline:
+    """A private copy of built_pipeline (git history, DVC cache, artifacts) to change."""
+    root = tmp_path / "repo"
+    shutil.copytree(built_pipeline.root, root, symlinks=True)
+    return Pipeline(root)

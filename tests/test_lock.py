@@ -2,7 +2,10 @@
 
 import json
 
+import pytest
+
 from builder import lock
+from builder.errors import CheckFailed
 from builder.resolve import list_releases
 from conftest import PROJECT
 
@@ -50,3 +53,31 @@ def test_lock_writes_nothing_when_any_release_is_broken(repo):
     result = repo.run("lock")
     assert result.returncode == 2 and "specs/release/broken.yaml: release.version" in result.stderr
     assert not (repo.root / "locks").exists() and not (repo.root / "params.yaml").exists()
+
+
+def test_lock_check_lists_the_stale_releases_and_what_changed_in_each(repo):
+    repo.run("lock", check=0)
+    releases = repo.root / "specs" / "release"
+    bf16 = releases / "smollm2-135m-instruct-bf16.yaml"
+    (releases / "smollm2-135m-instruct-bf16-v2.yaml").write_text(bf16.read_text().replace("-bf16\n", "-bf16-v2\n"))
+    fp8 = releases / "smollm2-135m-instruct-fp8-dynamic.yaml"
+    fp8.write_text(fp8.read_text().replace("1.0.0", "1.0.1"))
+    with pytest.raises(CheckFailed) as failed:
+        lock.check(repo.root)
+    message = failed.value.render()
+    assert "stale releases: smollm2-135m-instruct-bf16-v2, smollm2-135m-instruct-fp8-dynamic;" in message
+    assert "release smollm2-135m-instruct-bf16-v2 is new and has no lock" in message
+    assert "release smollm2-135m-instruct-fp8-dynamic changed (spec)" in message
+    assert "params.yaml: stale" in message and failed.value.exit_code == 1
+
+
+def test_params_name_the_models_to_import_and_every_releases_dependency_paths():
+    import yaml
+
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    model = params["models"]["smollm2-135m-instruct"]
+    assert model["path"] == "weights/smollm2-135m-instruct" and model["source"]["kind"] == "gguf"
+    for release, paths in params["releases"].items():
+        assert paths["lock"] == f"locks/{release}.json" and (PROJECT / paths["lock"]).is_file()
+        assert paths["weights"] in {m["path"] for m in params["models"].values()}
+        assert paths["calibration"] == paths["eval"] == paths["lock"]  # no data: the lock fills the slot

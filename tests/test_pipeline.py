@@ -1,0 +1,69 @@
+"""The DVC pipeline (dvc.yaml + params.yaml): `dvc repro` rebuilds exactly what changed, bit for bit."""
+
+import json
+
+from builder import lock, manifest
+from conftest import PIPELINE_RELEASES, Pipeline
+
+BUILDS = {f"build@{release}" for release in PIPELINE_RELEASES}
+
+
+def edit(path, old, new):
+    text = path.read_text()
+    assert old in text, f"{old!r} not in {path}"
+    path.write_text(text.replace(old, new))
+
+
+def test_a_fresh_repo_builds_every_release_and_a_second_repro_does_nothing(built_pipeline):
+    assert built_pipeline.first_repro == BUILDS
+    for release in PIPELINE_RELEASES:
+        entry = lock.read(built_pipeline.root, release)
+        assert manifest.read(built_pipeline.root / "artifacts" / release)["artifact_id"] == entry["artifact_id"]
+    assert built_pipeline.repro() == set()
+    tracked = built_pipeline.git("ls-files").stdout.split()
+    assert "dvc.lock" in tracked and "weights/tiny-llama.dvc" in tracked
+    assert not [p for p in tracked if p.startswith("artifacts/") or p.startswith("weights/tiny-llama/")]
+
+
+def test_repro_force_rebuilds_everything_and_leaves_dvc_lock_byte_identical(pipeline):
+    before = (pipeline.root / "dvc.lock").read_bytes()
+    assert pipeline.repro("--force") == BUILDS
+    assert (pipeline.root / "dvc.lock").read_bytes() == before
+
+
+def test_a_comment_in_a_spec_rebuilds_nothing(pipeline):
+    for path in (pipeline.root / "specs" / "quant" / "fp8-dynamic.yaml",
+                 pipeline.root / "specs" / "release" / "tiny-llama-bf16.yaml"):
+        text = path.read_text().replace("\n\n", "\n\n# reviewed by the release team\n\n")
+        text = text.replace("# module class names", "# class names of modules")
+        path.write_text(text + "# end\n")
+    assert lock.write(pipeline.root) == []
+    assert pipeline.repro() == set()
+
+
+def test_changing_one_releases_recipe_rebuilds_only_that_release(pipeline):
+    release = pipeline.root / "specs" / "release" / "tiny-llama-fp8-dynamic.yaml"
+    release.write_text(release.read_text() + "quant:\n  weights:\n    strategy: tensor\n")
+    assert lock.write(pipeline.root) == ["locks/tiny-llama-fp8-dynamic.json"]
+    assert pipeline.repro() == {"build@tiny-llama-fp8-dynamic"}
+    config = json.loads((pipeline.root / "artifacts" / "tiny-llama-fp8-dynamic" / "config.json").read_text())
+    assert config["quantization_config"]["config_groups"]["group_0"]["weights"]["strategy"] == "tensor"
+
+
+def test_changing_a_shared_recipe_rebuilds_exactly_its_users(pipeline):
+    edit(pipeline.root / "specs" / "quant" / "fp8-dynamic.yaml", "ignore: [lm_head]", "ignore: [lm_head, re:.*down_proj]")
+    assert lock.write(pipeline.root) == ["locks/tiny-llama-fp8-dynamic.json", "locks/tiny-qwen2-fp8-dynamic.json"]
+    assert pipeline.repro() == {"build@tiny-llama-fp8-dynamic", "build@tiny-qwen2-fp8-dynamic"}
+
+
+def test_push_then_pull_into_a_fresh_clone_gives_artifacts_that_verify(pipeline, tmp_path):
+    pipeline.dvc("push", "-q")
+    assert (tmp_path / "dvc-remote").is_dir()  # the default remote: a folder beside the repository
+    pipeline.git("clone", "-q", str(pipeline.root), str(tmp_path / "clone"))
+    clone = Pipeline(tmp_path / "clone")
+    clone.dvc("pull", "-q")
+    assert "up to date" in clone.dvc("status").stdout
+    for release in PIPELINE_RELEASES:
+        result = clone.run("verify", f"artifacts/{release}", check=0)
+        expected = manifest.read(pipeline.root / "artifacts" / release)["content_digest"]
+        assert result.stdout.split()[-1] == expected
