@@ -5,7 +5,7 @@
 
 from pathlib import Path
 
-from builder import atomic, export, failpoints, load, lock, manifest
+from builder import atomic, export, failpoints, load, lock, manifest, provenance
 from builder.errors import BuilderError, Problem
 from builder.paths import artifact_name
 from builder.release_files import write_release_files
@@ -70,6 +70,7 @@ def build_into(entry: dict, source: dict, staging: Path, root: Path | None = Non
     export.copy_side_files(source["path"], staging)
     evaluate_staged(root, spec, source["path"], staging, log)  # before the card, which shows eval.json
     write_release_files(staging, entry)
+    provenance.write(entry, source["path"], staging, exclude=manifest.OUTSIDE_DIGEST)
     result = manifest.create(staging, entry)
     failpoints.reached("manifest")
     return result

@@ -1,6 +1,7 @@
 """The `builder` command line: one function per verb, one dict from verb to function.
 
-    builder list | resolve | lock | plan | import | build | build-many | verify | eval | summary
+    builder list | resolve | lock | plan | import | build | build-many | verify | audit | sign | eval
+    | summary
     (builder VERB --help)
 """
 
@@ -13,7 +14,7 @@ import yaml
 
 from builder import determinism
 from builder.canonical import pretty_json
-from builder.errors import BuilderError
+from builder.errors import BuilderError, Problem
 from builder.paths import find_root
 
 
@@ -88,6 +89,40 @@ def cmd_verify(args) -> int:
 
     result = verify(args.artifact)
     print(f"OK {result['artifact']}: {result['files']} files match, content digest {result['content_digest']}")
+    if args.signature or args.key:
+        from builder import signing
+
+        if not args.key:
+            raise BuilderError(Problem("", "--key", "--signature needs --key PUBLIC.pem (the signer's P-256 key)"))
+        signature = args.signature or signing.signature_path(args.artifact)
+        signing.verify_signature(args.artifact, signature, args.key)
+        print(f"OK {signature.name}: valid signature of {args.artifact.name} by the key in {args.key}")
+    if args.rebuild:
+        from builder.rebuild import rebuild
+
+        rebuilt = rebuild(find_root(), args.artifact, log=log)
+        print(f"OK {rebuilt['artifact']}: rebuilt bit for bit, {rebuilt['files']} files, "
+              f"content digest {rebuilt['content_digest']}")
+    return 0
+
+
+def cmd_audit(args) -> int:
+    from builder import audit
+
+    try:
+        root = find_root()
+    except BuilderError:
+        root = None  # an artifact audited outside any release repository: inputs are not compared
+    report = audit.audit(args.artifact, root, public_key=args.key, signature=args.signature)
+    sys.stdout.write(audit.as_json(report) if args.json else audit.render(report))
+    return 0 if report["holds"] else 1
+
+
+def cmd_sign(args) -> int:
+    from builder.signing import sign
+
+    signature = sign(args.artifact, args.key, args.signature)
+    print(f"signed {args.artifact.name}: {signature}")
     return 0
 
 
@@ -124,7 +159,9 @@ VERBS = {
     "import": (cmd_import, "import a model's pinned source into weights/"),
     "build": (cmd_build, "build a release into artifacts/<release>/"),
     "build-many": (cmd_build_many, "build several releases in parallel jobs (submitit: local or SLURM)"),
-    "verify": (cmd_verify, "re-hash an artifact's files against its manifest"),
+    "verify": (cmd_verify, "re-hash an artifact's files against its manifest (--rebuild, --signature)"),
+    "audit": (cmd_audit, "what an artifact was built from, and whether each claim still holds"),
+    "sign": (cmd_sign, "sign an artifact with a P-256 private key (writes <artifact>.sig beside it)"),
     "eval": (cmd_eval, "perplexity and mean KL of an artifact against its source model (exit 1: gate missed)"),
     "summary": (cmd_summary, "bytes per dtype; per-layer dtypes, shapes and scale statistics (--details)"),
 }
@@ -158,7 +195,14 @@ def parser() -> argparse.ArgumentParser:
                                    type=key_value, help="submitit SLURM parameter without its slurm_ "
                                    "prefix, e.g. partition=cpu, array_parallelism=8 (repeatable)")
     sub["build-many"].add_argument("--force", action="store_true", help="rebuild even if up to date")
-    sub["verify"].add_argument("artifact", type=Path)
+    for name in ("verify", "audit", "sign"):
+        sub[name].add_argument("artifact", type=Path)
+        sub[name].add_argument("--signature", type=Path, help="signature file (default: <artifact>.sig beside it)")
+    sub["verify"].add_argument("--rebuild", action="store_true", help="rebuild from the recorded inputs and compare")
+    sub["verify"].add_argument("--key", type=Path, help="the signer's P-256 public key (PEM); checks the signature")
+    sub["audit"].add_argument("--key", type=Path, help="the signer's P-256 public key (PEM); checks the signature")
+    sub["audit"].add_argument("--json", action="store_true", help="machine-readable output")
+    sub["sign"].add_argument("--key", type=Path, required=True, help="P-256 private key (PEM, unencrypted)")
     sub["build"].add_argument("--calibration-stats", type=Path, metavar="FILE",
                               help="also write calibration maxima per layer to FILE (JSON, outside the artifact)")
     for name in ("eval", "summary"):

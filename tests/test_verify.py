@@ -30,7 +30,7 @@ def failure(path) -> str:
 
 
 def test_an_intact_artifact_verifies(copy):
-    assert verify(copy)["files"] == 7  # config, weights, release.json, serve.json, README.md, tokenizer (2 files)
+    assert verify(copy)["files"] == 8  # config, weights, release.json, provenance.json, serve.json, README.md, tokenizer (2)
 
 
 def test_verify_catches_a_flipped_byte_and_names_the_file(copy):

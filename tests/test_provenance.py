@@ -1,0 +1,90 @@
+"""provenance.json: a valid in-toto Statement v1 / SLSA provenance v1, deterministic, naming every file."""
+
+import subprocess
+
+import pytest
+
+from builder import build, lock, manifest, provenance
+from builder.canonical import file_entries
+
+
+def built(repo, release, out, **kwargs):
+    return build.build(repo.root, release, out=out, log=lambda m: None, **kwargs)
+
+
+@pytest.mark.parametrize("recipe", ["bf16", "fp8-dynamic"])
+def test_provenance_validates_against_the_schemas_and_its_subjects_are_the_files(tiny_repo, recipe, tmp_path):
+    out = tmp_path / "a"
+    result = built(tiny_repo, f"tiny-qwen2-{recipe}", out)
+    document = provenance.read(out)
+    assert provenance.schema_problems(document, "provenance.json") == []
+    assert document["_type"] == "https://in-toto.io/Statement/v1"
+    assert document["predicateType"] == "https://slsa.dev/provenance/v1"
+    others = file_entries(out, exclude=frozenset({"manifest.json", "provenance.json"}))
+    assert [s["name"] for s in document["subject"]] == [e["path"] for e in others]
+    assert provenance.subject_problems(document, others, "a") == []
+    assert "provenance.json" in {e["path"] for e in result["files"]}  # inside the content digest
+    build_definition = document["predicate"]["buildDefinition"]
+    assert build_definition["internalParameters"]["artifact_id"] == result["artifact_id"]
+    assert build_definition["externalParameters"]["release"] == f"tiny-qwen2-{recipe}"
+    names = [d["name"] for d in build_definition["resolvedDependencies"]]
+    assert names[0] == "weights" and {"builder", "toolchain"} <= set(names)
+
+
+def test_provenance_is_byte_identical_and_free_of_paths_and_clock(tiny_repo, tmp_path, monkeypatch):
+    built(tiny_repo, "tiny-llama-bf16", tmp_path / "one")
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    monkeypatch.setenv("TZ", "Asia/Kathmandu")
+    built(tiny_repo, "tiny-llama-bf16", tmp_path / "two")
+    text = (tmp_path / "one" / "provenance.json").read_text()
+    assert text == (tmp_path / "two" / "provenance.json").read_text()
+    for leaked in (str(tmp_path), str(tiny_repo.root), "1700000000", "startedOn"):
+        assert leaked not in text
+
+
+def test_provenance_names_the_lock_by_its_git_blob(repo, tmp_path):
+    repo.add_model("tiny-llama")
+    lock.write(repo.root)
+    subprocess.run(["git", "init", "-q", str(repo.root)], check=True)
+    expected = subprocess.run(["git", "hash-object", "locks/tiny-llama-bf16.json"], cwd=repo.root,
+                              capture_output=True, text=True, check=True).stdout.strip()
+    built(repo, "tiny-llama-bf16", tmp_path / "a")
+    parameters = provenance.read(tmp_path / "a")["predicate"]["buildDefinition"]["externalParameters"]
+    assert parameters["lock"] == {"uri": "locks/tiny-llama-bf16.json",
+                                  "digest": {"gitBlob": expected, "sha256": parameters["lock"]["digest"]["sha256"]}}
+
+
+def test_the_schemas_reject_a_statement_without_subjects_or_builder(tiny_repo, tmp_path):
+    built(tiny_repo, "tiny-llama-bf16", tmp_path / "a")
+    document = provenance.read(tmp_path / "a")
+    document["subject"] = []
+    del document["predicate"]["runDetails"]["builder"]["id"]
+    problems = [str(p) for p in provenance.schema_problems(document, "provenance.json")]
+    assert any("provenance.json: subject:" in p for p in problems), problems
+    assert any("predicate.runDetails.builder" in p and "'id'" in p for p in problems), problems
+
+
+def test_verify_catches_a_manifest_rewritten_to_match_a_tampered_weight(tiny_repo, tmp_path):
+    from builder.errors import CheckFailed
+    from builder.verify import verify
+
+    out = tmp_path / "a"
+    built(tiny_repo, "tiny-llama-fp8-dynamic", out)
+    forge_weight_and_manifest(out)
+    with pytest.raises(CheckFailed, match="a/model.safetensors: sha256 .* differs from provenance.json"):
+        verify(out)
+
+
+def forge_weight_and_manifest(out):
+    """Flip a weight byte, then rewrite manifest.json's file list and content digest to match."""
+    from builder.canonical import pretty_json, tree_digest
+
+    weights = out / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01
+    weights.write_bytes(bytes(data))
+    recorded = manifest.read(out)
+    recorded["files"] = file_entries(out, exclude=manifest.OUTSIDE_DIGEST)
+    recorded["content_digest"] = tree_digest(recorded["files"])
+    (out / manifest.NAME).write_text(pretty_json(recorded))
+
