@@ -23,6 +23,7 @@ def repo(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("audit") / "repo"
     shutil.copytree(PROJECT / "specs", root / "specs")
+    shutil.copytree(PROJECT / "data", root / "data")  # the shipped releases' calibration/eval text
     repository = Repo(root)
     repository.add_model("tiny-llama")
     lock.write(root)
@@ -150,15 +151,17 @@ def test_data_files_are_provenance_inputs_and_audit_notices_when_they_change(rep
     (root / "data").mkdir()
     (root / "data" / "eval.txt").write_text("The quick brown fox.\n")
     out = root / "artifacts" / "a"
-    build.build(root, "tiny-llama-bf16", ("eval.dataset=data/eval.txt",), out=out, log=lambda m: None)
+    data = ("calibration.dataset=data/eval.txt", "+calibration.split=null", "+calibration.samples=1",
+            "+calibration.sequence_length=8", "+calibration.seed=0")
+    build.build(root, "tiny-llama-bf16", data, out=out, log=lambda m: None)
     dependencies = provenance.read(out)["predicate"]["buildDefinition"]["resolvedDependencies"]
     digest = hashlib.sha256(b"The quick brown fox.\n").hexdigest()
-    assert {"name": "eval", "uri": "data/eval.txt", "digest": {"sha256": digest},
+    assert {"name": "calibration", "uri": "data/eval.txt", "digest": {"sha256": digest},
             "annotations": {"digestOf": "file"}} in dependencies
     report = audit.audit(out, root)
     assert report["holds"] and "overrides" in report["lock"]["detail"]
     (root / "data" / "eval.txt").write_text("Another text.\n")
     report = audit.audit(out, root)
     rows = {row["name"]: row for row in report["inputs"]}
-    assert rows["eval"]["status"] == "FAILED" and not report["holds"]
+    assert rows["calibration"]["status"] == "FAILED" and not report["holds"]
     assert report["lock"]["status"] == "FAILED"  # today's data give another artifact_id
