@@ -97,7 +97,7 @@ def main() -> int:
             for name, (repo, *command) in commands.items():
                 samples[name].append(timed(repo, *command))
     floor_median = statistics.median(next(iter(samples.values())))
-    print(f"| command | median s | min s | × floor |\n|---|---|---|---|")
+    print("| command | median s | min s | × floor |\n|---|---|---|---|")
     for name, values in samples.items():
         median = statistics.median(values)
         print(f"| {name} | {median:.2f} | {min(values):.2f} | {median / floor_median:.2f} |")

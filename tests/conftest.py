@@ -89,6 +89,13 @@ class Repo:
     def __init__(self, root: Path):
         self.root = root
 
+    @classmethod
+    def fresh(cls, root: Path) -> "Repo":
+        """A new repository at root holding copies of the shipped specs/ and data/."""
+        shutil.copytree(PROJECT / "specs", root / "specs")
+        shutil.copytree(PROJECT / "data", root / "data")  # the shipped releases' calibration/eval text
+        return cls(root)
+
     def add_model(self, kind: str, seed: int = 0, tokenizer: bool = False) -> Path:
         weights = self.root / "weights" / kind
         config = make_checkpoint(kind, weights, seed)
@@ -115,19 +122,14 @@ class Repo:
 @pytest.fixture
 def repo(tmp_path) -> Repo:
     """A repository holding a copy of the shipped specs/ and data/ (no weights, no locks)."""
-    root = tmp_path / "repo"
-    shutil.copytree(PROJECT / "specs", root / "specs")
-    shutil.copytree(PROJECT / "data", root / "data")  # the shipped releases' calibration/eval text
-    return Repo(root)
+    return Repo.fresh(tmp_path / "repo")
 
 
 @pytest.fixture(scope="session")
 def calib_repo(tmp_path_factory) -> Repo:
     """A repository with data/ and a tiny Llama that has a tokenizer, for calibrated recipes and eval."""
-    root = tmp_path_factory.mktemp("calib") / "repo"
-    shutil.copytree(PROJECT / "specs", root / "specs")
-    shutil.copytree(PROJECT / "data", root / "data")
-    repo = Repo(root)
+    repo = Repo.fresh(tmp_path_factory.mktemp("calib") / "repo")
+    root = repo.root
     repo.add_model("tiny-llama", tokenizer=True)
     for name, recipe, calibration in (("fp8-static", "fp8-static", "licenses"),
                                       ("w4a16-gptq", "w4a16-gptq", "licenses")):
@@ -140,10 +142,7 @@ def calib_repo(tmp_path_factory) -> Repo:
 @pytest.fixture(scope="session")
 def tiny_repo(tmp_path_factory) -> Repo:
     """One shared repository with every tiny model imported (read-only for tests that share it)."""
-    root = tmp_path_factory.mktemp("tiny") / "repo"
-    shutil.copytree(PROJECT / "specs", root / "specs")
-    shutil.copytree(PROJECT / "data", root / "data")
-    repo = Repo(root)
+    repo = Repo.fresh(tmp_path_factory.mktemp("tiny") / "repo")
     for kind in TINY:
         repo.add_model(kind)
     return repo

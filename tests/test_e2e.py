@@ -1,11 +1,9 @@
 """End to end on the real bundled SmolLM2-135M-Instruct: import, lock, build, verify, load, generate."""
 
-import shutil
-
 import pytest
 import torch
 
-from conftest import PROJECT, Repo
+from conftest import Repo
 
 pytestmark = pytest.mark.e2e
 RELEASE = "smollm2-135m-instruct-fp8-dynamic"
@@ -14,10 +12,7 @@ RELEASE = "smollm2-135m-instruct-fp8-dynamic"
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory) -> Repo:
     """A repository with the shipped specs and the bundled model imported from its GGUF file."""
-    root = tmp_path_factory.mktemp("e2e") / "repo"
-    shutil.copytree(PROJECT / "specs", root / "specs")
-    shutil.copytree(PROJECT / "data", root / "data")
-    repo = Repo(root)
+    repo = Repo.fresh(tmp_path_factory.mktemp("e2e") / "repo")
     result = repo.run("import", "smollm2-135m-instruct")
     assert result.returncode == 0, result.stderr  # fails if the conversion is not the pinned bytes
     repo.run("lock", check=0)

@@ -19,12 +19,7 @@ WEIGHTS = "weights/tiny-llama"
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> Repo:
-    root = tmp_path_factory.mktemp("hostile") / "repo"
-    from conftest import PROJECT
-
-    shutil.copytree(PROJECT / "specs", root / "specs")
-    shutil.copytree(PROJECT / "data", root / "data")
-    repo = Repo(root)
+    repo = Repo.fresh(tmp_path_factory.mktemp("hostile") / "repo")
     repo.add_model("tiny-llama")
     return repo
 
