@@ -9,6 +9,7 @@ from builder import atomic, export, failpoints, load, lock, manifest, provenance
 from builder.errors import BuilderError, Problem
 from builder.paths import artifact_name
 from builder.release_files import write_release_files
+from builder.resolve import needs_calibration
 
 
 def build(root: Path, release: str, overrides: tuple = (), out: Path | None = None,
@@ -48,8 +49,20 @@ def prepare(root: Path, entry: dict) -> dict:
     tensors = load.tensor_index(path)
     modules, shapes, tied = load.architecture(path)
     load.check_tensors(spec["model"]["path"], tensors, shapes, tied)
+    calibration_ids = data_samples(root, spec, path, "calibration") if needs_calibration(spec["quant"]) else None
+    if spec["eval"]["dataset"] is not None:
+        data_samples(root, spec, path, "eval")  # refuse empty or too-short text now, not after quantizing
     failpoints.reached("read")
-    return {"path": path, "config": config, "tensors": tensors, "modules": modules}
+    return {"path": path, "config": config, "tensors": tensors, "modules": modules,
+            "calibration_ids": calibration_ids}
+
+
+def data_samples(root: Path, spec: dict, tokenizer_dir: Path, group: str):
+    """The tokenized, seeded sample windows of the calibration or eval group."""
+    from builder import data
+
+    return data.samples(root, spec[group], tokenizer_dir, file=f"specs/{group}/{spec['choices'][group]}.yaml",
+                        group=group)
 
 
 def build_into(entry: dict, source: dict, staging: Path, root: Path | None = None, log=print,
@@ -62,7 +75,7 @@ def build_into(entry: dict, source: dict, staging: Path, root: Path | None = Non
 
     determinism.apply_torch()
     spec = entry["spec"]
-    calibration = calibrate.for_build(root, spec, source["path"], source["tensors"], source["modules"], log,
+    calibration = calibrate.for_build(spec, source, log,
                                       calibration_dump)
     export.write_weights(staging, source["tensors"], source["modules"], spec["quant"],
                          spec["target"]["max_shard_bytes"], calibration)

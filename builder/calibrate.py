@@ -144,18 +144,17 @@ def dequantize(values: torch.Tensor, scale: torch.Tensor, args: dict) -> torch.T
                                                   else scale.to(torch.float32), args, values.shape[1])
 
 
-def for_build(root: Path, spec: dict, source: Path, tensors: dict, modules: dict, log,
-              dump: Path | None = None) -> dict | None:
-    """Calibrate when the recipe needs it (static scales, KV-cache scales, GPTQ); None otherwise."""
-    from builder import data
-    from builder.canonical import pretty_json
-    from builder.resolve import needs_calibration
+def for_build(spec: dict, source: dict, log, dump: Path | None = None) -> dict | None:
+    """Calibrate when the recipe needs it (static scales, KV-cache scales, GPTQ); None otherwise.
 
-    if not needs_calibration(spec["quant"]):
+    source is build.prepare()'s result: its calibration_ids were drawn (and checked) before any write.
+    """
+    from builder.canonical import pretty_json
+
+    if source["calibration_ids"] is None:
         return None
-    ids = data.samples(root, spec["calibration"], source, file=f"specs/calibration/{spec['choices']['calibration']}.yaml",
-                       group="calibration")
-    found = calibrate(source, tensors, modules, spec["quant"], ids, log)
+    found = calibrate(source["path"], source["tensors"], source["modules"], spec["quant"],
+                      source["calibration_ids"], log)
     if dump is not None:
         Path(dump).write_text(pretty_json(statistics(found)), encoding="utf-8")
     return found

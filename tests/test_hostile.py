@@ -15,6 +15,7 @@ from conftest import Repo
 RELEASE = "tiny-llama-fp8-dynamic"
 MODEL = "specs/model/tiny-llama.yaml"
 WEIGHTS = "weights/tiny-llama"
+CALIBRATED = ["quant=fp8-static", "calibration=licenses", "target=vllm-h100"]  # a recipe that calibrates
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +178,9 @@ CASES = [
     ("import-unknown-model", nothing, ["import", "no-such-model"], ["specs/model/no-such-model.yaml", "tiny-llama"]),
     ("import-local-source", lambda root: shutil.rmtree(root / WEIGHTS), ["import", "tiny-llama"], [f"{MODEL}: source.kind", "local"]),
     ("import-gguf-wrong-digest", replace("specs/model/smollm2-135m-instruct.yaml", "sha256: sha256:b1", "sha256: sha256:c1"), ["import", "smollm2-135m-instruct"], ["source.sha256", "pinned digest"]),
+    ("empty-calibration-text", lambda root: (root / "data" / "calibration.txt").write_text(""), ["build", RELEASE, *CALIBRATED], ["specs/calibration/licenses.yaml: calibration.samples"]),
+    ("short-calibration-text", lambda root: (root / "data" / "calibration.txt").write_text("w1 w2 w3\n"), ["build", RELEASE, *CALIBRATED], ["specs/calibration/licenses.yaml: calibration.samples", "64"]),
+    ("missing-calibration-file", lambda root: (root / "data" / "calibration.txt").unlink(), ["build", RELEASE, *CALIBRATED], ["calibration.dataset", "no such file"]),
     ("bad-argument", nothing, ["build"], []),
 ]
 
