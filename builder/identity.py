@@ -15,6 +15,7 @@ TOOLCHAIN = ("compressed-tensors", "hydra-core", "numpy", "omegaconf", "safetens
 CODE_SUFFIXES = (".py", ".json", ".yaml")
 
 
+@cache  # the builder's files do not change under a running process; `lock` asks once per release
 def builder_digest() -> str:
     """Digest of the builder's own source files and schemas (bytecode caches excluded)."""
     entries = []

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from builder import identity
+from builder import identity, memo
 from builder.canonical import pretty_json
 from builder.errors import BuilderError, CheckFailed, Problem
 from builder.resolve import list_releases, resolve
@@ -25,7 +25,7 @@ DATA_GROUPS = ("calibration", "eval")
 
 def lock_entry(root: Path, release: str, overrides: tuple = ()) -> dict:
     """The lock of one release: resolved spec, inputs with digests, artifact_id."""
-    spec = resolve(root, release, overrides)
+    spec = memo.resolved(root, release, tuple(overrides), lambda: resolve(root, release, tuple(overrides)))
     build_inputs = identity.inputs(root, spec)
     return {"schema": LOCK_SCHEMA, "release": release, "overrides": list(overrides),
             "artifact_id": identity.artifact_id(spec, build_inputs),

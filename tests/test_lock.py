@@ -83,3 +83,23 @@ def test_params_name_the_models_to_import_and_every_releases_dependency_paths():
         spec = json.loads((PROJECT / paths["lock"]).read_text())["spec"]
         for group in ("calibration", "eval"):  # a data file, or (no data) the lock fills the slot
             assert paths[group] == (spec[group]["dataset"] or paths["lock"])
+
+
+def test_resolution_cache_is_keyed_by_every_spec_byte_and_never_changes_a_lock(repo, tmp_path, monkeypatch):
+    from builder.lock import lock_entry
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    release = "smollm2-135m-instruct-fp8-dynamic"
+    cold = lock_entry(repo.root, release)
+    stored = list((tmp_path / "cache").rglob("*.json"))
+    assert len(stored) == 1
+    assert lock_entry(repo.root, release) == cold  # served from the cache
+    quant = repo.root / "specs" / "quant" / "fp8-dynamic.yaml"
+    quant.write_text("# a comment: new bytes, same spec\n" + quant.read_text())
+    assert lock_entry(repo.root, release) == cold
+    assert len(list((tmp_path / "cache").rglob("*.json"))) == 2  # a miss, resolved afresh
+    quant.write_text(quant.read_text().replace("ignore: [lm_head]", "ignore: [lm_head, re:.*down_proj]"))
+    changed = lock_entry(repo.root, release)
+    assert changed["artifact_id"] != cold["artifact_id"]
+    monkeypatch.setenv("BUILDER_CACHE", "off")
+    assert lock_entry(repo.root, release) == changed
