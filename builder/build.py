@@ -50,11 +50,11 @@ def prepare(root: Path, entry: dict) -> dict:
     modules, shapes, tied = load.architecture(path)
     load.check_tensors(spec["model"]["path"], tensors, shapes, tied)
     calibration_ids = data_samples(root, spec, path, "calibration") if needs_calibration(spec["quant"]) else None
-    if spec["eval"]["dataset"] is not None:
-        data_samples(root, spec, path, "eval")  # refuse empty or too-short text now, not after quantizing
+    # eval windows are drawn now too: empty or too-short text is refused before anything is quantized
+    eval_ids = data_samples(root, spec, path, "eval") if spec["eval"]["dataset"] is not None else None
     failpoints.reached("read")
     return {"path": path, "config": config, "tensors": tensors, "modules": modules,
-            "calibration_ids": calibration_ids}
+            "calibration_ids": calibration_ids, "eval_ids": eval_ids}
 
 
 def data_samples(root: Path, spec: dict, tokenizer_dir: Path, group: str):
@@ -71,9 +71,10 @@ def build_into(entry: dict, source: dict, staging: Path, root: Path | None = Non
 
     root (the repository) is needed by releases that calibrate or evaluate (their data lives there).
     """
-    from builder import calibrate, determinism
+    from builder import allocator, calibrate, determinism
 
     determinism.apply_torch()
+    allocator.return_freed_memory()
     spec = entry["spec"]
     calibration = calibrate.for_build(spec, source, log,
                                       calibration_dump)
@@ -81,7 +82,7 @@ def build_into(entry: dict, source: dict, staging: Path, root: Path | None = Non
                          spec["target"]["max_shard_bytes"], calibration)
     export.write_config(source["config"], staging, spec["quant"])
     export.copy_side_files(source["path"], staging)
-    evaluate_staged(root, spec, source["path"], staging, log)  # before the card, which shows eval.json
+    evaluate_staged(root, spec, source, staging, log)  # before the card, which shows eval.json
     write_release_files(staging, entry)
     provenance.write(entry, source["path"], staging, exclude=manifest.OUTSIDE_DIGEST)
     result = manifest.create(staging, entry)
@@ -89,14 +90,17 @@ def build_into(entry: dict, source: dict, staging: Path, root: Path | None = Non
     return result
 
 
-def evaluate_staged(root: Path, spec: dict, source: Path, staging: Path, log) -> None:
-    """When the release asks for it: measure the staged artifact, write eval.json, enforce the gate."""
+def evaluate_staged(root: Path, spec: dict, source: dict, staging: Path, log) -> None:
+    """When the release asks for it: measure the staged artifact, write eval.json, enforce the gate.
+
+    source is prepare()'s result (its eval_ids were drawn before anything was written).
+    """
     from builder import evaluate
     from builder.canonical import pretty_json
 
     if spec["eval"]["dataset"] is None:
         return
-    result = evaluate.evaluate(root, spec, source, staging, log)
+    result = evaluate.evaluate(root, spec, source["path"], staging, log, ids=source["eval_ids"])
     (staging / evaluate.NAME).write_text(pretty_json(result), encoding="utf-8")
     evaluate.require_gate(result, spec)
 

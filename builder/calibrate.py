@@ -49,56 +49,58 @@ def calibrate(source: Path, tensors: dict, modules: dict, quant: dict, ids: torc
     """Statistics and GPTQ weights for quantize.compute, from calibration token ids [samples, length].
 
     Returns {"input_amax": {module: [1]}, "kv_amax": {kv scale name: [1]}, "gptq": {module: (ints, scale)}}.
-    Only one decoder layer's weights, inputs and outputs are in memory at a time.
+    Only one decoder layer's weights and one set of hidden states (FP32, [samples, length, hidden])
+    are in memory at a time: each batch's outputs replace its inputs.
     """
-    from safetensors import safe_open
     from tqdm import tqdm
 
-    handles = {}
-
-    def read(name):
-        file = tensors[name][0]
-        if file not in handles:
-            handles[file] = safe_open(file, framework="pt")
-        return handles[file].get_tensor(name)
+    from builder import load
 
     config, model = skeleton(source)
     body = model.model
-    hidden = torch.nn.functional.embedding(ids, read("model.embed_tokens.weight").to(torch.float32))
-    rotary = type(body.rotary_emb)(config=config)
-    positions = torch.arange(ids.shape[1]).unsqueeze(0)
-    with torch.no_grad():
-        cos_sin = rotary(hidden[:1], positions)
     found = {"input_amax": {}, "kv_amax": {}, "gptq": {}}
-    for index in tqdm(range(len(body.layers)), desc="calibrate", unit="layer", disable=None, leave=False):
-        prefix = f"model.layers.{index}."
-        layer = body.layers[index]
-        materialize(layer, prefix, read)
-        linears = {prefix + name: module for name, module in layer.named_modules()
-                   if isinstance(module, torch.nn.Linear)
-                   and quantize.targeted(prefix + name + ".weight", tuple(module.weight.shape), modules, quant)}
-        stats = observe(layer, prefix, linears, quant)
-        outputs = run(layer, hidden, positions, cos_sin)
-        for undo in stats.pop("undo"):
-            undo()
-        found["input_amax"].update(stats["input_amax"])
-        found["kv_amax"].update(stats["kv_amax"])
-        if quant["algorithm"] == "gptq":
-            for name, module in linears.items():
-                values, scale = gptq.quantize(module.weight.data, stats["hessian"][name], quant, name)
-                found["gptq"][name] = (values, scale)
-                module.weight.data = dequantize(values, scale, quant["weights"])
-            outputs = run(layer, hidden, positions, cos_sin)  # the next layer sees quantized outputs
-        hidden = outputs
-        layer.to_empty(device="meta")  # free this layer's weights before the next is read
+    with load.reader(tensors) as read:
+        embedding = read("model.embed_tokens.weight")
+        hidden = [torch.nn.functional.embedding(batch, embedding).to(torch.float32) for batch in ids.split(BATCH)]
+        del embedding
+        rotary = type(body.rotary_emb)(config=config)
+        positions = torch.arange(ids.shape[1]).unsqueeze(0)
+        with torch.no_grad():
+            cos_sin = rotary(hidden[0][:1], positions)
+        for index in tqdm(range(len(body.layers)), desc="calibrate", unit="layer", disable=None, leave=False):
+            prefix = f"model.layers.{index}."
+            layer = body.layers[index]
+            materialize(layer, prefix, read)
+            linears = {prefix + name: module for name, module in layer.named_modules()
+                       if isinstance(module, torch.nn.Linear)
+                       and quantize.targeted(prefix + name + ".weight", tuple(module.weight.shape), modules, quant)}
+            gptq_layer = quant["algorithm"] == "gptq"
+            stats = observe(layer, prefix, linears, quant)
+            run(layer, hidden, positions, cos_sin, replace=not gptq_layer)
+            for undo in stats.pop("undo"):
+                undo()
+            found["input_amax"].update(stats["input_amax"])
+            found["kv_amax"].update(stats["kv_amax"])
+            if gptq_layer:
+                for name, module in linears.items():
+                    values, scale = gptq.quantize(module.weight.data, stats["hessian"][name], quant, name)
+                    found["gptq"][name] = (values, scale)
+                    module.weight.data = dequantize(values, scale, quant["weights"])
+                del stats
+                run(layer, hidden, positions, cos_sin, replace=True)  # the next layer sees quantized outputs
+            layer.to_empty(device="meta")  # free this layer's weights before the next is read
     log(f"calibrated {len(body.layers)} layers on {ids.shape[0]} x {ids.shape[1]} tokens")
     return found
 
 
 def observe(layer: torch.nn.Module, prefix: str, linears: dict, quant: dict) -> dict:
-    """Hooks that keep running maxima (and GPTQ's x xᵀ sums) while the layer runs."""
+    """Hooks that keep running maxima (and GPTQ's x xᵀ sums) while the layer runs.
+
+    Linears that read the same input tensor (q/k/v, gate/up) share one x xᵀ sum: it is computed once.
+    """
     stats = {"input_amax": {}, "kv_amax": {}, "hessian": {}, "undo": []}
     keep_hessian = quant["algorithm"] == "gptq"
+    last = {"input": None, "owner": None}  # the input tensor seen last, and the Linear that summed it
 
     def on_input(name):
         def hook(module, args):
@@ -106,13 +108,21 @@ def observe(layer: torch.nn.Module, prefix: str, linears: dict, quant: dict) -> 
             amax = x.abs().amax().reshape(1)
             previous = stats["input_amax"].get(name)
             stats["input_amax"][name] = amax if previous is None else torch.maximum(previous, amax)
-            if keep_hessian:
-                product = x.T @ x
-                stats["hessian"][name] = product if name not in stats["hessian"] else stats["hessian"][name] + product
+            if not keep_hessian:
+                return
+            if args[0] is last["input"]:
+                stats["hessian"][name] = stats["hessian"][last["owner"]]
+                return
+            last.update(input=args[0], owner=name)
+            if name in stats["hessian"]:
+                stats["hessian"][name].addmm_(x.T, x)
+            else:
+                stats["hessian"][name] = x.T @ x
         return hook
 
     for name, module in linears.items():
         stats["undo"].append(module.register_forward_pre_hook(on_input(name)).remove)
+    stats["undo"].append(lambda: last.clear())
     if quant["kv_cache_scheme"] is not None:
         attention = layer.self_attn
         names = {kind: prefix + scale for kind, scale in zip(("key", "value"), KV_PROJECTIONS.values())}
@@ -128,14 +138,15 @@ def observe(layer: torch.nn.Module, prefix: str, linears: dict, quant: dict) -> 
     return stats
 
 
-def run(layer: torch.nn.Module, hidden: torch.Tensor, positions: torch.Tensor, cos_sin: tuple) -> torch.Tensor:
-    """The layer's outputs for every sample, BATCH samples at a time (causal attention, no mask)."""
-    outputs = []
+def run(layer: torch.nn.Module, hidden: list, positions: torch.Tensor, cos_sin: tuple, replace: bool) -> None:
+    """Run the layer over every batch of hidden states (causal attention, no mask); with replace,
+    each batch's outputs take its inputs' place."""
     with torch.no_grad():
-        for batch in hidden.split(BATCH):
+        for index, batch in enumerate(hidden):
             result = layer(batch, attention_mask=None, position_ids=positions, position_embeddings=cos_sin)
-            outputs.append(result[0] if isinstance(result, tuple) else result)
-    return torch.cat(outputs)
+            if replace:
+                hidden[index] = result[0] if isinstance(result, tuple) else result
+            del result
 
 
 def dequantize(values: torch.Tensor, scale: torch.Tensor, args: dict) -> torch.Tensor:

@@ -77,12 +77,16 @@ def gate_problems(result: dict, gate: dict, spec_file: str) -> list:
     return found
 
 
-def evaluate(root: Path, spec: dict, source: Path, artifact: Path, log=print) -> dict:
-    """eval.json's content for an artifact of spec (which must name an eval dataset), with the gate verdict."""
+def evaluate(root: Path, spec: dict, source: Path, artifact: Path, log=print, ids=None) -> dict:
+    """eval.json's content for an artifact of spec (which must name an eval dataset), with the gate verdict.
+
+    ids: the eval windows when the caller has drawn them already (a build does, before writing).
+    """
     from builder import data
 
     eval_file = f"specs/eval/{spec['choices']['eval']}.yaml"
-    ids = data.samples(root, spec["eval"], source, file=eval_file, group="eval")
+    if ids is None:
+        ids = data.samples(root, spec["eval"], source, file=eval_file, group="eval")
     result = measure(source, artifact, ids)
     problems = gate_problems(result, spec["eval"]["gate"], eval_file)
     result["dataset"] = spec["eval"]["dataset"]

@@ -5,12 +5,16 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from builder import failpoints, quantize, shards
+from builder import failpoints, load, quantize, shards
 from builder.canonical import pretty_json
 from builder.load import WEIGHT_FILES
 
 # Keys transformers stamps with local facts (paths); dropped so the artifact does not depend on them.
 UNSTABLE_CONFIG_KEYS = ("_name_or_path",)
+# QuantizationArgs fields a recipe does not set, with the values compressed-tensors 0.17 writes for them.
+QUANTIZATION_ARGS_DEFAULTS = {"actorder": None, "block_structure": None, "observer_kwargs": {},
+                              "scale_dtype": None, "zp_dtype": None}
+KEEP_FRACTION = 16  # outputs at most 1/16 of their source's bytes (scales) wait to be written; larger are recomputed
 
 
 def plan_outputs(tensors: dict, modules: dict, quant: dict) -> list:
@@ -31,29 +35,15 @@ def write_weights(out: Path, tensors: dict, modules: dict, quant: dict, max_shar
 
     calibration: builder.calibrate's statistics and GPTQ weights, for recipes that calibrate.
     """
-    from safetensors import safe_open
-
     groups = plan_outputs(tensors, modules, quant)
     source_of = {o.name: source for source, group in zip(sorted(tensors), groups) for o in group}
-    handles, last = {}, {}
-
-    def produce(output_name: str):
-        source = source_of[output_name]
-        if source not in last:  # one source tensor's outputs are kept until the next is asked for
-            file, _, shape = tensors[source]
-            if file not in handles:
-                handles[file] = safe_open(file, framework="pt")
-            tensor = handles[file].get_tensor(source)
-            last.clear()
-            is_targeted = quantize.targeted(source, shape, modules, quant)
-            last[source] = quantize.compute(source, tensor, is_targeted, quant, calibration)
-        return last[source][output_name]
-
     assigned = shards.assign(groups, max_shard_bytes)
     names = shards.shard_names(len(assigned))
     count = sum(len(outputs) for outputs in assigned)
-    written = 0
-    with tqdm(total=count, desc="quantize", unit="tensor", disable=None, leave=False) as bar:
+    with load.reader(tensors) as read, \
+            tqdm(total=count, desc="quantize", unit="tensor", disable=None, leave=False) as bar:
+        produce, written = producer(read, source_of, tensors, modules, quant, calibration), 0
+
         def produce_and_count(name):
             nonlocal written
             written += 1
@@ -71,23 +61,57 @@ def write_weights(out: Path, tensors: dict, modules: dict, quant: dict, max_shar
     return names
 
 
+def producer(read, source_of: dict, tensors: dict, modules: dict, quant: dict, calibration: dict | None):
+    """produce(output name) -> that output's tensor, quantizing its source tensor when it is needed.
+
+    Shards are laid out by dtype, so one source's outputs are asked for at different times (a weight's
+    BF16 scale long before its FP8 values). Scales and other small outputs wait in memory for their
+    turn; quantized values are computed again when asked for, so memory stays at one tensor.
+    """
+    waiting, written = {}, set()
+
+    def produce(output_name: str):
+        if output_name not in waiting:
+            source = source_of[output_name]
+            _, _, shape = tensors[source]
+            is_targeted = quantize.targeted(source, shape, modules, quant)
+            tensor = read(source)
+            computed = quantize.compute(source, tensor, is_targeted, quant, calibration)
+            waiting.update({name: value for name, value in computed.items() if name == output_name
+                            or (name not in written and value.nbytes * KEEP_FRACTION <= tensor.nbytes)})
+        written.add(output_name)
+        return waiting.pop(output_name)
+
+    return produce
+
+
 def quantization_config(quant: dict) -> dict:
-    """config.json's quantization_config exactly as compressed-tensors (or, for format fp8, AutoFP8) writes it."""
+    """config.json's quantization_config exactly as compressed-tensors (or, for format fp8, AutoFP8) writes it.
+
+    Written as data rather than through compressed-tensors' pydantic models, whose import costs a
+    build ~2 s and ~140 MB (it loads torch.compile); tests/test_export.py holds every recipe's result
+    equal to what those models validate and dump.
+    """
+    from importlib import metadata
+
     if quant["format"] == "fp8":
         return legacy_fp8_config(quant)
-    import compressed_tensors
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+    scheme = {"format": None, "input_activations": quantization_args(quant["input_activations"]),
+              "output_activations": None, "targets": list(quant["targets"]),
+              "weights": quantization_args(quant["weights"])}
+    return {"config_groups": {"group_0": scheme}, "format": quantize.compression_format(quant),
+            "global_compression_ratio": None, "ignore": list(quant["ignore"]),
+            "kv_cache_scheme": quantization_args(quant["kv_cache_scheme"]),
+            "quant_method": "compressed-tensors", "quantization_status": "compressed",
+            "sparsity_config": {}, "transform_config": {}, "version": metadata.version("compressed-tensors")}
 
-    def args(values):
-        return None if values is None else QuantizationArgs(**values)
 
-    scheme = QuantizationScheme(targets=list(quant["targets"]), weights=args(quant["weights"]),
-                                input_activations=args(quant["input_activations"]))
-    config = QuantizationConfig(config_groups={"group_0": scheme}, format=quantize.compression_format(quant),
-                                quantization_status="compressed", ignore=list(quant["ignore"]),
-                                kv_cache_scheme=args(quant["kv_cache_scheme"]))
-    return {"version": compressed_tensors.__version__, "quant_method": "compressed-tensors",
-            "sparsity_config": {}, "transform_config": {}, **config.model_dump(exclude=["quant_method"])}
+def quantization_args(args: dict | None) -> dict | None:
+    """compressed-tensors' QuantizationArgs as it serialises them: defaults filled in, and no
+    observer for dynamic (run-time) scales."""
+    if args is None:
+        return None
+    return {**QUANTIZATION_ARGS_DEFAULTS, **args, "observer": None if args["dynamic"] else "memoryless_minmax"}
 
 
 def legacy_fp8_config(quant: dict) -> dict:

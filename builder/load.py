@@ -2,6 +2,7 @@
 
 import json
 import struct
+from contextlib import contextmanager
 from pathlib import Path
 
 from builder.canonical import file_entries, tree_digest
@@ -72,6 +73,11 @@ def weight_files(path: Path) -> list:
 
 def read_header(file: Path) -> dict:
     """A safetensors header (name -> dtype, shape, offsets), checked against the file's size."""
+    return header_and_start(file)[0]
+
+
+def header_and_start(file: Path) -> tuple:
+    """(header, byte offset where tensor data begins), the header checked against the file's size."""
     size = file.stat().st_size
     with open(file, "rb") as handle:
         prefix = handle.read(8)
@@ -87,7 +93,39 @@ def read_header(file: Path) -> dict:
     if 8 + length + end != size:
         raise BuilderError(Problem(file.name, "", f"truncated or padded: header promises "
                                    f"{8 + length + end} bytes, file has {size}"))
-    return header
+    return header, 8 + length
+
+
+@contextmanager
+def reader(tensors: dict):
+    """read(name) -> a fresh CPU tensor, for names of tensor_index(); plain file reads, no memory map.
+
+    A memory-mapped checkpoint keeps every page it has touched resident (and counted in RSS) until it
+    is unmapped, so reading a whole model through one grows the process by the model's size; here
+    only the tensor being read is in memory.
+    """
+    import torch
+
+    files = {}
+
+    def read(name: str):
+        file, code, shape = tensors[name]
+        if file not in files:
+            header, start = header_and_start(file)
+            files[file] = (open(file, "rb"), header, start)
+        handle, header, start = files[file]
+        begin, end = header[name]["data_offsets"]
+        tensor = torch.empty(shape, dtype=torch_dtype(code))
+        handle.seek(start + begin)
+        if handle.readinto(memoryview(tensor.reshape(-1).view(torch.uint8).numpy())) != end - begin:
+            raise BuilderError(Problem(file.name, name, "truncated while reading (file changed during the build?)"))
+        return tensor
+
+    try:
+        yield read
+    finally:
+        for handle, _, _ in files.values():
+            handle.close()
 
 
 def tensor_index(path: Path) -> dict:
@@ -100,18 +138,27 @@ def tensor_index(path: Path) -> dict:
 
 
 def architecture(config_dir: Path) -> tuple:
-    """(module name -> class name, parameter name -> shape) of the model built on the meta device."""
+    """(module name -> class name, parameter name -> shape, tied parameter names) of the model that
+    transformers builds from config.json. Remembered per config.json (builder.memo): a build that
+    does not calibrate then never imports transformers' model code (~3 s, ~120 MB)."""
+    from builder import memo
+
+    found = memo.architecture(config_dir / "config.json", lambda: meta_architecture(config_dir))
+    return found["modules"], {name: tuple(shape) for name, shape in found["shapes"].items()}, set(found["tied"])
+
+
+def meta_architecture(config_dir: Path) -> dict:
+    """The model built on the meta device (no memory): its modules, parameter shapes and tied names."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(config_dir, trust_remote_code=False)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
-    modules = {name: type(module).__name__ for name, module in model.named_modules() if name}
-    shapes = {name: tuple(parameter.shape) for name, parameter in model.named_parameters(remove_duplicate=False)}
-    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - \
-        {name for name, _ in model.named_parameters()}
-    return modules, shapes, tied
+    named = dict(model.named_parameters(remove_duplicate=False))
+    return {"modules": {name: type(module).__name__ for name, module in model.named_modules() if name},
+            "shapes": {name: list(parameter.shape) for name, parameter in named.items()},
+            "tied": sorted(set(named) - {name for name, _ in model.named_parameters()})}
 
 
 def check_tensors(folder: str, tensors: dict, shapes: dict, tied: set) -> None:

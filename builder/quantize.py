@@ -155,14 +155,16 @@ def scale_shape(shape: tuple, args: dict) -> tuple:
 
 
 def grouped_amax(weight: torch.Tensor, args: dict) -> torch.Tensor:
-    """Largest magnitude per scale cell (exact: a max, not a sum)."""
-    magnitude = weight.abs()
+    """Largest magnitude per scale cell (exact: a max, not a sum), in one pass without temporaries."""
+    def max_abs(values, **dims):
+        return torch.linalg.vector_norm(values, ord=float("inf"), **dims)
+
     if args["strategy"] == "tensor":
-        return magnitude.amax().reshape(1)
+        return max_abs(weight).reshape(1)
     if args["strategy"] == "channel":
-        return magnitude.amax(dim=1, keepdim=True)
+        return max_abs(weight, dim=1, keepdim=True)
     rows, columns = weight.shape
-    return magnitude.reshape(rows, columns // args["group_size"], args["group_size"]).amax(dim=-1)
+    return max_abs(weight.reshape(rows, columns // args["group_size"], args["group_size"]), dim=-1)
 
 
 def scale_from_amax(amax: torch.Tensor, args: dict) -> torch.Tensor:
@@ -182,10 +184,10 @@ def quantize_weight(weight: torch.Tensor, scale: torch.Tensor, args: dict) -> to
     if args["strategy"] == "group":
         scale = scale.repeat_interleave(args["group_size"], dim=1)
     q_min, q_max = value_range(args)
-    scaled = weight / scale
+    scaled = weight / scale  # the one temporary: rounding and clamping happen in place
     if args["type"] == "float":
-        return scaled.clamp(q_min, q_max).to(FP8)
-    return torch.round(scaled).clamp(q_min, q_max).to(torch.int8)
+        return scaled.clamp_(q_min, q_max).to(FP8)
+    return scaled.round_().clamp_(q_min, q_max).to(torch.int8)
 
 
 def pack(values: torch.Tensor, num_bits: int) -> torch.Tensor:

@@ -72,7 +72,7 @@ def write(path: Path, outputs: list, produce) -> None:
             if tensor.dtype != entry.dtype or tuple(tensor.shape) != entry.shape:
                 raise ValueError(f"{entry.name}: produced {tensor.dtype} {tuple(tensor.shape)}, "
                                  f"planned {entry.dtype} {entry.shape}")
-            handle.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            handle.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
         handle.flush()
         os.fsync(handle.fileno())
 

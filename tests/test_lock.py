@@ -103,3 +103,25 @@ def test_resolution_cache_is_keyed_by_every_spec_byte_and_never_changes_a_lock(r
     assert changed["artifact_id"] != cold["artifact_id"]
     monkeypatch.setenv("BUILDER_CACHE", "off")
     assert lock_entry(repo.root, release) == changed
+
+
+def test_architecture_cache_is_keyed_by_config_bytes_and_equals_what_transformers_builds(tmp_path, monkeypatch):
+    import json
+
+    from builder import load
+    from tests.conftest import make_checkpoint
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    make_checkpoint("tiny-qwen2", tmp_path / "model")
+    fresh = load.meta_architecture(tmp_path / "model")
+    modules, shapes, tied = load.architecture(tmp_path / "model")
+    assert (modules, shapes, tied) == (fresh["modules"], {k: tuple(v) for k, v in fresh["shapes"].items()},
+                                       set(fresh["tied"]))
+    assert tied == {"lm_head.weight"}  # tiny-qwen2 ties its embeddings
+    assert len(list((tmp_path / "cache" / "quant-release-builder" / "architecture").glob("*.json"))) == 1
+    assert load.architecture(tmp_path / "model") == (modules, shapes, tied)  # served from the cache
+    config_file = tmp_path / "model" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "intermediate_size": 96}))
+    _, narrower, _ = load.architecture(tmp_path / "model")
+    assert shapes["model.layers.1.mlp.up_proj.weight"] == (128, 64)
+    assert narrower["model.layers.1.mlp.up_proj.weight"] == (96, 64)

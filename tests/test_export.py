@@ -1,0 +1,53 @@
+"""quantization_config is written as data: it must equal what compressed-tensors' own models make of it."""
+
+import pytest
+
+from builder import export
+from builder.resolve import resolve
+from tests.conftest import PROJECT
+
+SHIPPED_RELEASES = sorted(p.stem for p in (PROJECT / "specs" / "release").glob("*.yaml"))
+
+
+def compressed_tensors_dump(quant: dict) -> dict:
+    """The config compressed-tensors' pydantic models produce for a recipe (what vLLM parses)."""
+    import compressed_tensors
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+
+    def args(values):
+        return None if values is None else QuantizationArgs(**values)
+
+    scheme = QuantizationScheme(targets=list(quant["targets"]), weights=args(quant["weights"]),
+                                input_activations=args(quant["input_activations"]))
+    config = QuantizationConfig(config_groups={"group_0": scheme}, format=export.quantize.compression_format(quant),
+                                quantization_status="compressed", ignore=list(quant["ignore"]),
+                                kv_cache_scheme=args(quant["kv_cache_scheme"]))
+    return {"version": compressed_tensors.__version__, "quant_method": "compressed-tensors",
+            "sparsity_config": {}, "transform_config": {}, **config.model_dump(exclude=["quant_method"])}
+
+
+@pytest.mark.parametrize("release", SHIPPED_RELEASES)
+def test_quantization_config_equals_what_compressed_tensors_writes_for_every_shipped_release(release):
+    quant = resolve(PROJECT, release)["quant"]
+    if quant["format"] != "compressed-tensors":
+        pytest.skip(f"{release} is {quant['format']}: no compressed-tensors config")
+    assert export.quantization_config(quant) == compressed_tensors_dump(quant)
+
+
+@pytest.mark.parametrize("release, overrides", [
+    ("smollm2-135m-instruct-w8a8-int8", ("quant.weights.strategy=tensor",)),
+    ("smollm2-135m-instruct-fp8-static", ("quant.kv_cache_scheme=null",)),
+    ("smollm2-135m-instruct-w4a16", ("quant.weights.group_size=32",)),
+    ("smollm2-135m-instruct-fp8-dynamic", ("quant.ignore=[lm_head,re:.*down_proj]",))])
+def test_quantization_config_equals_compressed_tensors_for_recipe_variations(release, overrides):
+    quant = resolve(PROJECT, release, overrides)["quant"]
+    assert export.quantization_config(quant) == compressed_tensors_dump(quant)
+
+
+def test_quantization_config_validates_as_compressed_tensors_config():
+    from compressed_tensors.quantization import QuantizationConfig
+
+    quant = resolve(PROJECT, "smollm2-135m-instruct-fp8-static")["quant"]
+    written = export.quantization_config(quant)
+    parsed = QuantizationConfig.model_validate(written)
+    assert parsed.kv_cache_scheme.num_bits == 8 and parsed.format == "float-quantized"
