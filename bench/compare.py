@@ -98,11 +98,20 @@ def main() -> None:
 
 def table(rows: list) -> str:
     """Markdown: one line per recipe and side."""
-    lines = ["| recipe | tool | wall time (s) | peak RSS (GB) | perplexity | increase | mean KL |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    for row in rows:
-        lines.append(f"| {row['recipe']} | {row['side']} | {row['seconds']} | {row['peak_rss_bytes'] / 1e9:.2f} | "
-                     f"{row['perplexity']:.3f} | {row['perplexity_increase_pct']:+.2f} % | {row['mean_kl']:.4f} |")
+    return markdown(rows, (
+        ("recipe", "---", lambda r: r["recipe"]), ("tool", "---", lambda r: r["side"]),
+        ("wall time (s)", "---:", lambda r: r["seconds"]),
+        ("peak RSS (GB)", "---:", lambda r: f"{r['peak_rss_bytes'] / 1e9:.2f}"),
+        ("perplexity", "---:", lambda r: f"{r['perplexity']:.3f}"),
+        ("increase", "---:", lambda r: f"{r['perplexity_increase_pct']:+.2f} %"),
+        ("mean KL", "---:", lambda r: f"{r['mean_kl']:.4f}")))
+
+
+def markdown(rows: list, columns: tuple) -> str:
+    """A Markdown table of rows; columns are (header, alignment such as "---:", cell function)."""
+    lines = ["| " + " | ".join(header for header, _, _ in columns) + " |",
+             "|" + "|".join(align for _, align, _ in columns) + "|"]
+    lines += ["| " + " | ".join(str(cell(row)) for _, _, cell in columns) + " |" for row in rows]
     return "\n".join(lines)
 
 
