@@ -96,9 +96,11 @@ def quantization_config(quant: dict) -> dict:
 
     if quant["format"] == "fp8":
         return legacy_fp8_config(quant)
+    weights = quantization_args(quant["weights"])
+    if quant["algorithm"] == "gptq":  # compressed-tensors records GPTQ's column order with the weights
+        weights["actorder"] = quant["gptq"]["actorder"]
     scheme = {"format": None, "input_activations": quantization_args(quant["input_activations"]),
-              "output_activations": None, "targets": list(quant["targets"]),
-              "weights": quantization_args(quant["weights"])}
+              "output_activations": None, "targets": list(quant["targets"]), "weights": weights}
     return {"config_groups": {"group_0": scheme}, "format": quantize.compression_format(quant),
             "global_compression_ratio": None, "ignore": list(quant["ignore"]),
             "kv_cache_scheme": quantization_args(quant["kv_cache_scheme"]),

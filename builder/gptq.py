@@ -18,10 +18,13 @@ def quantize(weight: torch.Tensor, hessian: torch.Tensor, quant: dict, module: s
     """
     args, settings = quant["weights"], quant["gptq"]
     weight = weight.to(torch.float32).clone()
+    hessian = hessian.to(torch.float32).clone()
     scale_dtype, _ = scale_format(quant)
     scale = weight_scale(weight, args).to(scale_dtype)
-    column_scale = expand(scale.to(torch.float32), args, weight.shape[1])
-    inverse = inverse_hessian(weight, hessian.to(torch.float32).clone(), settings["dampening_frac"], module)
+    column_scale = expand(scale.to(torch.float32), args, weight.shape[1]).expand(weight.shape[0], -1)
+    order = column_order(hessian, settings["actorder"])
+    weight, hessian, column_scale = weight[:, order], hessian[order][:, order], column_scale[:, order]
+    inverse = inverse_hessian(weight, hessian, settings["dampening_frac"], module)
     q_min, q_max = value_range(args)
     columns, block = weight.shape[1], settings["block_size"]
     for start in range(0, columns, block):
@@ -37,7 +40,18 @@ def quantize(weight: torch.Tensor, hessian: torch.Tensor, quant: dict, module: s
             errors[:, i] = error
         weight[:, start:end] = chunk
         weight[:, end:] -= errors @ inverse[start:end, end:]
+    weight = weight[:, torch.argsort(order)]  # back to storage order: scales and layout are unchanged
     return quantize_weight(weight, scale.to(torch.float32), args), scale
+
+
+def column_order(hessian: torch.Tensor, actorder: str | None) -> torch.Tensor:
+    """The order columns are rounded in: storage order, or ("static" activation ordering, as
+    llm-compressor's default) by decreasing diagonal of the Hessian, ties kept in storage order.
+    Rounding the columns that carry the most input energy first leaves the error compensation to
+    columns that matter less; scales stay those of the storage-order groups, so no g_idx is needed."""
+    if actorder is None:
+        return torch.arange(hessian.shape[0])
+    return torch.sort(torch.diag(hessian), descending=True, stable=True).indices
 
 
 def expand(scale: torch.Tensor, args: dict, columns: int) -> torch.Tensor:

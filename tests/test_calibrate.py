@@ -11,7 +11,7 @@ SMALL = ("calibration.samples=4", "calibration.sequence_length=32", "quant.weigh
 QUANT = {"format": "compressed-tensors", "dtype": "bfloat16", "input_activations": None,
          "weights": {"num_bits": 4, "type": "int", "strategy": "group", "symmetric": True, "dynamic": False,
                      "group_size": 16},
-         "gptq": {"block_size": 8, "dampening_frac": 0.01}}
+         "gptq": {"block_size": 8, "dampening_frac": 0.01, "actorder": "static"}}
 
 
 def correlated_inputs(rows=512, features=64):

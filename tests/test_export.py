@@ -14,10 +14,11 @@ def compressed_tensors_dump(quant: dict) -> dict:
     import compressed_tensors
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
-    def args(values):
-        return None if values is None else QuantizationArgs(**values)
+    def args(values, **extra):
+        return None if values is None else QuantizationArgs(**values, **extra)
 
-    scheme = QuantizationScheme(targets=list(quant["targets"]), weights=args(quant["weights"]),
+    order = {"actorder": quant["gptq"]["actorder"]} if quant["algorithm"] == "gptq" else {}
+    scheme = QuantizationScheme(targets=list(quant["targets"]), weights=args(quant["weights"], **order),
                                 input_activations=args(quant["input_activations"]))
     config = QuantizationConfig(config_groups={"group_0": scheme}, format=export.quantize.compression_format(quant),
                                 quantization_status="compressed", ignore=list(quant["ignore"]),

@@ -38,10 +38,10 @@ def test_resolve_requires_calibration_data_for_static_scales_and_gptq(repo):
 
 def test_resolve_rejects_4_bit_activations_and_gptq_on_float_weights(repo):
     found = problems(repo, "quant=w8a8-int8", "quant.input_activations.num_bits=4", "quant.algorithm=gptq",
-                     "quant.gptq={block_size:128,dampening_frac:0.01}", "calibration=licenses")
+                     "quant.gptq={block_size:128,dampening_frac:0.01,actorder:static}", "calibration=licenses")
     assert any("activations are 8-bit" in p for p in found)
     found = problems(repo, "quant=fp8-dynamic", "quant.algorithm=gptq",
-                     "quant.gptq={block_size:128,dampening_frac:0.01}", "calibration=licenses")
+                     "quant.gptq={block_size:128,dampening_frac:0.01,actorder:static}", "calibration=licenses")
     assert any("GPTQ rounds integer weights" in p for p in found)
 
 
