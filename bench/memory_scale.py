@@ -10,7 +10,7 @@ For each size (GB of BF16 weights): writes a seeded random Llama-shaped checkpoi
 (never the whole model in memory) into a fresh release repository, pins its digest, `builder lock`s two
 releases (fp8-dynamic, fp8-static calibrated on data/calibration.txt) and runs `builder build` for each as
 a subprocess; then llm-compressor's oneshot on the same checkpoint and token windows, up to --llmc-max-gb.
-Each process is measured whole (wall time; peak RSS from wait4). Run from the repository root.
+Each process is measured whole (wall time; peak RSS from GNU time, see compare.measured). Run from the repository root.
 """
 
 import argparse

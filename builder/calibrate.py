@@ -38,11 +38,13 @@ def skeleton(source: Path):
 
 
 def materialize(module: torch.nn.Module, prefix: str, read) -> None:
-    """Give a meta module real FP32 weights read from the checkpoint (names under prefix)."""
+    """Give a meta module real FP32 weights read from the checkpoint (names under prefix), one tensor
+    at a time: reading the whole layer first would hold it twice (BF16 as read, FP32 in place)."""
     module.to_empty(device="cpu")
     module.to(torch.float32)
-    names = [name for name, _ in module.state_dict().items()]
-    module.load_state_dict({name: read(prefix + name) for name in names}, strict=True)
+    with torch.no_grad():
+        for name, tensor in module.state_dict().items():
+            tensor.copy_(read(prefix + name))
 
 
 def calibrate(source: Path, tensors: dict, modules: dict, quant: dict, ids: torch.Tensor, log=print) -> dict:
