@@ -51,9 +51,9 @@ def ours(recipe: str, out: Path, samples: int, length: int) -> dict:
                      "--out", str(out), "--force"])
 
 
-def theirs(llmc: str, recipe: str, ids_file: Path, out: Path) -> dict:
-    return measured([llmc, str(ROOT / "bench" / "llmcompressor_side.py"), recipe,
-                     str(ROOT / "weights" / MODEL), str(ids_file), str(out)])
+def theirs(llmc: str, recipe: str, ids_file: Path, out: Path, source: Path = ROOT / "weights" / MODEL) -> dict:
+    """llm-compressor's oneshot of recipe on source, in its own venv, measured whole."""
+    return measured([llmc, str(ROOT / "bench" / "llmcompressor_side.py"), recipe, str(source), str(ids_file), str(out)])
 
 
 def windows(group: str, option: str, samples: int, length: int):

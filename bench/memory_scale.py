@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from compare import MODEL, markdown, measured, windows  # noqa: E402  (the llm-compressor comparison's helpers)
+from compare import MODEL, markdown, measured, theirs, windows  # noqa: E402  (the llm-compressor comparison's helpers)
 from conftest import Repo, model_spec, release_text  # noqa: E402  (the tests' repository maker)
 
 VOCAB = 49152                    # SmolLM2's, so its tokenizer files tokenize the calibration text
@@ -180,8 +180,7 @@ def measure_size(work: Path, size_gb: float, args) -> list:
                   ids_file)
         for recipe in RECIPES:
             out = root.parent / f"llm-compressor-{recipe}"
-            result = measured([args.llmc, str(ROOT / "bench" / "llmcompressor_side.py"), recipe,
-                               str(root / "weights" / model), str(ids_file), str(out)])
+            result = theirs(args.llmc, recipe, ids_file, out, source=root / "weights" / model)
             rows.append({**base, "tool": "llm-compressor", "recipe": recipe, **result})
             print(json.dumps(rows[-1]), flush=True)
             if not args.keep:
