@@ -60,7 +60,7 @@ def windows(group: str, option: str, samples: int, length: int):
     """The token windows builder.data selects for a shipped calibration/eval option, resized."""
     import yaml
 
-    from builder import data
+    from builder.source import data
 
     spec = {**yaml.safe_load((ROOT / "specs" / group / f"{option}.yaml").read_text()),
             "samples": samples, "sequence_length": length}
@@ -79,7 +79,8 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from safetensors.torch import save_file
 
-    from builder import determinism, evaluate
+    from builder import determinism
+    from builder.quant import evaluate
 
     determinism.apply_environment()
     determinism.apply_torch()

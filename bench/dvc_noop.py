@@ -35,7 +35,8 @@ stages:
 
 def product_repo(root: Path, count: int) -> Pipeline:
     """The shipped pipeline with `count` tiny releases, built and recorded in dvc.lock."""
-    from builder import build, lock
+    from builder import build
+    from builder.spec import lock
 
     pipeline = init_pipeline(root, ("tiny-llama",), ())
     for index in range(count):

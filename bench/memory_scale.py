@@ -100,7 +100,7 @@ def write_checkpoint(out: Path, size_gb: float, seed: int = 0) -> dict:
     import torch
     from transformers import LlamaConfig
 
-    from builder import shards
+    from builder.artifact import shards
 
     arch = shape_for(size_gb)
     out.mkdir(parents=True, exist_ok=True)

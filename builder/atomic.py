@@ -1,7 +1,10 @@
-"""Publish a folder atomically: stage it under a lock, then swap it into place in one rename.
+"""Publish files and folders atomically: the one way the builder puts anything in place.
 
-Staging folders and lock files live in <repo>/.builder/ (or beside an output outside the repo), so
-artifacts/ only ever holds complete artifacts, even after `kill -9`.
+A folder (an artifact, imported weights) is staged under a lock and swapped into place in one
+rename; a file (a lock, params.yaml, a signature, a spec written for the user) is written beside
+its destination and renamed over it. Readers see the old version or the new one, never a mix,
+never nothing, even after `kill -9`. Staging folders and lock files live in <repo>/.builder/ (or
+beside an output outside the repository).
 """
 
 import ctypes
@@ -27,7 +30,8 @@ def work_dir(out: Path, root: Path) -> tuple:
 
 @contextmanager
 def staging(out: Path, root: Path):
-    """Yield a fresh staging folder while holding out's lock; whatever a killed build left is removed."""
+    """Yield a fresh staging folder for out while holding out's lock (one writer per output at a
+    time); whatever a killed writer left is removed first, and the folder is removed on exit."""
     work, key = work_dir(out, root)
     work.mkdir(parents=True, exist_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -48,10 +52,32 @@ def publish(folder: Path, out: Path) -> None:
     if out.exists():
         exchange(folder, out)
         failpoints.reached("swap")
-        shutil.rmtree(folder)  # now the previous artifact
+        shutil.rmtree(folder)  # now the previous version
     else:
         folder.rename(out)
     fsync_dir(out.parent)
+
+
+@contextmanager
+def replacing(path: Path):
+    """Yield a temporary path beside path; when the block succeeds it replaces path in one rename,
+    otherwise it is removed and path is left as it was."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield temporary
+        with open(temporary, "rb+") as handle:
+            os.fsync(handle.fileno())
+        temporary.replace(path)
+        fsync_dir(path.parent)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a UTF-8 text file atomically."""
+    with replacing(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
 
 
 def exchange(first: Path, second: Path) -> None:

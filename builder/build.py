@@ -1,15 +1,22 @@
-"""Build a release into artifacts/<release>/: load, quantize, export, manifest; atomically.
+"""Build a release into artifacts/<release>/, atomically: prepare (check every input), calibrate,
+quantize and write, evaluate, describe, record. Also rebuild an artifact from what it records.
 
     builder build smollm2-135m-instruct-fp8-dynamic
+    builder verify --rebuild artifacts/smollm2-135m-instruct-fp8-dynamic
 """
 
+import tempfile
 from pathlib import Path
 
-from builder import atomic, export, failpoints, load, lock, manifest, provenance
-from builder.errors import BuilderError, Problem
-from builder.paths import artifact_name
-from builder.release_files import write_release_files
-from builder.resolve import needs_calibration
+from builder import atomic, failpoints
+from builder.artifact import export, manifest, provenance, record
+from builder.artifact.release_files import write_release_files
+from builder.canonical import file_entries, pretty_json, tree_digest
+from builder.errors import BuilderError, CheckFailed, Problem
+from builder.paths import EVAL_FILE, MANIFEST_FILE, RECORD_FILES, artifact_name
+from builder.source import load
+from builder.spec import lock
+from builder.spec.recipe import Recipe
 
 
 def build(root: Path, release: str, overrides: tuple = (), out: Path | None = None,
@@ -24,8 +31,8 @@ def build(root: Path, release: str, overrides: tuple = (), out: Path | None = No
     out = (out or root / "artifacts" / artifact_name(entry)).absolute()
     if not force and up_to_date(out, entry):
         log(f"{out.name}: up to date ({entry['artifact_id']}); --force rebuilds")
-        return manifest.read(out)
-    if out.exists() and not is_artifact(out) and not force:
+        return record.read(out).manifest
+    if out.exists() and not record.is_artifact(out) and not force:
         raise BuilderError(Problem(str(out), "--out", "exists and is not an artifact; "
                                    "choose another folder or pass --force to replace it"))
     source = prepare(root, entry)  # every input check happens before anything is written
@@ -33,7 +40,7 @@ def build(root: Path, release: str, overrides: tuple = (), out: Path | None = No
     with atomic.staging(out, root) as staging:
         if not force and up_to_date(out, entry):  # a concurrent build of the same release finished
             log(f"{out.name}: up to date ({entry['artifact_id']})")
-            return manifest.read(out)
+            return record.read(out).manifest
         result = build_into(entry, source, staging, root, log, calibration_dump)
         atomic.publish(staging, out)
     log(f"{out.name}: built {result['content_digest']} (artifact_id {entry['artifact_id']})")
@@ -49,17 +56,18 @@ def prepare(root: Path, entry: dict) -> dict:
     tensors = load.tensor_index(path)
     modules, shapes, tied = load.architecture(path)
     load.check_tensors(spec["model"]["path"], tensors, shapes, tied)
-    calibration_ids = data_samples(root, spec, path, "calibration") if needs_calibration(spec["quant"]) else None
+    recipe = Recipe.of(spec["quant"])
+    calibration_ids = data_samples(root, spec, path, "calibration") if recipe.needs_calibration else None
     # eval windows are drawn now too: empty or too-short text is refused before anything is quantized
     eval_ids = data_samples(root, spec, path, "eval") if spec["eval"]["dataset"] is not None else None
     failpoints.reached("read")
-    return {"path": path, "config": config, "tensors": tensors, "modules": modules,
+    return {"path": path, "config": config, "tensors": tensors, "modules": modules, "recipe": recipe,
             "calibration_ids": calibration_ids, "eval_ids": eval_ids}
 
 
 def data_samples(root: Path, spec: dict, tokenizer_dir: Path, group: str):
     """The tokenized, seeded sample windows of the calibration or eval group."""
-    from builder import data
+    from builder.source import data
 
     return data.samples(root, spec[group], tokenizer_dir, file=f"specs/{group}/{spec['choices'][group]}.yaml",
                         group=group)
@@ -71,37 +79,38 @@ def build_into(entry: dict, source: dict, staging: Path, root: Path | None = Non
 
     root (the repository) is needed by releases that calibrate or evaluate (their data lives there).
     """
-    from builder import allocator, calibrate, determinism
+    from builder import determinism
+    from builder.quant import allocator, calibrate
 
     determinism.apply_torch()
     allocator.return_freed_memory()
-    spec = entry["spec"]
-    calibration = calibrate.for_build(spec, source, log,
-                                      calibration_dump)
-    export.write_weights(staging, source["tensors"], source["modules"], spec["quant"],
+    spec, recipe = entry["spec"], source["recipe"]
+    calibration = calibrate.for_build(recipe, source, log, calibration_dump)
+    export.write_weights(staging, source["tensors"], source["modules"], recipe,
                          spec["target"]["max_shard_bytes"], calibration)
-    export.write_config(source["config"], staging, spec["quant"])
+    export.write_config(source["config"], staging, recipe)
     export.copy_side_files(source["path"], staging)
     evaluate_staged(root, spec, source, staging, log)  # before the card, which shows eval.json
     write_release_files(staging, entry)
-    provenance.write(entry, source["path"], staging, exclude=manifest.OUTSIDE_DIGEST)
-    result = manifest.create(staging, entry)
+    content = file_entries(staging, exclude=RECORD_FILES)  # each file hashed once, for both records
+    provenance.write(entry, source["path"], staging, content)
+    result = manifest.create(staging, entry, content)
     failpoints.reached("manifest")
     return result
 
 
 def evaluate_staged(root: Path, spec: dict, source: dict, staging: Path, log) -> None:
-    """When the release asks for it: measure the staged artifact, write eval.json, enforce the gate.
+    """Measure the staged artifact against its source when the release has an eval group; a missed
+    gate raises CheckFailed before anything is moved into place.
 
     source is prepare()'s result (its eval_ids were drawn before anything was written).
     """
-    from builder import evaluate
-    from builder.canonical import pretty_json
+    from builder.quant import evaluate
 
     if spec["eval"]["dataset"] is None:
         return
     result = evaluate.evaluate(root, spec, source["path"], staging, log, ids=source["eval_ids"])
-    (staging / evaluate.NAME).write_text(pretty_json(result), encoding="utf-8")
+    (staging / EVAL_FILE).write_text(pretty_json(result), encoding="utf-8")
     evaluate.require_gate(result, spec)
 
 
@@ -110,17 +119,51 @@ def require_current_lock(root: Path, release: str, entry: dict) -> None:
     committed = lock.read(root, release)
     if committed is None or committed["artifact_id"] == entry["artifact_id"]:
         return
-    changed = [part for part in ("spec", "inputs") if committed.get(part) != entry[part]]
-    if committed.get("inputs", {}).get("toolchain") != entry["inputs"]["toolchain"]:
-        changed.append(f"toolchain {committed['inputs']['toolchain']} -> {entry['inputs']['toolchain']}")
     raise BuilderError(Problem(f"locks/{release}.json", "artifact_id",
-                               f"stale ({', '.join(changed)} changed); run `builder lock` first"))
+                               f"stale ({lock.describe(lock.differences(committed, entry))} changed); "
+                               "run `builder lock` first"))
 
 
 def up_to_date(out: Path, entry: dict) -> bool:
     """Whether out already holds this artifact_id (a complete artifact: it has its manifest)."""
-    return is_artifact(out) and manifest.read(out).get("artifact_id") == entry["artifact_id"]
+    return record.is_artifact(out) and record.read(out, strict=False).manifest.get("artifact_id") == entry["artifact_id"]
 
 
-def is_artifact(path: Path) -> bool:
-    return (path / manifest.NAME).is_file()
+def rebuild(root: Path, artifact: Path, log=print) -> dict:
+    """Rebuild an artifact from what it records (not from today's specs) in a temporary folder and
+    compare its content; raise CheckFailed naming the first differing file (and tensor)."""
+    from builder.check import compare
+
+    entry = record.read(artifact).entry
+    problems = compare.input_problems(root, entry, f"{artifact.name}/{MANIFEST_FILE}")
+    if problems:
+        raise BuilderError(problems)
+    source = prepare(root, entry)
+    with tempfile.TemporaryDirectory(prefix="builder-rebuild-") as temporary:
+        staging = Path(temporary) / artifact.name
+        staging.mkdir()
+        log(f"{artifact.name}: rebuilding {entry['artifact_id']} in a temporary folder")
+        rebuilt = build_into(entry, source, staging, root, log)
+        difference = compare.first_difference(artifact, staging)
+    if difference:
+        present = tree_digest(file_entries(artifact, exclude=RECORD_FILES))
+        raise CheckFailed(Problem(f"{artifact.name}/{difference[0]}", "", difference[1] +
+                                  f"; rebuilt content digest {rebuilt['content_digest']}, on disk {present}"))
+    return {"artifact": artifact.name, "content_digest": rebuilt["content_digest"], "files": len(rebuilt["files"])}
+
+
+def job(root: str, release: str, force: bool) -> dict:
+    """One release built in a job process of its own (builder build-many): the same build as
+    `builder build RELEASE`; bad input comes back as a value the submitter reports."""
+    import os
+
+    from builder import determinism
+    from builder.console import log
+
+    determinism.apply_environment()  # before the build imports torch in this fresh process
+    try:
+        result = build(Path(root), release, force=force, log=log)
+    except BuilderError as error:
+        return {"release": release, "error": error.render(), "pid": os.getpid()}
+    return {"release": release, "content_digest": result["content_digest"],
+            "artifact_id": result["artifact_id"], "pid": os.getpid()}

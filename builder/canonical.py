@@ -32,13 +32,14 @@ def sha256_file(path: Path) -> str:
 
 def file_entries(root: Path, exclude: frozenset = frozenset()) -> list:
     """Every regular file under root as {path, sha256, size}, sorted by relative POSIX path."""
-    entries = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        relative = path.relative_to(root).as_posix()
-        if relative in exclude:
-            continue
-        entries.append({"path": relative, "sha256": sha256_file(path), "size": path.stat().st_size})
-    return entries
+    relatives = [p.relative_to(root).as_posix() for p in sorted(p for p in root.rglob("*") if p.is_file())]
+    return [file_entry(root, relative) for relative in relatives if relative not in exclude]
+
+
+def file_entry(root: Path, relative: str) -> dict:
+    """{path, sha256, size} of one file under root."""
+    path = root / relative
+    return {"path": relative, "sha256": sha256_file(path), "size": path.stat().st_size}
 
 
 def tree_digest(entries: list) -> str:

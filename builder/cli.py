@@ -3,6 +3,10 @@
     builder list | resolve | lock | plan | import | build | build-many | verify | audit | sign | eval
     | summary
     (builder VERB --help)
+
+Each verb's function is here; the work it calls lives one level down: builder/build.py (build,
+rebuild), builder/spec/ (resolve, lock), builder/source/ (import), builder/check/ (verify, audit,
+sign, summary), builder/quant/evaluate.py (eval), builder/pipeline/ (plan, build-many).
 """
 
 import argparse
@@ -12,21 +16,22 @@ from pathlib import Path
 
 import yaml
 
-from builder import determinism
+from builder import atomic, determinism
 from builder.canonical import pretty_json
+from builder.console import log
 from builder.errors import BuilderError, Problem
 from builder.paths import find_root
 
 
 def cmd_list(args) -> int:
-    from builder.resolve import list_releases
+    from builder.spec.resolve import list_releases
 
     print("\n".join(list_releases(find_root())))
     return 0
 
 
 def cmd_resolve(args) -> int:
-    from builder.lock import lock_entry
+    from builder.spec.lock import lock_entry
 
     entry = lock_entry(find_root(), args.release, tuple(args.overrides))
     shown = {"artifact_id": entry["artifact_id"], "spec": entry["spec"], "inputs": entry["inputs"]}
@@ -39,7 +44,7 @@ def cmd_resolve(args) -> int:
 
 
 def cmd_lock(args) -> int:
-    from builder import lock
+    from builder.spec import lock
 
     root = find_root()
     if args.check:
@@ -52,7 +57,7 @@ def cmd_lock(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from builder import plan
+    from builder.pipeline import plan
 
     report = plan.plan(find_root(), args.base)
     sys.stdout.write(pretty_json(report) if args.json else plan.markdown(report))
@@ -60,7 +65,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_import(args) -> int:
-    from builder.importer import import_model
+    from builder.source.importer import import_model
 
     import_model(find_root(), args.model, log=log)
     return 0
@@ -76,21 +81,22 @@ def cmd_build(args) -> int:
 
 
 def cmd_build_many(args) -> int:
-    from builder.fanout import build_many
+    from builder.build import job
+    from builder.pipeline.fanout import build_many
 
     slurm = {key: yaml.safe_load(value) for key, value in (o.split("=", 1) for o in args.slurm)}
-    for result in build_many(find_root(), args.releases, args.launcher, slurm, args.force, log=log):
+    for result in build_many(find_root(), args.releases, job, args.launcher, slurm, args.force, log=log):
         print(f"{result['release']} {result['content_digest']}")
     return 0
 
 
 def cmd_verify(args) -> int:
-    from builder.verify import verify
+    from builder.check.verify import verify
 
     result = verify(args.artifact)
     print(f"OK {result['artifact']}: {result['files']} files match, content digest {result['content_digest']}")
     if args.signature or args.key:
-        from builder import signing
+        from builder.check import signing
 
         if not args.key:
             raise BuilderError(Problem("", "--key", "--signature needs --key PUBLIC.pem (the signer's P-256 key)"))
@@ -98,7 +104,7 @@ def cmd_verify(args) -> int:
         signing.verify_signature(args.artifact, signature, args.key)
         print(f"OK {signature.name}: valid signature of {args.artifact.name} by the key in {args.key}")
     if args.rebuild:
-        from builder.rebuild import rebuild
+        from builder.build import rebuild
 
         rebuilt = rebuild(find_root(), args.artifact, log=log)
         print(f"OK {rebuilt['artifact']}: rebuilt bit for bit, {rebuilt['files']} files, "
@@ -107,7 +113,7 @@ def cmd_verify(args) -> int:
 
 
 def cmd_audit(args) -> int:
-    from builder import audit
+    from builder.check import audit
 
     try:
         root = find_root()
@@ -119,7 +125,7 @@ def cmd_audit(args) -> int:
 
 
 def cmd_sign(args) -> int:
-    from builder.signing import sign
+    from builder.check.signing import sign
 
     signature = sign(args.artifact, args.key, args.signature)
     print(f"signed {args.artifact.name}: {signature}")
@@ -127,12 +133,15 @@ def cmd_sign(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from builder import evaluate
+    from builder.artifact import record
+    from builder.quant import evaluate
 
-    result, spec = evaluate.evaluate_artifact(find_root(), args.artifact, args.eval, log=log)
+    recorded = record.read(args.artifact)
+    result, spec = evaluate.evaluate_artifact(find_root(), args.artifact, recorded.spec,
+                                              recorded.manifest.get("overrides", []), args.eval, log=log)
     text = pretty_json(result)
     if args.out:
-        args.out.write_text(text, encoding="utf-8")
+        atomic.write_text(args.out, text)
     else:
         sys.stdout.write(text)
     evaluate.require_gate(result, spec)
@@ -140,15 +149,11 @@ def cmd_eval(args) -> int:
 
 
 def cmd_summary(args) -> int:
-    from builder import summary
+    from builder.check import summary
 
     result = summary.summarize(args.artifact, details=args.details)
     sys.stdout.write(pretty_json(result) if args.json else summary.render(result))
     return 0
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr)
 
 
 VERBS = {

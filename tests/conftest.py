@@ -5,14 +5,28 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
 
+from builder import determinism
 from builder.canonical import file_entries, tree_digest
 
+determinism.apply_environment()  # in-process builds use the CLI's pinned CPU math: torch is not imported yet
+
 PROJECT = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config):
+    """Hermetic runs: the builder's cache (and anything else that honours XDG) lives in a temporary
+    folder for the whole session, inherited by every subprocess; the user's ~/.cache is never written."""
+    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="builder-tests-cache-")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(os.environ.get("XDG_CACHE_HOME", ""), ignore_errors=True)
 
 # Tiny configs of the architectures we promise to handle; every divisibility the specs check holds.
 TINY = {
@@ -81,6 +95,13 @@ def save_byte_tokenizer(path: Path) -> None:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=alphabet[0]).save_pretrained(path)
+
+
+def flip_last_byte(path: Path) -> None:
+    """Tamper with a file the smallest way: flip one bit of its last byte."""
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
 
 
 class Repo:
@@ -210,7 +231,7 @@ def init_pipeline(root: Path, kinds: tuple, releases: tuple) -> Pipeline:
 @pytest.fixture(scope="session")
 def built_pipeline(tmp_path_factory) -> Pipeline:
     """A committed pipeline whose first `dvc repro` built every release (read-only: copy it to change)."""
-    from builder import lock
+    from builder.spec import lock
 
     pipeline = init_pipeline(tmp_path_factory.mktemp("pipeline") / "repo", ("tiny-llama", "tiny-qwen2"),
                              PIPELINE_RELEASES)

@@ -7,9 +7,12 @@ import subprocess
 
 import pytest
 
-from builder import audit, build, lock, manifest, signing
-from builder.verify import verify
-from conftest import Repo
+from builder.check import audit, signing
+from builder import build
+from builder.spec import lock
+from builder.artifact import record
+from builder.check.verify import verify
+from conftest import Repo, flip_last_byte
 from test_provenance import forge_weight_and_manifest
 from test_signing import write_keys
 
@@ -49,7 +52,7 @@ def copy(repo, tmp_path):
 def test_audit_of_an_intact_signed_artifact_holds_and_names_every_input(repo, copy):
     report = audit.audit(copy, repo.root, public_key=repo.keys[1])
     assert report["holds"], audit.render(report)
-    assert report["release"] == RELEASE and report["artifact_id"] == manifest.read(copy)["artifact_id"]
+    assert report["release"] == RELEASE and report["artifact_id"] == record.read(copy).manifest["artifact_id"]
     assert [row["name"] for row in report["inputs"]] == ["weights", "tokenizer/tokenizer.json",
                                                          "tokenizer/tokenizer_config.json", "builder", "toolchain"]
     assert all(row["status"] == "ok" for row in report["inputs"] + report["toolchain"])
@@ -60,13 +63,6 @@ def test_audit_of_an_intact_signed_artifact_holds_and_names_every_input(repo, co
     assert "RESULT: holds" in text and f"last changed in commit {head.strip()}" in text
 
 
-def flip_weight_byte(out):
-    weights = out / "model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-1] ^= 0x01
-    weights.write_bytes(bytes(data))
-
-
 def edit_config(out):
     config = json.loads((out / "config.json").read_text())
     config["num_hidden_layers"] = 1
@@ -74,7 +70,7 @@ def edit_config(out):
 
 
 TAMPERINGS = {  # name -> (how, the file each check must name)
-    "flipped weight byte": (flip_weight_byte, "model.safetensors"),
+    "flipped weight byte": (lambda out: flip_last_byte(out / "model.safetensors"), "model.safetensors"),
     "edited config.json": (edit_config, "config.json"),
     "added file": (lambda out: (out / "notes.txt").write_text("hello"), "notes.txt"),
     "removed file": (lambda out: (out / "release.json").unlink(), "release.json"),
@@ -140,7 +136,6 @@ def test_audit_cli_prints_json_and_exits_1_when_something_does_not_hold(repo, co
 
 
 def test_data_files_are_provenance_inputs_and_audit_notices_when_they_change(repo, tmp_path):
-    from builder import provenance
     from conftest import PROJECT
 
     root = tmp_path / "repo"
@@ -154,7 +149,7 @@ def test_data_files_are_provenance_inputs_and_audit_notices_when_they_change(rep
     data = ("calibration.dataset=data/eval.txt", "+calibration.split=null", "+calibration.samples=1",
             "+calibration.sequence_length=8", "+calibration.seed=0")
     build.build(root, "tiny-llama-bf16", data, out=out, log=lambda m: None)
-    dependencies = provenance.read(out)["predicate"]["buildDefinition"]["resolvedDependencies"]
+    dependencies = record.read(out).provenance["predicate"]["buildDefinition"]["resolvedDependencies"]
     digest = hashlib.sha256(b"The quick brown fox.\n").hexdigest()
     assert {"name": "calibration", "uri": "data/eval.txt", "digest": {"sha256": digest},
             "annotations": {"digestOf": "file"}} in dependencies

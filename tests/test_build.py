@@ -131,7 +131,7 @@ def test_build_refuses_a_stale_lock(repo):
 def test_a_failing_build_leaves_no_partial_artifact_and_keeps_the_previous_one(repo, monkeypatch):
     repo.add_model("tiny-llama")
     previous = built(repo, "tiny-llama-bf16")
-    from builder import export
+    from builder.artifact import export
 
     def broken(*args, **kwargs):
         raise OSError(28, "No space left on device")
@@ -141,6 +141,6 @@ def test_a_failing_build_leaves_no_partial_artifact_and_keeps_the_previous_one(r
         built(repo, "tiny-llama-bf16", force=True)
     artifacts = repo.root / "artifacts"
     assert sorted(p.name for p in artifacts.iterdir()) == ["tiny-llama-bf16"]
-    from builder.verify import verify
+    from builder.check.verify import verify
 
     assert verify(artifacts / "tiny-llama-bf16")["content_digest"] == previous["content_digest"]

@@ -5,13 +5,15 @@ import json
 import torch
 
 from builder import build as build_module
-from builder import gptq, quantize
+from builder.quant import gptq, quantize
+from builder.spec.recipe import Recipe
 
 SMALL = ("calibration.samples=4", "calibration.sequence_length=32", "quant.weights.group_size=32")
-QUANT = {"format": "compressed-tensors", "dtype": "bfloat16", "input_activations": None,
-         "weights": {"num_bits": 4, "type": "int", "strategy": "group", "symmetric": True, "dynamic": False,
-                     "group_size": 16},
-         "gptq": {"block_size": 8, "dampening_frac": 0.01, "actorder": "static"}}
+RECIPE = Recipe.of({"format": "compressed-tensors", "dtype": "bfloat16", "algorithm": "gptq", "targets": ["Linear"],
+                    "ignore": [], "input_activations": None, "kv_cache_scheme": None,
+                    "weights": {"num_bits": 4, "type": "int", "strategy": "group", "symmetric": True,
+                                "dynamic": False, "group_size": 16},
+                    "gptq": {"block_size": 8, "dampening_frac": 0.01, "actorder": "static"}})
 
 
 def correlated_inputs(rows=512, features=64):
@@ -23,10 +25,10 @@ def correlated_inputs(rows=512, features=64):
 def test_gptq_has_lower_output_error_than_round_to_nearest_on_its_calibration_inputs():
     x = correlated_inputs()
     weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
-    values, scale = gptq.quantize(weight, x.T @ x, QUANT)
-    rtn_scale = quantize.weight_scale(weight, QUANT["weights"]).to(torch.bfloat16)
+    values, scale = gptq.quantize(weight, x.T @ x, RECIPE)
+    rtn_scale = quantize.weight_scale(weight, RECIPE.weights, torch.bfloat16)
     assert torch.equal(scale, rtn_scale)  # same scales: only the rounding differs
-    rtn = quantize.quantize_weight(weight, rtn_scale.float(), QUANT["weights"])
+    rtn = quantize.quantize_weight(weight, rtn_scale.float(), RECIPE.weights)
     expanded = scale.float().repeat_interleave(16, dim=1)
     error = {name: ((x @ (q.float() * expanded).T) - x @ weight.T).norm() for name, q in
              (("gptq", values), ("rtn", rtn))}

@@ -3,10 +3,11 @@
 import pytest
 import yaml
 
-from builder import lock
-from builder.card import model_card
-from builder.resolve import list_releases, scheme_class
-from builder.serve import serve_config
+from builder.spec import lock
+from builder.artifact.card import model_card
+from builder.spec.recipe import Recipe
+from builder.spec.resolve import list_releases
+from builder.artifact.serve import serve_config
 from conftest import PROJECT
 
 
@@ -23,7 +24,7 @@ def test_card_has_hub_front_matter_and_says_how_to_serve_and_rebuild(release):
     assert matter["base_model"] == spec["model"]["id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert matter["base_model_relation"] == "quantized"
     assert matter["license"] == spec["model"]["license"] and matter["library_name"] == "transformers"
-    assert {scheme_class(spec["quant"]), spec["choices"]["target"], "vllm"} <= set(matter["tags"])
+    assert {Recipe.of(spec["quant"]).scheme_class, spec["choices"]["target"], "vllm"} <= set(matter["tags"])
     assert serve_config(entry)["command"] in text
     assert entry["artifact_id"] in text and f"builder build {release}\n" in text
     assert f"dvc repro build@{release}" in text

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from builder.build import build
-from builder.verify import verify
+from builder.check.verify import verify
 from conftest import PROJECT
 
 RELEASE = "tiny-llama-fp8-dynamic"

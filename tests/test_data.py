@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from builder import data
+from builder.source import data
 from builder.errors import BuilderError
 
 

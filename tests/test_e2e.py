@@ -68,11 +68,12 @@ def test_tp3_release_ships_its_serve_json_card_and_estimated_size(smollm2):
 
     import yaml
 
-    from builder import lock
-    from builder.card import model_card
-    from builder.load import read_header
-    from builder.memory import weight_bytes
-    from builder.serve import serve_config
+    from builder.spec import lock
+    from builder.artifact.card import model_card
+    from builder.source.load import read_header
+    from builder.spec.memory import weight_bytes
+    from builder.spec.recipe import Recipe
+    from builder.artifact.serve import serve_config
 
     release = "smollm2-135m-instruct-fp8-dynamic-l4-tp3"
     smollm2.run("build", release, check=0)
@@ -83,4 +84,4 @@ def test_tp3_release_ships_its_serve_json_card_and_estimated_size(smollm2):
     assert card == model_card(entry) and "vllm-l4" in yaml.safe_load(card.split("---\n")[1])["tags"]
     header = read_header(artifact / "model.safetensors")
     written = sum(t["data_offsets"][1] - t["data_offsets"][0] for t in header.values())
-    assert written == weight_bytes(entry["spec"]["model"]["architecture"], entry["spec"]["quant"])
+    assert written == weight_bytes(entry["spec"]["model"]["architecture"], Recipe.of(entry["spec"]["quant"]))

@@ -2,9 +2,10 @@
 
 import pytest
 
-from builder import export
-from builder.resolve import resolve
-from tests.conftest import PROJECT
+from builder.artifact import export
+from builder.spec.recipe import Recipe
+from builder.spec.resolve import resolve
+from conftest import PROJECT
 
 SHIPPED_RELEASES = sorted(p.stem for p in (PROJECT / "specs" / "release").glob("*.yaml"))
 
@@ -20,7 +21,7 @@ def compressed_tensors_dump(quant: dict) -> dict:
     order = {"actorder": quant["gptq"]["actorder"]} if quant["algorithm"] == "gptq" else {}
     scheme = QuantizationScheme(targets=list(quant["targets"]), weights=args(quant["weights"], **order),
                                 input_activations=args(quant["input_activations"]))
-    config = QuantizationConfig(config_groups={"group_0": scheme}, format=export.quantize.compression_format(quant),
+    config = QuantizationConfig(config_groups={"group_0": scheme}, format=Recipe.of(quant).compression_format,
                                 quantization_status="compressed", ignore=list(quant["ignore"]),
                                 kv_cache_scheme=args(quant["kv_cache_scheme"]))
     return {"version": compressed_tensors.__version__, "quant_method": "compressed-tensors",
@@ -32,7 +33,7 @@ def test_quantization_config_equals_what_compressed_tensors_writes_for_every_shi
     quant = resolve(PROJECT, release)["quant"]
     if quant["format"] != "compressed-tensors":
         pytest.skip(f"{release} is {quant['format']}: no compressed-tensors config")
-    assert export.quantization_config(quant) == compressed_tensors_dump(quant)
+    assert export.quantization_config(Recipe.of(quant)) == compressed_tensors_dump(quant)
 
 
 @pytest.mark.parametrize("release, overrides", [
@@ -42,13 +43,13 @@ def test_quantization_config_equals_what_compressed_tensors_writes_for_every_shi
     ("smollm2-135m-instruct-fp8-dynamic", ("quant.ignore=[lm_head,re:.*down_proj]",))])
 def test_quantization_config_equals_compressed_tensors_for_recipe_variations(release, overrides):
     quant = resolve(PROJECT, release, overrides)["quant"]
-    assert export.quantization_config(quant) == compressed_tensors_dump(quant)
+    assert export.quantization_config(Recipe.of(quant)) == compressed_tensors_dump(quant)
 
 
 def test_quantization_config_validates_as_compressed_tensors_config():
     from compressed_tensors.quantization import QuantizationConfig
 
     quant = resolve(PROJECT, "smollm2-135m-instruct-fp8-static")["quant"]
-    written = export.quantization_config(quant)
+    written = export.quantization_config(Recipe.of(quant))
     parsed = QuantizationConfig.model_validate(written)
     assert parsed.kv_cache_scheme.num_bits == 8 and parsed.format == "float-quantized"

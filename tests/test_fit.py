@@ -3,9 +3,11 @@
 import pytest
 import yaml
 
-from builder import cli, fit
+from builder import cli
+from builder.spec import fit
 from builder.errors import BuilderError
-from builder.resolve import resolve
+from builder.spec.recipe import Recipe
+from builder.spec.resolve import resolve
 
 SMOLLM2_FP8 = "smollm2-135m-instruct-fp8-dynamic"
 SMOLLM2_BF16 = "smollm2-135m-instruct-bf16"
@@ -150,17 +152,17 @@ def test_target_without_fp8_kv_cache_refuses_a_recipe_that_quantizes_it(repo):
     spec = resolve(repo.root, SMOLLM2_BF16)
     spec["quant"]["kv_cache_scheme"] = {"num_bits": 8, "type": "float", "strategy": "tensor",
                                         "symmetric": True, "dynamic": False, "group_size": None}
-    problems = fit.target_problems(spec, "w16a16")
+    problems = fit.target_problems(spec, Recipe.of(spec["quant"]))
     assert problems == [(("target", "kv_cache_dtypes"), "cpu has no fp8 KV cache (the quant recipe "
                          "quantizes it); allowed: auto")]
     spec["target"] = resolve(repo.root, SMOLLM2_FP8)["target"]
-    assert fit.target_problems(spec, "w16a16") == []
+    assert fit.target_problems(spec, Recipe.of(spec["quant"])) == []
 
 
 def test_cpu_target_refuses_static_activation_scales(repo):
     spec = resolve(repo.root, SMOLLM2_FP8, ("target=cpu",))
     spec["quant"]["input_activations"] = {**spec["quant"]["input_activations"], "dynamic": False,
                                           "strategy": "tensor"}
-    (key, message), = fit.target_problems(spec, "w8a8-fp8")
+    (key, message), = fit.target_problems(spec, Recipe.of(spec["quant"]))
     assert key == ("target", "activation_scales") and "static" in message and "allowed: dynamic" in message
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from builder import build as build_module
 from builder.canonical import file_entries, sha256_file, tree_digest
 from builder.errors import BuilderError
-from builder.importer import import_model
+from builder.source.importer import import_model
 from conftest import make_checkpoint, model_spec, release_text
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from builder import lock, plan
+from builder.spec import lock
+from builder.pipeline import plan
 from builder.errors import BuilderError
 from conftest import Pipeline
 

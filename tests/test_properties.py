@@ -2,16 +2,30 @@
 
 import contextlib
 import io
+import os
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from builder import cli
 from builder.canonical import canonical_json, sha256_bytes
 from builder.errors import BuilderError
-from builder.lock import lock_entry
+from builder.spec.lock import lock_entry
 from conftest import PROJECT
 
 RELEASE = "smollm2-135m-instruct-fp8-dynamic"
+
+
+def uncached(overrides: tuple) -> dict:
+    """A lock entry resolved afresh (BUILDER_CACHE=off), to hold against what the cache returns."""
+    previous = os.environ.get("BUILDER_CACHE")
+    os.environ["BUILDER_CACHE"] = "off"
+    try:
+        return lock_entry(PROJECT, RELEASE, overrides)
+    finally:
+        if previous is None:
+            del os.environ["BUILDER_CACHE"]
+        else:
+            os.environ["BUILDER_CACHE"] = previous
 SLOW = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 scalars = (st.integers(min_value=-(2 ** 80), max_value=2 ** 80) | st.text() | st.booleans() | st.none()
@@ -48,13 +62,13 @@ def test_random_override_strings_never_crash_with_a_traceback(override):
 @SLOW
 @given(st.integers(min_value=1, max_value=2 ** 62))
 def test_large_numbers_resolve_to_an_error_or_a_stable_hash(length):
+    overrides = (f"context.max_model_len={length}",)
     try:
-        first = lock_entry(PROJECT, RELEASE, (f"context.max_model_len={length}",))
+        first = lock_entry(PROJECT, RELEASE, overrides)
     except BuilderError as error:
         assert all(p.key.startswith("context.") or "max_model_len" in p.message for p in error.problems)
         return
-    second = lock_entry(PROJECT, RELEASE, (f"context.max_model_len={length}",))
-    assert first["artifact_id"] == second["artifact_id"]
+    assert lock_entry(PROJECT, RELEASE, overrides) == first == uncached(overrides)  # the cache changes nothing
     assert first["spec"]["context"]["max_model_len"] == length
 
 
@@ -62,9 +76,10 @@ def test_large_numbers_resolve_to_an_error_or_a_stable_hash(length):
 @given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=20))
 def test_unicode_release_descriptions_give_stable_ids(description):
     quoted = "'" + description.replace("'", "\\'") + "'"
+    overrides = (f"+release.description={quoted}",)
     try:
-        first = lock_entry(PROJECT, RELEASE, (f"+release.description={quoted}",))
+        first = lock_entry(PROJECT, RELEASE, overrides)
     except BuilderError:
         return  # a string Hydra's grammar cannot take is an input error, which is what we promise
-    second = lock_entry(PROJECT, RELEASE, (f"+release.description={quoted}",))
-    assert first["artifact_id"] == second["artifact_id"]
+    assert first["spec"]["release"]["description"] == description
+    assert lock_entry(PROJECT, RELEASE, overrides) == first == uncached(overrides)

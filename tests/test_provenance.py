@@ -4,8 +4,12 @@ import subprocess
 
 import pytest
 
-from builder import build, lock, manifest, provenance
+from builder import build
+from builder.artifact import provenance, record
 from builder.canonical import file_entries
+from builder.paths import MANIFEST_FILE, RECORD_FILES
+from builder.spec import lock
+from conftest import flip_last_byte
 
 
 def built(repo, release, out, **kwargs):
@@ -16,14 +20,15 @@ def built(repo, release, out, **kwargs):
 def test_provenance_validates_against_the_schemas_and_its_subjects_are_the_files(tiny_repo, recipe, tmp_path):
     out = tmp_path / "a"
     result = built(tiny_repo, f"tiny-qwen2-{recipe}", out)
-    document = provenance.read(out)
+    document = record.read(out).provenance
     assert provenance.schema_problems(document, "provenance.json") == []
     assert document["_type"] == "https://in-toto.io/Statement/v1"
     assert document["predicateType"] == "https://slsa.dev/provenance/v1"
     others = file_entries(out, exclude=frozenset({"manifest.json", "provenance.json"}))
     assert [s["name"] for s in document["subject"]] == [e["path"] for e in others]
     assert provenance.subject_problems(document, others, "a") == []
-    assert "provenance.json" in {e["path"] for e in result["files"]}  # inside the content digest
+    assert [e["path"] for e in result["files"]] == [e["path"] for e in others]  # what the content digest covers
+    assert [e["path"] for e in result["records"]] == ["provenance.json"]  # checked by verify, outside the digest
     build_definition = document["predicate"]["buildDefinition"]
     assert build_definition["internalParameters"]["artifact_id"] == result["artifact_id"]
     assert build_definition["externalParameters"]["release"] == f"tiny-qwen2-{recipe}"
@@ -49,14 +54,14 @@ def test_provenance_names_the_lock_by_its_git_blob(repo, tmp_path):
     expected = subprocess.run(["git", "hash-object", "locks/tiny-llama-bf16.json"], cwd=repo.root,
                               capture_output=True, text=True, check=True).stdout.strip()
     built(repo, "tiny-llama-bf16", tmp_path / "a")
-    parameters = provenance.read(tmp_path / "a")["predicate"]["buildDefinition"]["externalParameters"]
+    parameters = record.read(tmp_path / "a").provenance["predicate"]["buildDefinition"]["externalParameters"]
     assert parameters["lock"] == {"uri": "locks/tiny-llama-bf16.json",
                                   "digest": {"gitBlob": expected, "sha256": parameters["lock"]["digest"]["sha256"]}}
 
 
 def test_the_schemas_reject_a_statement_without_subjects_or_builder(tiny_repo, tmp_path):
     built(tiny_repo, "tiny-llama-bf16", tmp_path / "a")
-    document = provenance.read(tmp_path / "a")
+    document = record.read(tmp_path / "a").provenance
     document["subject"] = []
     del document["predicate"]["runDetails"]["builder"]["id"]
     problems = [str(p) for p in provenance.schema_problems(document, "provenance.json")]
@@ -66,7 +71,7 @@ def test_the_schemas_reject_a_statement_without_subjects_or_builder(tiny_repo, t
 
 def test_verify_catches_a_manifest_rewritten_to_match_a_tampered_weight(tiny_repo, tmp_path):
     from builder.errors import CheckFailed
-    from builder.verify import verify
+    from builder.check.verify import verify
 
     out = tmp_path / "a"
     built(tiny_repo, "tiny-llama-fp8-dynamic", out)
@@ -79,12 +84,9 @@ def forge_weight_and_manifest(out):
     """Flip a weight byte, then rewrite manifest.json's file list and content digest to match."""
     from builder.canonical import pretty_json, tree_digest
 
-    weights = out / "model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-1] ^= 0x01
-    weights.write_bytes(bytes(data))
-    recorded = manifest.read(out)
-    recorded["files"] = file_entries(out, exclude=manifest.OUTSIDE_DIGEST)
+    flip_last_byte(out / "model.safetensors")
+    recorded = record.read(out).manifest
+    recorded["files"] = file_entries(out, exclude=RECORD_FILES)
     recorded["content_digest"] = tree_digest(recorded["files"])
-    (out / manifest.NAME).write_text(pretty_json(recorded))
+    (out / MANIFEST_FILE).write_text(pretty_json(recorded))
 

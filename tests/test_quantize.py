@@ -4,9 +4,11 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from builder import build as build_module
-from builder import quantize
+from builder.quant import quantize
+from builder.spec.recipe import Args
 from conftest import release_text
 from test_build import tensors
 
@@ -108,3 +110,44 @@ def test_legacy_fp8_layout_writes_autofp8_names_and_scalar_f32_scales(calib_repo
     source = tensors(calib_repo.root / "weights" / "tiny-llama")[f"{attention}.o_proj.weight"].float()
     restored = out[f"{attention}.o_proj.weight"].float() * out[f"{attention}.o_proj.weight_scale"]
     assert torch.allclose(restored, source, rtol=2 ** -4, atol=float(out[f"{attention}.o_proj.weight_scale"]) * 2 ** -9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("kind", ["float", "int"])
+def test_zero_and_tiny_rows_get_the_scale_compressed_tensors_stores_never_zero(dtype, kind):
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    args = Args(num_bits=8, type=kind, strategy="channel", symmetric=True, dynamic=False, group_size=None)
+    weight = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1e-5, -1e-5, 1e-5, 0.0], [0.5, -0.25, 0.125, 1.0]])
+    weight = weight.to(dtype).float()  # source weights come in the model's dtype
+    scale = quantize.weight_scale(weight, args, dtype)
+    amax = weight.abs().amax(dim=1, keepdim=True).to(dtype)
+    theirs, _ = calculate_qparams(-amax, amax, QuantizationArgs(**args.as_dict()))
+    assert scale.dtype == dtype and torch.equal(scale, theirs.to(dtype))  # the same bytes as compressed-tensors
+    assert bool((scale > 0).all())
+    values = quantize.quantize_weight(weight, scale.float(), args).float()
+    assert bool(torch.isfinite(values).all()) and torch.equal(values[0], torch.zeros(4))
+    restored = values * scale.float()
+    assert float((restored[:2] - weight[:2]).abs().max()) < 1e-5  # zero and tiny rows come back as they were
+
+
+def test_a_source_weight_holding_nan_or_infinity_is_refused_naming_it(repo):
+    from safetensors.torch import load_file, save_file
+
+    from builder.canonical import file_entries, tree_digest
+
+    weights = repo.add_model("tiny-llama")
+    tensors = load_file(weights / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    tensors["model.norm.weight"][0] = float("inf")
+    save_file(tensors, weights / "model.safetensors", metadata={"format": "pt"})
+    spec_file = repo.root / "specs" / "model" / "tiny-llama.yaml"
+    spec = yaml.safe_load(spec_file.read_text())
+    spec["digest"] = tree_digest(file_entries(weights))
+    spec_file.write_text(yaml.safe_dump(spec))
+    for release, tensor in (("tiny-llama-fp8-dynamic", "model.layers.1.mlp.up_proj.weight"),
+                            ("tiny-llama-bf16", "model.layers.1.mlp.up_proj.weight")):
+        result = repo.run("build", release, check=2)
+        assert f"{tensor}: holds NaN or infinite values" in result.stderr and "Traceback" not in result.stderr
+    assert not (repo.root / "artifacts").exists() or not any((repo.root / "artifacts").iterdir())

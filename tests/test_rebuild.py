@@ -4,11 +4,14 @@ import shutil
 
 import pytest
 
-from builder import build, manifest
+from builder import build
+from builder.artifact import record
+from builder.build import rebuild
 from builder.canonical import pretty_json
 from builder.errors import BuilderError, CheckFailed
-from builder.load import read_header
-from builder.rebuild import rebuild
+from builder.paths import MANIFEST_FILE
+from builder.tensorfile import read_header
+from conftest import flip_last_byte
 
 RELEASE = "tiny-qwen2-fp8-dynamic"
 
@@ -28,16 +31,13 @@ def copy(artifact, tmp_path):
 
 def test_rebuilding_an_intact_artifact_gives_the_same_bytes(tiny_repo, copy):
     result = rebuild(tiny_repo.root, copy, log=lambda m: None)
-    assert result["content_digest"] == manifest.read(copy)["content_digest"]
+    assert result["content_digest"] == record.read(copy).manifest["content_digest"]
 
 
 def test_rebuild_names_the_first_differing_file_and_tensor(tiny_repo, copy):
     header = read_header(copy / "model.safetensors")
     last = max(header, key=lambda name: header[name]["data_offsets"][1])  # owns the file's last byte
-    weights = copy / "model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-1] ^= 0x01
-    weights.write_bytes(bytes(data))
+    flip_last_byte(copy / "model.safetensors")
     with pytest.raises(CheckFailed) as caught:
         rebuild(tiny_repo.root, copy, log=lambda m: None)
     message = caught.value.render()
@@ -52,9 +52,9 @@ def test_rebuild_names_a_file_the_rebuild_does_not_write(tiny_repo, copy):
 
 
 def test_rebuild_refuses_when_the_recorded_toolchain_is_not_the_installed_one(tiny_repo, copy):
-    recorded = manifest.read(copy)
+    recorded = record.read(copy).manifest
     recorded["inputs"]["toolchain"]["torch"] = "2.0.0"
-    (copy / manifest.NAME).write_text(pretty_json(recorded))
+    (copy / MANIFEST_FILE).write_text(pretty_json(recorded))
     with pytest.raises(BuilderError, match="inputs.toolchain: recorded .*'torch': '2.0.0'"):
         rebuild(tiny_repo.root, copy, log=lambda m: None)
 

@@ -4,10 +4,11 @@ import json
 
 import yaml
 
-from builder import build as build_module, lock
-from builder.card import model_card
-from builder.release_files import write_release_files
-from builder.serve import serve_config
+from builder import build as build_module
+from builder.spec import lock
+from builder.artifact.card import model_card
+from builder.artifact.release_files import write_release_files
+from builder.artifact.serve import serve_config
 from conftest import PROJECT
 
 

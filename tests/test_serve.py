@@ -4,9 +4,9 @@ import shlex
 
 import pytest
 
-from builder import lock
-from builder.resolve import list_releases
-from builder.serve import serve_config
+from builder.spec import lock
+from builder.spec.resolve import list_releases
+from builder.artifact.serve import serve_config
 from conftest import PROJECT
 
 RELEASES = list_releases(PROJECT)

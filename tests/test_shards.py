@@ -1,4 +1,5 @@
-"""The streaming safetensors writer: same bytes as safetensors itself, any tensor order."""
+"""The streaming safetensors writer (builder/tensorfile.py): same bytes as safetensors itself, any
+tensor order; and how outputs split into shards (builder/artifact/shards.py)."""
 
 import random
 
@@ -6,8 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from builder import shards
-from builder.quantize import Output
+from builder import tensorfile
+from builder.artifact import shards
+from builder.tensorfile import Output
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn, torch.int8, torch.int32,
           torch.int64, torch.uint8, torch.bool]
@@ -32,7 +34,7 @@ def test_streamed_shard_equals_safetensors_save_file_bytes(tmp_path, seed):
     names = list(tensors)
     random.Random(seed).shuffle(names)  # arrival order must not matter
     outputs = [Output(n, tensors[n].dtype, tuple(tensors[n].shape)) for n in names]
-    shards.write(tmp_path / "streamed.safetensors", outputs, lambda name: tensors[name])
+    tensorfile.write(tmp_path / "streamed.safetensors", outputs, lambda name: tensors[name])
     assert (tmp_path / "streamed.safetensors").read_bytes() == (tmp_path / "reference.safetensors").read_bytes()
     loaded = load_file(tmp_path / "streamed.safetensors")
     assert all(torch.equal(loaded[n].view(torch.uint8), tensors[n].view(torch.uint8)) for n in tensors
@@ -41,7 +43,7 @@ def test_streamed_shard_equals_safetensors_save_file_bytes(tmp_path, seed):
 
 def test_a_produced_tensor_that_differs_from_the_plan_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="planned"):
-        shards.write(tmp_path / "x.safetensors", [Output("a", torch.float32, (2,))],
+        tensorfile.write(tmp_path / "x.safetensors", [Output("a", torch.float32, (2,))],
                      lambda name: torch.zeros(3))
 
 

@@ -7,9 +7,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from builder import signing
+from builder.check import signing
 from builder.errors import BuilderError, CheckFailed
-from builder.verify import verify
+from builder.check.verify import verify
 from test_verify import artifact, copy  # noqa: F401  (fixtures: a built tiny artifact, a fresh copy)
 
 

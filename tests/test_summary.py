@@ -1,7 +1,7 @@
 """builder summary: bytes per dtype and a per-layer table with scale statistics."""
 
 from builder import build as build_module
-from builder import summary
+from builder.check import summary
 
 
 def test_summary_counts_bytes_per_dtype_and_reports_scale_statistics(tiny_repo, tmp_path):

@@ -4,7 +4,8 @@ import pytest
 
 from builder import build
 from builder.errors import CheckFailed
-from builder.verify import verify
+from builder.check.verify import verify
+from conftest import flip_last_byte
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +35,7 @@ def test_an_intact_artifact_verifies(copy):
 
 
 def test_verify_catches_a_flipped_byte_and_names_the_file(copy):
-    weights = copy / "model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-1] ^= 0x01
-    weights.write_bytes(bytes(data))
+    flip_last_byte(copy / "model.safetensors")
     assert "tiny-llama-fp8-dynamic/model.safetensors: changed" in failure(copy)
 
 

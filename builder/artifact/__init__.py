@@ -1,0 +1,1 @@
+"""Writing an artifact: weights, config, release files, manifest, provenance."""

@@ -1,0 +1,147 @@
+"""Write an artifact's files: weights as streamed shards, config.json, tokenizer and release files."""
+
+import shutil
+from pathlib import Path
+
+from builder import failpoints, tensorfile
+from builder.artifact import shards
+from builder.canonical import pretty_json
+from builder.console import progress
+from builder.quant import quantize
+from builder.source.load import WEIGHT_FILES
+from builder.spec.recipe import Args, Recipe
+
+# Keys transformers stamps with local facts (paths); dropped so the artifact does not depend on them.
+UNSTABLE_CONFIG_KEYS = ("_name_or_path",)
+# QuantizationArgs fields a recipe does not set, with the values compressed-tensors 0.17 writes for them.
+QUANTIZATION_ARGS_DEFAULTS = {"actorder": None, "block_structure": None, "observer_kwargs": {},
+                              "scale_dtype": None, "zp_dtype": None}
+KEEP_FRACTION = 16  # outputs at most 1/16 of their source's bytes (scales) wait to be written; larger are recomputed
+
+
+def plan_outputs(tensors: dict, modules: dict, recipe: Recipe) -> list:
+    """One list of Outputs per source tensor (sorted by name), without computing anything."""
+    groups = []
+    for name in sorted(tensors):
+        _, code, shape = tensors[name]
+        is_targeted = quantize.targeted(name, shape, modules, recipe)
+        groups.append(quantize.layout(name, tensorfile.torch_dtype(code), shape, is_targeted, recipe))
+    return groups
+
+
+def write_weights(out: Path, tensors: dict, modules: dict, recipe: Recipe, max_shard_bytes: int,
+                  calibration: dict | None = None) -> list:
+    """Quantize and write every tensor, one at a time; returns the weight file names written.
+
+    calibration: builder.quant.calibrate's statistics and GPTQ weights, for recipes that calibrate.
+    """
+    groups = plan_outputs(tensors, modules, recipe)
+    source_of = {o.name: source for source, group in zip(sorted(tensors), groups) for o in group}
+    assigned = shards.assign(groups, max_shard_bytes)
+    names = shards.shard_names(len(assigned))
+    count = sum(len(outputs) for outputs in assigned)
+    with tensorfile.reader(tensors) as read, progress(total=count, desc="quantize", unit="tensor") as bar:
+        produce, written = producer(read, source_of, tensors, modules, recipe, calibration), 0
+
+        def produce_and_count(name):
+            nonlocal written
+            written += 1
+            bar.update()
+            if written == count // 2:
+                failpoints.reached("quantize")
+            return produce(name)
+
+        for outputs, file_name in zip(assigned, names):
+            tensorfile.write(out / file_name, outputs, produce_and_count)
+            failpoints.reached("shard")
+    if len(names) > 1:
+        (out / WEIGHT_FILES[1]).write_text(pretty_json(shards.index(assigned, names)), encoding="utf-8")
+        names.append(WEIGHT_FILES[1])
+    return names
+
+
+def producer(read, source_of: dict, tensors: dict, modules: dict, recipe: Recipe, calibration: dict | None):
+    """produce(output name) -> that output's tensor, quantizing its source tensor when it is needed.
+
+    Shards are laid out by dtype, so one source's outputs are asked for at different times (a weight's
+    BF16 scale long before its FP8 values). Scales and other small outputs wait in memory for their
+    turn; quantized values are computed again when asked for, so memory stays at one tensor.
+    """
+    waiting, written = {}, set()
+
+    def produce(output_name: str):
+        if output_name not in waiting:
+            source = source_of[output_name]
+            _, _, shape = tensors[source]
+            is_targeted = quantize.targeted(source, shape, modules, recipe)
+            tensor = read(source)
+            computed = quantize.compute(source, tensor, is_targeted, recipe, calibration)
+            waiting.update({name: value for name, value in computed.items() if name == output_name
+                            or (name not in written and value.nbytes * KEEP_FRACTION <= tensor.nbytes)})
+        written.add(output_name)
+        return waiting.pop(output_name)
+
+    return produce
+
+
+def quantization_config(recipe: Recipe) -> dict:
+    """config.json's quantization_config exactly as compressed-tensors (or, for format fp8, AutoFP8) writes it.
+
+    Written as data rather than through compressed-tensors' pydantic models, whose import costs a
+    build ~2 s and ~140 MB (it loads torch.compile); tests/test_export.py holds every recipe's result
+    equal to what those models validate and dump.
+    """
+    from importlib import metadata
+
+    if recipe.format == "fp8":
+        return legacy_fp8_config(recipe)
+    weights = quantization_args(recipe.weights)
+    if recipe.algorithm == "gptq":  # compressed-tensors records GPTQ's column order with the weights
+        weights["actorder"] = recipe.gptq.actorder
+    scheme = {"format": None, "input_activations": quantization_args(recipe.input_activations),
+              "output_activations": None, "targets": list(recipe.targets), "weights": weights}
+    return {"config_groups": {"group_0": scheme}, "format": recipe.compression_format,
+            "global_compression_ratio": None, "ignore": list(recipe.ignore),
+            "kv_cache_scheme": quantization_args(recipe.kv_cache_scheme),
+            "quant_method": "compressed-tensors", "quantization_status": "compressed",
+            "sparsity_config": {}, "transform_config": {}, "version": metadata.version("compressed-tensors")}
+
+
+def quantization_args(args: Args | None) -> dict | None:
+    """compressed-tensors' QuantizationArgs as it serialises them: defaults filled in, and no
+    observer for dynamic (run-time) scales."""
+    if args is None:
+        return None
+    return {**QUANTIZATION_ARGS_DEFAULTS, **args.as_dict(), "observer": None if args.dynamic else "memoryless_minmax"}
+
+
+def legacy_fp8_config(recipe: Recipe) -> dict:
+    """The AutoFP8 / vLLM `quant_method: fp8` config: per-tensor FP8 weights, static or dynamic activations."""
+    config = {"quant_method": "fp8", "ignored_layers": list(recipe.ignore),
+              "activation_scheme": "dynamic" if recipe.input_activations.dynamic else "static"}
+    if recipe.kv_cache_scheme is not None:
+        config["kv_cache_scheme"] = "static"
+    return config
+
+
+def write_config(source: dict, out: Path, recipe: Recipe) -> None:
+    """The source config.json, normalised, with the output dtype and quantization_config."""
+    config = {k: v for k, v in source.items() if k not in UNSTABLE_CONFIG_KEYS}
+    config["dtype"] = recipe.dtype
+    config.pop("torch_dtype", None)
+    if recipe.format != "dense":
+        config["quantization_config"] = quantization_config(recipe)
+    (out / "config.json").write_text(pretty_json(config), encoding="utf-8")
+
+
+def copy_side_files(source: Path, out: Path) -> list:
+    """Tokenizer, generation config and other non-weight files, copied byte for byte."""
+    copied = []
+    for path in sorted(p for p in source.rglob("*") if p.is_file()):
+        relative = path.relative_to(source)
+        if relative.name in ("config.json", *WEIGHT_FILES) or path.suffix == ".safetensors":
+            continue
+        (out / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, out / relative)
+        copied.append(relative.as_posix())
+    return copied

@@ -1,0 +1,38 @@
+"""manifest.json: what an artifact is (artifact_id, inputs) and what it holds (every file, digest).
+
+Its content digest covers every file but the record files (manifest.json, provenance.json): those
+describe the content; the manifest lists provenance.json's sha256 separately, so verify checks it too.
+"""
+
+from pathlib import Path
+
+from builder import determinism
+from builder.canonical import canonical_json, file_entry, pretty_json, sha256_bytes, tree_digest
+from builder.paths import MANIFEST_FILE, PROVENANCE_FILE
+
+SCHEMA = "builder.manifest/v2"
+
+
+def create(out: Path, entry: dict, files: list) -> dict:
+    """Write manifest.json into out; returns the manifest.
+
+    files: the content files' entries ({path, sha256, size}; everything but RECORD_FILES), hashed once
+    by the build and shared with provenance.json's subjects.
+    """
+    records = [file_entry(out, PROVENANCE_FILE)] if (out / PROVENANCE_FILE).is_file() else []
+    manifest = {
+        "schema": SCHEMA,
+        "lock_schema": entry["schema"],
+        "release": entry["release"],
+        "version": entry["spec"]["release"]["version"],
+        "artifact_id": entry["artifact_id"],
+        "overrides": entry["overrides"],
+        "spec_digest": sha256_bytes(canonical_json(entry["spec"])),
+        "inputs": entry["inputs"],
+        "determinism": determinism.settings(),
+        "files": files,
+        "records": records,
+        "content_digest": tree_digest(files),
+    }
+    (out / MANIFEST_FILE).write_text(pretty_json(manifest), encoding="utf-8")
+    return manifest

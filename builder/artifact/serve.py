@@ -1,0 +1,75 @@
+"""serve.json: the runtime arguments a release is meant to be served with, and the command line. Pure.
+
+    builder build smollm2-135m-instruct-fp8-dynamic && cat artifacts/smollm2-135m-instruct-fp8-dynamic/serve.json
+"""
+
+import shlex
+
+from builder.paths import artifact_name
+from builder.spec import memory
+from builder.spec.recipe import Recipe
+# vLLM's --quantization for each output format; dense checkpoints need none.
+VLLM_QUANTIZATION = {"dense": None, "compressed-tensors": "compressed-tensors", "fp8": "fp8"}
+
+
+def vllm_arguments(spec: dict, recipe: Recipe, figures: dict) -> tuple:
+    """(engine arguments by vLLM's names, environment variables) for `vllm serve`."""
+    context, target = spec["context"], spec["target"]
+    arguments = {
+        "dtype": recipe.dtype,
+        "enable_chunked_prefill": True,
+        "kv_cache_dtype": figures["kv_cache_dtype"],
+        "max_model_len": context["max_model_len"],
+        "max_num_batched_tokens": context["prefill_chunk_size"],
+        "max_num_seqs": context["max_num_seqs"],
+        "pipeline_parallel_size": spec["parallelism"]["pipeline"],
+        "quantization": VLLM_QUANTIZATION.get(recipe.format, recipe.format),
+        "served_model_name": spec["release"]["name"],
+        "tensor_parallel_size": spec["parallelism"]["tensor"],
+    }
+    environment = {}
+    if target["device"]["kind"] == "cuda":
+        arguments["gpu_memory_utilization"] = target["memory_utilization"]
+    else:  # vLLM's CPU build sizes its KV cache from this variable, in GiB
+        environment["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, -(-figures["kv_cache_per_device"] // memory.GIB)))
+    return {k: v for k, v in arguments.items() if v is not None}, environment
+
+
+def vllm_command(model: str, arguments: dict, environment: dict) -> str:
+    """`vllm serve MODEL --flag value ...`, flags sorted, booleans as bare flags."""
+    words = [f"{key}={shlex.quote(value)}" for key, value in sorted(environment.items())]
+    words += ["vllm", "serve", shlex.quote(model)]
+    for key, value in sorted(arguments.items()):
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            words.append(flag)
+        elif value is not False:
+            words += [flag, shlex.quote(str(value))]
+    return " ".join(words)
+
+
+def transformers_arguments(spec: dict, recipe: Recipe, figures: dict) -> tuple:
+    """from_pretrained arguments for plain transformers serving (no environment)."""
+    return {"dtype": recipe.dtype}, {}
+
+
+def transformers_command(model: str, arguments: dict, environment: dict) -> str:
+    code = (f"from transformers import pipeline; pipeline('text-generation', model={model!r}, "
+            f"dtype={arguments['dtype']!r})")
+    return f"python -c {shlex.quote(code)}"
+
+
+RUNTIMES = {"vllm": (vllm_arguments, vllm_command), "transformers": (transformers_arguments, transformers_command)}
+
+
+def serve_config(entry: dict) -> dict:
+    """What serve.json holds for a lock entry: runtime, version range, model folder, arguments, command."""
+    spec = entry["spec"]
+    runtime = spec["target"]["runtime"]
+    to_arguments, to_command = RUNTIMES[runtime]
+    recipe = Recipe.of(spec["quant"])
+    arguments, environment = to_arguments(spec, recipe, memory.estimate(spec, recipe))
+    model = f"artifacts/{artifact_name(entry)}"
+    return {"runtime": runtime, "runtime_versions": spec["target"]["runtime_versions"], "model": model,
+            "arguments": arguments, "environment": environment,
+            "command": to_command(model, arguments, environment)}

@@ -1,0 +1,1 @@
+"""Reading artifacts back: verify, rebuild, audit, sign, summarize."""

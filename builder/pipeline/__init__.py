@@ -1,0 +1,1 @@
+"""Many releases at once: fan-out of builds, release plans against git."""

@@ -1,0 +1,1 @@
+"""Quantization arithmetic, calibration, GPTQ and evaluation (torch)."""

@@ -1,0 +1,117 @@
+"""Quality of an artifact against its source model: perplexity and mean next-token KL divergence on
+the evaluation text, on CPU through plain transformers loading (FP32); and the release's quality gate.
+
+    builder eval artifacts/smollm2-135m-instruct-fp8-static [--eval docstrings] [--out eval.json]
+"""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+from builder.errors import BuilderError, CheckFailed, Problem
+
+DIGITS = 6  # decimals kept in eval.json: far below run-to-run noise of any real comparison
+
+
+def load_model(path: Path):
+    """A causal LM in FP32; compressed-tensors checkpoints are dequantized (activations still fake-quantized)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    if not sys.stderr.isatty():
+        logging.disable_progress_bar()  # quiet in pipes and CI, like our own tqdm bars
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    kwargs = {}
+    if config.get("quantization_config", {}).get("quant_method") == "compressed-tensors":
+        kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False, **kwargs).eval()
+
+
+def measure(source: Path, artifact: Path, ids) -> dict:
+    """Perplexity of both models and the mean KL(source || artifact) per predicted token, window by window.
+
+    Args:
+        source: the source checkpoint folder.
+        artifact: the (staged or built) artifact folder.
+        ids: LongTensor [windows, length] of evaluation tokens.
+    """
+    import torch
+    from torch.nn.functional import log_softmax
+    from builder.console import progress
+
+    reference, candidate = load_model(source), load_model(artifact)
+    nll = {"source": 0.0, "artifact": 0.0}
+    kl, tokens = 0.0, 0
+    with torch.no_grad():
+        for window in progress(ids.split(1), desc="eval", unit="window"):
+            targets = window[0, 1:]
+            expected = log_softmax(reference(window).logits[0, :-1].to(torch.float32), dim=-1)
+            actual = log_softmax(candidate(window).logits[0, :-1].to(torch.float32), dim=-1)
+            nll["source"] -= float(expected.gather(1, targets[:, None]).sum(dtype=torch.float64))
+            nll["artifact"] -= float(actual.gather(1, targets[:, None]).sum(dtype=torch.float64))
+            kl += float((expected.exp() * (expected - actual)).sum(dtype=torch.float64))
+            tokens += targets.numel()
+    perplexity = {name: math.exp(total / tokens) for name, total in nll.items()}
+    return {
+        "windows": int(ids.shape[0]), "sequence_length": int(ids.shape[1]), "tokens": tokens,
+        "perplexity": {name: round(value, DIGITS) for name, value in perplexity.items()},
+        "perplexity_increase_pct": round(100 * (perplexity["artifact"] / perplexity["source"] - 1), DIGITS),
+        "mean_kl": round(kl / tokens, DIGITS),
+    }
+
+
+def gate_problems(result: dict, gate: dict, spec_file: str) -> list:
+    """A Problem for every figure beyond the gate's limit, naming the figure, its value and the limit."""
+    found = []
+    for figure, limit_key, unit in (("perplexity_increase_pct", "max_perplexity_increase_pct", " %"),
+                                    ("mean_kl", "max_mean_kl", " nats")):
+        limit = gate[limit_key]
+        if limit is not None and result[figure] > limit:
+            found.append(Problem(spec_file, f"eval.gate.{limit_key}", f"{figure} {result[figure]}{unit} exceeds "
+                                 f"the gate's {limit}{unit} (perplexity {result['perplexity']['artifact']} vs "
+                                 f"source {result['perplexity']['source']})"))
+    return found
+
+
+def evaluate(root: Path, spec: dict, source: Path, artifact: Path, log=print, ids=None) -> dict:
+    """eval.json's content for an artifact of spec (which must name an eval dataset), with the gate verdict.
+
+    ids: the eval windows when the caller has drawn them already (a build does, before writing).
+    """
+    from builder.source import data
+
+    eval_file = f"specs/eval/{spec['choices']['eval']}.yaml"
+    if ids is None:
+        ids = data.samples(root, spec["eval"], source, file=eval_file, group="eval")
+    result = measure(source, artifact, ids)
+    problems = gate_problems(result, spec["eval"]["gate"], eval_file)
+    result["dataset"] = spec["eval"]["dataset"]
+    result["gate"] = {**spec["eval"]["gate"], "passed": not problems}
+    log(f"eval: perplexity {result['perplexity']['artifact']} (source {result['perplexity']['source']}, "
+        f"{result['perplexity_increase_pct']:+.3f} %), mean KL {result['mean_kl']}")
+    return result
+
+
+def require_gate(result: dict, spec: dict) -> None:
+    """Raise CheckFailed (exit 1) naming each figure that misses the release's gate."""
+    problems = gate_problems(result, spec["eval"]["gate"], f"specs/eval/{spec['choices']['eval']}.yaml")
+    if problems:
+        raise CheckFailed(problems)
+
+
+def evaluate_artifact(root: Path, artifact: Path, spec: dict, overrides: list, option: str | None = None,
+                      log=print) -> tuple:
+    """(eval result, spec) for a built artifact of spec (its recorded release.json, built with
+    overrides): its release's eval group, or the eval option given."""
+    from builder.source import load
+    from builder.spec.resolve import resolve
+
+    if option is not None:
+        spec = resolve(root, spec["release"]["name"], (*overrides, f"eval={option}"))
+    if spec["eval"]["dataset"] is None:
+        raise BuilderError(Problem(f"specs/eval/{spec['choices']['eval']}.yaml", "eval.dataset",
+                                   "null: the release measures nothing; pass --eval OPTION, e.g. --eval docstrings"))
+    return evaluate(root, spec, load.source_dir(root, spec), artifact, log), spec

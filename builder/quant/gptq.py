@@ -1,0 +1,78 @@
+"""GPTQ rounding of one weight matrix (Frantar et al., 2022): deterministic, FP32, CPU.
+
+    values, scale = gptq.quantize(weight, hessian, Recipe.of(spec["quant"]))
+"""
+
+import torch
+
+from builder.errors import BuilderError, Problem
+from builder.quant.quantize import quantize_weight, scale_format, weight_scale
+from builder.spec.recipe import Args, Recipe
+
+
+def quantize(weight: torch.Tensor, hessian: torch.Tensor, recipe: Recipe, module: str = "") -> tuple:
+    """Integer weights (int8 tensor) and their scales (output scale dtype) for one Linear.
+
+    Scales come from the original weights (as round-to-nearest would choose them, cast to the
+    stored dtype); GPTQ then picks each column's integers so that the error on the calibration
+    inputs' second moments (hessian = sum of x xᵀ) is compensated on the columns not yet rounded.
+    """
+    args, settings = recipe.weights, recipe.gptq
+    weight = weight.to(torch.float32).clone()
+    hessian = hessian.to(torch.float32).clone()
+    scale_dtype, _ = scale_format(recipe)
+    scale = weight_scale(weight, args, scale_dtype)
+    column_scale = expand(scale.to(torch.float32), args, weight.shape[1]).expand(weight.shape[0], -1)
+    order = column_order(hessian, settings.actorder)
+    weight, hessian, column_scale = weight[:, order], hessian[order][:, order], column_scale[:, order]
+    inverse = inverse_hessian(weight, hessian, settings.dampening_frac, module)
+    q_min, q_max = args.value_range
+    columns, block = weight.shape[1], settings.block_size
+    for start in range(0, columns, block):
+        end = min(start + block, columns)
+        chunk, errors = weight[:, start:end].clone(), torch.zeros_like(weight[:, start:end])
+        local = inverse[start:end, start:end]
+        for i in range(end - start):
+            column, step = chunk[:, i], column_scale[:, start + i]
+            rounded = torch.round(column / step).clamp(q_min, q_max) * step
+            error = (column - rounded) / local[i, i]
+            chunk[:, i:] -= error.unsqueeze(1) * local[i, i:].unsqueeze(0)
+            chunk[:, i] = rounded
+            errors[:, i] = error
+        weight[:, start:end] = chunk
+        weight[:, end:] -= errors @ inverse[start:end, end:]
+    weight = weight[:, torch.argsort(order)]  # back to storage order: scales and layout are unchanged
+    return quantize_weight(weight, scale.to(torch.float32), args), scale
+
+
+def column_order(hessian: torch.Tensor, actorder: str | None) -> torch.Tensor:
+    """The order columns are rounded in: storage order, or ("static" activation ordering, as
+    llm-compressor's default) by decreasing diagonal of the Hessian, ties kept in storage order.
+    Rounding the columns that carry the most input energy first leaves the error compensation to
+    columns that matter less; scales stay those of the storage-order groups, so no g_idx is needed."""
+    if actorder is None:
+        return torch.arange(hessian.shape[0])
+    return torch.sort(torch.diag(hessian), descending=True, stable=True).indices
+
+
+def expand(scale: torch.Tensor, args: Args, columns: int) -> torch.Tensor:
+    """Scales as one column per weight column: [rows, columns]."""
+    if args.strategy == "group":
+        return scale.repeat_interleave(args.group_size, dim=1)
+    return scale.expand(-1, columns) if scale.dim() == 2 else scale.reshape(1, 1).expand(1, columns)
+
+
+def inverse_hessian(weight: torch.Tensor, hessian: torch.Tensor, dampening: float, module: str) -> torch.Tensor:
+    """Upper Cholesky factor of the dampened inverse Hessian; inputs never seen zero their columns."""
+    dead = torch.diag(hessian) == 0
+    hessian[dead, dead] = 1
+    weight[:, dead] = 0
+    hessian += torch.eye(hessian.shape[0]) * (dampening * torch.mean(torch.diag(hessian)))
+    try:
+        lower = torch.linalg.cholesky(hessian)
+        return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
+    except RuntimeError:
+        raise BuilderError(Problem("quant", "gptq.dampening_frac", f"{dampening}: the Hessian of {module} "
+                                   "is not positive definite; raise dampening_frac or calibrate on more "
+                                   "samples")) from None
+

@@ -1,0 +1,1 @@
+"""Inputs of a build: source checkpoints (import, load) and calibration/eval text."""

@@ -1,0 +1,129 @@
+"""Check and index a source checkpoint: pinned digest, safetensors only, the declared architecture."""
+
+import json
+from pathlib import Path
+
+from builder.canonical import file_entries, tree_digest
+from builder.errors import BuilderError, Problem
+from builder.paths import inside
+from builder.tensorfile import read_header
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+SOURCE_DTYPES = ("BF16", "F16", "F32")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+def source_dir(root: Path, spec: dict) -> Path:
+    """The source checkpoint folder, checked against the spec's pinned digest before any work."""
+    model_file = f"specs/model/{spec['choices']['model']}.yaml"
+    return pinned_folder(root, spec["model"]["path"], spec["model"]["digest"], model_file, "model.path",
+                         "model.digest", f"import it first: builder import {spec['choices']['model']}")
+
+
+def pinned_folder(root: Path, relative: str, digest: str, file: str, path_key: str, digest_key: str,
+                  missing_hint: str) -> Path:
+    """A folder inside the repository, without pickles, whose tree digest is the pinned one."""
+    path = inside(root, relative, file=file, key=path_key)
+    if not path.is_dir():
+        raise BuilderError(Problem(file, path_key, f"{relative!r} does not exist; {missing_hint}"))
+    for link in (p for p in path.rglob("*") if p.is_symlink()):
+        inside(root, str(link.relative_to(root)), file=file, key=path_key)
+    pickles = sorted(p.name for p in path.rglob("*") if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise BuilderError(Problem(file, path_key, f"pickle weight files are refused "
+                                   f"(they can run code when loaded): {', '.join(pickles)}"))
+    actual = tree_digest(file_entries(path))
+    if actual != digest:
+        raise BuilderError(Problem(file, digest_key, f"{relative} has digest {actual}, but the spec pins "
+                                   f"{digest}; refusing a source that is not the pinned one"))
+    return path
+
+
+def read_config(path: Path, spec: dict) -> dict:
+    """config.json of the source, checked against the architecture the spec declares."""
+    model_file = f"specs/model/{spec['choices']['model']}.yaml"
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    if config.get("auto_map"):
+        raise BuilderError(Problem(model_file, "model.path", "config.json asks for remote code "
+                                   "(auto_map); trust_remote_code is not supported"))
+    problems = []
+    for key, declared in spec["model"]["architecture"].items():
+        actual = (config.get("architectures") or [None])[0] if key == "class" else config.get(key)
+        if actual != declared:
+            problems.append(Problem(model_file, f"model.architecture.{key}",
+                                    f"{declared!r} declared, but config.json has {actual!r}"))
+    if problems:
+        raise BuilderError(problems)
+    return config
+
+
+def weight_files(path: Path) -> list:
+    """The safetensors files of a checkpoint, from its index when it has one."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted({path / name for name in json.loads(index.read_text())["weight_map"].values()})
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise BuilderError(Problem(str(path.name), "", "no *.safetensors weight files"))
+    return files
+
+
+def tensor_index(path: Path) -> dict:
+    """tensor name -> (file, dtype code, shape) across every shard of the checkpoint."""
+    found = {}
+    for file in weight_files(path):
+        for name, info in read_header(file).items():
+            found[name] = (file, info["dtype"], tuple(info["shape"]))
+    return found
+
+
+def architecture(config_dir: Path) -> tuple:
+    """(module name -> class name, parameter name -> shape, tied parameter names) of the model that
+    transformers builds from config.json. Remembered per config.json (builder.memo): a build that
+    does not calibrate then never imports transformers' model code (~3 s, ~120 MB)."""
+    from builder.spec import memo
+
+    found = memo.architecture(config_dir / "config.json", lambda: meta_architecture(config_dir))
+    return found["modules"], {name: tuple(shape) for name, shape in found["shapes"].items()}, set(found["tied"])
+
+
+def meta_architecture(config_dir: Path) -> dict:
+    """The model built on the meta device (no memory): its modules, parameter shapes and tied names."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(config_dir, trust_remote_code=False)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    named = dict(model.named_parameters(remove_duplicate=False))
+    return {"modules": {name: type(module).__name__ for name, module in model.named_modules() if name},
+            "shapes": {name: list(parameter.shape) for name, parameter in named.items()},
+            "tied": sorted(set(named) - {name for name, _ in model.named_parameters()})}
+
+
+def check_tensors(folder: str, tensors: dict, shapes: dict, tied: set) -> None:
+    """Every parameter present with its shape and a floating dtype; nothing the model lacks."""
+    problems = []
+    for name in sorted(set(shapes) - set(tensors) - tied):
+        problems.append(Problem(folder, name, "missing from the checkpoint (partial weights?)"))
+    for name in sorted(set(tensors) - set(shapes)):
+        problems.append(Problem(folder, name, "not a parameter of the model's architecture"))
+    for name in sorted(set(tensors) & set(shapes)):
+        _, code, shape = tensors[name]
+        if shape != shapes[name]:
+            problems.append(Problem(folder, name, f"shape {list(shape)}, the architecture needs {list(shapes[name])}"))
+        if code not in SOURCE_DTYPES:
+            problems.append(Problem(folder, name, f"dtype {code}; source weights must be one of "
+                                    f"{', '.join(SOURCE_DTYPES)} (not already quantized)"))
+    if problems:
+        raise BuilderError(problems)
+
+
+def check_tokenizer(path: Path, folder: str) -> None:
+    """An artifact is served with its tokenizer: refuse a source without one."""
+    missing = [] if (path / "tokenizer_config.json").is_file() else ["tokenizer_config.json"]
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        missing.append(" or ".join(TOKENIZER_FILES))
+    if missing:
+        raise BuilderError(Problem(folder, "", f"missing tokenizer files: {', '.join(missing)}"))

@@ -1,0 +1,1 @@
+"""Resolution and identity: compose, validate and hash a release spec; pure (no torch)."""

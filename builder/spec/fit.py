@@ -1,0 +1,143 @@
+"""Whether a release can run where it is meant to: target kernels, parallel layout, context, memory. Pure.
+
+    builder resolve smollm2-135m-instruct-fp8-dynamic target=vllm-a100    # exit 2: no FP8 activations
+Each check returns (key path, message) pairs; builder/spec/resolve.py names the file that set the key.
+"""
+
+import math
+
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+
+from builder.spec import memory
+from builder.spec.recipe import Recipe
+
+# How RoPE scaling changes the longest context (vLLM's rule): these types multiply a base length by
+# `factor`; the others (default, llama3, longrope) already count it in max_position_embeddings.
+ROPE_SCALED_BASE = {"linear": "max_position_embeddings", "dynamic": "max_position_embeddings",
+                    "yarn": "original_max_position_embeddings"}
+# Model dimensions tensor parallelism splits evenly across devices.
+TP_DIVIDES = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+
+
+def position_limit(arch: dict) -> tuple:
+    """(longest context in tokens, how it follows from the config)."""
+    rope = arch.get("rope_parameters") or {"rope_type": "default"}
+    base_key = ROPE_SCALED_BASE.get(rope["rope_type"])
+    if base_key is None:
+        return arch["max_position_embeddings"], f"max_position_embeddings {arch['max_position_embeddings']}"
+    base = rope.get(base_key, arch["max_position_embeddings"])
+    factor = rope.get("factor", 1)
+    limit = int(base * factor)
+    return limit, f"{base_key} {base} x RoPE {rope['rope_type']} factor {factor} = {limit}"
+
+
+def context_problems(spec: dict) -> list:
+    """Context length within the model's positions; prefill chunk and buckets within the context."""
+    context = spec["context"]
+    max_len, seqs, chunk = context["max_model_len"], context["max_num_seqs"], context["prefill_chunk_size"]
+    limit, why = position_limit(spec["model"]["architecture"])
+    found = []
+    if max_len > limit:
+        found.append((("context", "max_model_len"), f"{max_len} tokens exceeds the model's {why}; "
+                      f"allowed: 1 to {limit}"))
+    if chunk < seqs:  # vLLM's own rule: a scheduling step must fit one token of every sequence
+        found.append((("context", "prefill_chunk_size"), f"{chunk} tokens is less than max_num_seqs {seqs}; "
+                      f"allowed: {seqs} or more"))
+    for phase in ("prefill", "decode"):
+        found.extend(bucket_problems(phase, [tuple(b) for b in context["buckets"][phase]], seqs, max_len))
+    return found
+
+
+def bucket_problems(phase: str, buckets: list, max_batch: int, max_seq: int) -> list:
+    """(batch, seq) buckets strictly increasing, each within max_num_seqs and max_model_len."""
+    found = []
+    for first, second in zip(buckets, buckets[1:]):
+        if first >= second:
+            found.append((("context", "buckets", phase), f"not sorted: {list(first)} comes before "
+                          f"{list(second)}; list (batch, seq) pairs in increasing order, without repeats"))
+            break
+    for index, (batch, seq) in enumerate(buckets):
+        key = ("context", "buckets", phase, str(index))
+        if batch > max_batch:
+            found.append((key, f"{[batch, seq]}: batch {batch} exceeds max_num_seqs {max_batch}"))
+        if seq > max_seq:
+            found.append((key, f"{[batch, seq]}: seq {seq} exceeds max_model_len {max_seq}"))
+    return found
+
+
+def parallelism_problems(spec: dict, recipe: Recipe) -> list:
+    """Tensor parallelism splits heads, KV heads, MLP width and weight groups evenly; PP <= layers."""
+    arch = spec["model"]["architecture"]
+    tp, pp = spec["parallelism"]["tensor"], spec["parallelism"]["pipeline"]
+    common = math.gcd(*(arch[key] for key in TP_DIVIDES))
+    allowed = ", ".join(str(d) for d in range(1, common + 1) if common % d == 0)
+    found = [(("parallelism", "tensor"), f"{tp} does not divide model {key} {arch[key]}; "
+              f"allowed tensor degrees: {allowed}") for key in TP_DIVIDES if arch[key] % tp]
+    if pp > arch["num_hidden_layers"]:
+        found.append((("parallelism", "pipeline"), f"{pp} exceeds the model's {arch['num_hidden_layers']} "
+                      f"layers; allowed: 1 to {arch['num_hidden_layers']}"))
+    found.extend(group_problems(arch, recipe, tp))
+    count = spec["target"]["device"]["count"]
+    if tp * pp > count:
+        found.append((("parallelism", "tensor"), f"tensor {tp} x pipeline {pp} = {tp * pp} devices, but the "
+                      f"target has {count} per node"))
+    return found
+
+
+def group_problems(arch: dict, recipe: Recipe, tp: int) -> list:
+    """Row-parallel layers split their input features, so each shard must hold whole weight groups.
+
+    Rule: (in_features / group_size) % tensor == 0 for o_proj and down_proj when they are
+    group-quantized. A group size that does not divide in_features at all is a recipe problem,
+    reported by the recipe checks, not here.
+    """
+    args = recipe.weights
+    if args is None or args.strategy != "group" or tp == 1:
+        return []
+    found = []
+    for module, _, columns in memory.linear_layers(arch):
+        path = module.split(".", 3)[-1]  # model.layers.<i>.<path>
+        if path not in memory.ROW_PARALLEL or not recipe.quantizes(module):
+            continue
+        groups, rest = divmod(columns, args.group_size)
+        if not rest and groups % tp:
+            found.append((("parallelism", "tensor"), f"{tp} does not divide the {groups} weight groups of "
+                          f"{path} (in_features {columns} / group_size {args.group_size}); row-parallel "
+                          "layers need whole groups per shard"))
+    return sorted(set(found))
+
+
+def target_problems(spec: dict, recipe: Recipe) -> list:
+    """The target runs the recipe's kernel family, activation scales and KV-cache dtype natively."""
+    target, scheme = spec["target"], recipe.scheme_class
+    where = target["device"].get("name") or target["device"]["kind"]
+    found = []
+    if scheme not in target["schemes"]:
+        found.append((("target", "schemes"), f"{where} does not run {scheme} (the quant recipe's kernel "
+                      f"family) natively; it runs: {', '.join(target['schemes'])}"))
+    acts = recipe.input_activations
+    if acts is not None:
+        kind = "dynamic" if acts.dynamic else "static"
+        if kind not in target["activation_scales"]:
+            found.append((("target", "activation_scales"), f"{where} does not run {kind} activation scales; "
+                          f"allowed: {', '.join(target['activation_scales']) or 'none'}"))
+    kv = recipe.kv_cache_dtype
+    if kv not in target["kv_cache_dtypes"]:
+        found.append((("target", "kv_cache_dtypes"), f"{where} has no {kv} KV cache (the quant recipe "
+                      f"quantizes it); allowed: {', '.join(target['kv_cache_dtypes'])}"))
+    try:
+        SpecifierSet(target["runtime_versions"])
+    except InvalidSpecifier:
+        found.append((("target", "runtime_versions"), f"{target['runtime_versions']!r} is not a PEP 440 "
+                      "version range, e.g. '>=0.32.0,<0.33'"))
+    return found
+
+
+def memory_problems(spec: dict, recipe: Recipe) -> list:
+    """Refuse a release whose per-device estimate exceeds the target's usable memory."""
+    figures = memory.estimate(spec, recipe)
+    if figures["per_device"] <= figures["usable_bytes"]:
+        return []
+    return [(("target", "device", "memory_bytes"), "the release does not fit: "
+             f"{memory.arithmetic(spec, figures)}; raise parallelism, lower context.max_model_len or "
+             "context.max_num_seqs, or choose a smaller recipe")]

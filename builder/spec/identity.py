@@ -1,0 +1,161 @@
+"""The artifact_id: one hash over everything that decides an artifact's bytes, known before building. Pure.
+
+    artifact_id = sha256(canonical JSON of {spec, inputs: {weights, data, toolchain, versions}})
+
+Not the builder's source code: a refactor that writes the same bytes must not rebuild anything.
+What the code decides is named by OUTPUT_VERSIONS, one integer per part that writes bytes; a release
+carries the versions (and the toolchain packages) of the parts it runs. tests/test_golden.py holds
+the bytes of every part on tiny models against a committed table keyed by these versions, so a change
+of bytes without a bump fails, and names the parts to look at.
+"""
+
+from functools import cache
+from importlib import metadata
+from pathlib import Path
+
+import builder
+from builder.canonical import canonical_json, file_entries, sha256_bytes, sha256_file, tree_digest
+from builder.errors import BuilderError, Problem
+from builder.paths import PACKAGE_DIR, SCHEMAS_DIR, inside
+from builder.spec.recipe import Recipe
+
+# Bump a part's number in the change that alters what it writes (the golden test says which).
+OUTPUT_VERSIONS = {
+    "layout": 1,                     # safetensors shards and index, config.json, tokenizer and side files
+    "release-files": 1,              # release.json, serve.json, README.md (the model card)
+    "format.dense": 1,               # unquantized tensors in the output dtype
+    "format.compressed-tensors": 1,  # tensor names, packing and quantization_config
+    "format.fp8": 1,                 # the AutoFP8 / vLLM legacy layout
+    "quantize.float": 1,             # FP8 scales and rounding (weights, activation and KV-cache scales)
+    "quantize.int": 1,               # INT8 / INT4 scales and rounding
+    "gptq": 1,                       # GPTQ's column loop
+    "calibration": 1,                # layer-by-layer activation and KV maxima, GPTQ's input statistics
+    "data": 1,                       # token windows drawn from calibration and evaluation text
+    "evaluation": 1,                 # eval.json: perplexity and KL against the source
+    "import.gguf": 1,                # builder import: GGUF -> BF16 safetensors
+    "import.hf": 1,                  # builder import: files copied from a Hugging Face snapshot
+    "import.delta": 1,               # builder import: base + delta
+}
+# Installed packages whose versions can change what a part writes (pinned exactly in pyproject.toml).
+PART_PACKAGES = {
+    "layout": ("torch",),
+    "release-files": ("pyyaml",),    # the card's front matter
+    "format.compressed-tensors": ("compressed-tensors",),  # its version is written into config.json
+    "quantize.float": ("torch",),
+    "quantize.int": ("torch",),
+    "gptq": ("torch",),
+    "calibration": ("torch", "transformers"),  # the model's own decoder layers run
+    "data": ("tokenizers", "transformers"),    # text -> token ids
+    "evaluation": ("compressed-tensors", "safetensors", "torch", "transformers"),  # loads and runs both models
+    "import.gguf": ("gguf", "safetensors", "tokenizers", "torch", "transformers"),
+    "import.delta": ("torch",),
+}
+# Packages a build imports whose versions cannot change an artifact's bytes, and why. A package a
+# build imports must be here or in PART_PACKAGES (tests/test_identity.py runs a build and checks).
+INERT_PACKAGES = {
+    "quant-release-builder": "the builder itself: the output versions of its parts are in the id",
+    **dict.fromkeys(("hydra-core", "omegaconf", "antlr4-python3-runtime", "pyyaml", "jsonschema",
+                     "jsonschema-specifications", "referencing", "rpds-py", "attrs"),
+                    "composition and validation: the resolved spec they produce is hashed itself"),
+    **dict.fromkeys(("tqdm", "rich", "pygments", "colorama", "click", "loguru"), "progress and log output"),
+    **dict.fromkeys(("huggingface-hub", "filelock", "fsspec", "httpx", "httpcore", "h11", "anyio", "certifi",
+                     "idna", "hf-xet", "requests", "urllib3", "charset-normalizer", "sniffio"),
+                    "file and hub access (no network at build time; every file read is pinned by digest)"),
+    **dict.fromkeys(("packaging", "setuptools", "typing-extensions", "typing-inspection", "annotated-types",
+                     "pydantic", "pydantic-core", "psutil", "protobuf"),
+                    "typing, version parsing, configuration objects, system queries"),
+    **dict.fromkeys(("sympy", "mpmath", "networkx", "jinja2", "markupsafe", "pydot"),
+                    "torch's compiler and graph tooling, not eager arithmetic"),
+    "numpy": "byte views of tensors for writing files (no arithmetic)",
+    "accelerate": "how transformers places weights while loading, not their values",
+    "regex": "imported by transformers; token ids come from the tokenizers package",
+}
+# What a release's lock (and so its id) records, besides the spec.
+INPUT_KEYS = ("weights", "data", "toolchain", "versions")
+
+
+def parts(spec: dict) -> tuple:
+    """The parts of the builder a release runs, sorted."""
+    found = {"layout", "release-files", *Recipe.of(spec["quant"]).parts}
+    if spec["calibration"]["dataset"] is not None and "calibration" in found:
+        found.add("data")
+    if spec["eval"]["dataset"] is not None:
+        found |= {"evaluation", "data"}
+    return tuple(sorted(found))
+
+
+def versions(names) -> dict:
+    """part -> output version, for the parts named."""
+    return {name: OUTPUT_VERSIONS[name] for name in sorted(names)}
+
+
+def toolchain(names) -> dict:
+    """package -> installed version, for the packages the parts named depend on."""
+    packages = sorted({package for name in names for package in PART_PACKAGES.get(name, ())})
+    return {package: installed(package) for package in packages}
+
+
+@cache  # installed versions do not change under a running process; `lock` asks once per release
+def installed(package: str) -> str:
+    """A package's installed version, read from its metadata (no import)."""
+    return metadata.version(package)
+
+
+def import_inputs(kind: str) -> dict:
+    """What `builder import` of a source kind depends on: its version and its toolchain (params.yaml)."""
+    part = f"import.{kind}"
+    return {"versions": versions([part]), "toolchain": toolchain([part])} if part in OUTPUT_VERSIONS else {}
+
+
+def data_digests(root: Path, spec: dict, release_file: str) -> dict:
+    """sha256 of every data file the spec names (calibration, evaluation), by repository path."""
+    digests = {}
+    for group in ("calibration", "eval"):
+        relative = spec[group]["dataset"]
+        if relative is None:
+            continue
+        path = inside(root, relative, file=release_file, key=f"{group}.dataset")
+        if not path.is_file():
+            raise BuilderError(Problem(f"specs/{group}/{spec['choices'][group]}.yaml",
+                                       f"{group}.dataset", f"{relative!r}: no such file"))
+        digests[relative] = sha256_file(path)
+    return digests
+
+
+def inputs(root: Path, spec: dict) -> dict:
+    """Everything besides the spec that decides the artifact's bytes (INPUT_KEYS)."""
+    release_file = f"specs/release/{spec['choices']['release']}.yaml"
+    used = parts(spec)
+    return {
+        "weights": {"path": spec["model"]["path"], "digest": spec["model"]["digest"]},
+        "data": data_digests(root, spec, release_file),
+        "toolchain": toolchain(used),
+        "versions": versions(used),
+    }
+
+
+def artifact_id(spec: dict, build_inputs: dict) -> str:
+    """sha256 of the canonical JSON of {spec, inputs}: known before anything is built."""
+    return sha256_bytes(canonical_json({"spec": spec, "inputs": build_inputs}))
+
+
+def holds(entry: dict) -> bool:
+    """Whether a lock entry's (or an artifact's recorded) spec and inputs hash to its artifact_id."""
+    return artifact_id(entry["spec"], entry["inputs"]) == entry["artifact_id"]
+
+
+@cache  # the builder's files do not change under a running process
+def builder_digest() -> str:
+    """Digest of the builder's own source files and schemas: who built an artifact (provenance,
+    audit), not what it is (the artifact_id)."""
+    entries = []
+    for base, prefix in ((PACKAGE_DIR, "builder"), (SCHEMAS_DIR, "schemas")):
+        for entry in file_entries(base):
+            if entry["path"].endswith((".py", ".json", ".yaml")) and "__pycache__" not in entry["path"]:
+                entries.append({**entry, "path": f"{prefix}/{entry['path']}"})
+    return tree_digest(entries)
+
+
+def builder_identity() -> dict:
+    """{version, digest} of the builder running now."""
+    return {"version": builder.__version__, "digest": builder_digest()}

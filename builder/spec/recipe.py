@@ -1,0 +1,210 @@
+"""The quantization recipe as one typed, frozen value: what spec["quant"] means, asked in one place. Pure.
+
+    recipe = Recipe.of(spec["quant"])
+    recipe.needs_calibration, recipe.scheme_class, recipe.quantizes("model.layers.0.mlp.up_proj")
+"""
+
+import re
+from dataclasses import asdict, dataclass
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn value
+
+
+def matches(module: str, cls: str, patterns) -> bool:
+    """compressed-tensors' module target syntax: a class name, a module name, or 're:<regex>' on names."""
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            if re.fullmatch(pattern[3:], module):
+                return True
+        elif pattern in (cls, module):
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class Args:
+    """compressed-tensors' QuantizationArgs, the fields the schema allows, with its names."""
+
+    num_bits: int
+    type: str              # "int" or "float"
+    strategy: str          # tensor, channel, group, token
+    symmetric: bool
+    dynamic: bool
+    group_size: int | None
+
+    @classmethod
+    def of(cls, data: dict | None) -> "Args | None":
+        return None if data is None else cls(**data)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def value_range(self) -> tuple:
+        """(q_min, q_max) of the quantized type."""
+        if self.type == "float":
+            return -FP8_MAX, FP8_MAX
+        return -(2 ** (self.num_bits - 1)), 2 ** (self.num_bits - 1) - 1
+
+    def scale_count(self, rows: int, columns: int) -> int:
+        """Number of scales a [rows, columns] weight carries under this strategy."""
+        if self.strategy == "tensor":
+            return 1
+        if self.strategy == "group":
+            return rows * -(-columns // self.group_size)
+        return rows  # channel (token is refused for weights)
+
+    def words(self) -> str:
+        """In a few words, for people: fp8, channel, symmetric, dynamic scales."""
+        strategy = f"group {self.group_size}" if self.strategy == "group" else self.strategy
+        kind = "fp" if self.type == "float" else "int"
+        return (f"{kind}{self.num_bits}, {strategy}, {'symmetric' if self.symmetric else 'asymmetric'}, "
+                f"{'dynamic' if self.dynamic else 'static'} scales")
+
+
+@dataclass(frozen=True)
+class GPTQ:
+    """llm-compressor's GPTQModifier settings the recipe fixes."""
+
+    block_size: int
+    dampening_frac: float
+    actorder: str | None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """spec["quant"], typed. Build it once per resolved spec; every stage asks it, not the dict."""
+
+    format: str            # dense, compressed-tensors, fp8 (the AutoFP8 / vLLM legacy layout)
+    dtype: str             # dtype of unquantized tensors and of scales
+    algorithm: str | None  # rtn, gptq; None when dense
+    gptq: GPTQ | None
+    targets: tuple
+    ignore: tuple
+    weights: Args | None
+    input_activations: Args | None
+    kv_cache_scheme: Args | None
+
+    @classmethod
+    def of(cls, quant: dict) -> "Recipe":
+        return cls(format=quant["format"], dtype=quant["dtype"], algorithm=quant["algorithm"],
+                   gptq=None if quant["gptq"] is None else GPTQ(**quant["gptq"]),
+                   targets=tuple(quant["targets"]), ignore=tuple(quant["ignore"]),
+                   weights=Args.of(quant["weights"]), input_activations=Args.of(quant["input_activations"]),
+                   kv_cache_scheme=Args.of(quant["kv_cache_scheme"]))
+
+    @property
+    def dense(self) -> bool:
+        return self.weights is None
+
+    @property
+    def static_inputs(self) -> bool:
+        """Activation scales fixed at build time (calibrated), not computed per token at run time."""
+        return self.input_activations is not None and not self.input_activations.dynamic
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the recipe reads calibration data: static activation or KV-cache scales, or GPTQ."""
+        return self.static_inputs or self.kv_cache_scheme is not None or self.algorithm == "gptq"
+
+    @property
+    def packed(self) -> bool:
+        """Weights stored packed in int32 words: integer, weight-only (compressed-tensors pack-quantized)."""
+        return self.format == "compressed-tensors" and self.weights is not None \
+            and self.weights.type == "int" and self.input_activations is None
+
+    @property
+    def scheme_class(self) -> str:
+        """The runtime kernel family the recipe needs, as targets name them: w8a8-fp8, w4a16-int, ..."""
+        if self.weights is None:
+            return "w16a16"
+        acts = self.input_activations
+        bits = f"w{self.weights.num_bits}a{acts.num_bits if acts else 16}"
+        if self.weights.type == "float":
+            return f"{bits}-fp8"
+        return f"{bits}-int8" if acts else f"{bits}-int"
+
+    @property
+    def compression_format(self) -> str | None:
+        """compressed-tensors' format name for the weights (None unless format is compressed-tensors)."""
+        if self.format != "compressed-tensors":
+            return None
+        if self.weights.type == "float":
+            return "float-quantized"
+        return "pack-quantized" if self.packed else "int-quantized"
+
+    @property
+    def kv_cache_dtype(self) -> str:
+        """The runtime's KV-cache dtype: fp8 when the recipe quantizes the KV cache, else auto (model dtype)."""
+        kv = self.kv_cache_scheme
+        return "fp8" if kv is not None and kv.type == "float" and kv.num_bits == 8 else "auto"
+
+    def quantizes(self, module: str, cls: str | None = "Linear") -> bool:
+        """Whether the recipe quantizes a module, named by its path and transformers class name."""
+        return (self.weights is not None and cls is not None and matches(module, cls, self.targets)
+                and not matches(module, cls, self.ignore))
+
+    @property
+    def parts(self) -> tuple:
+        """The parts of the builder (builder/spec/identity.py OUTPUT_VERSIONS) that decide its bytes."""
+        found = [f"format.{self.format}"]
+        for args in (self.weights, self.input_activations, self.kv_cache_scheme):
+            if args is not None:
+                found.append(f"quantize.{args.type}")
+        if self.algorithm == "gptq":
+            found.append("gptq")
+        if self.needs_calibration:
+            found.append("calibration")
+        return tuple(sorted(set(found)))
+
+
+def problems(recipe: Recipe) -> list:
+    """Recipe fields that contradict each other, as (key path, message)."""
+    weights, acts, kv = recipe.weights, recipe.input_activations, recipe.kv_cache_scheme
+    if recipe.format == "dense":
+        return [(("quant", key), "must be null when format is dense")
+                for key in ("algorithm", "gptq", "weights", "input_activations", "kv_cache_scheme")
+                if getattr(recipe, key) is not None]
+    if weights is None:
+        return [(("quant", "weights"), f"format {recipe.format} needs weight quantization arguments")]
+    found = []
+    if not recipe.targets:
+        found.append((("quant", "targets"), "empty: name the modules to quantize, e.g. [Linear]"))
+    for key, args in (("weights", weights), ("input_activations", acts), ("kv_cache_scheme", kv)):
+        if args is None:
+            continue
+        if not args.symmetric:
+            found.append((("quant", key, "symmetric"), "false: only symmetric quantization is supported"))
+        if args.type == "float" and args.num_bits != 8:
+            found.append((("quant", key, "num_bits"), f"{args.num_bits}: float quantization is FP8 E4M3 (8)"))
+        if (args.strategy == "group") != (args.group_size is not None):
+            found.append((("quant", key, "group_size"), f"{args.group_size}: group_size is "
+                          "required with strategy group and not allowed otherwise"))
+    if weights.dynamic or weights.strategy == "token":
+        found.append((("quant", "weights"), "weights are quantized once at build time: "
+                      "dynamic false and strategy tensor, channel or group"))
+    if acts is not None:
+        if acts.num_bits != 8:
+            found.append((("quant", "input_activations", "num_bits"), f"{acts.num_bits}: activations are 8-bit"))
+        if acts.strategy not in (("token", "tensor") if acts.dynamic else ("tensor",)):
+            found.append((("quant", "input_activations", "strategy"), f"{acts.strategy}: dynamic activations "
+                          "use token or tensor, static ones tensor (one calibrated scale)"))
+        if weights.num_bits != 8:
+            found.append((("quant", "weights", "num_bits"), f"{weights.num_bits}: 4-bit weights are "
+                          "weight-only (input_activations null)"))
+    if kv is not None and (kv.type, kv.strategy, kv.dynamic) != ("float", "tensor", False):
+        found.append((("quant", "kv_cache_scheme"), "the KV cache takes FP8 per-tensor static scales: "
+                      "type float, strategy tensor, dynamic false"))
+    if recipe.algorithm is None:
+        found.append((("quant", "algorithm"), "null: a quantized recipe needs rtn or gptq"))
+    if (recipe.algorithm == "gptq") != (recipe.gptq is not None):
+        found.append((("quant", "gptq"), "GPTQ settings are required with algorithm gptq and not allowed otherwise"))
+    if recipe.algorithm == "gptq" and weights.type != "int":
+        found.append((("quant", "algorithm"), "gptq: GPTQ rounds integer weights; use type int or algorithm rtn"))
+    if recipe.format == "fp8":
+        legacy = (weights.type, weights.strategy) == ("float", "tensor") and acts is not None and \
+            acts.type == "float" and acts.strategy == "tensor"
+        if not legacy:
+            found.append((("quant", "format"), "fp8: the legacy layout holds FP8 per-tensor weights and FP8 "
+                          "per-tensor activations (static or dynamic); use compressed-tensors otherwise"))
+    return found

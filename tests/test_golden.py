@@ -1,0 +1,170 @@
+"""Golden bytes: every part of the builder that writes bytes is held to the version it claims.
+
+Every shipped recipe (and the legacy fp8 layout, and an evaluated build) is built on tiny checkpoints of
+two architectures; the content digests must equal tests/golden.json, keyed by the output versions and
+toolchain each build's artifact_id carries. A change of bytes without a bump of the part that made it
+fails here and names the parts to look at; after bumping, regenerate the table:
+
+    UPDATE_GOLDEN=1 python -m pytest tests/test_golden.py      # then commit tests/golden.json
+"""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from builder import build
+from builder.canonical import pretty_json
+from builder.quant import quantize
+from builder.spec import identity, lock
+from conftest import Repo
+
+GOLDEN = Path(__file__).with_name("golden.json")
+ARCHITECTURES = ("tiny-llama", "tiny-qwen2")
+SMALL_CALIBRATION = {"calibration": {"samples": 4, "sequence_length": 64}}
+# case -> (quant option, calibration option, eval option, extra release keys)
+RECIPES = {
+    "bf16": ("bf16", "none", "none", {}),
+    "fp8-dynamic": ("fp8-dynamic", "none", "none", {}),
+    "fp8-static": ("fp8-static", "licenses", "none", SMALL_CALIBRATION),
+    "fp8-legacy": ("fp8-static", "licenses", "none", {**SMALL_CALIBRATION, "quant": {"format": "fp8"}}),
+    "w8a8-int8": ("w8a8-int8", "none", "none", {}),
+    "w4a16": ("w4a16", "none", "none", {"quant": {"weights": {"group_size": 32}}}),
+    "w4a16-gptq": ("w4a16-gptq", "licenses", "none",
+                   {**SMALL_CALIBRATION, "quant": {"weights": {"group_size": 32}}}),
+    "fp8-dynamic-evaluated": ("fp8-dynamic", "none", "docstrings", {"eval": {
+        "samples": 2, "sequence_length": 64,
+        "gate": {"max_perplexity_increase_pct": None, "max_mean_kl": None}}}),
+}
+CASES = tuple(f"golden-{arch}-{recipe}" for arch in ARCHITECTURES for recipe in RECIPES)
+# Which parts decide each kind of file (the diagnosis names those the failing case runs).
+FILE_PARTS = (
+    (lambda path: path.endswith(".safetensors") or path.endswith(".index.json"),
+     ("layout", "format.", "quantize.", "gptq", "calibration", "data")),
+    (lambda path: path == "config.json", ("layout", "format.")),
+    (lambda path: path in ("release.json", "serve.json", "README.md"), ("release-files",)),
+    (lambda path: path == "eval.json", ("evaluation", "data", "quantize.", "format.")),
+    (lambda path: True, ("layout",)),
+)
+
+
+def release_yaml(name: str, arch: str, recipe: str) -> str:
+    quant, calibration, evaluation, extra = RECIPES[recipe]
+    defaults = [{"override /model": arch}, {"override /quant": quant}, {"override /target": "vllm-h100"},
+                {"override /calibration": calibration}, {"override /eval": evaluation}]
+    document = {"defaults": defaults, "release": {"name": name, "version": "0.0.1"}, **extra}
+    return "# @package _global_\n" + yaml.safe_dump(document, sort_keys=False)
+
+
+@pytest.fixture(scope="session")
+def golden_repo(tmp_path_factory) -> Repo:
+    """The tiny checkpoints (each with a byte-level tokenizer, so calibration reads real text) and one
+    release per case."""
+    repo = Repo.fresh(tmp_path_factory.mktemp("golden") / "repo")
+    for arch in ARCHITECTURES:
+        repo.add_model(arch, tokenizer=True)
+        for recipe in RECIPES:
+            name = f"golden-{arch}-{recipe}"
+            (repo.root / "specs" / "release" / f"{name}.yaml").write_text(release_yaml(name, arch, recipe))
+    return repo
+
+
+def build_case(repo: Repo, case: str, out: Path) -> dict:
+    return build.build(repo.root, case, out=out, log=lambda message: None)
+
+
+@pytest.fixture(scope="session")
+def golden_builds(golden_repo, tmp_path_factory) -> dict:
+    """case -> manifest of its build."""
+    out = tmp_path_factory.mktemp("golden-builds")
+    return {case: build_case(golden_repo, case, out / case) for case in CASES}
+
+
+def entry_of(manifest: dict) -> dict:
+    """What the table keeps of a build: the versions and toolchain it claims, and its bytes."""
+    return {"versions": manifest["inputs"]["versions"], "toolchain": manifest["inputs"]["toolchain"],
+            "content_digest": manifest["content_digest"],
+            "files": {e["path"]: e["sha256"] for e in manifest["files"]}}
+
+
+def suspects(path: str, versions: dict) -> list:
+    """The parts a case runs that decide a file's bytes."""
+    prefixes = next(parts for matches, parts in FILE_PARTS if matches(path))
+    return sorted(part for part in versions if any(part == p or (p.endswith(".") and part.startswith(p))
+                                                   for p in prefixes))
+
+
+def golden_problems(case: str, manifest: dict, table: dict) -> list:
+    """Why a build of case disagrees with the golden table ([] when it agrees)."""
+    now, then = entry_of(manifest), table.get(case)
+    if then is None:
+        return [f"{case}: not in {GOLDEN.name}; regenerate it (UPDATE_GOLDEN=1)"]
+    moved = [f"{key} {then[group].get(key)} -> {now[group].get(key)}" for group in ("versions", "toolchain")
+             for key in sorted(set(then[group]) | set(now[group])) if then[group].get(key) != now[group].get(key)]
+    if moved:
+        return [f"{case}: {GOLDEN.name} holds other output versions or toolchain ({', '.join(moved)}); "
+                "regenerate it (UPDATE_GOLDEN=1 python -m pytest tests/test_golden.py) and commit it with the bump"]
+    if now["content_digest"] == then["content_digest"]:
+        return []
+    changed = sorted(path for path in set(now["files"]) | set(then["files"])
+                     if now["files"].get(path) != then["files"].get(path))
+    parts = sorted({part for path in changed for part in suspects(path, now["versions"])})
+    return [f"{case}: bytes changed without a version bump: {', '.join(changed)} differ; the parts that write "
+            f"them here: {', '.join(parts)}. Bump the one you changed in builder/spec/identity.py "
+            "OUTPUT_VERSIONS, then regenerate the table (UPDATE_GOLDEN=1 python -m pytest tests/test_golden.py)"]
+
+
+def test_every_shipped_recipe_writes_the_bytes_its_output_versions_promise(golden_builds):
+    table = json.loads(GOLDEN.read_text()) if GOLDEN.is_file() else {}
+    if os.environ.get("UPDATE_GOLDEN"):
+        refused = [problem for case, manifest in golden_builds.items()
+                   for problem in golden_problems(case, manifest, table) if "without a version bump" in problem]
+        if refused and os.environ["UPDATE_GOLDEN"] != "force":
+            pytest.fail("not regenerating: bytes changed without a version bump (UPDATE_GOLDEN=force overrides):\n"
+                        + "\n".join(refused))
+        table = {case: entry_of(m) for case, m in sorted(golden_builds.items())}
+        GOLDEN.write_text(pretty_json(table))
+    problems = [p for case, manifest in golden_builds.items() for p in golden_problems(case, manifest, table)]
+    assert not problems, "\n".join(problems)
+    assert sorted(table) == sorted(CASES), f"{GOLDEN.name} holds cases this test no longer builds"
+
+
+def test_every_shipped_recipe_and_format_has_a_golden_case():
+    from conftest import PROJECT
+
+    shipped = {p.stem for p in (PROJECT / "specs" / "quant").glob("*.yaml")}
+    assert shipped <= {quant for quant, _, _, _ in RECIPES.values()}
+    assert {extra.get("quant", {}).get("format") for *_, extra in RECIPES.values()} >= {"fp8"}
+
+
+def truncating_quantize_weight(original):
+    """quantize_weight with integer rounding toward zero: a changed rounding rule."""
+    def changed(weight, scale, args):
+        if args.type != "int":
+            return original(weight, scale, args)
+        if args.strategy == "group":
+            scale = scale.repeat_interleave(args.group_size, dim=1)
+        q_min, q_max = args.value_range
+        return (weight / scale).trunc_().clamp_(q_min, q_max).to(torch.int8)
+    return changed
+
+
+def test_a_changed_rounding_rule_fails_until_its_version_is_bumped_and_then_only_its_releases_change(
+        golden_repo, golden_builds, tmp_path, monkeypatch):
+    table = {case: entry_of(manifest) for case, manifest in golden_builds.items()}  # today's bytes
+    case = "golden-tiny-llama-w8a8-int8"
+    monkeypatch.setattr(quantize, "quantize_weight", truncating_quantize_weight(quantize.quantize_weight))
+    problems = golden_problems(case, build_case(golden_repo, case, tmp_path / "unbumped"), table)
+    assert len(problems) == 1 and "without a version bump: model.safetensors differ" in problems[0]
+    assert "quantize.int" in problems[0] and "format.compressed-tensors" in problems[0]
+
+    before = {name: lock.lock_entry(golden_repo.root, name)["artifact_id"] for name in CASES}
+    monkeypatch.setitem(identity.OUTPUT_VERSIONS, "quantize.int", 2)
+    after = {name: lock.lock_entry(golden_repo.root, name)["artifact_id"] for name in CASES}
+    assert {name for name in CASES if before[name] != after[name]} == \
+        {name for name in CASES if "w8a8" in name or "w4a16" in name}  # exactly the integer recipes
+    problems = golden_problems(case, build_case(golden_repo, case, tmp_path / "bumped"), table)
+    assert len(problems) == 1 and "quantize.int 1 -> 2" in problems[0] and "regenerate" in problems[0]

@@ -1,0 +1,75 @@
+"""The artifact_id: what it covers (spec, input digests, the toolchain and output versions of the parts a
+release runs) and what it leaves out (the builder's own code)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from builder.spec import identity, lock
+from conftest import PROJECT
+
+RELEASE_PARTS = {  # shipped release -> the parts it runs
+    "smollm2-135m-instruct-bf16": {"layout", "release-files", "format.dense"},
+    "smollm2-135m-instruct-fp8-dynamic": {"layout", "release-files", "format.compressed-tensors", "quantize.float"},
+    "smollm2-135m-instruct-fp8-static": {"layout", "release-files", "format.compressed-tensors", "quantize.float",
+                                         "calibration", "data", "evaluation"},
+    "smollm2-135m-instruct-w4a16": {"layout", "release-files", "format.compressed-tensors", "quantize.int",
+                                    "data", "evaluation"},
+    "smollm2-135m-instruct-w4a16-gptq": {"layout", "release-files", "format.compressed-tensors", "quantize.int",
+                                         "gptq", "calibration", "data", "evaluation"},
+}
+
+
+def normalised(name: str) -> str:
+    return name.lower().replace("_", "-")
+
+
+@pytest.mark.parametrize("release", sorted(RELEASE_PARTS))
+def test_a_release_carries_the_versions_of_exactly_the_parts_it_runs(release):
+    entry = lock.read(PROJECT, release)
+    assert set(entry["inputs"]["versions"]) == RELEASE_PARTS[release]
+    assert set(entry["inputs"]) == set(identity.INPUT_KEYS)  # no builder code digest among the inputs
+
+
+def test_tokenizers_and_compressed_tensors_enter_only_the_ids_of_releases_that_use_them():
+    toolchains = {release: lock.read(PROJECT, release)["inputs"]["toolchain"] for release in RELEASE_PARTS}
+    assert "tokenizers" in toolchains["smollm2-135m-instruct-fp8-static"]  # calibration and eval token ids
+    assert "tokenizers" not in toolchains["smollm2-135m-instruct-fp8-dynamic"]
+    assert "compressed-tensors" not in toolchains["smollm2-135m-instruct-bf16"]
+    assert all("torch" in toolchain for toolchain in toolchains.values())
+
+
+def test_the_builders_code_digest_does_not_enter_the_artifact_id(monkeypatch):
+    release = "smollm2-135m-instruct-fp8-dynamic"
+    before = lock.lock_entry(PROJECT, release)
+    monkeypatch.setattr(identity, "builder_digest", lambda: "sha256:" + "1" * 64)
+    assert lock.lock_entry(PROJECT, release) == before
+
+
+def test_every_package_a_build_imports_is_in_its_toolchain_or_known_to_leave_bytes_alone(calib_repo, tmp_path):
+    overrides = ["calibration.samples=2", "calibration.sequence_length=32", "eval=docstrings", "eval.samples=1",
+                 "eval.sequence_length=32", "eval.gate.max_perplexity_increase_pct=null", "eval.gate.max_mean_kl=null"]
+    script = ("import importlib.metadata as m, json, sys\n"
+              "from builder.cli import main\n"
+              "code = main(sys.argv[1:])\n"
+              "found = m.packages_distributions()\n"
+              "print(json.dumps({'code': code, 'packages': sorted({d for name in list(sys.modules) "
+              "for d in found.get(name.split('.')[0], [])})}))\n")
+    result = subprocess.run([sys.executable, "-c", script, "build", "tiny-llama-fp8-static", *overrides,
+                             "--out", str(tmp_path / "a")], cwd=calib_repo.root, capture_output=True, text=True,
+                            env={**calib_repo_environment(), "BUILDER_CACHE": "off"})
+    outcome = json.loads(result.stdout.splitlines()[-1])
+    assert outcome["code"] == 0, result.stderr
+    entry = lock.lock_entry(calib_repo.root, "tiny-llama-fp8-static", tuple(overrides))
+    known = set(entry["inputs"]["toolchain"]) | set(identity.INERT_PACKAGES)
+    unknown = sorted({normalised(p) for p in outcome["packages"]} - known)
+    assert not unknown, (f"a build imports {unknown}: add each to the PART_PACKAGES of the part that uses it, "
+                         "or to INERT_PACKAGES with why it cannot change bytes (builder/spec/identity.py)")
+
+
+def calib_repo_environment() -> dict:
+    import os
+
+    return {**os.environ, "BUILDER_ROOT": "", "PYTHONPATH": str(PROJECT)}
