@@ -15,6 +15,7 @@ PACK_BITS = 32  # sub-8-bit weights are packed into int32 words (compressed-tens
 # temporaries stay in the CPU cache, and none is the size of the tensor (a 400 MB weight used to need
 # an FP32 copy and a quotient, 1.6 GB, and ran ~10x slower from main memory).
 CHUNK_ELEMENTS = 1 << 18
+PACK_ELEMENTS = 1 << 16  # values packed at a time: its byte-sized temporaries stay below glibc's mmap threshold
 
 
 def targeted(tensor_name: str, shape: tuple, modules: dict, recipe: Recipe) -> bool:
@@ -124,18 +125,21 @@ def compute(name: str, tensor: torch.Tensor, is_targeted: bool, recipe: Recipe,
 def require_finite(name: str, tensor: torch.Tensor) -> None:
     """Refuse NaN and infinity: they would quantize to garbage (an amax of inf gives scale inf).
 
-    Checked on the largest magnitude of each chunk: a NaN or infinity anywhere reaches it.
+    Checked on the smallest and largest value (one pass, no temporary): a NaN anywhere reaches both.
     """
-    flat = tensor.reshape(-1)
-    for start in range(0, flat.numel(), CHUNK_ELEMENTS):
-        if not bool(torch.isfinite(flat[start:start + CHUNK_ELEMENTS].abs().amax())):
-            raise BuilderError(Problem("source weights", name, "holds NaN or infinite values; the checkpoint is "
-                                       "corrupt or overflowed when it was saved: fix or replace it"))
+    if tensor.numel() and not all(bool(torch.isfinite(end)) for end in torch.aminmax(tensor)):
+        raise BuilderError(Problem("source weights", name, "holds NaN or infinite values; the checkpoint is "
+                                   "corrupt or overflowed when it was saved: fix or replace it"))
 
 
-def row_blocks(rows: int, columns: int) -> list:
-    """Slices of whole rows holding at most CHUNK_ELEMENTS values (at least one row)."""
-    step = max(1, CHUNK_ELEMENTS // max(1, columns))
+def block_rows(columns: int, elements: int = CHUNK_ELEMENTS) -> int:
+    """Rows per block: whole rows holding at most `elements` values, at least one."""
+    return max(1, elements // max(1, columns))
+
+
+def row_blocks(rows: int, columns: int, elements: int = CHUNK_ELEMENTS) -> list:
+    """Slices of whole rows holding at most `elements` values (at least one row) each."""
+    step = block_rows(columns, elements)
     return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
@@ -161,8 +165,12 @@ def grouped_amax(weight: torch.Tensor, args: Args) -> torch.Tensor:
     """Largest magnitude per scale cell, FP32 (exact: a max, not a sum), in row blocks of any float dtype."""
     rows, columns = weight.shape
     size = cell_size(columns, args)
-    amax = torch.cat([weight[block].reshape(block.stop - block.start, columns // size, size).abs().amax(dim=-1)
-                      for block in row_blocks(rows, columns)]).to(torch.float32)
+    magnitudes = torch.empty(min(rows, block_rows(columns)) * columns, dtype=weight.dtype)  # reused per block
+    maxima = []
+    for block in row_blocks(rows, columns):
+        cells = weight[block].reshape(block.stop - block.start, columns // size, size)
+        maxima.append(torch.abs(cells, out=magnitudes[: cells.numel()].view(cells.shape)).amax(dim=-1))
+    amax = torch.cat(maxima).to(torch.float32)
     return amax.amax().reshape(1) if args.strategy == "tensor" else amax  # [1], [rows, 1] or [rows, groups]
 
 
@@ -193,12 +201,12 @@ def quantize_weight(weight: torch.Tensor, scale: torch.Tensor, args: Args) -> to
     size = cell_size(columns, args)
     q_min, q_max = args.value_range
     values = torch.empty((rows, columns), dtype=quantized_dtype(args))
-    work = torch.empty(min(rows, max(1, CHUNK_ELEMENTS // max(1, columns))) * columns, dtype=torch.float32)
+    work = torch.empty(min(rows, block_rows(columns)) * columns, dtype=torch.float32)
     for block in row_blocks(rows, columns):
         count = block.stop - block.start
         cells = work[: count * columns].view(count, columns // size, size)
         divisor = scale.reshape(1, 1, 1) if args.strategy == "tensor" else scale[block].unsqueeze(-1)
-        torch.div(weight[block].reshape(cells.shape), divisor, out=cells)
+        cells.copy_(weight[block].reshape(cells.shape)).div_(divisor)  # in the buffer: no cast temporary
         if args.type == "int":
             cells.round_()
         values[block].copy_(cells.clamp_(q_min, q_max).view(count, columns))  # the cast: .to(FP8 or int8)
@@ -214,13 +222,17 @@ def pack(values: torch.Tensor, num_bits: int) -> torch.Tensor:
     little-endian as safetensors stores them, are its value.
     """
     per_byte, per_word = 8 // num_bits, PACK_BITS // num_bits
+    mask, half = (1 << num_bits) - 1, 1 << (num_bits - 1)
     rows, columns = values.shape
     words = torch.empty((rows, -(-columns // per_word)), dtype=torch.int32)
-    for block in row_blocks(rows, columns):
-        unsigned = (values[block].to(torch.int16) + (1 << (num_bits - 1))).to(torch.uint8)
-        unsigned = torch.nn.functional.pad(unsigned, (0, -columns % per_word)).reshape(len(unsigned), -1, per_byte)
+    for block in row_blocks(rows, columns, PACK_ELEMENTS):
+        # v + 2^(b-1) in b bits is v's low b bits with the top one flipped (two's complement)
+        unsigned = values[block].view(torch.uint8).bitwise_and(mask).bitwise_xor_(half)
+        if columns % per_word:
+            unsigned = torch.nn.functional.pad(unsigned, (0, -columns % per_word))
+        unsigned = unsigned.reshape(len(unsigned), -1, per_byte)
         packed = unsigned[..., 0].clone()
         for index in range(1, per_byte):
-            packed |= unsigned[..., index] << (num_bits * index)
+            packed.bitwise_or_(unsigned[..., index].bitwise_left_shift(num_bits * index))
         words[block] = packed.view(torch.int32)
     return words
