@@ -173,7 +173,8 @@ def release_repo(root: Path, size_gb: float, recipes: tuple, samples: int, lengt
     measured([sys.executable, "-m", "builder", "lock"], env={"BUILDER_ROOT": str(root)})
     # untimed: the architecture check every build makes is remembered per config.json (builder.spec.memo);
     # only a model's first build computes it (~3 s: transformers' model code), so no row pays it
-    measured([sys.executable, "-c", f"from builder.source import load; load.architecture({str(weights)!r})"])
+    measured([sys.executable, "-c", "import sys, pathlib; from builder.source import load; "
+              "load.architecture(pathlib.Path(sys.argv[1]))", str(weights)])
     return model, config, writer
 
 

@@ -162,7 +162,11 @@ class PlannedFile:
         self.remaining = len(entries)  # tensors not yet written
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
         self.header = (0, memoryview(header))
-        write_at(self.fd, *self.header)
+        try:
+            write_at(self.fd, *self.header)
+        except BaseException:
+            self.close(sync=False)
+            raise
 
     def put(self, name: str, tensor) -> tuple:
         """Write one planned tensor; returns (offset, bytes written), a view of the tensor's memory.

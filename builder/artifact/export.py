@@ -45,8 +45,12 @@ def write_weights(out: Path, tensors: dict, modules: dict, recipe: Recipe, max_s
         is_targeted = quantize.targeted(name, tensors[name][2], modules, recipe)
         return quantize.compute(name, tensor, is_targeted, recipe, calibration)
 
+    def known(name):
+        is_targeted = quantize.targeted(name, tensors[name][2], modules, recipe)
+        return quantize.known(name, tensors[name][2], is_targeted, recipe, calibration)
+
     with tensorfile.reader(tensors) as read:
-        entries = stream.write_shards(out, sources, groups, assigned, names, read, compute)
+        entries = stream.write_shards(out, sources, groups, assigned, names, read, compute, known)
     if len(names) > 1:
         (out / WEIGHT_FILES[1]).write_text(pretty_json(shards.index(assigned, names)), encoding="utf-8")
         entries.append(file_entry(out, WEIGHT_FILES[1]))

@@ -27,12 +27,14 @@ AHEAD_PER_WORKER = 2  # tensors handed to each quantizer before the oldest resul
 SPARE_BYTES = 256 << 20  # memory kept for the next source tensors of the same size (see Spares)
 
 
-def write_shards(out: Path, sources: list, groups: list, assigned: list, names: list, read, compute) -> list:
+def write_shards(out: Path, sources: list, groups: list, assigned: list, names: list, read, compute,
+                 known) -> list:
     """Write the shards; returns their entries {path, sha256, size}, in shard order.
 
     sources: (name, bytes) of each source tensor, in name order; groups: the planned outputs of each
     (same order); assigned, names: each shard's outputs and file name (shards.assign keeps a source's
-    outputs in one shard); read(name) -> tensor; compute(name, tensor) -> {output name: tensor}.
+    outputs in one shard); read(name) -> tensor; compute(name, tensor) and known(name) ->
+    {output name: tensor}: the outputs that need the source's values, and those that do not.
     """
     import torch
 
@@ -50,7 +52,7 @@ def write_shards(out: Path, sources: list, groups: list, assigned: list, names: 
             spares = Spares(SPARE_BYTES)
             crew.start(read_all, work, read, compute, pool, budget, spares, results)
             crew.start(hash_all, written, budget, spares, entries)
-            write_all(out, assigned, names, results, written, files)
+            write_all(out, work, assigned, names, known, results, written, files)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(workers)
@@ -83,18 +85,16 @@ class Spares:
     and the zeroing of every page, a third of a build's kernel time before."""
 
     def __init__(self, limit: int):
-        import torch
-
-        self.empty, self.limit, self.kept, self.lock = torch.empty, limit, {}, threading.Lock()
+        self.limit, self.kept, self.lock = limit, {}, threading.Lock()
 
     def take(self, size: int):
         """A uint8 tensor of size bytes: a spare one, or fresh."""
+        import torch
+
         with self.lock:
             if self.kept.get(size):
                 return self.kept[size].pop()
-        import torch
-
-        return self.empty(size, dtype=torch.uint8)
+        return torch.empty(size, dtype=torch.uint8)
 
     def give(self, memory) -> None:
         """Keep memory for later if there is room (nothing else may use it any more)."""
@@ -103,25 +103,32 @@ class Spares:
                 self.kept.setdefault(memory.numel(), []).append(memory)
 
 
-def write_all(out: Path, assigned: list, names: list, results, written, files: dict) -> None:
-    """The caller's stage: results in source order, each output written at its offset, what was
-    written handed to the hasher (with whether it completes its file)."""
-    total, done = sum(len(outputs) for outputs in assigned), 0
+def write_all(out: Path, work: list, assigned: list, names: list, known, results, written, files: dict) -> None:
+    """The caller's stage: a shard's header and known outputs when it opens, then results in source
+    order, each output written at its offset, what was written handed to the hasher (with whether it
+    completes its file)."""
+    total, done = sum(len(outputs) for outputs in assigned), [0]
+
+    def put(planned, outputs: dict) -> list:
+        pieces = []
+        for name in sorted(outputs):
+            pieces.append(planned.put(name, outputs[name]))
+            done[0] += 1
+            if done[0] == total // 2:
+                failpoints.reached("quantize")
+        bar.update(len(outputs))
+        return pieces
+
     with progress(total=total, desc="quantize", unit="tensor") as bar:
         for future, shard, cost, memory in results:
             outputs = future.result()  # the quantizer's (or the reader's) error is raised here, in order
             if shard not in files:
-                files[shard] = tensorfile.PlannedFile(out / names[shard], assigned[shard])
-                written.put((files[shard], [files[shard].header], 0, None, False))
-            planned, pieces = files[shard], []
-            for name in sorted(outputs):
-                pieces.append(planned.put(name, outputs[name]))
-                done += 1
-                if done == total // 2:
-                    failpoints.reached("quantize")
-            bar.update(len(outputs))
-            item = (planned, pieces, cost, memory, planned.remaining == 0)
-            del outputs, pieces, future, memory  # all of it goes (or is kept spare) once the hasher is done
+                planned = files[shard] = tensorfile.PlannedFile(out / names[shard], assigned[shard])
+                ahead = {name: value for source, at, _, _ in work if at == shard for name, value in known(source).items()}
+                written.put((planned, [planned.header, *put(planned, ahead)], 0, None, planned.remaining == 0))
+            planned = files[shard]
+            item = (planned, put(planned, outputs), cost, memory, planned.remaining == 0)
+            del outputs, future, memory  # all of it goes (or is kept spare) once the hasher is done
             written.put(item)
             del item
     written.close()

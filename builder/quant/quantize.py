@@ -79,15 +79,10 @@ def scale_format(recipe: Recipe) -> tuple:
     return DTYPES[recipe.dtype], (1,)
 
 
-def compute(name: str, tensor: torch.Tensor, is_targeted: bool, recipe: Recipe,
-            calibration: dict | None = None) -> dict:
-    """The tensors of layout(), computed: name -> tensor.
-
-    calibration (builder.quant.calibrate's result) supplies activation and KV-cache maxima and
-    GPTQ's integer weights; recipes without calibration pass None.
-    Raises BuilderError when the source tensor holds NaN or infinity.
-    """
-    out_dtype = DTYPES[recipe.dtype]
+def known(name: str, shape: tuple, is_targeted: bool, recipe: Recipe, calibration: dict | None = None) -> dict:
+    """The tensors of layout() that need no source values, computed: a KV-cache projection's scale and
+    a weight's input scale (from calibration), a packed weight's `weight_shape`. Written before any
+    tensor is read: the I64 `weight_shape`s lead the file, so its hash need not wait for the last one."""
     scale_dtype, scalar = scale_format(recipe)
     found = {}
     kv_name = kv_scale_name(name, recipe)
@@ -95,10 +90,28 @@ def compute(name: str, tensor: torch.Tensor, is_targeted: bool, recipe: Recipe,
         amax = calibration["kv_amax"][kv_scale_key(name, recipe)]
         found[kv_name] = scale_from_amax(amax, recipe.kv_cache_scheme, scale_dtype).reshape(scalar)
     if not is_targeted:
+        return found
+    module = name[: -len(".weight")]
+    if recipe.packed:
+        found[f"{module}.weight_shape"] = torch.tensor(tuple(shape), dtype=torch.int64)
+    if recipe.static_inputs:
+        amax = calibration["input_amax"][module]
+        found[f"{module}.input_scale"] = scale_from_amax(amax, recipe.input_activations, scale_dtype).reshape(scalar)
+    return found
+
+
+def compute(name: str, tensor: torch.Tensor, is_targeted: bool, recipe: Recipe,
+            calibration: dict | None = None) -> dict:
+    """The other tensors of layout() (not known()), computed from the source tensor: name -> tensor.
+
+    calibration (builder.quant.calibrate's result) supplies GPTQ's integer weights; recipes without
+    calibration pass None. Raises BuilderError when the source tensor holds NaN or infinity.
+    """
+    if not is_targeted:
         if tensor.is_floating_point():
             require_finite(name, tensor)
-        found[name] = tensor.to(out_dtype) if tensor.is_floating_point() else tensor
-        return found
+        return {name: tensor.to(DTYPES[recipe.dtype]) if tensor.is_floating_point() else tensor}
+    scale_dtype, scalar = scale_format(recipe)
     args = recipe.weights
     module = name[: -len(".weight")]
     gptq = (calibration or {}).get("gptq", {}).get(module)
@@ -110,15 +123,8 @@ def compute(name: str, tensor: torch.Tensor, is_targeted: bool, recipe: Recipe,
         require_finite(name, amax)  # a NaN or infinity anywhere in the weight reaches its maximum
         scale = scale_from_amax(amax, args, scale_dtype)
         values = quantize_weight(tensor, scale.to(torch.float32), args)
-    if recipe.packed:
-        found[f"{module}.weight_packed"] = pack(values, args.num_bits)
-        found[f"{module}.weight_shape"] = torch.tensor(tuple(tensor.shape), dtype=torch.int64)
-    else:
-        found[name] = values
+    found = {f"{module}.weight_packed": pack(values, args.num_bits)} if recipe.packed else {name: values}
     found[f"{module}.weight_scale"] = scale.reshape(scalar) if args.strategy == "tensor" else scale
-    if recipe.static_inputs:
-        amax = calibration["input_amax"][module]
-        found[f"{module}.input_scale"] = scale_from_amax(amax, recipe.input_activations, scale_dtype).reshape(scalar)
     return found
 
 
