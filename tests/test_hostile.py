@@ -171,7 +171,7 @@ CASES = [
     ("unexpected-dtype", rewrite_tensors(lambda t: t.update({"model.norm.weight": t["model.norm.weight"].to(__import__("torch").int8)})), ["build", RELEASE], ["model.norm.weight", "dtype I8"]),
     ("unexpected-shape", rewrite_tensors(lambda t: t.update({"model.layers.0.self_attn.q_proj.weight": t["model.layers.0.self_attn.q_proj.weight"][:32]})), ["build", RELEASE], ["model.layers.0.self_attn.q_proj.weight", "shape [32, 64]", "[64, 64]"]),
     ("missing-tokenizer", then_repin(lambda root: (root / WEIGHTS / "tokenizer.json").unlink()), ["build", RELEASE], ["missing tokenizer files: tokenizer.json or tokenizer.model"]),
-    ("architecture-mismatch", edit_model(architecture__intermediate_size=256), ["build", RELEASE], ["model.architecture.intermediate_size", "256 declared", "config.json has 128"]),
+    ("architecture-mismatch", edit_model(architecture__intermediate_size=256), ["build", RELEASE], ["model.architecture.intermediate_size", "256 declared", "config.json means 128"]),
     ("out-is-user-folder", not_an_artifact, ["build", RELEASE, "--out", "somewhere"], ["somewhere", "not an artifact"]),
     ("stale-lock", locked_then_edited, ["build", RELEASE], [f"locks/{RELEASE}.json", "builder lock"]),
     ("verify-not-an-artifact", nothing, ["verify", "specs"], ["not an artifact"]),

@@ -87,6 +87,10 @@ def evaluate(root: Path, spec: dict, source: Path, artifact: Path, log=print, id
     if ids is None:
         ids = data.samples(root, spec["eval"], source, file=eval_file, group="eval")
     result = measure(source, artifact, ids)
+    broken = [figure for figure in ("perplexity_increase_pct", "mean_kl") if not math.isfinite(result[figure])]
+    if broken:  # whatever the gate says: an artifact whose outputs are NaN or infinite is broken
+        raise CheckFailed(Problem(str(artifact.name), "eval", f"{', '.join(broken)} not finite (perplexity "
+                                  f"{result['perplexity']['artifact']}): the artifact's logits hold NaN or infinity"))
     problems = gate_problems(result, spec["eval"]["gate"], eval_file)
     result["dataset"] = spec["eval"]["dataset"]
     result["gate"] = {**spec["eval"]["gate"], "passed": not problems}
