@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER = ROOT / "weights" / "smollm2-135m-instruct"
 SHAPE = dict(vocab_size=49152, hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+             max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=2)
 FAMILIES = {  # model_type, extra config: vLLM-sized
     "llama": ("llama", dict(intermediate_size=512)),
     "mistral": ("mistral", dict(intermediate_size=512, sliding_window=16)),

@@ -63,9 +63,10 @@ class StandIn(torch.nn.Module):
     """Takes a decoder layer's place while the model's own forward runs: records what the layer is
     called with and passes the hidden states on (masks and rotary inputs do not depend on them)."""
 
-    def __init__(self, calls: list, last: bool):
+    def __init__(self, calls: list, last: bool, layer: torch.nn.Module):
         super().__init__()
         self.calls, self.last = calls, last
+        self.attention_type = getattr(layer, "attention_type", None)  # some forwards pick masks by it
 
     def forward(self, hidden_states, *args, **kwargs):
         self.calls.append((hidden_states, args, kwargs))
@@ -80,7 +81,7 @@ def layer_inputs(model, ids: torch.Tensor, every_layer: bool) -> list:
     body, calls = model.model, []
     layers = body.layers
     count = len(layers) if every_layer else 1
-    body.layers = torch.nn.ModuleList([StandIn(calls, i == count - 1) for i in range(len(layers))])
+    body.layers = torch.nn.ModuleList([StandIn(calls, i == count - 1, layer) for i, layer in enumerate(layers)])
     try:
         with torch.no_grad():
             body(input_ids=ids, use_cache=False)
