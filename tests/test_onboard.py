@@ -132,3 +132,21 @@ def test_resolve_refuses_an_untied_gemma_for_vllm(repo):
     spec_file.write_text(yaml.safe_dump(spec))
     result = repo.run("resolve", "tiny-gemma2-bf16", "target=vllm-h100", check=2)
     assert "vLLM loads Gemma2ForCausalLM only with a tied lm_head" in result.stderr
+
+
+def test_a_declared_value_config_json_only_implies_is_accepted(repo):
+    """head_dim declared, config.json without one (older hub configs): hidden / heads is what it means."""
+    weights = repo.add_model("tiny-llama")
+    config = json.loads((weights / "config.json").read_text())
+    config.pop("head_dim", None)
+    (weights / "config.json").write_text(json.dumps(config))
+    spec_file = repo.root / "specs" / "model" / "tiny-llama.yaml"
+    spec = yaml.safe_load(spec_file.read_text())
+    spec["digest"] = tree_digest(file_entries(weights))
+    spec["architecture"]["head_dim"] = 16
+    spec_file.write_text(yaml.safe_dump(spec))
+    repo.run("build", "tiny-llama-bf16", check=0)
+    spec["architecture"]["head_dim"] = 32
+    spec_file.write_text(yaml.safe_dump(spec))
+    assert "model.architecture.head_dim: 32 declared, but config.json means 16" in \
+        repo.run("build", "tiny-llama-bf16", "--force", check=2).stderr
