@@ -89,7 +89,8 @@ def build_into(entry: dict, source: dict, staging: Path, root: Path | None = Non
     determinism.apply_torch(source["devices"])
     allocator.return_freed_memory()
     spec, recipe = entry["spec"], source["recipe"]
-    with tempfile.TemporaryDirectory(prefix=".scratch-", dir=staging.parent) as scratch:  # GPTQ's per-layer results
+    # GPTQ's per-layer results, beside staging and named after it, so a killed build's are cleaned up with it
+    with tempfile.TemporaryDirectory(prefix=f"{staging.name}-scratch-", dir=staging.parent) as scratch:
         calibration = calibrate.for_build(recipe, source, log, calibration_dump,
                                           spec["calibration"].get("device", "cpu"), Path(scratch))
         export.write_weights(staging, source["tensors"], source["modules"], source["family"], recipe,
