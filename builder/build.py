@@ -8,14 +8,14 @@ quantize and write, evaluate, describe, record. Also rebuild an artifact from wh
 import tempfile
 from pathlib import Path
 
-from builder import atomic, failpoints
+from builder import atomic, determinism, failpoints
 from builder.artifact import export, manifest, provenance, record
 from builder.artifact.release_files import write_release_files
 from builder.canonical import file_entries, pretty_json, tree_digest
 from builder.errors import BuilderError, CheckFailed, Problem
 from builder.paths import EVAL_FILE, MANIFEST_FILE, RECORD_FILES, artifact_name
 from builder.source import load
-from builder.spec import lock
+from builder.spec import families, lock
 from builder.spec.recipe import Recipe
 
 
@@ -50,18 +50,23 @@ def build(root: Path, release: str, overrides: tuple = (), out: Path | None = No
 def prepare(root: Path, entry: dict) -> dict:
     """Check the source against the spec and index it; reads only, so bad input writes nothing."""
     spec = entry["spec"]
+    model_file = f"specs/model/{spec['choices']['model']}.yaml"
     path = load.source_dir(root, spec)
-    config = load.read_config(path, spec)
+    config = load.read_config(path, model_file)
     load.check_tokenizer(path, spec["model"]["path"])
     tensors = load.tensor_index(path)
-    modules, shapes, tied = load.architecture(path)
-    load.check_tensors(spec["model"]["path"], tensors, shapes, tied)
+    architecture = load.architecture(path)
+    load.check_architecture(spec["model"]["architecture"], architecture["facts"], model_file)
+    load.check_tensors(spec["model"]["path"], tensors, architecture["shapes"], architecture["tied"])
+    family = families.of_class(architecture["facts"]["class"])
     recipe = Recipe.of(spec["quant"])
+    devices = determinism.devices(spec, recipe)  # a CUDA device asked for where there is none: refused now
     calibration_ids = data_samples(root, spec, path, "calibration") if recipe.needs_calibration else None
     # eval windows are drawn now too: empty or too-short text is refused before anything is quantized
     eval_ids = data_samples(root, spec, path, "eval") if spec["eval"]["dataset"] is not None else None
     failpoints.reached("read")
-    return {"path": path, "config": config, "tensors": tensors, "modules": modules, "recipe": recipe,
+    return {"path": path, "config": config, "tensors": tensors, "modules": architecture["modules"],
+            "family": family, "facts": architecture["facts"], "recipe": recipe, "devices": devices,
             "calibration_ids": calibration_ids, "eval_ids": eval_ids}
 
 
@@ -79,22 +84,24 @@ def build_into(entry: dict, source: dict, staging: Path, root: Path | None = Non
 
     root (the repository) is needed by releases that calibrate or evaluate (their data lives there).
     """
-    from builder import determinism
     from builder.quant import allocator, calibrate
 
-    determinism.apply_torch()
+    determinism.apply_torch(source["devices"])
     allocator.return_freed_memory()
     spec, recipe = entry["spec"], source["recipe"]
-    calibration = calibrate.for_build(recipe, source, log, calibration_dump)
-    weights = export.write_weights(staging, source["tensors"], source["modules"], recipe,
-                                   spec["target"]["max_shard_bytes"], calibration)  # hashed as written
-    export.write_config(source["config"], staging, recipe)
+    # GPTQ's per-layer results, beside staging and named after it, so a killed build's are cleaned up with it
+    with tempfile.TemporaryDirectory(prefix=f"{staging.name}-scratch-", dir=staging.parent) as scratch:
+        calibration = calibrate.for_build(recipe, source, log, calibration_dump,
+                                          spec["calibration"].get("device", "cpu"), Path(scratch))
+        weights = export.write_weights(staging, source["tensors"], source["modules"], source["family"], recipe,
+                                       spec["target"]["max_shard_bytes"], calibration)  # hashed as written
+    export.write_config(source["config"], staging, recipe, export.routers(source["facts"], source["family"]))
     export.copy_side_files(source["path"], staging)
     evaluate_staged(root, spec, source, staging, log)  # before the card, which shows eval.json
     write_release_files(staging, entry)
     # each file hashed once (the weights while they were written), for both records
     content = file_entries(staging, exclude=RECORD_FILES, known={e["path"]: e for e in weights})
-    provenance.write(entry, source["path"], staging, content)
+    provenance.write(entry, source["path"], staging, content, determinism.device_facts(source["devices"]))
     result = manifest.create(staging, entry, content)
     failpoints.reached("manifest")
     return result

@@ -71,6 +71,13 @@ def cmd_import(args) -> int:
     return 0
 
 
+def cmd_model(args) -> int:
+    from builder.source.onboard import add_model
+
+    add_model(find_root(), args.name, args.path, model_id=args.id, license_id=args.license, force=args.force, log=log)
+    return 0
+
+
 def cmd_build(args) -> int:
     from builder.build import build
 
@@ -161,6 +168,7 @@ VERBS = {
     "resolve": (cmd_resolve, "show a release's resolved spec and artifact_id"),
     "lock": (cmd_lock, "write locks/ and params.yaml from specs/ (--check: fail if stale)"),
     "plan": (cmd_plan, "which releases change against a git revision, as Markdown for a PR comment"),
+    "model": (cmd_model, "add a local checkpoint folder as specs/model/NAME.yaml (checked, digest pinned)"),
     "import": (cmd_import, "import a model's pinned source into weights/"),
     "build": (cmd_build, "build a release into artifacts/<release>/"),
     "build-many": (cmd_build_many, "build several releases in parallel jobs (submitit: local or SLURM)"),
@@ -191,6 +199,16 @@ def parser() -> argparse.ArgumentParser:
                              "(default: the merge base of HEAD with main)")
     sub["plan"].add_argument("--json", action="store_true", help="machine-readable output")
     sub["import"].add_argument("model", help="a file name in specs/model/, without .yaml")
+    add = sub["model"].add_subparsers(dest="model_verb", required=True, metavar="add").add_parser(
+        "add", help="check a checkpoint folder and write specs/model/NAME.yaml",
+        description="Check a local checkpoint folder (an HF snapshot or save_pretrained output) as a build "
+                    "will, copy it into weights/NAME/ unless it is inside the repository, and write "
+                    "specs/model/NAME.yaml with its digest and architecture.")
+    add.add_argument("name", help="the model's name in specs/model/ (lower case, digits, . _ -)")
+    add.add_argument("path", type=Path, help="the checkpoint folder (config.json, *.safetensors, tokenizer)")
+    add.add_argument("--id", help="Hugging Face id for the card (default: from the snapshot path, else NAME)")
+    add.add_argument("--license", help="license id for the card (default: the folder's README.md, else other)")
+    add.add_argument("--force", action="store_true", help="replace an existing specs/model/NAME.yaml")
     sub["build"].add_argument("--out", type=Path, help="output folder (default artifacts/<release>)")
     sub["build"].add_argument("--force", action="store_true", help="rebuild even if up to date")
     sub["build-many"].add_argument("releases", nargs="+", metavar="RELEASE")

@@ -41,6 +41,22 @@ TINY = {
                                            max_position_embeddings=2048, tie_word_embeddings=False,
                                            sliding_window=None)),
 }
+# Every other family the builder supports (builder/spec/families.py), the same small shape: sliding
+# windows shorter than the calibration windows, and experts small enough for group-32 INT4.
+SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=256, max_position_embeddings=2048, pad_token_id=0)
+FAMILIES = {
+    "tiny-llama-bias": ("llama", dict(attention_bias=True, mlp_bias=True)),
+    "tiny-qwen3": ("qwen3", dict(head_dim=16)),
+    "tiny-phi3": ("phi3", dict()),
+    "tiny-gemma": ("gemma", dict(head_dim=16)),
+    "tiny-gemma2": ("gemma2", dict(head_dim=16, sliding_window=8)),
+    "tiny-gemma3": ("gemma3_text", dict(head_dim=16, sliding_window=8, sliding_window_pattern=2)),
+    "tiny-mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "tiny-qwen3-moe": ("qwen3_moe", dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                                         mlp_only_layers=[1], norm_topk_prob=True)),
+    "tiny-olmoe": ("olmoe", dict(num_experts=4, num_experts_per_tok=2, intermediate_size=64)),
+}
 RECIPES = ("bf16", "fp8-dynamic")
 
 
@@ -51,8 +67,13 @@ def make_checkpoint(kind: str, path: Path, seed: int = 0) -> dict:
     import torch
     import transformers
 
-    config_class, values = TINY[kind]
-    config = getattr(transformers, config_class)(**values)
+    if kind in TINY:
+        config_class, values = TINY[kind]
+        config = getattr(transformers, config_class)(**values)
+    else:
+        model_type, extra = FAMILIES[kind]
+        values = {**SHAPE, **extra}
+        config = transformers.AutoConfig.for_model(model_type, **values)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
     model.save_pretrained(path)
@@ -124,6 +145,10 @@ class Repo:
             save_byte_tokenizer(weights)
         digest = tree_digest(file_entries(weights))
         spec = model_spec(kind, config, digest)
+        if kind in FAMILIES:  # the whole architecture block, as `builder model add` writes it
+            from builder.source import load
+
+            spec["architecture"] = load.architecture(weights)["facts"]
         (self.root / "specs" / "model" / f"{kind}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
         for recipe in RECIPES:
             name = f"{kind}-{recipe}"

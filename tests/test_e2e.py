@@ -45,10 +45,10 @@ def test_fp8_artifact_generates_coherent_text_with_transformers(smollm2):
     model = AutoModelForCausalLM.from_pretrained(artifact, dtype=torch.float32,
                                                  quantization_config=CompressedTensorsConfig(dequantize=True))
     tokenizer = AutoTokenizer.from_pretrained(artifact)
-    messages = [{"role": "user", "content": "What is the capital of France?"}]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
-    ids = ids if torch.is_tensor(ids) else ids["input_ids"]
-    output = model.generate(ids, max_new_tokens=12, do_sample=False)
+    # A completion, not the chat template: this 135M model's chat answer flips between "Paris" and a
+    # French ramble with the last bits of FP32 (AVX2 vs AVX-512 kernels), its completion does not.
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    output = model.generate(ids, max_new_tokens=8, do_sample=False)
     answer = tokenizer.decode(output[0][ids.shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer, answer
 

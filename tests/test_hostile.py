@@ -171,7 +171,7 @@ CASES = [
     ("unexpected-dtype", rewrite_tensors(lambda t: t.update({"model.norm.weight": t["model.norm.weight"].to(__import__("torch").int8)})), ["build", RELEASE], ["model.norm.weight", "dtype I8"]),
     ("unexpected-shape", rewrite_tensors(lambda t: t.update({"model.layers.0.self_attn.q_proj.weight": t["model.layers.0.self_attn.q_proj.weight"][:32]})), ["build", RELEASE], ["model.layers.0.self_attn.q_proj.weight", "shape [32, 64]", "[64, 64]"]),
     ("missing-tokenizer", then_repin(lambda root: (root / WEIGHTS / "tokenizer.json").unlink()), ["build", RELEASE], ["missing tokenizer files: tokenizer.json or tokenizer.model"]),
-    ("architecture-mismatch", edit_model(architecture__intermediate_size=256), ["build", RELEASE], ["model.architecture.intermediate_size", "256 declared", "config.json has 128"]),
+    ("architecture-mismatch", edit_model(architecture__intermediate_size=256), ["build", RELEASE], ["model.architecture.intermediate_size", "256 declared", "config.json means 128"]),
     ("out-is-user-folder", not_an_artifact, ["build", RELEASE, "--out", "somewhere"], ["somewhere", "not an artifact"]),
     ("stale-lock", locked_then_edited, ["build", RELEASE], [f"locks/{RELEASE}.json", "builder lock"]),
     ("verify-not-an-artifact", nothing, ["verify", "specs"], ["not an artifact"]),
@@ -182,7 +182,11 @@ CASES = [
     ("short-calibration-text", lambda root: (root / "data" / "calibration.txt").write_text("w1 w2 w3\n"), ["build", RELEASE, *CALIBRATED], ["specs/calibration/licenses.yaml: calibration.samples", "64"]),
     ("missing-calibration-file", lambda root: (root / "data" / "calibration.txt").unlink(), ["build", RELEASE, *CALIBRATED], ["calibration.dataset", "no such file"]),
     ("bad-argument", nothing, ["build"], []),
+    ("unknown-device", nothing, ["resolve", RELEASE, "calibration.device=tpu"], ["calibration.device", '"tpu" is not allowed; allowed: "cpu", "cuda"']),
 ]
+if not __import__("torch").cuda.is_available():  # these machines have no GPU: asking for one is bad input here
+    CASES.append(("cuda-without-a-gpu", nothing, ["build", RELEASE, *CALIBRATED, "calibration.device=cuda"],
+                  ["specs/calibration/licenses.yaml: calibration.device", "torch sees no CUDA device"]))
 
 
 def snapshot(root):

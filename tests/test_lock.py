@@ -114,14 +114,14 @@ def test_architecture_cache_is_keyed_by_config_bytes_and_equals_what_transformer
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     make_checkpoint("tiny-qwen2", tmp_path / "model")
     fresh = load.meta_architecture(tmp_path / "model")
-    modules, shapes, tied = load.architecture(tmp_path / "model")
-    assert (modules, shapes, tied) == (fresh["modules"], {k: tuple(v) for k, v in fresh["shapes"].items()},
-                                       set(fresh["tied"]))
-    assert tied == {"lm_head.weight"}  # tiny-qwen2 ties its embeddings
+    cached = load.architecture(tmp_path / "model")
+    assert cached == {**fresh, "shapes": {k: tuple(v) for k, v in fresh["shapes"].items()}, "tied": set(fresh["tied"])}
+    assert cached["tied"] == {"lm_head.weight"}  # tiny-qwen2 ties its embeddings
+    assert cached["facts"]["class"] == "Qwen2ForCausalLM" and cached["supported"]
     assert len(list((tmp_path / "cache" / "quant-release-builder" / "architecture").glob("*.json"))) == 1
-    assert load.architecture(tmp_path / "model") == (modules, shapes, tied)  # served from the cache
+    assert load.architecture(tmp_path / "model") == cached  # served from the cache
     config_file = tmp_path / "model" / "config.json"
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "intermediate_size": 96}))
-    _, narrower, _ = load.architecture(tmp_path / "model")
-    assert shapes["model.layers.1.mlp.up_proj.weight"] == (128, 64)
+    narrower = load.architecture(tmp_path / "model")["shapes"]
+    assert cached["shapes"]["model.layers.1.mlp.up_proj.weight"] == (128, 64)
     assert narrower["model.layers.1.mlp.up_proj.weight"] == (96, 64)

@@ -60,7 +60,7 @@ def test_an_fp8_kv_cache_halves_the_cache_bytes():
 
 
 def test_int4_group_weights_count_packed_nibbles_and_one_scale_per_group():
-    arch = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 1, "num_attention_heads": 4,
+    arch = {"class": "LlamaForCausalLM", "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 1, "num_attention_heads": 4,
             "num_key_value_heads": 4, "vocab_size": 100, "tie_word_embeddings": True}
     quant = Recipe.of({"format": "compressed-tensors", "dtype": "bfloat16", "algorithm": "rtn", "gptq": None,
                        "targets": ["Linear"], "ignore": [], "input_activations": None, "kv_cache_scheme": None,

@@ -43,6 +43,16 @@ def table(header: tuple, rows: list) -> list:
             *(f"| {' | '.join(str(cell) for cell in row)} |" for row in rows)]
 
 
+def experts_row(arch: dict) -> list:
+    """A mixture of experts' parameter counts: all of them, and those a token runs through."""
+    moe = arch.get("moe")
+    if not moe:
+        return []
+    counted = memory.parameters(arch)
+    return [("parameters", f"{counted['total'] / 1e9:.3f} B total, {counted['active'] / 1e9:.3f} B active "
+                           f"(top-{moe['num_experts_per_tok']} of {moe['num_experts']} experts per token)")]
+
+
 def model_card(entry: dict, evaluation: dict | None = None) -> str:
     """The card's text for a lock entry; evaluation is eval.json's content when the build measured it."""
     spec = entry["spec"]
@@ -67,7 +77,8 @@ def model_card(entry: dict, evaluation: dict | None = None) -> str:
                  ("kept unquantized", ", ".join(recipe.ignore) or "none"),
                  ("output dtype", recipe.dtype),
                  ("KV cache dtype", figures["kv_cache_dtype"]),
-                 ("source", f"`{model['source']['kind']}`, weights digest `{model['digest']}`")]), "",
+                 ("source", f"`{model['source']['kind']}`, weights digest `{model['digest']}`"),
+                 *experts_row(model["architecture"])]), "",
              "## Target", "",
              *table(("setting", "value"), [
                  ("runtime", f"{target['runtime']} `{target['runtime_versions']}`"),

@@ -1,8 +1,13 @@
 """Calibrate layer by layer: the source model runs one decoder layer at a time (FP32, CPU) over the
-calibration tokens, recording max |input| of every targeted Linear, max |key| and |value| entering the
-KV cache, and (for GPTQ) each Linear's input second moments. Deterministic: fixed batches, max-abs.
+calibration tokens, recording max |input| of every targeted Linear (every expert of a MoE layer
+included), max |key| and |value| entering the KV cache, and (for GPTQ) each Linear's input second
+moments. Deterministic: fixed batches, max-abs statistics.
 
     builder build smollm2-135m-instruct-fp8-static   (calibrates when the recipe needs it)
+
+Exact for every family: each layer gets the inputs the model's own forward gives it (embedding scale,
+per-layer-type rotary embeddings, sliding-window masks), recorded by running that forward with
+stand-ins for the layers; tests hold the maxima equal to a full-model forward with hooks.
 """
 
 from pathlib import Path
@@ -11,95 +16,186 @@ import torch
 
 from builder.console import progress
 from builder.quant import gptq, quantize
-from builder.quant.quantize import KV_PROJECTIONS
+from builder.quant.spill import Spill
+from builder.source import skeleton
 from builder.spec.recipe import Args, Recipe
 from builder.tensorfile import reader
 
 BATCH = 4  # calibration samples per forward pass: fixed, so every reduction splits the same way
-ATTENTION = "builder_observed_sdpa"  # sdpa, with keys and values shown to the layer's observer first
+KV_SCALES = ("self_attn.k_scale", "self_attn.v_scale")  # where compressed-tensors and vLLM look for them
 
 
-def observed_sdpa(module, query, key, value, attention_mask, **kwargs):
-    """transformers' sdpa attention, after handing key and value (post-RoPE) to module.builder_observe."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    observe = getattr(module, "builder_observe", None)
-    if observe is not None:
-        observe(key, value)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-
-def skeleton(source: Path):
-    """The model's modules on the meta device (no memory), with the observing attention."""
-    from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
-
-    AttentionInterface.register(ATTENTION, observed_sdpa)
-    config = AutoConfig.from_pretrained(source, trust_remote_code=False)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, attn_implementation=ATTENTION)
-    return config, model
+def observed(attend):
+    """An attention function that hands key and value (post-RoPE, as they enter the KV cache) to
+    module.builder_observe first, then attends as the model's own kernel does."""
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        observe = getattr(module, "builder_observe", None)
+        if observe is not None:
+            observe(key, value)
+        return attend(module, query, key, value, attention_mask, **kwargs)
+    return attention
 
 
-def materialize(module: torch.nn.Module, prefix: str, read) -> None:
+def register(kind: str) -> str:
+    """Register the observing attention (and its mask function: without one transformers builds no
+    mask at all, so sliding windows would be ignored) under a name of our own; returns the name."""
+    import importlib
+
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
+
+    if kind == "eager":  # Gemma 2: sdpa would drop the attention logits' softcapping
+        attend = importlib.import_module("transformers.models.gemma2.modeling_gemma2").eager_attention_forward
+        mask = eager_mask
+    else:
+        attend = importlib.import_module("transformers.integrations.sdpa_attention").sdpa_attention_forward
+        mask = sdpa_mask
+    name = f"builder_observed_{kind}"
+    AttentionInterface.register(name, observed(attend))
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, mask)
+    return name
+
+
+class Stop(Exception):
+    """Raised by the last stand-in layer: nothing after the decoder layers is needed."""
+
+
+class StandIn(torch.nn.Module):
+    """Takes a decoder layer's place while the model's own forward runs: records what the layer is
+    called with and passes the hidden states on (masks and rotary inputs do not depend on them)."""
+
+    def __init__(self, calls: list, last: bool, layer: torch.nn.Module):
+        super().__init__()
+        self.calls, self.last = calls, last
+        self.attention_type = getattr(layer, "attention_type", None)  # some forwards pick masks by it
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.calls.append((hidden_states, args, kwargs))
+        if self.last:
+            raise Stop
+        return hidden_states
+
+
+def layer_inputs(model, ids: torch.Tensor, every_layer: bool) -> list:
+    """[(hidden states entering layer 0, args, kwargs)] per layer (or only layer 0) for a batch of
+    token ids, as the model's own forward computes them (only its embedding holds real weights)."""
+    body, calls = model.model, []
+    layers = body.layers
+    count = len(layers) if every_layer else 1
+    body.layers = torch.nn.ModuleList([StandIn(calls, i == count - 1, layer) for i, layer in enumerate(layers)])
+    try:
+        with torch.no_grad():
+            body(input_ids=ids, use_cache=False)
+    except Stop:
+        pass
+    finally:
+        body.layers = layers
+    return calls
+
+
+def prepare_model_inputs(model, config, read) -> None:
+    """Give the embedding its FP32 weights and the model-level modules their CPU buffers."""
+    embedding = model.model.embed_tokens
+    embedding.to_empty(device="cpu")
+    embedding.to(torch.float32)
+    with torch.no_grad():
+        embedding.weight.copy_(read("model.embed_tokens.weight"))
+    if hasattr(embedding, "scalar_embed_scale"):  # Gemma's √hidden: a non-persistent buffer, lost on meta
+        embedding.embed_scale = torch.tensor(embedding.scalar_embed_scale)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)  # its inv_freq buffers, on CPU
+
+
+def materialize(module: torch.nn.Module, prefix: str, family, read, device=torch.device("cpu")) -> None:
     """Give a meta module real FP32 weights read from the checkpoint (names under prefix), one tensor
     at a time: reading the whole layer first would hold it twice (BF16 as read, FP32 in place)."""
-    module.to_empty(device="cpu")
+    module.to_empty(device=device)
     module.to(torch.float32)
     with torch.no_grad():
         for name, tensor in module.state_dict().items():
-            value = read(prefix + name)
-            quantize.require_finite(prefix + name, value)
+            disk = skeleton.checkpoint_name(prefix + name, family)
+            value = read(disk)
+            quantize.require_finite(disk, value)
             tensor.copy_(value)
 
 
-def calibrate(source: Path, tensors: dict, modules: dict, recipe: Recipe, ids: torch.Tensor, log=print) -> dict:
+def calibrate(source: Path, tensors: dict, modules: dict, recipe: Recipe, ids: torch.Tensor, log=print,
+              device: str = "cpu", spill: Spill | None = None) -> dict:
     """Statistics and GPTQ weights for quantize.compute, from calibration token ids [samples, length].
 
-    Returns {"input_amax": {module: [1]}, "kv_amax": {kv scale name: [1]}, "gptq": {module: (ints, scale)}}.
-    Only one decoder layer's weights and one set of hidden states (FP32, [samples, length, hidden])
-    are in memory at a time: each batch's outputs replace its inputs.
+    Returns {"input_amax": {module: [1]}, "kv_amax": {kv scale name: [1]}, "gptq": {module: (ints, scale)}}
+    (a Spill when given one: GPTQ's results go to disk as each layer finishes), modules by their
+    checkpoint names, statistics on the CPU. Only one decoder layer's weights and one set of hidden states
+    (FP32, [samples, length, hidden]) are in memory at a time: each batch's outputs replace its inputs.
+    device: where the layers run (cpu, cuda): one layer's weights on it at a time; the hidden states
+    too when they fit in half its free memory, else on the CPU, a batch at a time on the device.
     """
-    config, model = skeleton(source)
-    body = model.model
-    found = {"input_amax": {}, "kv_amax": {}, "gptq": {}}
+    config, family, model = skeleton.build(source, attention=lambda family: register(family.calibrate_with))
+    device = torch.device(device)
+    found = {"input_amax": {}, "kv_amax": {}, "gptq": spill if spill is not None else {}}
     with reader(tensors) as read:
-        embedding = read("model.embed_tokens.weight")
-        hidden = [torch.nn.functional.embedding(batch, embedding).to(torch.float32) for batch in ids.split(BATCH)]
-        del embedding
-        rotary = type(body.rotary_emb)(config=config)
-        positions = torch.arange(ids.shape[1]).unsqueeze(0)
-        with torch.no_grad():
-            cos_sin = rotary(hidden[0][:1], positions)
-        for index in progress(range(len(body.layers)), desc="calibrate", unit="layer"):
+        prepare_model_inputs(model, config, read)
+        storage = hidden_states_device(device, ids, config.hidden_size)
+        hidden, arguments = [], {}  # arguments per batch size: each layer's (args, kwargs), on the device
+        for batch in ids.split(BATCH):
+            calls = layer_inputs(model, batch, every_layer=len(batch) not in arguments)
+            hidden.append(calls[0][0].to(storage))
+            arguments.setdefault(len(batch), [on(device, (a, k)) for _, a, k in calls])
+        layers = model.model.layers
+        for index in progress(range(len(layers)), desc="calibrate", unit="layer"):
             prefix = f"model.layers.{index}."
-            layer = body.layers[index]
-            materialize(layer, prefix, read)
-            linears = {prefix + name: module for name, module in layer.named_modules()
-                       if isinstance(module, torch.nn.Linear)
-                       and quantize.targeted(prefix + name + ".weight", tuple(module.weight.shape), modules, recipe)}
+            layer = layers[index]
+            materialize(layer, prefix, family, read, device)
+            linears = {skeleton.checkpoint_name(prefix + name, family): module for name, module in layer.named_modules()
+                       if isinstance(module, torch.nn.Linear) and quantize.targeted(
+                           skeleton.checkpoint_name(prefix + name, family) + ".weight", tuple(module.weight.shape),
+                           modules, recipe)}
             gptq_layer = recipe.algorithm == "gptq"
             stats = observe(layer, prefix, linears, recipe)
-            run(layer, hidden, positions, cos_sin, replace=not gptq_layer)
+            run(layer, index, hidden, arguments, replace=not gptq_layer)
             for undo in stats.pop("undo"):
                 undo()
-            found["input_amax"].update(stats["input_amax"])
-            found["kv_amax"].update(stats["kv_amax"])
+            fill_unseen(linears, stats, prefix, recipe, log)
+            found["input_amax"].update({name: amax.cpu() for name, amax in stats["input_amax"].items()})
+            found["kv_amax"].update({name: amax.cpu() for name, amax in stats["kv_amax"].items()})
             if gptq_layer:
+                results = {}
                 for name, module in linears.items():
+                    if name not in stats["hessian"]:
+                        continue  # an expert no token reached: round to nearest (fill_unseen said so)
                     values, scale = gptq.quantize(module.weight.data, stats["hessian"][name], recipe, name)
-                    found["gptq"][name] = (values, scale)
+                    results[name] = (values, scale)
                     module.weight.data = dequantize(values, scale, recipe.weights)
                 del stats
-                run(layer, hidden, positions, cos_sin, replace=True)  # the next layer sees quantized outputs
+                keep(found["gptq"], index, results)
+                run(layer, index, hidden, arguments, replace=True)  # the next layer sees quantized outputs
             layer.to_empty(device="meta")  # free this layer's weights before the next is read
-    log(f"calibrated {len(body.layers)} layers on {ids.shape[0]} x {ids.shape[1]} tokens")
+    log(f"calibrated {len(layers)} layers on {ids.shape[0]} x {ids.shape[1]} tokens")
     return found
+
+
+def fill_unseen(linears: dict, stats: dict, prefix: str, recipe: Recipe, log) -> None:
+    """Experts no calibration token was routed to: round to nearest (no Hessian), and, for static
+    input scales, the largest input maximum the layer's other experts saw (vLLM keeps one input scale
+    per MoE layer, their maximum, anyway)."""
+    unseen = sorted(name for name in linears if name not in stats["input_amax"])
+    if not unseen:
+        return
+    seen = [amax for name, amax in stats["input_amax"].items() if ".experts." in name]
+    fallback = torch.stack(seen).amax(dim=0) if seen else None
+    for name in unseen:
+        if fallback is None:
+            raise RuntimeError(f"{name}: no calibration input reached it")  # only experts can go unseen
+        stats["input_amax"][name] = fallback
+    log(f"{prefix[:-1]}: no calibration token reached {len(unseen)} expert weights ({', '.join(unseen[:3])}"
+        f"{', ...' if len(unseen) > 3 else ''}): round to nearest"
+        + (", input scale from the layer's other experts" if recipe.static_inputs else ""))
 
 
 def observe(layer: torch.nn.Module, prefix: str, linears: dict, recipe: Recipe) -> dict:
     """Hooks that keep running maxima (and GPTQ's x xᵀ sums) while the layer runs.
 
-    Linears that read the same input tensor (q/k/v, gate/up) share one x xᵀ sum: it is computed once.
+    Linears that read the same input tensor (q/k/v, gate/up, an expert's gate/up) share one x xᵀ sum:
+    it is computed once.
     """
     stats = {"input_amax": {}, "kv_amax": {}, "hessian": {}, "undo": []}
     keep_hessian = recipe.algorithm == "gptq"
@@ -128,7 +224,7 @@ def observe(layer: torch.nn.Module, prefix: str, linears: dict, recipe: Recipe) 
     stats["undo"].append(lambda: last.clear())
     if recipe.kv_cache_scheme is not None:
         attention = layer.self_attn
-        names = {kind: prefix + scale for kind, scale in zip(("key", "value"), KV_PROJECTIONS.values())}
+        names = {kind: prefix + scale for kind, scale in zip(("key", "value"), KV_SCALES)}
 
         def on_kv(key, value):
             for kind, tensor in (("key", key), ("value", value)):
@@ -141,15 +237,44 @@ def observe(layer: torch.nn.Module, prefix: str, linears: dict, recipe: Recipe) 
     return stats
 
 
-def run(layer: torch.nn.Module, hidden: list, positions: torch.Tensor, cos_sin: tuple, replace: bool) -> None:
-    """Run the layer over every batch of hidden states (causal attention, no mask); with replace,
-    each batch's outputs take its inputs' place."""
+def run(layer: torch.nn.Module, index: int, hidden: list, arguments: dict, replace: bool) -> None:
+    """Run decoder layer index over every batch of hidden states with the inputs the model gives it
+    (on the layer's device); with replace, each batch's outputs take its inputs' place (where it was)."""
+    device = next(layer.parameters()).device
     with torch.no_grad():
-        for index, batch in enumerate(hidden):
-            result = layer(batch, attention_mask=None, position_ids=positions, position_embeddings=cos_sin)
+        for position, batch in enumerate(hidden):
+            args, kwargs = arguments[len(batch)][index]
+            result = layer(batch.to(device), *args, **kwargs)
             if replace:
-                hidden[index] = result[0] if isinstance(result, tuple) else result
+                hidden[position] = (result[0] if isinstance(result, tuple) else result).to(batch.device)
             del result
+
+
+def hidden_states_device(device: torch.device, ids: torch.Tensor, width: int) -> torch.device:
+    """Where the hidden states live: on the device when they take at most half its free memory."""
+    if device.type != "cuda":
+        return device
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if ids.numel() * width * 4 <= free // 2 else torch.device("cpu")
+
+
+def on(device: torch.device, value):
+    """value with every tensor in it (through tuples, lists and dicts) moved to device."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(on(device, item) for item in value)
+    if isinstance(value, dict):
+        return {key: on(device, item) for key, item in value.items()}
+    return value
+
+
+def keep(store, layer: int, results: dict) -> None:
+    """GPTQ's results of one layer: spilled to disk (a Spill), or kept in memory (a dict, for tests)."""
+    if isinstance(store, Spill):
+        store.put(layer, results)
+    else:
+        store.update({name: (values.cpu(), scale.cpu()) for name, (values, scale) in results.items()})
 
 
 def dequantize(values: torch.Tensor, scale: torch.Tensor, args: Args) -> torch.Tensor:
@@ -158,17 +283,20 @@ def dequantize(values: torch.Tensor, scale: torch.Tensor, args: Args) -> torch.T
                                                   else scale.to(torch.float32), args, values.shape[1])
 
 
-def for_build(recipe: Recipe, source: dict, log, dump: Path | None = None) -> dict | None:
+def for_build(recipe: Recipe, source: dict, log, dump: Path | None = None, device: str = "cpu",
+              scratch: Path | None = None) -> dict | None:
     """Calibrate when the recipe needs it (static scales, KV-cache scales, GPTQ); None otherwise.
 
     source is build.prepare()'s result: its calibration_ids were drawn (and checked) before any write.
+    scratch: a folder outside the artifact for GPTQ's per-layer results (the build removes it).
     """
     from builder import atomic
     from builder.canonical import pretty_json
 
     if source["calibration_ids"] is None:
         return None
-    found = calibrate(source["path"], source["tensors"], source["modules"], recipe, source["calibration_ids"], log)
+    found = calibrate(source["path"], source["tensors"], source["modules"], recipe, source["calibration_ids"], log,
+                      device, Spill(scratch) if scratch is not None else None)
     if dump is not None:
         atomic.write_text(Path(dump), pretty_json(statistics(found)))
     return found

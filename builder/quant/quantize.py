@@ -3,13 +3,12 @@
 import torch
 
 from builder.errors import BuilderError, Problem
+from builder.spec import families
 from builder.spec.recipe import Args, Recipe
 from builder.tensorfile import Output
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 FP8 = torch.float8_e4m3fn
-# The key and value projections whose outputs fill the KV cache, and the scale names vLLM loads.
-KV_PROJECTIONS = {"self_attn.k_proj": "self_attn.k_scale", "self_attn.v_proj": "self_attn.v_scale"}
 PACK_BITS = 32  # sub-8-bit weights are packed into int32 words (compressed-tensors pack-quantized)
 # Values worked on at a time (1 MB as FP32): whole rows, so per-row and per-group arithmetic is unchanged;
 # temporaries stay in the CPU cache, and none is the size of the tensor (a 400 MB weight used to need
@@ -26,33 +25,27 @@ def targeted(tensor_name: str, shape: tuple, modules: dict, recipe: Recipe) -> b
     return recipe.quantizes(module, modules.get(module))
 
 
-def kv_scale_key(tensor_name: str, recipe: Recipe) -> str | None:
-    """The KV-cache scale a k_proj/v_proj weight carries, by its compressed-tensors name
-    (…self_attn.k_scale / v_scale, as calibration records it); None for other tensors."""
+def kv_scales(tensor_name: str, family, recipe: Recipe) -> list:
+    """[(calibration key, artifact name)] of the KV-cache scales a checkpoint tensor carries: its layer's
+    self_attn.k_scale and/or v_scale (the names compressed-tensors and vLLM load) on the weight of the
+    projection that makes them (k_proj, v_proj; or qkv_proj, which makes both, for fused families).
+    The legacy fp8 layout names them AutoFP8's way, k_proj.output_scale, where there is a k_proj."""
     if recipe.kv_cache_scheme is None or not tensor_name.endswith(".weight"):
-        return None
+        return []
     module = tensor_name[: -len(".weight")]
-    for projection, scale in KV_PROJECTIONS.items():
+    for projection, scales in families.kv_sources(family).items():
         if module.endswith("." + projection):
-            return module[: -len(projection)] + scale
-    return None
+            layer = module[: -len(projection)]
+            legacy = recipe.format == "fp8" and len(scales) == 1
+            return [(layer + scale, module + ".output_scale" if legacy else layer + scale) for scale in scales]
+    return []
 
 
-def kv_scale_name(tensor_name: str, recipe: Recipe) -> str | None:
-    """The KV-cache scale's name in the artifact: compressed-tensors' self_attn.k_scale, or AutoFP8's
-    k_proj.output_scale in the legacy fp8 layout (vLLM maps both to attn.k_scale)."""
-    key = kv_scale_key(tensor_name, recipe)
-    if key is None or recipe.format != "fp8":
-        return key
-    return tensor_name[: -len(".weight")] + ".output_scale"
-
-
-def layout(name: str, dtype: torch.dtype, shape: tuple, is_targeted: bool, recipe: Recipe) -> list:
-    """The tensors one source tensor becomes, without computing them."""
+def layout(name: str, dtype: torch.dtype, shape: tuple, is_targeted: bool, recipe: Recipe, kv: list = ()) -> list:
+    """The tensors one source tensor becomes, without computing them (kv: its kv_scales())."""
     out_dtype = DTYPES[recipe.dtype]
     scale_dtype, scalar = scale_format(recipe)
-    kv_name = kv_scale_name(name, recipe)
-    extra = [Output(kv_name, scale_dtype, scalar)] if kv_name else []
+    extra = [Output(artifact_name, scale_dtype, scalar) for _, artifact_name in kv]
     if not is_targeted:
         return [Output(name, out_dtype if dtype.is_floating_point else dtype, tuple(shape)), *extra]
     args = recipe.weights
@@ -79,16 +72,16 @@ def scale_format(recipe: Recipe) -> tuple:
     return DTYPES[recipe.dtype], (1,)
 
 
-def known(name: str, shape: tuple, is_targeted: bool, recipe: Recipe, calibration: dict | None = None) -> dict:
+def known(name: str, shape: tuple, is_targeted: bool, recipe: Recipe, calibration: dict | None = None,
+          kv: list = ()) -> dict:
     """The tensors of layout() that need no source values, computed: a KV-cache projection's scale and
     a weight's input scale (from calibration), a packed weight's `weight_shape`. Written before any
     tensor is read: the I64 `weight_shape`s lead the file, so its hash need not wait for the last one."""
     scale_dtype, scalar = scale_format(recipe)
     found = {}
-    kv_name = kv_scale_name(name, recipe)
-    if kv_name:
-        amax = calibration["kv_amax"][kv_scale_key(name, recipe)]
-        found[kv_name] = scale_from_amax(amax, recipe.kv_cache_scheme, scale_dtype).reshape(scalar)
+    for key, artifact_name in kv:
+        amax = calibration["kv_amax"][key]
+        found[artifact_name] = scale_from_amax(amax, recipe.kv_cache_scheme, scale_dtype).reshape(scalar)
     if not is_targeted:
         return found
     module = name[: -len(".weight")]
@@ -189,7 +182,7 @@ def scale_from_amax(amax: torch.Tensor, args: Args, dtype: torch.dtype) -> torch
     """
     q_min, q_max = args.value_range
     scale = (amax.to(torch.float32) / ((q_max - q_min) / 2)).to(dtype)
-    return torch.where(scale == 0, torch.tensor(torch.finfo(dtype).eps, dtype=dtype), scale)
+    return torch.where(scale == 0, torch.tensor(torch.finfo(dtype).eps, dtype=dtype, device=scale.device), scale)
 
 
 def weight_scale(weight: torch.Tensor, args: Args, dtype: torch.dtype) -> torch.Tensor:

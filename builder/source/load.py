@@ -40,22 +40,33 @@ def pinned_folder(root: Path, relative: str, digest: str, file: str, path_key: s
     return path
 
 
-def read_config(path: Path, spec: dict) -> dict:
-    """config.json of the source, checked against the architecture the spec declares."""
-    model_file = f"specs/model/{spec['choices']['model']}.yaml"
-    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+def read_config(path: Path, model_file: str) -> dict:
+    """config.json of a source checkpoint; refuses remote code."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise BuilderError(Problem(model_file, "model.path", f"config.json is missing or unreadable ({error})")) from None
     if config.get("auto_map"):
         raise BuilderError(Problem(model_file, "model.path", "config.json asks for remote code "
                                    "(auto_map); trust_remote_code is not supported"))
+    return config
+
+
+def check_architecture(declared: dict, facts: dict, model_file: str) -> None:
+    """The spec's architecture block against what config.json means (families.facts): each declared key
+    must hold config.json's value, defaults and derived values included (head_dim = hidden / heads)."""
     problems = []
-    for key, declared in spec["model"]["architecture"].items():
-        actual = (config.get("architectures") or [None])[0] if key == "class" else config.get(key)
-        if actual != declared:
+    for key, value in sorted(declared.items()):
+        actual = facts.get(key, False if isinstance(value, bool) else None)
+        if actual != value:
             problems.append(Problem(model_file, f"model.architecture.{key}",
-                                    f"{declared!r} declared, but config.json has {actual!r}"))
+                                    f"{value!r} declared, but config.json means {actual!r}"))
+    for key in sorted(set(facts) - set(declared)):
+        if key == "moe":  # a MoE model declared as dense would be estimated and checked without its experts
+            problems.append(Problem(model_file, "model.architecture.moe", f"missing: config.json declares experts "
+                                    f"{facts['moe']}; run `builder model add` again or copy it"))
     if problems:
         raise BuilderError(problems)
-    return config
 
 
 def weight_files(path: Path) -> list:
@@ -78,32 +89,43 @@ def tensor_index(path: Path) -> dict:
     return found
 
 
-def architecture(config_dir: Path) -> tuple:
-    """(module name -> class name, parameter name -> shape, tied parameter names) of the model that
-    transformers builds from config.json. Remembered per config.json (builder.memo): a build that
-    does not calibrate then never imports transformers' model code (~3 s, ~120 MB)."""
+def architecture(config_dir: Path) -> dict:
+    """What transformers makes of config.json: {modules: name -> class, shapes: parameter -> shape,
+    tied: parameter names, facts: the architecture block (families.facts), supported: bool}, all
+    named as in the checkpoint (builder/source/skeleton.py). Remembered per config.json (builder.spec.memo):
+    a build that does not calibrate then never imports transformers' model code (~3 s, ~120 MB)."""
     from builder.spec import memo
 
     found = memo.architecture(config_dir / "config.json", lambda: meta_architecture(config_dir))
-    return found["modules"], {name: tuple(shape) for name, shape in found["shapes"].items()}, set(found["tied"])
+    return {**found, "shapes": {name: tuple(shape) for name, shape in found["shapes"].items()},
+            "tied": set(found["tied"])}
 
 
 def meta_architecture(config_dir: Path) -> dict:
-    """The model built on the meta device (no memory): its modules, parameter shapes and tied names."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """The model built on the meta device (no memory), as JSON data (see architecture())."""
+    from builder.source import skeleton
+    from builder.spec import families
 
-    config = AutoConfig.from_pretrained(config_dir, trust_remote_code=False)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    config, family, model = skeleton.build(config_dir)
     named = dict(model.named_parameters(remove_duplicate=False))
-    return {"modules": {name: type(module).__name__ for name, module in model.named_modules() if name},
-            "shapes": {name: list(parameter.shape) for name, parameter in named.items()},
-            "tied": sorted(set(named) - {name for name, _ in model.named_parameters()})}
+    untied = {name for name, _ in model.named_parameters()}
+
+    def disk(name):
+        return skeleton.checkpoint_name(name, family)
+
+    return {"modules": {disk(name): type(module).__name__ for name, module in model.named_modules() if name},
+            "shapes": {disk(name): list(parameter.shape) for name, parameter in named.items()},
+            "tied": sorted(disk(name) for name in set(named) - untied),
+            "facts": families.facts(config.to_dict()), "supported": family is not None}
 
 
 def check_tensors(folder: str, tensors: dict, shapes: dict, tied: set) -> None:
     """Every parameter present with its shape and a floating dtype; nothing the model lacks."""
+    fused = sorted(name for name in tensors if name.endswith((".experts.gate_up_proj", ".experts.down_proj")))
+    if fused:  # transformers' in-memory layout: vLLM, llm-compressor and we read one tensor per expert
+        raise BuilderError(Problem(folder, fused[0], f"experts stored fused ({len(fused)} tensors like this); "
+                                   "save the checkpoint with one tensor per expert, as transformers' "
+                                   "save_pretrained and the Hugging Face hub do"))
     problems = []
     for name in sorted(set(shapes) - set(tensors) - tied):
         problems.append(Problem(folder, name, "missing from the checkpoint (partial weights?)"))

@@ -5,10 +5,11 @@ Each check returns (key path, message) pairs; builder/spec/resolve.py names the 
 """
 
 import math
+import re
 
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 
-from builder.spec import memory
+from builder.spec import families, memory
 from builder.spec.recipe import Recipe
 
 # How RoPE scaling changes the longest context (vLLM's rule): these types multiply a base length by
@@ -73,6 +74,10 @@ def parallelism_problems(spec: dict, recipe: Recipe) -> list:
     allowed = ", ".join(str(d) for d in range(1, common + 1) if common % d == 0)
     found = [(("parallelism", "tensor"), f"{tp} does not divide model {key} {arch[key]}; "
               f"allowed tensor degrees: {allowed}") for key in TP_DIVIDES if arch[key] % tp]
+    moe = arch.get("moe")
+    if moe and moe["expert_intermediate_size"] % tp:  # vLLM splits every expert along its width
+        found.append((("parallelism", "tensor"), f"{tp} does not divide the experts' intermediate size "
+                      f"{moe['expert_intermediate_size']}"))
     if pp > arch["num_hidden_layers"]:
         found.append((("parallelism", "pipeline"), f"{pp} exceeds the model's {arch['num_hidden_layers']} "
                       f"layers; allowed: 1 to {arch['num_hidden_layers']}"))
@@ -87,17 +92,17 @@ def parallelism_problems(spec: dict, recipe: Recipe) -> list:
 def group_problems(arch: dict, recipe: Recipe, tp: int) -> list:
     """Row-parallel layers split their input features, so each shard must hold whole weight groups.
 
-    Rule: (in_features / group_size) % tensor == 0 for o_proj and down_proj when they are
-    group-quantized. A group size that does not divide in_features at all is a recipe problem,
-    reported by the recipe checks, not here.
+    Rule: (in_features / group_size) % tensor == 0 for o_proj and down_proj (every expert's down
+    projection too) when they are group-quantized. A group size that does not divide in_features at all
+    is a recipe problem, reported by the recipe checks, not here.
     """
     args = recipe.weights
     if args is None or args.strategy != "group" or tp == 1:
         return []
     found = []
     for module, _, columns in memory.linear_layers(arch):
-        path = module.split(".", 3)[-1]  # model.layers.<i>.<path>
-        if path not in memory.ROW_PARALLEL or not recipe.quantizes(module):
+        path = re.sub(r"^model\.layers\.\d+\.", "", re.sub(r"\.experts\.\d+\.", ".experts.*.", module))
+        if not path.endswith(families.ROW_PARALLEL) or not recipe.quantizes(module):
             continue
         groups, rest = divmod(columns, args.group_size)
         if not rest and groups % tp:

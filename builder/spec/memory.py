@@ -3,55 +3,55 @@
     builder resolve RELEASE    # refuses a release whose estimate exceeds the target's usable memory
 """
 
+from builder.spec import families
+from builder.spec.families import head_dim
 from builder.spec.recipe import Recipe
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 KV_CACHE_BYTES = {"fp8": 1}  # bytes per cached element; "auto" means the model's dtype
-# Projections of a Llama-style decoder layer: (module path, out_features, in_features) in units of
-# (hidden, intermediate, query width q = heads x head_dim, key/value width kv = KV heads x head_dim).
-DECODER_LINEARS = (
-    ("self_attn.q_proj", "q", "hidden"), ("self_attn.k_proj", "kv", "hidden"),
-    ("self_attn.v_proj", "kv", "hidden"), ("self_attn.o_proj", "hidden", "q"),
-    ("mlp.gate_proj", "intermediate", "hidden"), ("mlp.up_proj", "intermediate", "hidden"),
-    ("mlp.down_proj", "hidden", "intermediate"),
-)
-# Tensor parallelism splits these layers along their input features (vLLM's RowParallelLinear).
-ROW_PARALLEL = ("self_attn.o_proj", "mlp.down_proj")
 GIB = 1 << 30
 
 
-def head_dim(arch: dict) -> int:
-    return arch.get("head_dim") or arch["hidden_size"] // arch["num_attention_heads"]
-
-
-def widths(arch: dict) -> dict:
-    return {"hidden": arch["hidden_size"], "intermediate": arch["intermediate_size"],
-            "q": arch["num_attention_heads"] * head_dim(arch),
-            "kv": arch["num_key_value_heads"] * head_dim(arch)}
+def checkpoint(arch: dict) -> list:
+    """Every tensor of the model's checkpoint (builder/spec/families.py), from its architecture block."""
+    return families.tensors(arch, families.of_class(arch["class"]))
 
 
 def linear_layers(arch: dict) -> list:
-    """(module name, out_features, in_features) of every Linear whose weight the checkpoint holds."""
-    size = widths(arch)
-    layers = [(f"model.layers.{index}.{path}", size[rows], size[columns])
-              for index in range(arch["num_hidden_layers"]) for path, rows, columns in DECODER_LINEARS]
-    if not arch["tie_word_embeddings"]:  # tied: lm_head reuses the embedding, no tensor of its own
-        layers.append(("lm_head", arch["vocab_size"], arch["hidden_size"]))
-    return layers
+    """(module name, out_features, in_features) of every Linear whose weight the checkpoint holds,
+    every expert of a MoE layer included (a tied lm_head has no tensor of its own)."""
+    return [(t.name[: -len(".weight")], *t.shape) for t in checkpoint(arch) if t.linear]
 
 
 def weight_bytes(arch: dict, recipe: Recipe) -> int:
-    """Bytes of every tensor the artifact holds (headers and per-tensor scalars aside)."""
-    element = DTYPE_BYTES[recipe.dtype]
-    # embeddings, two norms per layer and the final norm stay in the output dtype
-    total = (arch["vocab_size"] + 2 * arch["num_hidden_layers"] + 1) * arch["hidden_size"] * element
-    for module, rows, columns in linear_layers(arch):
-        if not recipe.quantizes(module):
-            total += rows * columns * element
-            continue
-        args = recipe.weights
-        total += rows * columns * args.num_bits // 8 + args.scale_count(rows, columns) * element
+    """Bytes of every tensor the artifact holds (headers and per-tensor scalars aside): quantized
+    weights at num_bits with one scale per tensor, row or group; the rest in the output dtype."""
+    element, total = DTYPE_BYTES[recipe.dtype], 0
+    for tensor in checkpoint(arch):
+        count = 1
+        for size in tensor.shape:
+            count *= size
+        module = tensor.name[: -len(".weight")]
+        if tensor.linear and recipe.quantizes(module, tensor.cls):
+            rows, columns = tensor.shape
+            total += count * recipe.weights.num_bits // 8 + recipe.weights.scale_count(rows, columns) * element
+        else:
+            total += count * element
     return total
+
+
+def parameters(arch: dict) -> dict:
+    """{"total": parameters, "active": parameters a token runs through} (MoE: top-k of the experts)."""
+    total = active = 0
+    moe = arch.get("moe")
+    share = moe["num_experts_per_tok"] / moe["num_experts"] if moe else 1
+    for tensor in checkpoint(arch):
+        count = 1
+        for size in tensor.shape:
+            count *= size
+        total += count
+        active += count * share if tensor.expert else count
+    return {"total": total, "active": round(active)}
 
 
 def estimate(spec: dict, recipe: Recipe) -> dict:

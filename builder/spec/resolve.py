@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 from jsonschema import Draft202012Validator
 
-from builder.spec import fit, memory
+from builder.spec import families, fit, memory
 from builder.spec.recipe import Recipe, problems as recipe_problems
 from builder.errors import BuilderError, Problem
 from builder.paths import SCHEMAS_DIR
@@ -142,6 +142,9 @@ def semantic_problems(spec: dict) -> list:
     if spec["release"]["name"] != spec["choices"]["release"]:
         found.append((("release", "name"), f"{spec['release']['name']!r} must equal the file name "
                       f"{spec['choices']['release']!r}"))
+    family_problems = model_problems(spec)
+    if family_problems:  # without a known family nothing can be planned for the model
+        return found + family_problems
     recipe = Recipe.of(spec["quant"])
     inconsistent = recipe_problems(recipe) + group_problems(spec["model"]["architecture"], recipe)
     found.extend(inconsistent)
@@ -156,6 +159,24 @@ def semantic_problems(spec: dict) -> list:
     return found
 
 
+def model_problems(spec: dict) -> list:
+    """The architecture is one the builder supports, declared as its family needs it."""
+    arch = spec["model"]["architecture"]
+    family = families.of_class(arch["class"])
+    if family is None:
+        return [(("model", "architecture", "class"), f"{arch['class']} is not a supported architecture; "
+                 f"supported: {families.supported()} (docs/architecture.md says how to add a family)")]
+    found = []
+    if (family.moe is None) != (arch.get("moe") is None):
+        found.append((("model", "architecture", "moe"), f"{arch['class']} is "
+                      f"{'a mixture of experts: declare moe' if family.moe else 'dense: moe is not allowed'} "
+                      "(builder model add writes it from config.json)"))
+    if family.tied_only and not arch["tie_word_embeddings"] and spec["target"]["runtime"] == "vllm":
+        found.append((("model", "architecture", "tie_word_embeddings"), f"false: vLLM loads {arch['class']} "
+                      "only with a tied lm_head"))
+    return found
+
+
 def group_problems(arch: dict, recipe: Recipe) -> list:
     """Group sizes that do not divide a targeted layer's input features, naming the layer."""
     args = recipe.weights
@@ -164,7 +185,7 @@ def group_problems(arch: dict, recipe: Recipe) -> list:
     found = {}
     for module, _, columns in memory.linear_layers(arch):
         if recipe.quantizes(module) and columns % args.group_size:
-            name = re.sub(r"^model\.layers\.\d+\.", "model.layers.*.", module)
+            name = re.sub(r"\.experts\.\d+\.", ".experts.*.", re.sub(r"^model\.layers\.\d+\.", "model.layers.*.", module))
             found[name] = ((("quant", "weights", "group_size"), f"{args.group_size} does not divide the "
                             f"{columns} input features of {name}; use a divisor of {columns}"))
     return list(found.values())

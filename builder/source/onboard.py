@@ -1,0 +1,128 @@
+"""Onboard a checkpoint: `builder model add NAME PATH` checks a local checkpoint folder as a build will,
+then writes specs/model/NAME.yaml with its digest and the architecture facts of its config.json.
+
+    builder model add qwen3-8b ~/downloads/Qwen3-8B      # copies it into weights/qwen3-8b/
+    builder model add qwen3-8b weights/qwen3-8b           # already inside the repository: used in place
+"""
+
+import fnmatch
+import re
+import shutil
+from pathlib import Path
+
+import yaml
+
+from builder import atomic
+from builder.canonical import file_entries, tree_digest
+from builder.console import progress
+from builder.errors import BuilderError, Problem
+from builder.source import load
+from builder.spec import families
+
+# What a checkpoint folder may bring into weights/: weights as safetensors, configs, tokenizers, templates.
+CHECKPOINT_FILES = ("*.safetensors", "*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja")
+
+
+def add_model(root: Path, name: str, path: Path, model_id: str | None = None, license_id: str | None = None,
+              force: bool = False, log=print) -> Path:
+    """Check the checkpoint at path, put it at weights/NAME (unless it is inside the repository already)
+    and write specs/model/NAME.yaml; returns the spec file. Nothing is written when a check fails."""
+    spec_file = root / "specs" / "model" / f"{name}.yaml"
+    relative = f"specs/model/{name}.yaml"
+    problems = name_problems(root, name, relative, force)
+    source = path.expanduser().resolve()
+    if not source.is_dir():
+        problems.append(Problem(str(path), "", "no such checkpoint folder"))
+    if problems:
+        raise BuilderError(problems)
+    facts = checked(source, str(path))
+    destination = source if source.is_relative_to(root.resolve()) else root / "weights" / name
+    if destination != source:
+        copy_checkpoint(root, source, destination, log)
+    spec = {"id": model_id or hub_id(source, name), "license": license_id or card_license(source) or "other",
+            "source": {"kind": "local"}, "path": destination.relative_to(root.resolve()).as_posix(),
+            "digest": tree_digest(file_entries(destination)), "architecture": facts}
+    atomic.write_text(spec_file, header(name, path, spec) + yaml.safe_dump(spec, sort_keys=False))
+    log(f"wrote {relative}: {facts['class']}, digest {spec['digest']}")
+    log(next_steps(name, spec))
+    return spec_file
+
+
+def name_problems(root: Path, name: str, relative: str, force: bool) -> list:
+    problems = []
+    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", name):
+        problems.append(Problem(relative, "NAME", f"{name!r}: lower-case letters, digits, '.', '_' and '-', "
+                                "starting with a letter or digit"))
+    if (root / relative).exists() and not force:
+        problems.append(Problem(relative, "", "exists; choose another name or pass --force to replace it"))
+    return problems
+
+
+def checked(folder: Path, shown: str) -> dict:
+    """Everything a build will check of a source, now: safetensors only, readable headers, floating
+    weights matching the architecture, a tokenizer, a supported family. Returns the architecture facts."""
+    config = load.read_config(folder, shown)
+    pickles = sorted(p.name for p in folder.rglob("*") if p.suffix in load.PICKLE_SUFFIXES)
+    if pickles and not list(folder.glob("*.safetensors")):
+        raise BuilderError(Problem(shown, "", f"only pickle weights ({', '.join(pickles[:3])}); convert them to "
+                                   "safetensors first (they can run code when loaded, so the builder never reads them)"))
+    cls = (config.get("architectures") or [None])[0]
+    if families.of_class(cls) is None:
+        raise BuilderError(Problem(f"{shown}/config.json", "architectures", f"{cls} is not a supported architecture; "
+                                   f"supported: {families.supported()}"))
+    load.check_tokenizer(folder, shown)
+    tensors = load.tensor_index(folder)
+    architecture = load.architecture(folder)
+    load.check_tensors(shown, tensors, architecture["shapes"], architecture["tied"])
+    return architecture["facts"]
+
+
+def copy_checkpoint(root: Path, source: Path, destination: Path, log) -> None:
+    """Copy the checkpoint's safe files (never pickles or code) into destination, atomically."""
+    files = sorted(p for p in source.rglob("*") if p.is_file() and
+                   any(fnmatch.fnmatch(p.name, pattern) for pattern in CHECKPOINT_FILES))
+    log(f"copying {len(files)} files ({sum(p.stat().st_size for p in files) / 1e9:.2f} GB) into "
+        f"{destination.relative_to(root).as_posix()}/")
+    with atomic.staging(destination, root) as staging:
+        for path in progress(files, desc="copy", unit="file"):
+            target = staging / path.relative_to(source)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)  # follows a snapshot's links to the cache's blobs
+        atomic.publish(staging, destination)
+
+
+def hub_id(folder: Path, name: str) -> str:
+    """The Hugging Face id a snapshot was downloaded from, when its path says (models--org--name)."""
+    for part in reversed(folder.parts):
+        if part.startswith("models--"):
+            return part[len("models--"):].replace("--", "/", 1)
+    return name
+
+
+def card_license(folder: Path) -> str | None:
+    """The license in the checkpoint's model card front matter (README.md), if any."""
+    card = folder / "README.md"
+    if not card.is_file():
+        return None
+    text = card.read_text(encoding="utf-8", errors="replace")
+    if not text.startswith("---"):
+        return None
+    try:
+        matter = yaml.safe_load(text.split("---", 2)[1]) or {}
+    except yaml.YAMLError:
+        return None
+    value = matter.get("license") if isinstance(matter, dict) else None
+    return str(value) if value else None
+
+
+def header(name: str, path: Path, spec: dict) -> str:
+    return (f"# {name}: written by `builder model add {name} {path}` from {spec['path']}/config.json.\n"
+            "# Review id and license; the architecture block is what config.json means, the digest pins every\n"
+            "# file of the folder (a build refuses any other bytes). Rerun `builder model add --force` after\n"
+            "# replacing the checkpoint.\n")
+
+
+def next_steps(name: str, spec: dict) -> str:
+    return (f"next:\n  dvc add {spec['path']} && git add {spec['path']}.dvc specs/model/{name}.yaml\n"
+            f"  write specs/release/{name}-fp8-dynamic.yaml (# @package _global_, defaults: override /model: {name}, "
+            "override /quant: fp8-dynamic, ...), then `builder lock` and `dvc repro`")
