@@ -42,6 +42,7 @@ SHARD_BYTES = 2_000_000_000      # largest safetensors shard of the synthetic ch
 CHUNK_ELEMENTS = 1 << 24         # random values drawn at a time (64 MB of float32)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 RECIPES = ("fp8-dynamic", "w8a8-int8", "w4a16")
+UNCALIBRATED = {"fp8-static": "fp8-dynamic", "w4a16-gptq": "w4a16"}  # calibrated recipe -> same format without
 W4_GROUP = 128                     # the shipped w4a16 group size; it divides every hidden size above
 TARGET_RSS_GB = 1.5
 TARGET_FLOOR_RATIO = 1.5           # our wall time against the I/O floor's, at the largest size
@@ -220,7 +221,7 @@ def measure_size(work: Path, size_gb: float, args) -> list:
     model, config, writer = release_repo(root, size_gb, args.recipes, args.samples, args.length)
     source = root / "weights" / model
     params = sum(math.prod(shape) for _, shape in tensor_shapes(config))
-    base = {"size_gb": size_gb, "weight_bytes": sum(p.stat().st_size for p in weight_files(source)),
+    base = {"size_gb": size_gb, "calibration_tokens": args.samples * args.length, "weight_bytes": sum(p.stat().st_size for p in weight_files(source)),
             "params": params, "architecture": {k: config[k] for k in (
                 "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads")}}
@@ -264,6 +265,18 @@ def ratio(rows: list, row: dict, tool: str) -> str:
     return f"{row['seconds'] / other[0]['seconds']:.2f}x" if row["tool"] == "ours" and other else ""
 
 
+def calibration_rate(rows: list, row: dict) -> str:
+    """A calibrated build's extra wall time over its uncalibrated counterpart's (same tool and size:
+    fp8-static against fp8-dynamic, w4a16-gptq against w4a16), in seconds per 1,000 calibration
+    tokens per billion parameters ('' for the rest, or when the counterpart did not run)."""
+    base = UNCALIBRATED.get(row["recipe"])
+    other = [r for r in rows if (r["tool"], r["size_gb"], r["recipe"]) == (row["tool"], row["size_gb"], base)]
+    if not other:
+        return ""
+    extra = row["seconds"] - other[0]["seconds"]
+    return f"{extra / (row['calibration_tokens'] / 1000) / (row['params'] / 1e9):.1f}"
+
+
 def table(rows: list) -> str:
     """Markdown: one line per size, tool and recipe; our wall time against the floor and llm-compressor."""
     return markdown(rows, (
@@ -274,7 +287,8 @@ def table(rows: list) -> str:
         ("wall time (s)", "---:", lambda r: r["seconds"]),
         ("peak RSS (GB)", "---:", lambda r: f"{r['peak_rss_bytes'] / 1e9:.2f}"),
         ("vs floor", "---:", lambda r: ratio(rows, r, "I/O floor")),
-        ("vs llm-compressor", "---:", lambda r: ratio(rows, r, "llm-compressor"))))
+        ("vs llm-compressor", "---:", lambda r: ratio(rows, r, "llm-compressor")),
+        ("calibration s / 1k tokens / B params", "---:", lambda r: calibration_rate(rows, r))))
 
 
 def plot(rows: list, path: Path) -> None:
