@@ -93,13 +93,16 @@ def layer_inputs(model, ids: torch.Tensor, every_layer: bool) -> list:
     return calls
 
 
-def prepare_model_inputs(model, config, read) -> None:
-    """Give the embedding its FP32 weights and the model-level modules their CPU buffers."""
+def prepare_model_inputs(model, config, read, rows: torch.Tensor) -> None:
+    """Give the embedding FP32 weights for the token ids calibration uses (rows, sorted; the ids are
+    passed as their index into rows) and the model-level modules their CPU buffers. Its own forward
+    then gives the very values the whole table would (Gemma 3's scale included), but holds kilobytes,
+    not the table in FP32 (0.8 GB for a 49k x 4096 vocabulary) next to the BF16 one read."""
     embedding = model.model.embed_tokens
     embedding.to_empty(device="cpu")
-    embedding.to(torch.float32)
     with torch.no_grad():
-        embedding.weight.copy_(read("model.embed_tokens.weight"))
+        embedding.weight = torch.nn.Parameter(read("model.embed_tokens.weight")[rows].to(torch.float32),
+                                              requires_grad=False)
     if hasattr(embedding, "scalar_embed_scale"):  # Gemma's √hidden: a non-persistent buffer, lost on meta
         embedding.embed_scale = torch.tensor(embedding.scalar_embed_scale)
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config)  # its inv_freq buffers, on CPU
@@ -133,15 +136,15 @@ def calibrate(source: Path, tensors: dict, modules: dict, recipe: Recipe, ids: t
     device = torch.device(device)
     found = {"input_amax": {}, "kv_amax": {}, "gptq": spill if spill is not None else {}}
     with reader(tensors) as read:
-        prepare_model_inputs(model, config, read)
+        rows, indices = torch.unique(ids, sorted=True, return_inverse=True)
+        prepare_model_inputs(model, config, read, rows)
         storage = hidden_states_device(device, ids, config.hidden_size)
         hidden, arguments = [], {}  # arguments per batch size: each layer's (args, kwargs), on the device
-        for batch in ids.split(BATCH):
+        for batch in indices.split(BATCH):
             calls = layer_inputs(model, batch, every_layer=len(batch) not in arguments)
             hidden.append(calls[0][0].to(storage))
             arguments.setdefault(len(batch), [on(device, (a, k)) for _, a, k in calls])
-        # the FP32 embedding (0.8 GB for a 49k x 4096 vocabulary) is needed for layer 0's inputs only
-        model.model.embed_tokens.to_empty(device="meta")
+        model.model.embed_tokens.to_empty(device="meta")  # needed for layer 0's inputs only
         layers = model.model.layers
         for index in progress(range(len(layers)), desc="calibrate", unit="layer"):
             prefix = f"model.layers.{index}."
