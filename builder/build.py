@@ -1,5 +1,5 @@
 """Build a release into artifacts/<release>/, atomically: prepare (check every input), calibrate,
-quantize and write, evaluate, describe, record. Also rebuild an artifact from what it records.
+search weight scales, quantize and write, evaluate, describe, record. Also rebuild an artifact from what it records.
 
     builder build smollm2-135m-instruct-fp8-dynamic
     builder verify --rebuild artifacts/smollm2-135m-instruct-fp8-dynamic
@@ -84,12 +84,13 @@ def build_into(entry: dict, source: dict, staging: Path, root: Path | None = Non
     root (the repository) is needed by releases that calibrate or evaluate (their data lives there).
     """
     from builder import determinism
-    from builder.quant import allocator, calibrate
+    from builder.quant import allocator, calibrate, observe
 
     determinism.apply_torch()
     allocator.return_freed_memory()
     spec, recipe = entry["spec"], source["recipe"]
     calibration = calibrate.for_build(recipe, source, log, calibration_dump)
+    calibration = observe.searched_scales(recipe, source["tensors"], source["modules"], calibration)
     export.write_weights(staging, source["tensors"], source["modules"], source["family"], recipe,
                          spec["target"]["max_shard_bytes"], calibration)
     export.write_config(source["config"], staging, recipe, export.routers(source["facts"], source["family"]))

@@ -2,18 +2,19 @@
 
 import json
 
+import pytest
 import torch
 
 from builder import build as build_module
-from builder.quant import gptq, quantize
+from builder.quant import gptq, observe, quantize
 from builder.spec.recipe import Recipe
 
 SMALL = ("calibration.samples=4", "calibration.sequence_length=32", "quant.weights.group_size=32")
-RECIPE = Recipe.of({"format": "compressed-tensors", "dtype": "bfloat16", "algorithm": "gptq", "targets": ["Linear"],
-                    "ignore": [], "input_activations": None, "kv_cache_scheme": None,
-                    "weights": {"num_bits": 4, "type": "int", "strategy": "group", "symmetric": True,
-                                "dynamic": False, "group_size": 16},
-                    "gptq": {"block_size": 8, "dampening_frac": 0.01, "actorder": "static"}})
+RECIPE_FIELDS = {"format": "compressed-tensors", "dtype": "bfloat16", "algorithm": "gptq", "targets": ["Linear"],
+                 "ignore": [], "input_activations": None, "kv_cache_scheme": None,
+                 "gptq": {"block_size": 8, "dampening_frac": 0.01, "actorder": "static"}}
+RECIPE = Recipe.of({**RECIPE_FIELDS, "weights": {"num_bits": 4, "type": "int", "strategy": "group", "symmetric": True,
+                                                 "dynamic": False, "group_size": 16}})
 
 
 def correlated_inputs(rows=512, features=64):
@@ -34,6 +35,23 @@ def test_gptq_has_lower_output_error_than_round_to_nearest_on_its_calibration_in
              (("gptq", values), ("rtn", rtn))}
     assert values.dtype == torch.int8 and int(values.min()) >= -8 and int(values.max()) <= 7
     assert error["gptq"] < 0.8 * error["rtn"], error
+
+
+@pytest.mark.parametrize("kind, strategy", [("float", "channel"), ("float", "tensor"), ("int", "channel")])
+def test_gptq_on_8_bit_weights_beats_round_to_nearest_with_the_observers_scales(kind, strategy):
+    x = correlated_inputs()
+    weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
+    weights = {"num_bits": 8, "type": kind, "strategy": strategy, "symmetric": True, "dynamic": False,
+               "group_size": None, "observer": "mse"}
+    recipe = Recipe.of({**RECIPE_FIELDS, "weights": weights})
+    values, scale = gptq.quantize(weight, x.T @ x, recipe)
+    searched = observe.weight_scale(weight, recipe.weights, torch.bfloat16)
+    assert torch.equal(scale, searched)  # the observer's scales; GPTQ only chooses the values
+    rtn = quantize.quantize_weight(weight, searched.float(), recipe.weights)
+    assert values.dtype == rtn.dtype == (torch.float8_e4m3fn if kind == "float" else torch.int8)
+    error = {name: ((x @ (q.float() * scale.float()).T) - x @ weight.T).norm() for name, q in
+             (("gptq", values), ("rtn", rtn))}
+    assert error["gptq"] < 0.95 * error["rtn"], error
 
 
 def test_gptq_artifact_is_bit_for_bit_repeatable_and_loads_in_transformers(calib_repo, tmp_path):

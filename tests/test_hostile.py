@@ -129,7 +129,7 @@ CASES = [
     ("unknown-key-top", append(f"specs/release/{RELEASE}.yaml", "colour: blue\n"), ["resolve", RELEASE], [f"specs/release/{RELEASE}.yaml: colour: unknown key"]),
     ("unknown-key-model", append(MODEL, "revisions: main\n"), ["resolve", RELEASE], [f"{MODEL}: model.revisions: unknown key"]),
     ("unknown-key-architecture", edit_model(architecture__rope=1), ["resolve", RELEASE], ["model.architecture.rope: unknown key"]),
-    ("unknown-key-quant-args", replace("specs/quant/fp8-dynamic.yaml", "  num_bits: 8\n  type: float\n  strategy: channel", "  num_bits: 8\n  observer: mse\n  type: float\n  strategy: channel"), ["resolve", RELEASE], ["specs/quant/fp8-dynamic.yaml: quant.weights.observer: unknown key"]),
+    ("unknown-key-quant-args", replace("specs/quant/fp8-dynamic.yaml", "  num_bits: 8\n  type: float\n  strategy: channel", "  num_bits: 8\n  zero_point: 0\n  type: float\n  strategy: channel"), ["resolve", RELEASE], ["specs/quant/fp8-dynamic.yaml: quant.weights.zero_point: unknown key"]),
     ("unknown-key-target-device", append("specs/target/cpu.yaml", "vendor_magic: acme\n"), ["resolve", RELEASE], ["specs/target/cpu.yaml: target.vendor_magic: unknown key"]),
     ("unknown-key-context", append("specs/context/2k.yaml", "max_tokens_ever: 3\n"), ["resolve", RELEASE], ["context.max_tokens_ever: unknown key"]),
     ("unknown-key-parallelism", append("specs/parallelism/tp1.yaml", "sharding_magic: 2\n"), ["resolve", RELEASE], ["parallelism.sharding_magic: unknown key"]),

@@ -119,12 +119,13 @@ def materialize(module: torch.nn.Module, prefix: str, family, read) -> None:
 def calibrate(source: Path, tensors: dict, modules: dict, recipe: Recipe, ids: torch.Tensor, log=print) -> dict:
     """Statistics and GPTQ weights for quantize.compute, from calibration token ids [samples, length].
 
-    Returns {"input_amax": {module: [1]}, "kv_amax": {kv scale name: [1]}, "gptq": {module: (ints, scale)}},
-    modules by their checkpoint names. Only one decoder layer's weights and one set of hidden states
+    Returns {"input_amax": {module: [1]}, "kv_amax": {kv scale name: [1]}, "gptq": {module: (values, scale)},
+    "imatrix": {module: E[x²] per input column}} (imatrix only for imatrix_mse), modules by their
+    checkpoint names. Only one decoder layer's weights and one set of hidden states
     (FP32, [samples, length, hidden]) are in memory at a time: each batch's outputs replace its inputs.
     """
     config, family, model = skeleton.build(source, attention=lambda family: register(family.calibrate_with))
-    found = {"input_amax": {}, "kv_amax": {}, "gptq": {}}
+    found = {"input_amax": {}, "kv_amax": {}, "gptq": {}, "imatrix": {}}
     with reader(tensors) as read:
         prepare_model_inputs(model, config, read)
         batches = list(ids.split(BATCH))
@@ -150,11 +151,13 @@ def calibrate(source: Path, tensors: dict, modules: dict, recipe: Recipe, ids: t
             fill_unseen(linears, stats, prefix, recipe, log)
             found["input_amax"].update(stats["input_amax"])
             found["kv_amax"].update(stats["kv_amax"])
+            found["imatrix"].update({name: total / count for name, (total, count) in stats["imatrix"].items()})
             if gptq_layer:
                 for name, module in linears.items():
                     if name not in stats["hessian"]:
                         continue  # an expert no token reached: round to nearest (fill_unseen said so)
-                    values, scale = gptq.quantize(module.weight.data, stats["hessian"][name], recipe, name)
+                    values, scale = gptq.quantize(module.weight.data, stats["hessian"][name], recipe, name,
+                                                  found["imatrix"].get(name))
                     found["gptq"][name] = (values, scale)
                     module.weight.data = dequantize(values, scale, recipe.weights)
                 del stats
@@ -183,13 +186,15 @@ def fill_unseen(linears: dict, stats: dict, prefix: str, recipe: Recipe, log) ->
 
 
 def observe(layer: torch.nn.Module, prefix: str, linears: dict, recipe: Recipe) -> dict:
-    """Hooks that keep running maxima (and GPTQ's x xᵀ sums) while the layer runs.
+    """Hooks that keep running maxima (and GPTQ's x xᵀ sums, imatrix_mse's x² sums per column) while
+    the layer runs.
 
-    Linears that read the same input tensor (q/k/v, gate/up, an expert's gate/up) share one x xᵀ sum:
-    it is computed once.
+    Linears that read the same input tensor (q/k/v, gate/up, an expert's gate/up) share one x xᵀ sum
+    and one x² sum: each is computed once.
     """
-    stats = {"input_amax": {}, "kv_amax": {}, "hessian": {}, "undo": []}
+    stats = {"input_amax": {}, "kv_amax": {}, "hessian": {}, "imatrix": {}, "undo": []}
     keep_hessian = recipe.algorithm == "gptq"
+    keep_imatrix = recipe.weights is not None and recipe.weights.observer == "imatrix_mse"
     last = {"input": None, "owner": None}  # the input tensor seen last, and the Linear that summed it
 
     def on_input(name):
@@ -198,12 +203,20 @@ def observe(layer: torch.nn.Module, prefix: str, linears: dict, recipe: Recipe) 
             amax = x.abs().amax().reshape(1)
             previous = stats["input_amax"].get(name)
             stats["input_amax"][name] = amax if previous is None else torch.maximum(previous, amax)
-            if not keep_hessian:
+            if not (keep_hessian or keep_imatrix):
                 return
             if args[0] is last["input"]:
-                stats["hessian"][name] = stats["hessian"][last["owner"]]
+                for kind in ("hessian", "imatrix"):
+                    if last["owner"] in stats[kind]:
+                        stats[kind][name] = stats[kind][last["owner"]]
                 return
             last.update(input=args[0], owner=name)
+            if keep_imatrix:  # [sum of x² per column (FP32, batches in order), tokens]: E[x²] = diag(H) / tokens
+                total = stats["imatrix"].setdefault(name, [torch.zeros(x.shape[1]), 0])
+                total[0] += x.square().sum(dim=0)
+                total[1] += x.shape[0]
+            if not keep_hessian:
+                return
             if name in stats["hessian"]:
                 stats["hessian"][name].addmm_(x.T, x)
             else:

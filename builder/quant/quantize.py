@@ -71,8 +71,8 @@ def compute(name: str, tensor: torch.Tensor, is_targeted: bool, recipe: Recipe,
             calibration: dict | None = None, kv: list = ()) -> dict:
     """The tensors of layout(), computed: name -> tensor.
 
-    calibration (builder.quant.calibrate's result) supplies activation and KV-cache maxima and
-    GPTQ's integer weights; recipes without calibration pass None.
+    calibration (builder.quant.calibrate's result) supplies activation and KV-cache maxima, GPTQ's
+    integer weights and searched weight scales (observe.searched_scales); recipes without any pass None.
     Raises BuilderError when the source tensor holds NaN or infinity.
     """
     out_dtype = DTYPES[recipe.dtype]
@@ -96,7 +96,8 @@ def compute(name: str, tensor: torch.Tensor, is_targeted: bool, recipe: Recipe,
         weight = tensor.to(torch.float32)
         amax = grouped_amax(weight, args)
         require_finite(name, amax)  # a NaN or infinity anywhere in the weight reaches its maximum
-        scale = scale_from_amax(amax, args, scale_dtype)
+        searched = (calibration or {}).get("weight_scale", {}).get(module)
+        scale = scale_from_amax(amax, args, scale_dtype) if searched is None else searched
         values = quantize_weight(weight, scale.to(torch.float32), args)
     if recipe.packed:
         found[f"{module}.weight_packed"] = pack(values, args.num_bits)
