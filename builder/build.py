@@ -8,7 +8,7 @@ search weight scales, quantize and write, evaluate, describe, record. Also rebui
 import tempfile
 from pathlib import Path
 
-from builder import atomic, failpoints
+from builder import atomic, determinism, failpoints
 from builder.artifact import export, manifest, provenance, record
 from builder.artifact.release_files import write_release_files
 from builder.canonical import file_entries, pretty_json, tree_digest
@@ -60,12 +60,13 @@ def prepare(root: Path, entry: dict) -> dict:
     load.check_tensors(spec["model"]["path"], tensors, architecture["shapes"], architecture["tied"])
     family = families.of_class(architecture["facts"]["class"])
     recipe = Recipe.of(spec["quant"])
+    devices = determinism.devices(spec, recipe)  # a CUDA device asked for where there is none: refused now
     calibration_ids = data_samples(root, spec, path, "calibration") if recipe.needs_calibration else None
     # eval windows are drawn now too: empty or too-short text is refused before anything is quantized
     eval_ids = data_samples(root, spec, path, "eval") if spec["eval"]["dataset"] is not None else None
     failpoints.reached("read")
     return {"path": path, "config": config, "tensors": tensors, "modules": architecture["modules"],
-            "family": family, "facts": architecture["facts"], "recipe": recipe,
+            "family": family, "facts": architecture["facts"], "recipe": recipe, "devices": devices,
             "calibration_ids": calibration_ids, "eval_ids": eval_ids}
 
 
@@ -83,22 +84,24 @@ def build_into(entry: dict, source: dict, staging: Path, root: Path | None = Non
 
     root (the repository) is needed by releases that calibrate or evaluate (their data lives there).
     """
-    from builder import determinism
     from builder.quant import allocator, calibrate, observe
 
-    determinism.apply_torch()
+    determinism.apply_torch(source["devices"])
     allocator.return_freed_memory()
     spec, recipe = entry["spec"], source["recipe"]
-    calibration = calibrate.for_build(recipe, source, log, calibration_dump)
-    calibration = observe.searched_scales(recipe, source["tensors"], source["modules"], calibration)
-    export.write_weights(staging, source["tensors"], source["modules"], source["family"], recipe,
-                         spec["target"]["max_shard_bytes"], calibration)
+    # GPTQ's per-layer results, beside staging and named after it, so a killed build's are cleaned up with it
+    with tempfile.TemporaryDirectory(prefix=f"{staging.name}-scratch-", dir=staging.parent) as scratch:
+        calibration = calibrate.for_build(recipe, source, log, calibration_dump,
+                                          spec["calibration"].get("device", "cpu"), Path(scratch))
+        calibration = observe.searched_scales(recipe, source["tensors"], source["modules"], calibration)
+        export.write_weights(staging, source["tensors"], source["modules"], source["family"], recipe,
+                             spec["target"]["max_shard_bytes"], calibration)
     export.write_config(source["config"], staging, recipe, export.routers(source["facts"], source["family"]))
     export.copy_side_files(source["path"], staging)
     evaluate_staged(root, spec, source, staging, log)  # before the card, which shows eval.json
     write_release_files(staging, entry)
     content = file_entries(staging, exclude=RECORD_FILES)  # each file hashed once, for both records
-    provenance.write(entry, source["path"], staging, content)
+    provenance.write(entry, source["path"], staging, content, determinism.device_facts(source["devices"]))
     result = manifest.create(staging, entry, content)
     failpoints.reached("manifest")
     return result

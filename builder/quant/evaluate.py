@@ -30,29 +30,32 @@ def load_model(path: Path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False, **kwargs).eval()
 
 
-def measure(source: Path, artifact: Path, ids) -> dict:
+def measure(source: Path, artifact: Path, ids, device: str = "cpu") -> dict:
     """Perplexity of both models and the mean KL(source || artifact) per predicted token, window by window.
 
     Args:
         source: the source checkpoint folder.
         artifact: the (staged or built) artifact folder.
         ids: LongTensor [windows, length] of evaluation tokens.
+        device: where both models run (cpu, cuda); each window's sums are taken in float64.
     """
-    return measure_all(source, [artifact], ids)[0]
+    return measure_all(source, [artifact], ids, device)[0]
 
 
-def measure_all(source: Path, artifacts: list, ids) -> list:
+def measure_all(source: Path, artifacts: list, ids, device: str = "cpu") -> list:
     """measure() for several artifacts of one source, running the source once per window (benchmarks
     compare many artifacts on the same text); each artifact's figures are computed exactly as alone."""
     import torch
     from torch.nn.functional import log_softmax
     from builder.console import progress
 
-    reference, candidates = load_model(source), [load_model(artifact) for artifact in artifacts]
+    reference = load_model(source).to(device)
+    candidates = [load_model(artifact).to(device) for artifact in artifacts]
     nll_source, tokens = 0.0, 0
     nll, kl = [0.0] * len(candidates), [0.0] * len(candidates)
     with torch.no_grad():
         for window in progress(ids.split(1), desc="eval", unit="window"):
+            window = window.to(device)
             targets = window[0, 1:]
             expected = log_softmax(reference(window).logits[0, :-1].to(torch.float32), dim=-1)
             nll_source -= float(expected.gather(1, targets[:, None]).sum(dtype=torch.float64))
@@ -97,7 +100,7 @@ def evaluate(root: Path, spec: dict, source: Path, artifact: Path, log=print, id
     eval_file = f"specs/eval/{spec['choices']['eval']}.yaml"
     if ids is None:
         ids = data.samples(root, spec["eval"], source, file=eval_file, group="eval")
-    result = measure(source, artifact, ids)
+    result = measure(source, artifact, ids, spec["eval"].get("device", "cpu"))  # artifacts before devices: cpu
     broken = [figure for figure in ("perplexity_increase_pct", "mean_kl") if not math.isfinite(result[figure])]
     if broken:  # whatever the gate says: an artifact whose outputs are NaN or infinite is broken
         raise CheckFailed(Problem(str(artifact.name), "eval", f"{', '.join(broken)} not finite (perplexity "
