@@ -4,8 +4,11 @@ wall time and peak RSS of each whole build, perplexity and mean KL on two evalua
 by builder.evaluate), and whether our recipes build twice to the same bytes.
 
     python bench/compare.py [--formats fp8-dynamic,fp8-static,w8a8-int8,w4a16] [--samples 64] [--length 512]
-        [--eval-samples 32] [--texts docstrings,code] [--repeat] [--llmc /work/venvs/llmc/bin/python]
-        [--json bench/results.json]     (run from the repository root)
+        [--eval-samples 32] [--texts docstrings,code] [--repeat] [--skip llm-compressor:w4a16-gptq-mse,...]
+        [--keep DIR] [--llmc /work/venvs/llmc/bin/python] [--json bench/results.json]   (from the repository root)
+
+--keep DIR keeps every artifact and its measurements in DIR, and a later run reuses what it finds there
+(a long comparison can be run a format at a time, or resumed); without it all goes in a temporary folder.
 """
 
 import argparse
@@ -95,6 +98,16 @@ def windows(group: str, option: str, samples: int, length: int, dataset: str | N
     return data.samples(ROOT, spec, ROOT / "weights" / MODEL, file=f"specs/{group}/{option}.yaml", group=group)
 
 
+def kept(out: Path, run) -> dict:
+    """run(out)'s measurements, recorded beside out; those recorded by an earlier run when out is there."""
+    record = out.with_name(out.name + ".json")
+    if record.is_file() and out.is_dir():
+        return json.loads(record.read_text())
+    result = run(out)
+    record.write_text(json.dumps(result, sort_keys=True) + "\n")
+    return result
+
+
 def run_format(name: str, args, ids_file: Path, eval_ids: dict, scratch: Path) -> list:
     """Build every recipe of a format on both sides, then evaluate them together on each text."""
     from builder.quant import evaluate
@@ -103,16 +116,18 @@ def run_format(name: str, args, ids_file: Path, eval_ids: dict, scratch: Path) -
     recipes_ours, recipes_theirs = FORMATS[name]
     for side, recipes in (("ours", recipes_ours), ("llm-compressor", recipes_theirs)):
         for recipe in recipes:
+            if f"{side}:{recipe}" in args.skip.split(","):
+                continue
             out = scratch / f"{side}-{recipe}"
             row = {"format": name, "side": side, "recipe": recipe}
             if side == "ours":
-                row.update(ours(recipe, out, args.samples, args.length))
+                row.update(kept(out, lambda out: ours(recipe, out, args.samples, args.length)))
                 if args.repeat and recipe != recipes[0]:
-                    again = ours(recipe, scratch / f"again-{recipe}", args.samples, args.length)
+                    again = kept(scratch / f"again-{recipe}", lambda out: ours(recipe, out, args.samples, args.length))
                     row["repeat_seconds"], row["repeat_digest"] = again["seconds"], again["content_digest"]
                     row["repeatable"] = again["content_digest"] == row["content_digest"]
             else:
-                row.update(theirs(args.llmc, recipe, ids_file, out))
+                row.update(kept(out, lambda out: theirs(args.llmc, recipe, ids_file, out)))
             print(json.dumps(row), flush=True)
             rows.append(row)
             outs.append(out)
@@ -134,6 +149,8 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=32, help="0: time the builds only")
     parser.add_argument("--texts", default=",".join(TEXTS), help=f"evaluation texts, of {', '.join(TEXTS)}")
     parser.add_argument("--repeat", action="store_true", help="build each of our non-default recipes twice")
+    parser.add_argument("--skip", default="", help="side:recipe pairs not to run, e.g. llm-compressor:w4a16-gptq-mse")
+    parser.add_argument("--keep", type=Path, help="keep artifacts and measurements here, and reuse them")
     parser.add_argument("--llmc", default="/work/venvs/llmc/bin/python")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -145,8 +162,10 @@ def main() -> None:
     determinism.apply_environment()
     determinism.apply_torch()
     rows = []
-    with tempfile.TemporaryDirectory(prefix="bench-") as scratch:
-        scratch = Path(scratch)
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="bench-") as temporary:
+        scratch = args.keep.resolve() if args.keep else Path(temporary)
         ids_file = scratch / "calibration.safetensors"
         save_file({"input_ids": windows("calibration", "licenses", args.samples, args.length).contiguous()},
                   ids_file)
@@ -181,8 +200,14 @@ def targets(rows: list, texts: list) -> str:
     for name in dict.fromkeys(r["format"] for r in rows):
         mine = [r for r in rows if r["format"] == name and r["side"] == "ours"]
         other = [r for r in rows if r["format"] == name and r["side"] != "ours"]
-        best, reference = mine[-1], next(r for r in other if r["recipe"] == REFERENCE[name])
-        opt_in = min(other[1:] if len(other) > 1 else other, key=lambda r: r[texts[0]]["mean_kl"])
+        reference = next((r for r in other if r["recipe"] == REFERENCE[name]), None)
+        opt_ins = [r for r in other if r["recipe"] in FORMATS[name][1][1:] and r["recipe"] != REFERENCE[name]]
+        if not mine or reference is None:
+            continue  # skipped: nothing to compare
+        best = mine[-1]
+        opt_in = min(opt_ins, key=lambda r: r[texts[0]]["mean_kl"]) if opt_ins else \
+            {"recipe": "not run", **{text: {"mean_kl": float("nan"), "perplexity_increase_pct": float("nan")}
+                                     for text in texts}}
         for text in texts:
             cut = 100 * (1 - best[text]["mean_kl"] / reference[text]["mean_kl"])
             lines.append({"format": name, "text": text, "ours": best["recipe"], "kl": best[text]["mean_kl"],
