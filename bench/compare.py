@@ -26,14 +26,15 @@ MODEL = "smollm2-135m-instruct"
 # bench/llmcompressor_side.py names). Each side's first recipe is its default for the format (the
 # issue's reference for W4A16 is llm-compressor's GPTQ defaults, its second); the last is its best opt-in.
 FORMATS = {
-    "fp8-dynamic": (("fp8-dynamic", "fp8-dynamic-gptq"), ("fp8-dynamic", "fp8-dynamic-gptq-imatrix")),
-    "fp8-static": (("fp8-static", "fp8-static-gptq"), ("fp8-static", "fp8-static-gptq-mse")),
-    "w8a8-int8": (("w8a8-int8", "w8a8-int8-gptq"), ("w8a8-int8", "w8a8-int8-gptq-imatrix")),
+    "fp8-dynamic": (("fp8-dynamic", "fp8-dynamic-gptq-imatrix"), ("fp8-dynamic", "fp8-dynamic-gptq-imatrix")),
+    "fp8-static": (("fp8-static", "fp8-static-gptq-imatrix"), ("fp8-static", "fp8-static-gptq-mse")),
+    "w8a8-int8": (("w8a8-int8", "w8a8-int8-gptq-imatrix"), ("w8a8-int8", "w8a8-int8-gptq-imatrix")),
     "w4a16": (("w4a16", "w4a16-gptq", "w4a16-gptq-imatrix"),
               ("w4a16", "w4a16-gptq", "w4a16-gptq-mse", "w4a16-gptq-imatrix")),
 }
 REFERENCE = {"fp8-dynamic": "fp8-dynamic", "fp8-static": "fp8-static", "w8a8-int8": "w8a8-int8",
              "w4a16": "w4a16-gptq"}  # llm-compressor's default the issue's targets are measured against
+CALIBRATED = ("fp8-static", "w4a16-gptq")  # llm-compressor recipes that read calibration data (memory_scale)
 TARGET_KL_CUT = {"fp8-dynamic": 10, "fp8-static": 10, "w8a8-int8": 10, "w4a16": 30}  # % lower mean KL
 # Evaluation texts: the shipped eval option, and a second text of another kind (data/README.md).
 TEXTS = {"docstrings": "data/eval.txt", "code": "data/eval-code.txt"}
@@ -79,9 +80,11 @@ def ours(recipe: str, out: Path, samples: int, length: int) -> dict:
     return {**result, "content_digest": manifest["content_digest"]}
 
 
-def theirs(llmc: str, recipe: str, ids_file: Path, out: Path, source: Path = ROOT / "weights" / MODEL) -> dict:
+def theirs(llmc: str, recipe: str, ids_file: Path, out: Path, source: Path = ROOT / "weights" / MODEL,
+           group_size: int = 64) -> dict:
     """llm-compressor's oneshot of recipe on source, in its own venv, measured whole."""
-    return measured([llmc, str(ROOT / "bench" / "llmcompressor_side.py"), recipe, str(source), str(ids_file), str(out)])
+    return measured([llmc, str(ROOT / "bench" / "llmcompressor_side.py"), recipe, str(source), str(ids_file), str(out),
+                     str(group_size)])
 
 
 def windows(group: str, option: str, samples: int, length: int, dataset: str | None = None):
@@ -122,7 +125,7 @@ def run_format(name: str, args, ids_file: Path, eval_ids: dict, scratch: Path) -
             row = {"format": name, "side": side, "recipe": recipe}
             if side == "ours":
                 row.update(kept(out, lambda out: ours(recipe, out, args.samples, args.length)))
-                if args.repeat and recipe != recipes[0]:
+                if args.repeat and recipe != recipes[0] and f"again:{recipe}" not in args.skip.split(","):
                     again = kept(scratch / f"again-{recipe}", lambda out: ours(recipe, out, args.samples, args.length))
                     row["repeat_seconds"], row["repeat_digest"] = again["seconds"], again["content_digest"]
                     row["repeatable"] = again["content_digest"] == row["content_digest"]
@@ -132,7 +135,13 @@ def run_format(name: str, args, ids_file: Path, eval_ids: dict, scratch: Path) -
             rows.append(row)
             outs.append(out)
     for text, ids in eval_ids.items():
-        for row, quality in zip(rows, evaluate.measure_all(ROOT / "weights" / MODEL, outs, ids)):
+        records = [out.with_name(f"{out.name}.{text}-{ids.shape[0]}x{ids.shape[1]}.json") for out in outs]
+        todo = [index for index, record in enumerate(records) if not record.is_file()]  # --keep: measured before
+        for index, quality in zip(todo, evaluate.measure_all(ROOT / "weights" / MODEL, [outs[i] for i in todo], ids)
+                                  if todo else ()):
+            records[index].write_text(json.dumps(quality, sort_keys=True) + "\n")
+        for row, record in zip(rows, records):
+            quality = json.loads(record.read_text())
             row[text] = {"perplexity": quality["perplexity"]["artifact"],
                          "source_perplexity": quality["perplexity"]["source"],
                          "perplexity_increase_pct": quality["perplexity_increase_pct"], "mean_kl": quality["mean_kl"]}
@@ -149,7 +158,7 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=32, help="0: time the builds only")
     parser.add_argument("--texts", default=",".join(TEXTS), help=f"evaluation texts, of {', '.join(TEXTS)}")
     parser.add_argument("--repeat", action="store_true", help="build each of our non-default recipes twice")
-    parser.add_argument("--skip", default="", help="side:recipe pairs not to run, e.g. llm-compressor:w4a16-gptq-mse")
+    parser.add_argument("--skip", default="", help="side:recipe pairs not to run, e.g. llm-compressor:w4a16-gptq-mse (again:RECIPE: no repeat build)")
     parser.add_argument("--keep", type=Path, help="keep artifacts and measurements here, and reuse them")
     parser.add_argument("--llmc", default="/work/venvs/llmc/bin/python")
     parser.add_argument("--json", type=Path)

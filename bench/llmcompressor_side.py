@@ -1,6 +1,8 @@
 """llm-compressor's side of bench/compare.py: one oneshot run on given token windows; runs in its own venv.
 
-    /work/venvs/llmc/bin/python bench/llmcompressor_side.py RECIPE SOURCE_DIR IDS.safetensors OUT_DIR
+    /work/venvs/llmc/bin/python bench/llmcompressor_side.py RECIPE SOURCE_DIR IDS.safetensors OUT_DIR [GROUP_SIZE]
+
+GROUP_SIZE (INT4 recipes): 64 by default, what SmolLM2's releases use.
 """
 
 import sys
@@ -20,7 +22,7 @@ BEST = {"fp8-dynamic-gptq-imatrix": ("fp8-dynamic", "imatrix_mse"), "fp8-static-
 RECIPES = (*SCHEMES, "w4a16", "w4a16-gptq", *BEST)
 
 
-def modifier(recipe: str):
+def modifier(recipe: str, group_size: int = 64):
     from llmcompressor.modifiers.gptq import GPTQModifier
     from llmcompressor.modifiers.quantization import QuantizationModifier
 
@@ -28,7 +30,8 @@ def modifier(recipe: str):
     gptq = {"block_size": 128, "dampening_frac": 0.01}
     if recipe in SCHEMES:
         return QuantizationModifier(**SCHEMES[recipe], **common)
-    groups = {"group_0": {"targets": ["Linear"], "weights": W4_G64}}
+    w4 = {**W4_G64, "group_size": group_size}
+    groups = {"group_0": {"targets": ["Linear"], "weights": w4}}
     if recipe == "w4a16":
         return QuantizationModifier(config_groups=groups, ignore=["lm_head"])
     if recipe == "w4a16-gptq":
@@ -36,13 +39,13 @@ def modifier(recipe: str):
     if recipe in BEST:
         base, observer = BEST[recipe]
         if base == "w4a16":
-            groups = {"group_0": {"targets": ["Linear"], "weights": {**W4_G64, "observer": observer}}}
+            groups = {"group_0": {"targets": ["Linear"], "weights": {**w4, "observer": observer}}}
             return GPTQModifier(config_groups=groups, ignore=["lm_head"], **gptq)
         return GPTQModifier(**SCHEMES[base], **common, weight_observer=observer, **gptq)
     raise SystemExit(f"unknown recipe {recipe}; known: {', '.join(RECIPES)}")
 
 
-def main(recipe: str, source: str, ids_file: str, out: str) -> None:
+def main(recipe: str, source: str, ids_file: str, out: str, group_size: str = "64") -> None:
     import torch
     from datasets import Dataset
     from llmcompressor import oneshot
@@ -54,11 +57,11 @@ def main(recipe: str, source: str, ids_file: str, out: str) -> None:
     dataset = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     model = AutoModelForCausalLM.from_pretrained(source, dtype="auto")
     tokenizer = AutoTokenizer.from_pretrained(source)
-    oneshot(model=model, dataset=dataset, recipe=modifier(recipe), max_seq_length=ids.shape[1],
+    oneshot(model=model, dataset=dataset, recipe=modifier(recipe, int(group_size)), max_seq_length=ids.shape[1],
             num_calibration_samples=ids.shape[0], shuffle_calibration_samples=False)
     model.save_pretrained(out, save_compressed=True)
     tokenizer.save_pretrained(out)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:6])
