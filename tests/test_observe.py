@@ -114,17 +114,40 @@ def test_without_usable_importance_imatrix_searches_unweighted():
         assert torch.equal(observe.weight_scale(weight, args, torch.bfloat16, importance), expected)
 
 
-def test_patience_stops_each_cell_after_that_many_ratios_in_a_row_without_improvement(monkeypatch):
-    # two cells, errors by ratio 1.0, 0.9, ..., 0.5: cell 0 improves late (after two misses), cell 1 early
-    errors = iter(torch.tensor([[5.0, 5.0], [6.0, 4.0], [7.0, 4.5], [1.0, 4.6], [0.5, 4.7], [0.1, 3.0]],
-                               dtype=torch.float64).reshape(6, 2, 1))
-    monkeypatch.setattr(observe, "cell_error", lambda *args: next(errors))
-    weight = torch.tensor([[1.0] * 4, [2.0] * 4])
-    args = args_of("int8-channel", "mse", grid=10, maxshrink=0.5, patience=2)
-    found = observe.weight_scale(weight, args, torch.float32)
-    ratios = found / quantize.weight_scale(weight, args, torch.float32)
-    assert torch.allclose(ratios.reshape(-1), torch.tensor([1.0, 0.9]))  # cell 0 stopped at 0.8, cell 1 at 0.7
-    assert len(list(errors)) == 2  # with every cell stopped, ratios 0.6 and 0.5 were never tried
+def patient(weight, args, dtype, importance=None):
+    """The search with patience, one cell at a time the slow way: a cell tries ratios in order, keeps
+    the least error, and stops after `patience` ratios in a row that did not lower it."""
+    settings = args.search
+    amax = quantize.grouped_amax(weight, args)
+    steps = round(settings["maxshrink"] * settings["grid"])
+    candidates = [quantize.scale_from_amax(amax * (1 - step / settings["grid"]), args, dtype) for step in range(steps + 1)]
+    errors = [error_of(weight, scale, args, settings["norm"], importance) for scale in candidates]
+    best = candidates[0].clone()
+    for cell in range(best.numel()):
+        lowest, stale = errors[0].reshape(-1)[cell], 0
+        for scale, error in zip(candidates[1:], errors[1:]):
+            if error.reshape(-1)[cell] < lowest:
+                lowest, stale = error.reshape(-1)[cell], 0
+                best.reshape(-1)[cell] = scale.reshape(-1)[cell]
+            else:
+                stale += 1
+                if stale >= settings["patience"]:
+                    break
+    return best
+
+
+@pytest.mark.parametrize("scheme", ["int4-group", "int8-channel", "fp8-channel"])
+def test_patience_stops_each_cell_after_that_many_ratios_in_a_row_without_improvement(scheme):
+    weight = heavy_tailed(rows=32, columns=128, seed=7)
+    importance = torch.rand(weight.shape[1], generator=torch.Generator().manual_seed(8)) + 0.05
+    for observer, given in (("mse", None), ("imatrix_mse", importance)):
+        args = args_of(scheme, observer, grid=40, maxshrink=0.9, patience=2)
+        found = observe.weight_scale(weight, args, torch.bfloat16, given)
+        assert torch.equal(found, patient(weight, args, torch.bfloat16, given)), observer
+        # patience can stop a cell before its best ratio: some cell differs from the exhaustive search
+        exhaustive = args_of(scheme, observer, grid=40, maxshrink=0.9, patience=0)
+        if scheme == "int4-group":
+            assert not torch.equal(found, observe.weight_scale(weight, exhaustive, torch.bfloat16, given))
 
 
 def test_search_is_repeatable_and_does_not_depend_on_the_thread_count():
