@@ -146,6 +146,8 @@ CASES = [
     ("override-syntax-space", nothing, ["resolve", RELEASE, "a b"], ["override 'a b'"]),
     ("override-syntax-bracket", nothing, ["resolve", RELEASE, "x=[1"], ["override 'x=[1'"]),
     ("override-unknown-key", nothing, ["resolve", RELEASE, "quant.nonexistent=1"], ["quant.nonexistent"]),
+    ("unknown-observer", nothing, ["resolve", RELEASE, "+quant.weights.observer=awq"], ["quant.weights.observer", "imatrix_mse"]),
+    ("observer-setting-out-of-range", nothing, ["resolve", RELEASE, "+quant.weights.observer=mse", "+quant.weights.observer_kwargs.maxshrink=1.5"], ["quant.weights.observer_kwargs.maxshrink"]),
     ("missing-release", nothing, ["resolve", "no-such-release"], ["specs/release/no-such-release.yaml", RELEASE]),
     ("absolute-path", nothing, ["resolve", RELEASE, "model.path=/etc"], ["model.path", '"/etc"']),
     ("path-escapes", nothing, ["resolve", RELEASE, "model.path=../outside"], ["model.path", "../outside"]),
