@@ -104,3 +104,22 @@ def test_a_gptq_build_leaves_no_scratch_behind(calib_repo, tmp_path):
     build_module.build(calib_repo.root, "tiny-llama-w4a16-gptq", SMALL, out=out, log=lambda message: None)
     left = [p.name for p in out.parent.iterdir() if p.name != "a"]
     assert left == [".a.lock"]  # the output's lock file stays beside it; no staging, no scratch
+
+
+def test_imatrix_mse_without_gptq_is_repeatable_records_its_observer_and_only_shrinks_scales(calib_repo, tmp_path):
+    from safetensors.torch import load_file
+
+    rtn = ("quant.algorithm=rtn", "quant.gptq=null", *SMALL)
+    searched = (*rtn, "+quant.weights.observer=imatrix_mse")
+    builds = {name: build_module.build(calib_repo.root, "tiny-llama-w4a16-gptq", overrides, out=tmp_path / name,
+                                       log=lambda message: None)
+              for name, overrides in (("one", searched), ("two", searched), ("minmax", rtn))}
+    assert builds["one"]["content_digest"] == builds["two"]["content_digest"]
+    weights = json.loads((tmp_path / "one" / "config.json").read_text())["quantization_config"]["config_groups"][
+        "group_0"]["weights"]
+    assert weights["observer"] == "imatrix_mse"
+    assert weights["observer_kwargs"] == {"grid": 20, "maxshrink": 0.95, "norm": 3.0, "patience": 5}
+    found, plain = (load_file(tmp_path / name / "model.safetensors") for name in ("one", "minmax"))
+    scales = [name for name in plain if name.endswith("weight_scale")]
+    assert scales and all(bool((found[name] <= plain[name]).all()) for name in scales)
+    assert any(not torch.equal(found[name], plain[name]) for name in scales)  # the search moved some scale
