@@ -156,7 +156,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--eval-samples", type=int, default=32, help="0: time the builds only")
-    parser.add_argument("--texts", default=",".join(TEXTS), help=f"evaluation texts, of {', '.join(TEXTS)}")
+    parser.add_argument("--texts", default=",".join(TEXTS),
+                        help=f"evaluation texts, of {', '.join(TEXTS)}; TEXT:N evaluates N windows of it")
     parser.add_argument("--repeat", action="store_true", help="build each of our non-default recipes twice")
     parser.add_argument("--skip", default="", help="side:recipe pairs not to run, e.g. llm-compressor:w4a16-gptq-mse (again:RECIPE: no repeat build)")
     parser.add_argument("--keep", type=Path, help="keep artifacts and measurements here, and reuse them")
@@ -178,8 +179,10 @@ def main() -> None:
         ids_file = scratch / "calibration.safetensors"
         save_file({"input_ids": windows("calibration", "licenses", args.samples, args.length).contiguous()},
                   ids_file)
-        eval_ids = {text: windows("eval", "docstrings", args.eval_samples, args.length, TEXTS[text])
-                    for text in args.texts.split(",")} if args.eval_samples else {}
+        chosen = [(text.partition(":")[0], int(text.partition(":")[2] or args.eval_samples))
+                  for text in args.texts.split(",")]
+        eval_ids = {text: windows("eval", "docstrings", count, args.length, TEXTS[text])
+                    for text, count in chosen} if args.eval_samples else {}
         for name in args.formats.split(","):
             rows += run_format(name, args, ids_file, eval_ids, scratch)
             if args.json:  # after each format: a long run keeps what it measured
