@@ -2,7 +2,7 @@
 
     /work/venvs/llmc/bin/python bench/llmcompressor_side.py RECIPE SOURCE_DIR IDS.safetensors OUT_DIR [GROUP_SIZE]
 
-GROUP_SIZE (INT4 recipes): 64 by default, what SmolLM2's releases use.
+GROUP_SIZE (INT4 recipes): 64 by default, what SmolLM2's releases use; bench/memory_scale.py passes 128.
 """
 
 import sys

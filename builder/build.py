@@ -94,13 +94,14 @@ def build_into(entry: dict, source: dict, staging: Path, root: Path | None = Non
         calibration = calibrate.for_build(recipe, source, log, calibration_dump,
                                           spec["calibration"].get("device", "cpu"), Path(scratch))
         calibration = observe.searched_scales(recipe, source["tensors"], source["modules"], calibration)
-        export.write_weights(staging, source["tensors"], source["modules"], source["family"], recipe,
-                             spec["target"]["max_shard_bytes"], calibration)
+        weights = export.write_weights(staging, source["tensors"], source["modules"], source["family"], recipe,
+                                       spec["target"]["max_shard_bytes"], calibration)  # hashed as written
     export.write_config(source["config"], staging, recipe, export.routers(source["facts"], source["family"]))
     export.copy_side_files(source["path"], staging)
     evaluate_staged(root, spec, source, staging, log)  # before the card, which shows eval.json
     write_release_files(staging, entry)
-    content = file_entries(staging, exclude=RECORD_FILES)  # each file hashed once, for both records
+    # each file hashed once (the weights while they were written), for both records
+    content = file_entries(staging, exclude=RECORD_FILES, known={e["path"]: e for e in weights})
     provenance.write(entry, source["path"], staging, content, determinism.device_facts(source["devices"]))
     result = manifest.create(staging, entry, content)
     failpoints.reached("manifest")
