@@ -1,8 +1,14 @@
-"""Benchmark against llm-compressor on the same model, data, sample count and sequence length: per recipe
-wall time and peak RSS of the whole process, perplexity and mean KL (both evaluated by builder.evaluate).
+"""Benchmark against llm-compressor on the same model, data, sample count and sequence length: per weight
+format, our recipes against llm-compressor's defaults and its best opt-in (GPTQ with a searched observer),
+wall time and peak RSS of each whole build, perplexity and mean KL on two evaluation texts (all evaluated
+by builder.evaluate), and whether our recipes build twice to the same bytes.
 
-    python bench/compare.py [--recipes fp8-dynamic,fp8-static] [--samples 64] [--length 512] [--eval-samples 32]
-        [--llmc /work/venvs/llmc/bin/python] [--json bench/results.json]     (run from the repository root)
+    python bench/compare.py [--formats fp8-dynamic,fp8-static,w8a8-int8,w4a16] [--samples 64] [--length 512]
+        [--eval-samples 32] [--texts docstrings,code] [--repeat] [--skip llm-compressor:w4a16-gptq-mse,...]
+        [--keep DIR] [--llmc /work/venvs/llmc/bin/python] [--json bench/results.json]   (from the repository root)
+
+--keep DIR keeps every artifact and its measurements in DIR, and a later run reuses what it finds there
+(a long comparison can be run a format at a time, or resumed); without it all goes in a temporary folder.
 """
 
 import argparse
@@ -16,8 +22,22 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "smollm2-135m-instruct"
-RECIPES = ("fp8-dynamic", "fp8-static", "w8a8-int8", "w4a16", "w4a16-gptq")
-CALIBRATED = ("fp8-static", "w4a16-gptq")  # recipes whose release reads calibration data
+# format -> (our recipes: shipped releases smollm2-135m-instruct-<recipe>), (llm-compressor's recipes:
+# bench/llmcompressor_side.py names). Each side's first recipe is its default for the format (the
+# issue's reference for W4A16 is llm-compressor's GPTQ defaults, its second); the last is its best opt-in.
+FORMATS = {
+    "fp8-dynamic": (("fp8-dynamic", "fp8-dynamic-gptq-imatrix"), ("fp8-dynamic", "fp8-dynamic-gptq-imatrix")),
+    "fp8-static": (("fp8-static", "fp8-static-gptq-imatrix"), ("fp8-static", "fp8-static-gptq-mse")),
+    "w8a8-int8": (("w8a8-int8", "w8a8-int8-gptq-imatrix"), ("w8a8-int8", "w8a8-int8-gptq-imatrix")),
+    "w4a16": (("w4a16", "w4a16-gptq", "w4a16-gptq-imatrix"),
+              ("w4a16", "w4a16-gptq", "w4a16-gptq-mse", "w4a16-gptq-imatrix")),
+}
+REFERENCE = {"fp8-dynamic": "fp8-dynamic", "fp8-static": "fp8-static", "w8a8-int8": "w8a8-int8",
+             "w4a16": "w4a16-gptq"}  # llm-compressor's default the issue's targets are measured against
+CALIBRATED = ("fp8-static", "w4a16-gptq")  # llm-compressor recipes that read calibration data (memory_scale)
+TARGET_KL_CUT = {"fp8-dynamic": 10, "fp8-static": 10, "w8a8-int8": 10, "w4a16": 30}  # % lower mean KL
+# Evaluation texts: the shipped eval option, and a second text of another kind (data/README.md).
+TEXTS = {"docstrings": "data/eval.txt", "code": "data/eval-code.txt"}
 GNU_TIME = "/usr/bin/time"
 
 
@@ -43,12 +63,21 @@ def measured(command: list, env: dict | None = None) -> dict:
     return {"seconds": round(seconds, 1), "peak_rss_bytes": kilobytes * 1024}
 
 
+def calibrates(recipe: str) -> bool:
+    """Whether our release for recipe reads calibration data (then its sample count and length are set)."""
+    from builder.spec.resolve import resolve
+
+    return resolve(ROOT, f"{MODEL}-{recipe}")["calibration"]["dataset"] is not None
+
+
 def ours(recipe: str, out: Path, samples: int, length: int) -> dict:
     overrides = ["eval=none"]  # evaluated below, like theirs, outside the timed run
-    if recipe in CALIBRATED:
+    if calibrates(recipe):
         overrides += [f"calibration.samples={samples}", f"calibration.sequence_length={length}"]
-    return measured([sys.executable, "-m", "builder", "build", f"{MODEL}-{recipe}", *overrides,
-                     "--out", str(out), "--force"])
+    result = measured([sys.executable, "-m", "builder", "build", f"{MODEL}-{recipe}", *overrides,
+                       "--out", str(out), "--force"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    return {**result, "content_digest": manifest["content_digest"]}
 
 
 def theirs(llmc: str, recipe: str, ids_file: Path, out: Path, source: Path = ROOT / "weights" / MODEL,
@@ -58,23 +87,80 @@ def theirs(llmc: str, recipe: str, ids_file: Path, out: Path, source: Path = ROO
                      str(group_size)])
 
 
-def windows(group: str, option: str, samples: int, length: int):
-    """The token windows builder.data selects for a shipped calibration/eval option, resized."""
+def windows(group: str, option: str, samples: int, length: int, dataset: str | None = None):
+    """The token windows builder.data selects for a shipped calibration/eval option, resized (and
+    drawn from another file of data/ when dataset is given)."""
     import yaml
 
     from builder.source import data
 
     spec = {**yaml.safe_load((ROOT / "specs" / group / f"{option}.yaml").read_text()),
             "samples": samples, "sequence_length": length}
+    if dataset is not None:
+        spec["dataset"] = dataset
     return data.samples(ROOT, spec, ROOT / "weights" / MODEL, file=f"specs/{group}/{option}.yaml", group=group)
+
+
+def kept(out: Path, run) -> dict:
+    """run(out)'s measurements, recorded beside out; those recorded by an earlier run when out is there."""
+    record = out.with_name(out.name + ".json")
+    if record.is_file() and out.is_dir():
+        return json.loads(record.read_text())
+    result = run(out)
+    record.write_text(json.dumps(result, sort_keys=True) + "\n")
+    return result
+
+
+def run_format(name: str, args, ids_file: Path, eval_ids: dict, scratch: Path) -> list:
+    """Build every recipe of a format on both sides, then evaluate them together on each text."""
+    from builder.quant import evaluate
+
+    rows, outs = [], []
+    recipes_ours, recipes_theirs = FORMATS[name]
+    for side, recipes in (("ours", recipes_ours), ("llm-compressor", recipes_theirs)):
+        for recipe in recipes:
+            if f"{side}:{recipe}" in args.skip.split(","):
+                continue
+            out = scratch / f"{side}-{recipe}"
+            row = {"format": name, "side": side, "recipe": recipe}
+            if side == "ours":
+                row.update(kept(out, lambda out: ours(recipe, out, args.samples, args.length)))
+                if args.repeat and recipe != recipes[0] and f"again:{recipe}" not in args.skip.split(","):
+                    again = kept(scratch / f"again-{recipe}", lambda out: ours(recipe, out, args.samples, args.length))
+                    row["repeat_seconds"], row["repeat_digest"] = again["seconds"], again["content_digest"]
+                    row["repeatable"] = again["content_digest"] == row["content_digest"]
+            else:
+                row.update(kept(out, lambda out: theirs(args.llmc, recipe, ids_file, out)))
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            outs.append(out)
+    for text, ids in eval_ids.items():
+        records = [out.with_name(f"{out.name}.{text}-{ids.shape[0]}x{ids.shape[1]}.json") for out in outs]
+        todo = [index for index, record in enumerate(records) if not record.is_file()]  # --keep: measured before
+        for index, quality in zip(todo, evaluate.measure_all(ROOT / "weights" / MODEL, [outs[i] for i in todo], ids)
+                                  if todo else ()):
+            records[index].write_text(json.dumps(quality, sort_keys=True) + "\n")
+        for row, record in zip(rows, records):
+            quality = json.loads(record.read_text())
+            row[text] = {"perplexity": quality["perplexity"]["artifact"],
+                         "source_perplexity": quality["perplexity"]["source"],
+                         "perplexity_increase_pct": quality["perplexity_increase_pct"], "mean_kl": quality["mean_kl"]}
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--formats", default=",".join(FORMATS))
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--eval-samples", type=int, default=32, help="0: time the builds only")
+    parser.add_argument("--texts", default=",".join(TEXTS),
+                        help=f"evaluation texts, of {', '.join(TEXTS)}; TEXT:N evaluates N windows of it")
+    parser.add_argument("--repeat", action="store_true", help="build each of our non-default recipes twice")
+    parser.add_argument("--skip", default="", help="side:recipe pairs not to run, e.g. llm-compressor:w4a16-gptq-mse (again:RECIPE: no repeat build)")
+    parser.add_argument("--keep", type=Path, help="keep artifacts and measurements here, and reuse them")
     parser.add_argument("--llmc", default="/work/venvs/llmc/bin/python")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -82,43 +168,73 @@ def main() -> None:
     from safetensors.torch import save_file
 
     from builder import determinism
-    from builder.quant import evaluate
 
     determinism.apply_environment()
     determinism.apply_torch()
     rows = []
-    with tempfile.TemporaryDirectory(prefix="bench-") as scratch:
-        scratch = Path(scratch)
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="bench-") as temporary:
+        scratch = args.keep.resolve() if args.keep else Path(temporary)
         ids_file = scratch / "calibration.safetensors"
         save_file({"input_ids": windows("calibration", "licenses", args.samples, args.length).contiguous()},
                   ids_file)
-        eval_ids = windows("eval", "docstrings", args.eval_samples, args.length) if args.eval_samples else None
-        for recipe in args.recipes.split(","):
-            for side, run in (("ours", lambda out: ours(recipe, out, args.samples, args.length)),
-                              ("llm-compressor", lambda out: theirs(args.llmc, recipe, ids_file, out))):
-                out = scratch / f"{side}-{recipe}"
-                row = {"recipe": recipe, "side": side, **run(out)}
-                if eval_ids is not None:
-                    quality = evaluate.measure(ROOT / "weights" / MODEL, out, eval_ids)
-                    row.update(perplexity=quality["perplexity"]["artifact"],
-                               source_perplexity=quality["perplexity"]["source"],
-                               perplexity_increase_pct=quality["perplexity_increase_pct"], mean_kl=quality["mean_kl"])
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2, sort_keys=True) + "\n")
-    print(table(rows))
+        chosen = [(text.partition(":")[0], int(text.partition(":")[2] or args.eval_samples))
+                  for text in args.texts.split(",")]
+        eval_ids = {text: windows("eval", "docstrings", count, args.length, TEXTS[text])
+                    for text, count in chosen} if args.eval_samples else {}
+        for name in args.formats.split(","):
+            rows += run_format(name, args, ids_file, eval_ids, scratch)
+            if args.json:  # after each format: a long run keeps what it measured
+                args.json.write_text(json.dumps(rows, indent=2, sort_keys=True) + "\n")
+    print(table(rows, list(eval_ids)))
+    if eval_ids:
+        print(targets(rows, list(eval_ids)))
 
 
-def table(rows: list) -> str:
-    """Markdown: one line per recipe and side (quality columns when the run evaluated)."""
-    columns = (("recipe", "---", lambda r: r["recipe"]), ("tool", "---", lambda r: r["side"]),
-               ("wall time (s)", "---:", lambda r: r["seconds"]),
-               ("peak RSS (GB)", "---:", lambda r: f"{r['peak_rss_bytes'] / 1e9:.2f}"))
-    quality = (("perplexity", "---:", lambda r: f"{r['perplexity']:.3f}"),
-               ("increase", "---:", lambda r: f"{r['perplexity_increase_pct']:+.2f} %"),
-               ("mean KL", "---:", lambda r: f"{r['mean_kl']:.4f}"))
-    return markdown(rows, columns + (quality if all("perplexity" in r for r in rows) else ()))
+def table(rows: list, texts: list) -> str:
+    """Markdown: one line per format, side and recipe (quality columns per evaluation text)."""
+    columns = [("format", "---", lambda r: r["format"]), ("tool", "---", lambda r: r["side"]),
+               ("recipe", "---", lambda r: r["recipe"]), ("wall time (s)", "---:", lambda r: r["seconds"]),
+               ("peak RSS (GB)", "---:", lambda r: f"{r['peak_rss_bytes'] / 1e9:.2f}")]
+    for text in texts:
+        columns += [(f"{text}: ppl", "---:", lambda r, t=text: f"{r[t]['perplexity']:.3f}"),
+                    (f"{text}: increase", "---:", lambda r, t=text: f"{r[t]['perplexity_increase_pct']:+.2f} %"),
+                    (f"{text}: mean KL", "---:", lambda r, t=text: f"{r[t]['mean_kl']:.4f}")]
+    columns.append(("same bytes twice", "---", lambda r: {True: "yes", False: "**no**"}.get(r.get("repeatable"), "")))
+    return markdown(rows, tuple(columns))
+
+
+def targets(rows: list, texts: list) -> str:
+    """Markdown: per format and text, our best recipe's KL against llm-compressor's default (the issue's
+    target cut) and against its best opt-in, and the perplexity increases."""
+    lines = []
+    for name in dict.fromkeys(r["format"] for r in rows):
+        mine = [r for r in rows if r["format"] == name and r["side"] == "ours"]
+        other = [r for r in rows if r["format"] == name and r["side"] != "ours"]
+        reference = next((r for r in other if r["recipe"] == REFERENCE[name]), None)
+        opt_ins = [r for r in other if r["recipe"] in FORMATS[name][1][1:] and r["recipe"] != REFERENCE[name]]
+        if not mine or reference is None:
+            continue  # skipped: nothing to compare
+        best = mine[-1]
+        opt_in = min(opt_ins, key=lambda r: r[texts[0]]["mean_kl"]) if opt_ins else \
+            {"recipe": "not run", **{text: {"mean_kl": float("nan"), "perplexity_increase_pct": float("nan")}
+                                     for text in texts}}
+        for text in texts:
+            cut = 100 * (1 - best[text]["mean_kl"] / reference[text]["mean_kl"])
+            lines.append({"format": name, "text": text, "ours": best["recipe"], "kl": best[text]["mean_kl"],
+                          "reference": reference[text]["mean_kl"], "cut": cut, "target": TARGET_KL_CUT[name],
+                          "ppl": best[text]["perplexity_increase_pct"],
+                          "reference_ppl": reference[text]["perplexity_increase_pct"], "opt_in": opt_in["recipe"],
+                          "opt_in_kl": opt_in[text]["mean_kl"], "opt_in_ppl": opt_in[text]["perplexity_increase_pct"]})
+    columns = (("format", "---", lambda r: r["format"]), ("text", "---", lambda r: r["text"]),
+               ("ours (best)", "---", lambda r: r["ours"]), ("mean KL", "---:", lambda r: f"{r['kl']:.4f}"),
+               ("their default", "---:", lambda r: f"{r['reference']:.4f}"),
+               ("KL cut", "---:", lambda r: f"{r['cut']:.1f} % (target {r['target']} %)"),
+               ("ppl increase: ours / default", "---:", lambda r: f"{r['ppl']:+.2f} / {r['reference_ppl']:+.2f} %"),
+               ("their best opt-in", "---", lambda r: r["opt_in"]),
+               ("its KL / ppl increase", "---:", lambda r: f"{r['opt_in_kl']:.4f} / {r['opt_in_ppl']:+.2f} %"))
+    return markdown(lines, columns)
 
 
 def markdown(rows: list, columns: tuple) -> str:

@@ -10,6 +10,16 @@ import sys
 # Recipes equivalent to specs/quant/ (same targets, ignore, arguments); llm-compressor 0.14 names.
 KV_FP8 = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
 W4_G64 = {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 64, "symmetric": True, "dynamic": False}
+# Its defaults, one per format, and its best opt-in for each: GPTQ (block 128, dampening 0.01, static
+# activation order: its defaults) with a searched weight observer at its default settings. imatrix_mse
+# only searches channel and group scales (per-tensor weights fall back to plain mse), so FP8-static
+# gets mse.
+SCHEMES = {"fp8-dynamic": {"scheme": "FP8_DYNAMIC"}, "fp8-static": {"scheme": "FP8", "kv_cache_scheme": KV_FP8},
+           "w8a8-int8": {"scheme": "W8A8"}}
+BEST = {"fp8-dynamic-gptq-imatrix": ("fp8-dynamic", "imatrix_mse"), "fp8-static-gptq-mse": ("fp8-static", "mse"),
+        "w8a8-int8-gptq-imatrix": ("w8a8-int8", "imatrix_mse"), "w4a16-gptq-imatrix": ("w4a16", "imatrix_mse"),
+        "w4a16-gptq-mse": ("w4a16", "mse")}
+RECIPES = (*SCHEMES, "w4a16", "w4a16-gptq", *BEST)
 
 
 def modifier(recipe: str, group_size: int = 64):
@@ -17,18 +27,22 @@ def modifier(recipe: str, group_size: int = 64):
     from llmcompressor.modifiers.quantization import QuantizationModifier
 
     common = {"targets": ["Linear"], "ignore": ["lm_head"]}
-    if recipe == "fp8-dynamic":
-        return QuantizationModifier(scheme="FP8_DYNAMIC", **common)
-    if recipe == "fp8-static":
-        return QuantizationModifier(scheme="FP8", kv_cache_scheme=KV_FP8, **common)
-    if recipe == "w8a8-int8":
-        return QuantizationModifier(scheme="W8A8", **common)
-    groups = {"group_0": {"targets": ["Linear"], "weights": {**W4_G64, "group_size": group_size}}}
+    gptq = {"block_size": 128, "dampening_frac": 0.01}
+    if recipe in SCHEMES:
+        return QuantizationModifier(**SCHEMES[recipe], **common)
+    w4 = {**W4_G64, "group_size": group_size}
+    groups = {"group_0": {"targets": ["Linear"], "weights": w4}}
     if recipe == "w4a16":
         return QuantizationModifier(config_groups=groups, ignore=["lm_head"])
     if recipe == "w4a16-gptq":
-        return GPTQModifier(config_groups=groups, ignore=["lm_head"], block_size=128, dampening_frac=0.01)
-    raise SystemExit(f"unknown recipe {recipe}")
+        return GPTQModifier(config_groups=groups, ignore=["lm_head"], **gptq)
+    if recipe in BEST:
+        base, observer = BEST[recipe]
+        if base == "w4a16":
+            groups = {"group_0": {"targets": ["Linear"], "weights": {**w4, "observer": observer}}}
+            return GPTQModifier(config_groups=groups, ignore=["lm_head"], **gptq)
+        return GPTQModifier(**SCHEMES[base], **common, weight_observer=observer, **gptq)
+    raise SystemExit(f"unknown recipe {recipe}; known: {', '.join(RECIPES)}")
 
 
 def main(recipe: str, source: str, ids_file: str, out: str, group_size: str = "64") -> None:

@@ -1,5 +1,5 @@
 """Build a release into artifacts/<release>/, atomically: prepare (check every input), calibrate,
-quantize and write, evaluate, describe, record. Also rebuild an artifact from what it records.
+search weight scales, quantize and write, evaluate, describe, record. Also rebuild an artifact from what it records.
 
     builder build smollm2-135m-instruct-fp8-dynamic
     builder verify --rebuild artifacts/smollm2-135m-instruct-fp8-dynamic
@@ -84,7 +84,7 @@ def build_into(entry: dict, source: dict, staging: Path, root: Path | None = Non
 
     root (the repository) is needed by releases that calibrate or evaluate (their data lives there).
     """
-    from builder.quant import allocator, calibrate
+    from builder.quant import allocator, calibrate, observe
 
     determinism.apply_torch(source["devices"])
     allocator.return_freed_memory()
@@ -93,6 +93,7 @@ def build_into(entry: dict, source: dict, staging: Path, root: Path | None = Non
     with tempfile.TemporaryDirectory(prefix=f"{staging.name}-scratch-", dir=staging.parent) as scratch:
         calibration = calibrate.for_build(recipe, source, log, calibration_dump,
                                           spec["calibration"].get("device", "cpu"), Path(scratch))
+        calibration = observe.searched_scales(recipe, source["tensors"], source["modules"], calibration)
         weights = export.write_weights(staging, source["tensors"], source["modules"], source["family"], recipe,
                                        spec["target"]["max_shard_bytes"], calibration)  # hashed as written
     export.write_config(source["config"], staging, recipe, export.routers(source["facts"], source["family"]))

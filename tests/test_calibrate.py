@@ -2,10 +2,11 @@
 
 import json
 
+import pytest
 import torch
 
 from builder import build as build_module
-from builder.quant import gptq, quantize
+from builder.quant import gptq, observe, quantize
 from builder.spec.recipe import Recipe
 
 SMALL = ("calibration.samples=4", "calibration.sequence_length=32", "quant.weights.group_size=32")
@@ -35,6 +36,23 @@ def test_gptq_has_lower_output_error_than_round_to_nearest_on_its_calibration_in
              (("gptq", values), ("rtn", rtn))}
     assert values.dtype == torch.int8 and int(values.min()) >= -8 and int(values.max()) <= 7
     assert error["gptq"] < 0.8 * error["rtn"], error
+
+
+@pytest.mark.parametrize("kind, strategy", [("float", "channel"), ("float", "tensor"), ("int", "channel")])
+def test_gptq_on_8_bit_weights_beats_round_to_nearest_with_the_observers_scales(kind, strategy):
+    x = correlated_inputs()
+    weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
+    weights = {"num_bits": 8, "type": kind, "strategy": strategy, "symmetric": True, "dynamic": False,
+               "group_size": None, "observer": "mse"}
+    recipe = Recipe.of({**RECIPE_DICT, "weights": weights})
+    values, scale = gptq.quantize(weight, x.T @ x, recipe)
+    searched = observe.weight_scale(weight, recipe.weights, torch.bfloat16)
+    assert torch.equal(scale, searched)  # the observer's scales; GPTQ only chooses the values
+    rtn = quantize.quantize_weight(weight, searched.float(), recipe.weights)
+    assert values.dtype == rtn.dtype == (torch.float8_e4m3fn if kind == "float" else torch.int8)
+    error = {name: ((x @ (q.float() * scale.float()).T) - x @ weight.T).norm() for name, q in
+             (("gptq", values), ("rtn", rtn))}
+    assert error["gptq"] < 0.95 * error["rtn"], error
 
 
 def test_gptq_artifact_is_bit_for_bit_repeatable_and_loads_in_transformers(calib_repo, tmp_path):
@@ -86,3 +104,22 @@ def test_a_gptq_build_leaves_no_scratch_behind(calib_repo, tmp_path):
     build_module.build(calib_repo.root, "tiny-llama-w4a16-gptq", SMALL, out=out, log=lambda message: None)
     left = [p.name for p in out.parent.iterdir() if p.name != "a"]
     assert left == [".a.lock"]  # the output's lock file stays beside it; no staging, no scratch
+
+
+def test_imatrix_mse_without_gptq_is_repeatable_records_its_observer_and_only_shrinks_scales(calib_repo, tmp_path):
+    from safetensors.torch import load_file
+
+    rtn = ("quant.algorithm=rtn", "quant.gptq=null", *SMALL)
+    searched = (*rtn, "+quant.weights.observer=imatrix_mse")
+    builds = {name: build_module.build(calib_repo.root, "tiny-llama-w4a16-gptq", overrides, out=tmp_path / name,
+                                       log=lambda message: None)
+              for name, overrides in (("one", searched), ("two", searched), ("minmax", rtn))}
+    assert builds["one"]["content_digest"] == builds["two"]["content_digest"]
+    weights = json.loads((tmp_path / "one" / "config.json").read_text())["quantization_config"]["config_groups"][
+        "group_0"]["weights"]
+    assert weights["observer"] == "imatrix_mse"
+    assert weights["observer_kwargs"] == {"grid": 20, "maxshrink": 0.95, "norm": 3.0, "patience": 5}
+    found, plain = (load_file(tmp_path / name / "model.safetensors") for name in ("one", "minmax"))
+    scales = [name for name in plain if name.endswith("weight_scale")]
+    assert scales and all(bool((found[name] <= plain[name]).all()) for name in scales)
+    assert any(not torch.equal(found[name], plain[name]) for name in scales)  # the search moved some scale

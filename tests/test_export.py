@@ -3,7 +3,7 @@
 import pytest
 
 from builder.artifact import export
-from builder.spec.recipe import Recipe
+from builder.spec.recipe import OBSERVERS, Recipe
 from builder.spec.resolve import resolve
 from conftest import PROJECT
 
@@ -16,7 +16,13 @@ def compressed_tensors_dump(quant: dict) -> dict:
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
     def args(values, **extra):
-        return None if values is None else QuantizationArgs(**values, **extra)
+        if values is None:
+            return None
+        values = dict(values)
+        observer, settings = values.pop("observer", "minmax"), values.pop("observer_kwargs", {})
+        if observer != "minmax":  # minmax is compressed-tensors' default for static weights (memoryless_minmax)
+            extra.update(observer=observer, observer_kwargs={**OBSERVERS[observer], **settings})
+        return QuantizationArgs(**values, **extra)
 
     order = {"actorder": quant["gptq"]["actorder"]} if quant["algorithm"] == "gptq" else {}
     scheme = QuantizationScheme(targets=list(quant["targets"]), weights=args(quant["weights"], **order),
@@ -40,7 +46,13 @@ def test_quantization_config_equals_what_compressed_tensors_writes_for_every_shi
     ("smollm2-135m-instruct-w8a8-int8", ("quant.weights.strategy=tensor",)),
     ("smollm2-135m-instruct-fp8-static", ("quant.kv_cache_scheme=null",)),
     ("smollm2-135m-instruct-w4a16", ("quant.weights.group_size=32",)),
-    ("smollm2-135m-instruct-fp8-dynamic", ("quant.ignore=[lm_head,re:.*down_proj]",))])
+    ("smollm2-135m-instruct-fp8-dynamic", ("quant.ignore=[lm_head,re:.*down_proj]",)),
+    ("smollm2-135m-instruct-fp8-dynamic", ("+quant.weights.observer=mse",)),
+    ("smollm2-135m-instruct-w4a16", ("+quant.weights.observer=minmax",)),
+    ("smollm2-135m-instruct-fp8-static", ("+quant.weights.observer=imatrix_mse",
+                                          "+quant.weights.observer_kwargs={norm:2.0,patience:0}")),
+    ("smollm2-135m-instruct-w4a16-gptq", ("+quant.weights.observer=imatrix_mse",
+                                          "+quant.weights.observer_kwargs={grid:40}"))])
 def test_quantization_config_equals_compressed_tensors_for_recipe_variations(release, overrides):
     quant = resolve(PROJECT, release, overrides)["quant"]
     assert export.quantization_config(Recipe.of(quant)) == compressed_tensors_dump(quant)

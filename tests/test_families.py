@@ -182,7 +182,8 @@ def test_calibration_maxima_equal_a_full_model_forward_for_every_family(family_r
 
     ids = torch.randint(1, 255, (6, 24), generator=torch.Generator().manual_seed(1))
     recipe = Recipe.of({"format": "compressed-tensors", "dtype": "bfloat16", "algorithm": "rtn", "gptq": None,
-                        "targets": ["Linear"], "ignore": [], "weights": ARGS, "input_activations": {
+                        "targets": ["Linear"], "ignore": [], "weights": {**ARGS, "observer": "imatrix_mse"},
+                        "input_activations": {
                             **ARGS, "strategy": "tensor"}, "kv_cache_scheme": ARGS})
     for kind in KINDS:
         path = family_repo.root / "weights" / kind
@@ -207,7 +208,7 @@ def test_calibration_maxima_equal_a_full_model_forward_for_every_family(family_r
                             down.weight.copy_(layer.mlp.experts.down_proj[index])
                         layer.mlp.experts = unfused
                 assert torch.equal(full(ids).logits, fused), kind  # the per-expert view computes the same
-        expected = {"input_amax": {}, "kv_amax": {}}
+        expected = {"input_amax": {}, "kv_amax": {}, "squares": {}}
         hooks = []
         for module_name, module in full.named_modules():
             disk = skeleton.checkpoint_name(module_name, family)
@@ -215,6 +216,9 @@ def test_calibration_maxima_equal_a_full_model_forward_for_every_family(family_r
                 hooks.append(module.register_forward_pre_hook(
                     lambda m, args, disk=disk: expected["input_amax"].__setitem__(disk, torch.maximum(
                         expected["input_amax"].get(disk, torch.zeros(1)), args[0].abs().amax().reshape(1)))))
+                hooks.append(module.register_forward_pre_hook(  # imatrix_mse's E[x²] per input column
+                    lambda m, args, disk=disk: expected["squares"].setdefault(disk, []).append(
+                        args[0].reshape(-1, args[0].shape[-1]).square())))
             if module_name.endswith("self_attn"):
                 def observe(key, value, stem=module_name):
                     for kind_, tensor in (("k_scale", key), ("v_scale", value)):
@@ -232,6 +236,10 @@ def test_calibration_maxima_equal_a_full_model_forward_for_every_family(family_r
             for name_, value in expected[statistic].items():
                 assert torch.equal(found[statistic][name_], value), (kind, name_, found[statistic][name_], value)
         assert set(found["kv_amax"]) == set(expected["kv_amax"])
+        assert set(found["imatrix"]) == seen
+        for name_ in seen:  # sums in another order (batches of 4 against one pass): equal to rounding
+            mean = torch.cat(expected["squares"][name_]).mean(dim=0)
+            assert torch.allclose(found["imatrix"][name_], mean, rtol=1e-5, atol=1e-7), (kind, name_)
 
 
 ARGS = {"num_bits": 8, "type": "float", "strategy": "tensor", "symmetric": True, "dynamic": False, "group_size": None}

@@ -35,6 +35,12 @@ RECIPES = {
     "w4a16": ("w4a16", "none", "none", {"quant": {"weights": {"group_size": 32}}}),
     "w4a16-gptq": ("w4a16-gptq", "licenses", "none",
                    {**SMALL_CALIBRATION, "quant": {"weights": {"group_size": 32}}}),
+    "w4a16-mse": ("w4a16", "none", "none", {"quant": {"weights": {"group_size": 32, "observer": "mse"}}}),
+    "fp8-dynamic-gptq-imatrix": ("fp8-dynamic-gptq-imatrix", "licenses", "none", SMALL_CALIBRATION),
+    "fp8-static-gptq-imatrix": ("fp8-static-gptq-imatrix", "licenses", "none", SMALL_CALIBRATION),
+    "w8a8-int8-gptq-imatrix": ("w8a8-int8-gptq-imatrix", "licenses", "none", SMALL_CALIBRATION),
+    "w4a16-gptq-imatrix": ("w4a16-gptq-imatrix", "licenses", "none",
+                           {**SMALL_CALIBRATION, "quant": {"weights": {"group_size": 32}}}),
     "fp8-dynamic-evaluated": ("fp8-dynamic", "none", "docstrings", {"eval": {
         "samples": 2, "sequence_length": 64,
         "gate": {"max_perplexity_increase_pct": None, "max_mean_kl": None}}}),
@@ -43,7 +49,7 @@ CASES = tuple(f"golden-{arch}-{recipe}" for arch in ARCHITECTURES for recipe in 
 # Which parts decide each kind of file (the diagnosis names those the failing case runs).
 FILE_PARTS = (
     (lambda path: path.endswith(".safetensors") or path.endswith(".index.json"),
-     ("layout", "format.", "quantize.", "gptq", "calibration", "data")),
+     ("layout", "format.", "quantize.", "gptq", "observer.", "calibration", "data")),
     (lambda path: path == "config.json", ("layout", "format.")),
     (lambda path: path in ("release.json", "serve.json", "README.md"), ("release-files",)),
     (lambda path: path == "eval.json", ("evaluation", "data", "quantize.", "format.")),

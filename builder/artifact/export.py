@@ -96,10 +96,13 @@ def quantization_config(recipe: Recipe, routers: list = ()) -> dict:
 
 
 def quantization_args(args: Args | None) -> dict | None:
-    """compressed-tensors' QuantizationArgs as it serialises them: defaults filled in, and no
-    observer for dynamic (run-time) scales."""
+    """compressed-tensors' QuantizationArgs as it serialises them: defaults filled in, no observer for
+    dynamic (run-time) scales, and a searched weight observer with the settings it ran with."""
     if args is None:
         return None
+    if args.observer != "minmax":
+        return {**QUANTIZATION_ARGS_DEFAULTS, **args.as_dict(), "observer": args.observer,
+                "observer_kwargs": args.search}
     return {**QUANTIZATION_ARGS_DEFAULTS, **args.as_dict(), "observer": None if args.dynamic else "memoryless_minmax"}
 
 

@@ -125,16 +125,17 @@ def calibrate(source: Path, tensors: dict, modules: dict, recipe: Recipe, ids: t
               device: str = "cpu", spill: Spill | None = None) -> dict:
     """Statistics and GPTQ weights for quantize.compute, from calibration token ids [samples, length].
 
-    Returns {"input_amax": {module: [1]}, "kv_amax": {kv scale name: [1]}, "gptq": {module: (ints, scale)}}
-    (a Spill when given one: GPTQ's results go to disk as each layer finishes), modules by their
-    checkpoint names, statistics on the CPU. Only one decoder layer's weights and one set of hidden states
+    Returns {"input_amax": {module: [1]}, "kv_amax": {kv scale name: [1]}, "gptq": {module: (values, scale)},
+    "imatrix": {module: E[x²] per input column}} (gptq a Spill when given one: GPTQ's results go to disk
+    as each layer finishes; imatrix filled only for imatrix_mse), modules by their checkpoint names,
+    statistics on the CPU. Only one decoder layer's weights and one set of hidden states
     (FP32, [samples, length, hidden]) are in memory at a time: each batch's outputs replace its inputs.
     device: where the layers run (cpu, cuda): one layer's weights on it at a time; the hidden states
     too when they fit in half its free memory, else on the CPU, a batch at a time on the device.
     """
     config, family, model = skeleton.build(source, attention=lambda family: register(family.calibrate_with))
     device = torch.device(device)
-    found = {"input_amax": {}, "kv_amax": {}, "gptq": spill if spill is not None else {}}
+    found = {"input_amax": {}, "kv_amax": {}, "gptq": spill if spill is not None else {}, "imatrix": {}}
     with reader(tensors) as read:
         rows, indices = torch.unique(ids, sorted=True, return_inverse=True)
         prepare_model_inputs(model, config, read, rows)
@@ -162,12 +163,15 @@ def calibrate(source: Path, tensors: dict, modules: dict, recipe: Recipe, ids: t
             fill_unseen(linears, stats, prefix, recipe, log)
             found["input_amax"].update({name: amax.cpu() for name, amax in stats["input_amax"].items()})
             found["kv_amax"].update({name: amax.cpu() for name, amax in stats["kv_amax"].items()})
+            importance = {name: total / count for name, (total, count) in stats["imatrix"].items()}  # E[x²]
+            found["imatrix"].update({name: mean.cpu() for name, mean in importance.items()})
             if gptq_layer:
                 results = {}
                 for name, module in linears.items():
                     if name not in stats["hessian"]:
                         continue  # an expert no token reached: round to nearest (fill_unseen said so)
-                    values, scale = gptq.quantize(module.weight.data, stats["hessian"][name], recipe, name)
+                    values, scale = gptq.quantize(module.weight.data, stats["hessian"][name], recipe, name,
+                                                  importance.get(name))
                     results[name] = (values, scale)
                     module.weight.data = dequantize(values, scale, recipe.weights)
                 del stats
@@ -197,13 +201,15 @@ def fill_unseen(linears: dict, stats: dict, prefix: str, recipe: Recipe, log) ->
 
 
 def observe(layer: torch.nn.Module, prefix: str, linears: dict, recipe: Recipe) -> dict:
-    """Hooks that keep running maxima (and GPTQ's x xᵀ sums) while the layer runs.
+    """Hooks that keep running maxima (and GPTQ's x xᵀ sums, imatrix_mse's x² sums per column) while
+    the layer runs.
 
-    Linears that read the same input tensor (q/k/v, gate/up, an expert's gate/up) share one x xᵀ sum:
-    it is computed once.
+    Linears that read the same input tensor (q/k/v, gate/up, an expert's gate/up) share one x xᵀ sum
+    and one x² sum: each is computed once.
     """
-    stats = {"input_amax": {}, "kv_amax": {}, "hessian": {}, "undo": []}
+    stats = {"input_amax": {}, "kv_amax": {}, "hessian": {}, "imatrix": {}, "undo": []}
     keep_hessian = recipe.algorithm == "gptq"
+    keep_imatrix = recipe.weights is not None and recipe.weights.observer == "imatrix_mse"
     last = {"input": None, "owner": None}  # the input tensor seen last, and the Linear that summed it
 
     def on_input(name):
@@ -212,12 +218,20 @@ def observe(layer: torch.nn.Module, prefix: str, linears: dict, recipe: Recipe) 
             amax = x.abs().amax().reshape(1)
             previous = stats["input_amax"].get(name)
             stats["input_amax"][name] = amax if previous is None else torch.maximum(previous, amax)
-            if not keep_hessian:
+            if not (keep_hessian or keep_imatrix):
                 return
             if args[0] is last["input"]:
-                stats["hessian"][name] = stats["hessian"][last["owner"]]
+                for kind in ("hessian", "imatrix"):
+                    if last["owner"] in stats[kind]:
+                        stats[kind][name] = stats[kind][last["owner"]]
                 return
             last.update(input=args[0], owner=name)
+            if keep_imatrix:  # [sum of x² per column (FP32, batches in order), tokens]: E[x²] = diag(H) / tokens
+                total = stats["imatrix"].setdefault(name, [torch.zeros(x.shape[1], device=x.device), 0])
+                total[0] += x.square().sum(dim=0)
+                total[1] += x.shape[0]
+            if not keep_hessian:
+                return
             if name in stats["hessian"]:
                 stats["hessian"][name].addmm_(x.T, x)
             else:

@@ -39,30 +39,42 @@ def measure(source: Path, artifact: Path, ids, device: str = "cpu") -> dict:
         ids: LongTensor [windows, length] of evaluation tokens.
         device: where both models run (cpu, cuda); each window's sums are taken in float64.
     """
+    return measure_all(source, [artifact], ids, device)[0]
+
+
+def measure_all(source: Path, artifacts: list, ids, device: str = "cpu") -> list:
+    """measure() for several artifacts of one source, running the source once per window (benchmarks
+    compare many artifacts on the same text); each artifact's figures are computed exactly as alone."""
     import torch
     from torch.nn.functional import log_softmax
     from builder.console import progress
 
-    reference, candidate = load_model(source).to(device), load_model(artifact).to(device)
-    nll = {"source": 0.0, "artifact": 0.0}
-    kl, tokens = 0.0, 0
+    reference = load_model(source).to(device)
+    candidates = [load_model(artifact).to(device) for artifact in artifacts]
+    nll_source, tokens = 0.0, 0
+    nll, kl = [0.0] * len(candidates), [0.0] * len(candidates)
     with torch.no_grad():
         for window in progress(ids.split(1), desc="eval", unit="window"):
             window = window.to(device)
             targets = window[0, 1:]
             expected = log_softmax(reference(window).logits[0, :-1].to(torch.float32), dim=-1)
-            actual = log_softmax(candidate(window).logits[0, :-1].to(torch.float32), dim=-1)
-            nll["source"] -= float(expected.gather(1, targets[:, None]).sum(dtype=torch.float64))
-            nll["artifact"] -= float(actual.gather(1, targets[:, None]).sum(dtype=torch.float64))
-            kl += float((expected.exp() * (expected - actual)).sum(dtype=torch.float64))
+            nll_source -= float(expected.gather(1, targets[:, None]).sum(dtype=torch.float64))
+            for index, candidate in enumerate(candidates):
+                actual = log_softmax(candidate(window).logits[0, :-1].to(torch.float32), dim=-1)
+                nll[index] -= float(actual.gather(1, targets[:, None]).sum(dtype=torch.float64))
+                kl[index] += float((expected.exp() * (expected - actual)).sum(dtype=torch.float64))
             tokens += targets.numel()
-    perplexity = {name: math.exp(total / tokens) for name, total in nll.items()}
-    return {
-        "windows": int(ids.shape[0]), "sequence_length": int(ids.shape[1]), "tokens": tokens,
-        "perplexity": {name: round(value, DIGITS) for name, value in perplexity.items()},
-        "perplexity_increase_pct": round(100 * (perplexity["artifact"] / perplexity["source"] - 1), DIGITS),
-        "mean_kl": round(kl / tokens, DIGITS),
-    }
+    source_perplexity = math.exp(nll_source / tokens)
+    found = []
+    for total, divergence in zip(nll, kl):
+        perplexity = {"source": source_perplexity, "artifact": math.exp(total / tokens)}
+        found.append({
+            "windows": int(ids.shape[0]), "sequence_length": int(ids.shape[1]), "tokens": tokens,
+            "perplexity": {name: round(value, DIGITS) for name, value in perplexity.items()},
+            "perplexity_increase_pct": round(100 * (perplexity["artifact"] / perplexity["source"] - 1), DIGITS),
+            "mean_kl": round(divergence / tokens, DIGITS),
+        })
+    return found
 
 
 def gate_problems(result: dict, gate: dict, spec_file: str) -> list:

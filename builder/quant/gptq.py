@@ -6,22 +6,25 @@
 import torch
 
 from builder.errors import BuilderError, Problem
-from builder.quant.quantize import quantize_weight, scale_format, weight_scale
+from builder.quant import observe
+from builder.quant.quantize import FP8, quantize_weight, scale_format
 from builder.spec.recipe import Args, Recipe
 
 
-def quantize(weight: torch.Tensor, hessian: torch.Tensor, recipe: Recipe, module: str = "") -> tuple:
-    """Integer weights (int8 tensor) and their scales (output scale dtype) for one Linear.
+def quantize(weight: torch.Tensor, hessian: torch.Tensor, recipe: Recipe, module: str = "",
+             importance: torch.Tensor | None = None) -> tuple:
+    """Quantized weights (int8 or FP8 tensor) and their scales (output scale dtype) for one Linear.
 
-    Scales come from the original weights (as round-to-nearest would choose them, cast to the
-    stored dtype); GPTQ then picks each column's integers so that the error on the calibration
-    inputs' second moments (hessian = sum of x xᵀ) is compensated on the columns not yet rounded.
+    Scales come from the original weights (as round-to-nearest would choose them with the recipe's
+    observer, cast to the stored dtype; importance: the inputs' E[x^2] per column, for imatrix_mse);
+    GPTQ then picks each column's values so that the error on the calibration inputs' second moments
+    (hessian = sum of x xᵀ) is compensated on the columns not yet rounded.
     """
     args, settings = recipe.weights, recipe.gptq
     weight = weight.to(torch.float32).clone()
     hessian = hessian.to(torch.float32).clone()
     scale_dtype, _ = scale_format(recipe)
-    scale = weight_scale(weight, args, scale_dtype)
+    scale = observe.weight_scale(weight, args, scale_dtype, importance)
     column_scale = expand(scale.to(torch.float32), args, weight.shape[1]).expand(weight.shape[0], -1)
     order = column_order(hessian, settings.actorder)
     weight, hessian, column_scale = weight[:, order], hessian[order][:, order], column_scale[:, order]
@@ -36,7 +39,7 @@ def quantize(weight: torch.Tensor, hessian: torch.Tensor, recipe: Recipe, module
         errors, local = torch.zeros_like(chunk), inverse[start:end, start:end]
         for i in range(end - start):
             column, step = chunk[i], steps[i]
-            rounded = torch.round(column / step).clamp(q_min, q_max) * step
+            rounded = round_column(column, step, args, q_min, q_max)
             error = (column - rounded) / local[i, i]
             chunk[i:] -= local[i, i:].unsqueeze(1) * error.unsqueeze(0)
             chunk[i] = rounded
@@ -45,6 +48,14 @@ def quantize(weight: torch.Tensor, hessian: torch.Tensor, recipe: Recipe, module
         weight[:, end:] -= errors.T.contiguous() @ inverse[start:end, end:]
     weight = weight[:, torch.argsort(order)]  # back to storage order: scales and layout are unchanged
     return quantize_weight(weight, scale.to(torch.float32), args), scale
+
+
+def round_column(column: torch.Tensor, step: torch.Tensor, args: Args, q_min: float, q_max: float) -> torch.Tensor:
+    """One column rounded to the grid and scaled back (FP32): integers round half to even; FP8
+    clamps to ±448 and casts to E4M3 (round to nearest even), as the artifact's values are made."""
+    if args.type == "float":
+        return (column / step).clamp(q_min, q_max).to(FP8).to(torch.float32) * step
+    return torch.round(column / step).clamp(q_min, q_max) * step
 
 
 def column_order(hessian: torch.Tensor, actorder: str | None) -> torch.Tensor:

@@ -97,8 +97,9 @@ def compute(name: str, tensor: torch.Tensor, is_targeted: bool, recipe: Recipe,
             calibration: dict | None = None) -> dict:
     """The other tensors of layout() (not known()), computed from the source tensor: name -> tensor.
 
-    calibration (builder.quant.calibrate's result) supplies GPTQ's integer weights; recipes without
-    calibration pass None. Raises BuilderError when the source tensor holds NaN or infinity.
+    calibration (builder.quant.calibrate's result) supplies GPTQ's integer weights and searched weight
+    scales (observe.searched_scales); recipes without either pass None. Raises BuilderError when the
+    source tensor holds NaN or infinity.
     """
     if not is_targeted:
         if tensor.is_floating_point():
@@ -114,7 +115,8 @@ def compute(name: str, tensor: torch.Tensor, is_targeted: bool, recipe: Recipe,
     else:
         amax = grouped_amax(tensor, args)
         require_finite(name, amax)  # a NaN or infinity anywhere in the weight reaches its maximum
-        scale = scale_from_amax(amax, args, scale_dtype)
+        searched = (calibration or {}).get("weight_scale", {}).get(module)
+        scale = scale_from_amax(amax, args, scale_dtype) if searched is None else searched
         values = quantize_weight(tensor, scale.to(torch.float32), args)
     found = {f"{module}.weight_packed": pack(values, args.num_bits)} if recipe.packed else {name: values}
     found[f"{module}.weight_scale"] = scale.reshape(scalar) if args.strategy == "tensor" else scale

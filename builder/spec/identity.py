@@ -28,7 +28,9 @@ OUTPUT_VERSIONS = {
     "format.fp8": 1,                 # the AutoFP8 / vLLM legacy layout
     "quantize.float": 1,             # FP8 scales and rounding (weights, activation and KV-cache scales)
     "quantize.int": 1,               # INT8 / INT4 scales and rounding
-    "gptq": 1,                       # GPTQ's column loop
+    "gptq": 1,                       # GPTQ's column loop (integer and FP8 weights)
+    "observer.mse": 1,               # weight scales searched for the least rounding error
+    "observer.imatrix_mse": 1,       # the same, errors weighted by the inputs' E[x²] per column
     "calibration": 1,                # layer-by-layer activation and KV maxima, GPTQ's input statistics
     "data": 1,                       # token windows drawn from calibration and evaluation text
     "evaluation": 1,                 # eval.json: perplexity and KL against the source
@@ -44,6 +46,8 @@ PART_PACKAGES = {
     "quantize.float": ("torch",),
     "quantize.int": ("torch",),
     "gptq": ("torch",),
+    "observer.mse": ("torch",),
+    "observer.imatrix_mse": ("torch",),
     "calibration": ("torch", "transformers"),  # the model's own decoder layers run
     "data": ("tokenizers", "transformers"),    # text -> token ids
     "evaluation": ("compressed-tensors", "safetensors", "torch", "transformers"),  # loads and runs both models

@@ -8,6 +8,13 @@ import re
 from dataclasses import asdict, dataclass
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn value
+# Weight scale search (builder/quant/observe.py), compressed-tensors' `observer` names, with the
+# observer_kwargs each takes and their defaults. minmax is the plain max |w| (no search).
+OBSERVERS = {
+    "minmax": {},
+    "mse": {"grid": 100, "maxshrink": 0.2, "patience": 5, "norm": 2.4},
+    "imatrix_mse": {"grid": 20, "maxshrink": 0.95, "patience": 5, "norm": 3.0},
+}
 
 
 def matches(module: str, cls: str, patterns) -> bool:
@@ -31,13 +38,23 @@ class Args:
     symmetric: bool
     dynamic: bool
     group_size: int | None
+    observer: str = "minmax"      # how weight scales are chosen; optional in specs (absent: minmax)
+    observer_kwargs: tuple = ()   # (key, value) pairs as the spec gives them (a tuple: Args is frozen)
 
     @classmethod
     def of(cls, data: dict | None) -> "Args | None":
-        return None if data is None else cls(**data)
+        if data is None:
+            return None
+        return cls(**{**data, "observer_kwargs": tuple(sorted((data.get("observer_kwargs") or {}).items()))})
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """The fields compressed-tensors and the spec share, without the observer (see `search`)."""
+        return {key: value for key, value in asdict(self).items() if key not in ("observer", "observer_kwargs")}
+
+    @property
+    def search(self) -> dict:
+        """The observer's settings: its defaults (OBSERVERS) updated with the spec's observer_kwargs."""
+        return {**OBSERVERS[self.observer], **dict(self.observer_kwargs)}
 
     @property
     def value_range(self) -> tuple:
@@ -104,8 +121,10 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
-        """Whether the recipe reads calibration data: static activation or KV-cache scales, or GPTQ."""
-        return self.static_inputs or self.kv_cache_scheme is not None or self.algorithm == "gptq"
+        """Whether the recipe reads calibration data: static activation or KV-cache scales, GPTQ, or
+        weight scales searched with the inputs' second moments (imatrix_mse)."""
+        return self.static_inputs or self.kv_cache_scheme is not None or self.algorithm == "gptq" \
+            or (self.weights is not None and self.weights.observer == "imatrix_mse")
 
     @property
     def packed(self) -> bool:
@@ -153,6 +172,8 @@ class Recipe:
                 found.append(f"quantize.{args.type}")
         if self.algorithm == "gptq":
             found.append("gptq")
+        if self.weights is not None and self.weights.observer != "minmax":
+            found.append(f"observer.{self.weights.observer}")
         if self.needs_calibration:
             found.append("calibration")
         return tuple(sorted(set(found)))
@@ -199,8 +220,15 @@ def problems(recipe: Recipe) -> list:
         found.append((("quant", "algorithm"), "null: a quantized recipe needs rtn or gptq"))
     if (recipe.algorithm == "gptq") != (recipe.gptq is not None):
         found.append((("quant", "gptq"), "GPTQ settings are required with algorithm gptq and not allowed otherwise"))
-    if recipe.algorithm == "gptq" and weights.type != "int":
-        found.append((("quant", "algorithm"), "gptq: GPTQ rounds integer weights; use type int or algorithm rtn"))
+    for key, args in (("input_activations", acts), ("kv_cache_scheme", kv)):
+        if args is not None and (args.observer != "minmax" or args.observer_kwargs):
+            found.append((("quant", key, "observer"), f"{args.observer}: scale search is for weights; "
+                          "activation and KV-cache scales are max |x| (minmax, no observer_kwargs)"))
+    unknown = sorted(set(dict(weights.observer_kwargs)) - set(OBSERVERS[weights.observer]))
+    if unknown:
+        allowed = ", ".join(sorted(OBSERVERS[weights.observer])) or "none"
+        found.append((("quant", "weights", "observer_kwargs"), f"{', '.join(unknown)}: not a setting of "
+                      f"observer {weights.observer} (allowed: {allowed})"))
     if recipe.format == "fp8":
         legacy = (weights.type, weights.strategy) == ("float", "tensor") and acts is not None and \
             acts.type == "float" and acts.strategy == "tensor"

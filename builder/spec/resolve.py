@@ -150,7 +150,7 @@ def semantic_problems(spec: dict) -> list:
     found.extend(inconsistent)
     if recipe.needs_calibration and spec["calibration"]["dataset"] is None:
         found.append((("calibration", "dataset"), "null, but the recipe calibrates (static scales, KV-cache "
-                      "scales or GPTQ); choose a calibration group, e.g. calibration=licenses"))
+                      "scales, GPTQ or imatrix_mse); choose a calibration group, e.g. calibration=licenses"))
     found.extend(fit.context_problems(spec))
     found.extend(fit.parallelism_problems(spec, recipe))
     if not inconsistent:  # the recipe's kernel family and size are only meaningful for a consistent recipe
