@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from builder import atomic, failpoints
-from builder.artifact import export, manifest, provenance, record
+from builder.artifact import export, gguf, manifest, mlx, provenance, record
 from builder.artifact.release_files import write_release_files
 from builder.canonical import file_entries, pretty_json, tree_digest
 from builder.errors import BuilderError, CheckFailed, Problem
@@ -17,6 +17,11 @@ from builder.paths import EVAL_FILE, MANIFEST_FILE, RECORD_FILES, artifact_name
 from builder.source import load
 from builder.spec import families, lock
 from builder.spec.recipe import Recipe
+
+# Output formats with a layout of their own (not Hugging Face safetensors + config.json), one module
+# each: prepare(path, config, spec) reads what it needs before anything is written (bad input writes
+# nothing), write(staging, spec, source, calibration) writes every file but the release files.
+LAYOUTS = {"gguf": gguf, "mlx": mlx}
 
 
 def build(root: Path, release: str, overrides: tuple = (), out: Path | None = None,
@@ -63,10 +68,11 @@ def prepare(root: Path, entry: dict) -> dict:
     calibration_ids = data_samples(root, spec, path, "calibration") if recipe.needs_calibration else None
     # eval windows are drawn now too: empty or too-short text is refused before anything is quantized
     eval_ids = data_samples(root, spec, path, "eval") if spec["eval"]["dataset"] is not None else None
+    layout = LAYOUTS[recipe.format].prepare(path, config, spec) if recipe.format in LAYOUTS else None
     failpoints.reached("read")
     return {"path": path, "config": config, "tensors": tensors, "modules": architecture["modules"],
             "family": family, "facts": architecture["facts"], "recipe": recipe,
-            "calibration_ids": calibration_ids, "eval_ids": eval_ids}
+            "calibration_ids": calibration_ids, "eval_ids": eval_ids, "layout": layout}
 
 
 def data_samples(root: Path, spec: dict, tokenizer_dir: Path, group: str):
@@ -90,10 +96,13 @@ def build_into(entry: dict, source: dict, staging: Path, root: Path | None = Non
     allocator.return_freed_memory()
     spec, recipe = entry["spec"], source["recipe"]
     calibration = calibrate.for_build(recipe, source, log, calibration_dump)
-    export.write_weights(staging, source["tensors"], source["modules"], source["family"], recipe,
-                         spec["target"]["max_shard_bytes"], calibration)
-    export.write_config(source["config"], staging, recipe, export.routers(source["facts"], source["family"]))
-    export.copy_side_files(source["path"], staging)
+    if recipe.format in LAYOUTS:
+        LAYOUTS[recipe.format].write(staging, spec, source, calibration)
+    else:
+        export.write_weights(staging, source["tensors"], source["modules"], source["family"], recipe,
+                             spec["target"]["max_shard_bytes"], calibration)
+        export.write_config(source["config"], staging, recipe, export.routers(source["facts"], source["family"]))
+        export.copy_side_files(source["path"], staging)
     evaluate_staged(root, spec, source, staging, log)  # before the card, which shows eval.json
     write_release_files(staging, entry)
     content = file_entries(staging, exclude=RECORD_FILES)  # each file hashed once, for both records

@@ -1,7 +1,7 @@
 """Calibrate layer by layer: the source model runs one decoder layer at a time (FP32, CPU) over the
 calibration tokens, recording max |input| of every targeted Linear (every expert of a MoE layer
 included), max |key| and |value| entering the KV cache, and (for GPTQ) each Linear's input second
-moments. Deterministic: fixed batches, max-abs statistics.
+moments, (for imatrix) their diagonal. Deterministic: fixed batches, max-abs statistics.
 
     builder build smollm2-135m-instruct-fp8-static   (calibrates when the recipe needs it)
 
@@ -119,12 +119,13 @@ def materialize(module: torch.nn.Module, prefix: str, family, read) -> None:
 def calibrate(source: Path, tensors: dict, modules: dict, recipe: Recipe, ids: torch.Tensor, log=print) -> dict:
     """Statistics and GPTQ weights for quantize.compute, from calibration token ids [samples, length].
 
-    Returns {"input_amax": {module: [1]}, "kv_amax": {kv scale name: [1]}, "gptq": {module: (ints, scale)}},
+    Returns {"input_amax": {module: [1]}, "kv_amax": {kv scale name: [1]}, "gptq": {module: (ints, scale)},
+    "importance": {module: E[x^2] per input feature, FP32 [in]} (imatrix recipes)},
     modules by their checkpoint names. Only one decoder layer's weights and one set of hidden states
     (FP32, [samples, length, hidden]) are in memory at a time: each batch's outputs replace its inputs.
     """
     config, family, model = skeleton.build(source, attention=lambda family: register(family.calibrate_with))
-    found = {"input_amax": {}, "kv_amax": {}, "gptq": {}}
+    found = {"input_amax": {}, "kv_amax": {}, "gptq": {}, "importance": {}}
     with reader(tensors) as read:
         prepare_model_inputs(model, config, read)
         batches = list(ids.split(BATCH))
@@ -150,6 +151,8 @@ def calibrate(source: Path, tensors: dict, modules: dict, recipe: Recipe, ids: t
             fill_unseen(linears, stats, prefix, recipe, log)
             found["input_amax"].update(stats["input_amax"])
             found["kv_amax"].update(stats["kv_amax"])
+            found["importance"].update({name: (total / stats["rows"][name]).to(torch.float32)
+                                        for name, total in stats["squares"].items()})
             if gptq_layer:
                 for name, module in linears.items():
                     if name not in stats["hessian"]:
@@ -188,8 +191,9 @@ def observe(layer: torch.nn.Module, prefix: str, linears: dict, recipe: Recipe) 
     Linears that read the same input tensor (q/k/v, gate/up, an expert's gate/up) share one x xᵀ sum:
     it is computed once.
     """
-    stats = {"input_amax": {}, "kv_amax": {}, "hessian": {}, "undo": []}
+    stats = {"input_amax": {}, "kv_amax": {}, "hessian": {}, "squares": {}, "rows": {}, "undo": []}
     keep_hessian = recipe.algorithm == "gptq"
+    keep_squares = recipe.algorithm == "imatrix"  # llama.cpp's imatrix: E[x_j^2] per input feature
     last = {"input": None, "owner": None}  # the input tensor seen last, and the Linear that summed it
 
     def on_input(name):
@@ -198,6 +202,10 @@ def observe(layer: torch.nn.Module, prefix: str, linears: dict, recipe: Recipe) 
             amax = x.abs().amax().reshape(1)
             previous = stats["input_amax"].get(name)
             stats["input_amax"][name] = amax if previous is None else torch.maximum(previous, amax)
+            if keep_squares:  # FP64 sums in fixed batch order: the same importance on every run
+                squares = x.to(torch.float64).square().sum(dim=0)
+                stats["squares"][name] = squares + stats["squares"].get(name, 0)
+                stats["rows"][name] = stats["rows"].get(name, 0) + x.shape[0]
             if not keep_hessian:
                 return
             if args[0] is last["input"]:
