@@ -8,7 +8,7 @@ quantize and write, evaluate, describe, record. Also rebuild an artifact from wh
 import tempfile
 from pathlib import Path
 
-from builder import atomic, failpoints
+from builder import atomic, determinism, failpoints
 from builder.artifact import export, gguf, manifest, mlx, provenance, record
 from builder.artifact.release_files import write_release_files
 from builder.canonical import file_entries, pretty_json, tree_digest
@@ -65,13 +65,14 @@ def prepare(root: Path, entry: dict) -> dict:
     load.check_tensors(spec["model"]["path"], tensors, architecture["shapes"], architecture["tied"])
     family = families.of_class(architecture["facts"]["class"])
     recipe = Recipe.of(spec["quant"])
+    devices = determinism.devices(spec, recipe)  # a CUDA device asked for where there is none: refused now
     calibration_ids = data_samples(root, spec, path, "calibration") if recipe.needs_calibration else None
     # eval windows are drawn now too: empty or too-short text is refused before anything is quantized
     eval_ids = data_samples(root, spec, path, "eval") if spec["eval"]["dataset"] is not None else None
     layout = LAYOUTS[recipe.format].prepare(path, config, spec) if recipe.format in LAYOUTS else None
     failpoints.reached("read")
     return {"path": path, "config": config, "tensors": tensors, "modules": architecture["modules"],
-            "family": family, "facts": architecture["facts"], "recipe": recipe,
+            "family": family, "facts": architecture["facts"], "recipe": recipe, "devices": devices,
             "calibration_ids": calibration_ids, "eval_ids": eval_ids, "layout": layout}
 
 
@@ -89,27 +90,36 @@ def build_into(entry: dict, source: dict, staging: Path, root: Path | None = Non
 
     root (the repository) is needed by releases that calibrate or evaluate (their data lives there).
     """
-    from builder import determinism
     from builder.quant import allocator, calibrate
 
-    determinism.apply_torch()
+    determinism.apply_torch(source["devices"])
     allocator.return_freed_memory()
     spec, recipe = entry["spec"], source["recipe"]
-    calibration = calibrate.for_build(recipe, source, log, calibration_dump)
-    if recipe.format in LAYOUTS:
-        LAYOUTS[recipe.format].write(staging, spec, source, calibration)
-    else:
-        export.write_weights(staging, source["tensors"], source["modules"], source["family"], recipe,
-                             spec["target"]["max_shard_bytes"], calibration)
-        export.write_config(source["config"], staging, recipe, export.routers(source["facts"], source["family"]))
-        export.copy_side_files(source["path"], staging)
+    # GPTQ's per-layer results, beside staging and named after it, so a killed build's are cleaned up with it
+    with tempfile.TemporaryDirectory(prefix=f"{staging.name}-scratch-", dir=staging.parent) as scratch:
+        calibration = calibrate.for_build(recipe, source, log, calibration_dump,
+                                          spec["calibration"].get("device", "cpu"), Path(scratch))
+        write_model(staging, spec, source, calibration)
     evaluate_staged(root, spec, source, staging, log)  # before the card, which shows eval.json
     write_release_files(staging, entry)
     content = file_entries(staging, exclude=RECORD_FILES)  # each file hashed once, for both records
-    provenance.write(entry, source["path"], staging, content)
+    provenance.write(entry, source["path"], staging, content, determinism.device_facts(source["devices"]))
     result = manifest.create(staging, entry, content)
     failpoints.reached("manifest")
     return result
+
+
+def write_model(staging: Path, spec: dict, source: dict, calibration: dict | None) -> None:
+    """Weights, config and tokenizer files in the recipe's format: Hugging Face safetensors, or a
+    layout of its own (LAYOUTS)."""
+    recipe = source["recipe"]
+    if recipe.format in LAYOUTS:
+        LAYOUTS[recipe.format].write(staging, spec, source, calibration)
+        return
+    export.write_weights(staging, source["tensors"], source["modules"], source["family"], recipe,
+                         spec["target"]["max_shard_bytes"], calibration)
+    export.write_config(source["config"], staging, recipe, export.routers(source["facts"], source["family"]))
+    export.copy_side_files(source["path"], staging)
 
 
 def evaluate_staged(root: Path, spec: dict, source: dict, staging: Path, log) -> None:

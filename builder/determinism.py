@@ -12,6 +12,7 @@ ENVIRONMENT = {
 }
 TORCH_THREADS = 2
 SEED = 0
+CUBLAS_WORKSPACE = ":4096:8"  # what torch.use_deterministic_algorithms asks of cuBLAS
 
 
 def settings() -> dict:
@@ -24,9 +25,55 @@ def apply_environment() -> None:
     os.environ.update(ENVIRONMENT)
 
 
-def apply_torch() -> None:
-    """Pin torch's threads and seeds for this process."""
+def apply_torch(devices: tuple = ()) -> None:
+    """Pin torch's threads and seeds for this process; on a CUDA device also deterministic kernels
+    (cuBLAS needs its workspace fixed before CUDA starts). CPU builds are left exactly as they were."""
     import torch
 
     torch.set_num_threads(TORCH_THREADS)
     torch.manual_seed(SEED)
+    if "cuda" in devices:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.cuda.manual_seed_all(SEED)
+
+
+def devices(spec: dict, recipe) -> tuple:
+    """The devices a build runs the model on (calibration, evaluation), sorted; BuilderError when
+    cuda is asked for and torch sees no CUDA device, before anything is written."""
+    from builder.errors import BuilderError, Problem
+
+    used = {spec["calibration"].get("device", "cpu")} if recipe.needs_calibration else set()
+    if spec["eval"]["dataset"] is not None:
+        used.add(spec["eval"].get("device", "cpu"))  # specs recorded before devices existed ran on the CPU
+    if "cuda" in used:
+        import torch
+
+        if not torch.cuda.is_available():
+            group = "calibration" if spec["calibration"].get("device") == "cuda" and recipe.needs_calibration else "eval"
+            raise BuilderError(Problem(f"specs/{group}/{spec['choices'][group]}.yaml", f"{group}.device",
+                                       "cuda: torch sees no CUDA device here (torch.cuda.is_available() is False); "
+                                       f"build on a machine with one, or set {group}.device=cpu"))
+    return tuple(sorted(used))
+
+
+def device_facts(devices: tuple) -> dict:
+    """What provenance records of the GPU a build ran on (model, driver, CUDA): who built it, not
+    what it is (the device kind is in the spec, hence in the artifact_id)."""
+    if "cuda" not in devices:
+        return {}
+    import subprocess
+
+    import torch
+
+    facts = {"gpu": torch.cuda.get_device_name(0), "cuda": torch.version.cuda,
+             "capability": ".".join(map(str, torch.cuda.get_device_capability(0)))}
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+        facts["driver"] = smi.stdout.strip().splitlines()[0] if smi.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError, IndexError):
+        facts["driver"] = None
+    return facts

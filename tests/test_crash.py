@@ -42,6 +42,23 @@ def test_a_killed_build_leaves_the_previous_artifact_intact_and_the_next_build_s
     assert [p.name for p in (built.root / ".builder").iterdir()] == [f"artifacts--{RELEASE}.lock"]
 
 
+def test_a_gptq_build_killed_while_writing_leaves_no_scratch_after_the_next_build(calib_repo, tmp_path):
+    """GPTQ's per-layer results sit in a scratch folder while the weights are written: a kill there
+    leaves it, and the next build of the output removes it with the staging folder."""
+    import shutil
+
+    from conftest import Repo
+
+    repo = Repo(tmp_path / "repo")
+    shutil.copytree(calib_repo.root, repo.root, ignore=shutil.ignore_patterns("artifacts", ".builder"))
+    small = ("calibration.samples=4", "calibration.sequence_length=32", "quant.weights.group_size=32")
+    killed = repo.run("build", "tiny-llama-w4a16-gptq", *small, env={"BUILDER_FAILPOINT": "quantize"})
+    assert killed.returncode == -signal.SIGKILL
+    assert any("scratch" in p.name for p in (repo.root / ".builder").iterdir())
+    repo.run("build", "tiny-llama-w4a16-gptq", *small, check=0)
+    assert [p.suffix for p in (repo.root / ".builder").iterdir()] == [".lock"]
+
+
 @pytest.mark.parametrize("point", ["quantize", "manifest"])
 def test_a_build_killed_before_any_artifact_existed_leaves_nothing(repo, point):
     repo.add_model("tiny-llama")

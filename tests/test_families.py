@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from builder import build
+from builder.artifact import record
 from builder.spec import families, memory
 from builder.spec.recipe import Recipe
 from builder.tensorfile import read_header
@@ -43,6 +44,45 @@ def family_repo(tmp_path_factory) -> Repo:
     return repo
 
 
+@pytest.fixture(scope="session")
+def built(family_repo, tmp_path_factory):
+    """built(kind, recipe) -> the artifact folder of that release, built once per session."""
+    out, done = tmp_path_factory.mktemp("family-builds"), {}
+
+    def get(kind: str, recipe: str):
+        if (kind, recipe) not in done:
+            name = release_name(family_repo, kind, recipe)
+            build.build(family_repo.root, name, out=out / name, log=lambda m: None)
+            done[kind, recipe] = out / name
+        return done[kind, recipe]
+    return get
+
+
+def release_name(repo: Repo, kind: str, recipe: str) -> str:
+    """The release of kind x recipe (written for the tiny models only the memory test uses)."""
+    name = f"{kind}-all-{recipe}"
+    if not (repo.root / "specs" / "release" / f"{name}.yaml").is_file():
+        repo.add_model(kind, tokenizer=True)
+        text = release_text(name, kind, recipe, "vllm-h100")
+        (repo.root / "specs" / "release" / f"{name}.yaml").write_text(text + RECIPES[recipe])
+    return name
+
+
+@pytest.fixture(scope="session")
+def source_logits():
+    """kind -> the source model's logits on IDS (computed once per kind)."""
+    found = {}
+
+    def get(repo: Repo, kind: str):
+        if kind not in found:
+            found[kind] = logits(repo.root / "weights" / kind, IDS, quantized=False)[0]
+        return found[kind]
+    return get
+
+
+IDS = torch.randint(1, 255, (2, 48), generator=torch.Generator().manual_seed(0))
+
+
 def header_of(artifact) -> dict:
     return read_header(artifact / "model.safetensors")
 
@@ -59,16 +99,16 @@ def logits(path, ids, quantized: bool):
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 @pytest.mark.parametrize("kind", KINDS)
-def test_every_family_builds_every_recipe_twice_alike_quantizes_every_target_and_loads(family_repo, kind, recipe,
+def test_every_family_builds_every_recipe_twice_alike_quantizes_every_target_and_loads(family_repo, built,
+                                                                                        source_logits, kind, recipe,
                                                                                         tmp_path):
-    name = f"{kind}-all-{recipe}"
-    first = build.build(family_repo.root, name, out=tmp_path / "one", log=lambda m: None)
-    second = build.build(family_repo.root, name, out=tmp_path / "two", log=lambda m: None)
-    assert first["content_digest"] == second["content_digest"]
+    artifact = built(kind, recipe)
+    second = build.build(family_repo.root, artifact.name, out=tmp_path / "again", log=lambda m: None)
+    assert record.read(artifact).manifest["content_digest"] == second["content_digest"]
 
-    spec = json.loads((tmp_path / "one" / "release.json").read_text())
+    spec = json.loads((artifact / "release.json").read_text())
     arch, recipe_ = spec["model"]["architecture"], Recipe.of(spec["quant"])
-    header = header_of(tmp_path / "one")
+    header = header_of(artifact)
     targets = [t.name[: -len(".weight")] for t in memory.checkpoint(arch) if t.linear and recipe_.quantizes(
         t.name[: -len(".weight")], t.cls)]
     assert bool(targets) == (recipe != "bf16")
@@ -82,7 +122,7 @@ def test_every_family_builds_every_recipe_twice_alike_quantizes_every_target_and
         assert f"{module}.weight_scale" in header
     routers = [t.name for t in memory.checkpoint(arch) if t.cls == "router"]
     assert all(header[router]["dtype"] == "BF16" for router in routers)  # routers stay BF16 ...
-    config = json.loads((tmp_path / "one" / "config.json").read_text())
+    config = json.loads((artifact / "config.json").read_text())
     if recipe != "bf16":  # ... and are named in ignore, as vLLM needs for Qwen-MoE's quantizable gate
         assert set(r[: -len(".weight")] for r in routers) <= set(config["quantization_config"]["ignore"])
     if recipe == "fp8-static":  # every layer's KV-cache scales, Phi-3's fused qkv_proj included
@@ -94,48 +134,40 @@ def test_every_family_builds_every_recipe_twice_alike_quantizes_every_target_and
         # converter expects weight_packed for every non-FP8 scheme (llm-compressor's own W8A8 MoE artifacts
         # fail the same way); vLLM loads these names. The layout is checked above.
         with pytest.raises(RuntimeError, match="automatic conversion of the weights"):
-            logits(tmp_path / "one", torch.zeros(1, 4, dtype=torch.long), quantized=True)
+            logits(artifact, torch.zeros(1, 4, dtype=torch.long), quantized=True)
         return
-    ids = torch.randint(1, 255, (2, 48), generator=torch.Generator().manual_seed(0))
-    source, _ = logits(family_repo.root / "weights" / kind, ids, quantized=False)
-    built, info = logits(tmp_path / "one", ids, quantized=recipe != "bf16")
+    source = source_logits(family_repo, kind)
+    result, info = logits(artifact, IDS, quantized=recipe != "bf16")
     assert not info["missing_keys"] and not info["mismatched_keys"]
     unexpected = set(info["unexpected_keys"])
     if kind in MOE and recipe == "fp8-static":  # transformers' fused-expert loader has no input scales
         unexpected = {key for key in unexpected if not (".experts." in key and key.endswith(".input_scale"))}
     assert not unexpected, sorted(unexpected)
     if recipe == "bf16":
-        assert torch.equal(built, source)
+        assert torch.equal(result, source)
         return
-    error = float((built - source).pow(2).mean().sqrt() / source.pow(2).mean().sqrt())
-    cosine = float(torch.nn.functional.cosine_similarity(built.flatten(), source.flatten(), dim=0))
+    error = float((result - source).pow(2).mean().sqrt() / source.pow(2).mean().sqrt())
+    cosine = float(torch.nn.functional.cosine_similarity(result.flatten(), source.flatten(), dim=0))
     assert error < RELATIVE_RMS[recipe] and cosine > 1 - RELATIVE_RMS[recipe] ** 2, (error, cosine)
 
 
 @pytest.mark.parametrize("kind", sorted(set(KINDS) | set(TINY)))
 @pytest.mark.parametrize("recipe", ["bf16", "fp8-dynamic", "w4a16"])
-def test_the_memory_estimate_counts_exactly_the_bytes_every_family_writes(family_repo, kind, recipe, tmp_path):
-    if kind not in KINDS:
-        family_repo.add_model(kind, tokenizer=True)
-        name = f"{kind}-{recipe}"
-        text = release_text(name, kind, recipe, "vllm-h100")
-        (family_repo.root / "specs" / "release" / f"{name}.yaml").write_text(text + RECIPES[recipe])
-    else:
-        name = f"{kind}-all-{recipe}"
-    build.build(family_repo.root, name, out=tmp_path / "a", log=lambda m: None)
-    spec = json.loads((tmp_path / "a" / "release.json").read_text())
-    written = sum(info["data_offsets"][1] - info["data_offsets"][0] for info in header_of(tmp_path / "a").values()
-                  if not info["shape"] in ([1], [2]))  # per-tensor scalars aside, as the estimate says
+def test_the_memory_estimate_counts_exactly_the_bytes_every_family_writes(built, kind, recipe):
+    artifact = built(kind, recipe)
+    spec = json.loads((artifact / "release.json").read_text())
+    written = sum(info["data_offsets"][1] - info["data_offsets"][0] for info in header_of(artifact).values()
+                  if info["shape"] not in ([1], [2]))  # per-tensor scalars aside, as the estimate says
     assert memory.weight_bytes(spec["model"]["architecture"], Recipe.of(spec["quant"])) == written
 
 
-def test_a_mixture_of_experts_counts_all_its_experts_and_shows_active_parameters(family_repo, tmp_path):
-    build.build(family_repo.root, "tiny-mixtral-all-fp8-dynamic", out=tmp_path / "a", log=lambda m: None)
-    arch = json.loads((tmp_path / "a" / "release.json").read_text())["model"]["architecture"]
+def test_a_mixture_of_experts_counts_all_its_experts_and_shows_active_parameters(built):
+    artifact = built("tiny-mixtral", "fp8-dynamic")
+    arch = json.loads((artifact / "release.json").read_text())["model"]["architecture"]
     counted = memory.parameters(arch)
     expert = 3 * 64 * 128  # gate, up, down of one expert
     assert counted["total"] - counted["active"] == 2 * (4 - 2) * expert  # 2 layers x 2 of 4 experts idle
-    card = (tmp_path / "a" / "README.md").read_text()
+    card = (artifact / "README.md").read_text()
     assert f"{counted['total'] / 1e9:.3f} B total" in card and "top-2 of 4 experts per token" in card
 
 

@@ -105,7 +105,7 @@ def golden_builds(golden_repo, tmp_path_factory) -> dict:
 def entry_of(manifest: dict) -> dict:
     """What the table keeps of a build: the versions and toolchain it claims, and its bytes."""
     return {"versions": manifest["inputs"]["versions"], "toolchain": manifest["inputs"]["toolchain"],
-            "content_digest": manifest["content_digest"],
+            "spec_digest": manifest["spec_digest"], "content_digest": manifest["content_digest"],
             "files": {e["path"]: e["sha256"] for e in manifest["files"]}}
 
 
@@ -126,6 +126,9 @@ def golden_problems(case: str, manifest: dict, table: dict) -> list:
     if moved:
         return [f"{case}: {GOLDEN.name} holds other output versions or toolchain ({', '.join(moved)}); "
                 "regenerate it (UPDATE_GOLDEN=1 python -m pytest tests/test_golden.py) and commit it with the bump"]
+    if now["spec_digest"] != then.get("spec_digest"):
+        return [f"{case}: its resolved spec changed (a shipped spec file it uses changed, not the builder's code); "
+                "regenerate the table (UPDATE_GOLDEN=1 python -m pytest tests/test_golden.py)"]
     if now["content_digest"] == then["content_digest"]:
         return []
     changed = sorted(path for path in set(now["files"]) | set(then["files"])

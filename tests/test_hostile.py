@@ -182,7 +182,11 @@ CASES = [
     ("short-calibration-text", lambda root: (root / "data" / "calibration.txt").write_text("w1 w2 w3\n"), ["build", RELEASE, *CALIBRATED], ["specs/calibration/licenses.yaml: calibration.samples", "64"]),
     ("missing-calibration-file", lambda root: (root / "data" / "calibration.txt").unlink(), ["build", RELEASE, *CALIBRATED], ["calibration.dataset", "no such file"]),
     ("bad-argument", nothing, ["build"], []),
+    ("unknown-device", nothing, ["resolve", RELEASE, "calibration.device=tpu"], ["calibration.device", '"tpu" is not allowed; allowed: "cpu", "cuda"']),
 ]
+if not __import__("torch").cuda.is_available():  # these machines have no GPU: asking for one is bad input here
+    CASES.append(("cuda-without-a-gpu", nothing, ["build", RELEASE, *CALIBRATED, "calibration.device=cuda"],
+                  ["specs/calibration/licenses.yaml: calibration.device", "torch sees no CUDA device"]))
 
 
 def snapshot(root):

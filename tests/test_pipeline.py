@@ -101,3 +101,25 @@ def test_push_then_pull_into_a_fresh_clone_gives_artifacts_that_verify(pipeline,
         result = clone.run("verify", f"artifacts/{release}", check=0)
         expected = record.read(pipeline.root / "artifacts" / release).manifest["content_digest"]
         assert result.stdout.split()[-1] == expected
+
+
+def test_a_newcomers_path_from_a_checkpoint_folder_to_a_verified_artifact(tmp_path):
+    """README, "Bring your own model": model add, a release file, lock, dvc add + repro, verify."""
+    from conftest import init_pipeline, make_checkpoint, save_byte_tokenizer
+
+    pipeline = init_pipeline(tmp_path / "repo", (), ())
+    download = tmp_path / "download" / "Qwen3-tiny"
+    make_checkpoint("tiny-qwen3", download)
+    save_byte_tokenizer(download)
+    added = builder(pipeline, "model", "add", "qwen3-tiny", str(download))
+    assert added.returncode == 0, added.stderr
+    (pipeline.root / "specs" / "release" / "qwen3-tiny-fp8-dynamic.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /model: qwen3-tiny\n  - override /quant: fp8-dynamic\n"
+        "  - override /target: vllm-h100\n\nrelease:\n  name: qwen3-tiny-fp8-dynamic\n  version: 1.0.0\n")
+    assert builder(pipeline, "lock").returncode == 0
+    pipeline.dvc("add", "-q", "weights/qwen3-tiny")
+    assert pipeline.repro() == {"build@qwen3-tiny-fp8-dynamic"}
+    verified = builder(pipeline, "verify", "artifacts/qwen3-tiny-fp8-dynamic")
+    assert verified.returncode == 0 and verified.stdout.startswith("OK qwen3-tiny-fp8-dynamic"), verified.stderr
+    pipeline.commit("qwen3-tiny: first release")
+    assert pipeline.repro() == set()

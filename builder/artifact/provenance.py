@@ -79,7 +79,7 @@ def dependencies(entry: dict, weights: Path) -> list:
     return found
 
 
-def statement(entry: dict, weights: Path, files: list) -> dict:
+def statement(entry: dict, weights: Path, files: list, device: dict | None = None) -> dict:
     """The provenance of the artifact in out, from its lock entry. No clock, host or absolute path."""
     lock_text = pretty_json(entry).encode("utf-8")  # the bytes of locks/<release>.json when it is current
     return {
@@ -100,19 +100,28 @@ def statement(entry: dict, weights: Path, files: list) -> dict:
                 "internalParameters": {"artifact_id": entry["artifact_id"], **determinism.settings()},
                 "resolvedDependencies": dependencies(entry, weights),
             },
-            "runDetails": {"builder": {"id": BUILDER_ID, "version": {"quant-release-builder": builder.__version__}}},
+            "runDetails": run_details(device or {}),
         },
     }
 
 
-def write(entry: dict, weights: Path, out: Path, files: list) -> dict:
+def run_details(device: dict) -> dict:
+    """The builder that ran, and on a GPU which one (model, driver, CUDA: the last bits may follow them)."""
+    details = {"builder": {"id": BUILDER_ID, "version": {"quant-release-builder": builder.__version__}}}
+    if device:
+        details["byproducts"] = [{"name": "device", "annotations": dict(sorted(device.items()))}]
+    return details
+
+
+def write(entry: dict, weights: Path, out: Path, files: list, device: dict | None = None) -> dict:
     """Write provenance.json into out.
 
     Args:
         weights: the source checkpoint folder, already checked against the pinned digest.
         files: the content files' entries (subjects), hashed once by the build.
+        device: the GPU calibration or evaluation ran on (determinism.device_facts), if any.
     """
-    document = statement(entry, weights, files)
+    document = statement(entry, weights, files, device)
     (out / PROVENANCE_FILE).write_text(pretty_json(document), encoding="utf-8")
     return document
 

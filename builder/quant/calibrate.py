@@ -16,6 +16,7 @@ import torch
 
 from builder.console import progress
 from builder.quant import gptq, quantize
+from builder.quant.spill import Spill
 from builder.source import skeleton
 from builder.spec.recipe import Args, Recipe
 from builder.tensorfile import reader
@@ -63,9 +64,10 @@ class StandIn(torch.nn.Module):
     """Takes a decoder layer's place while the model's own forward runs: records what the layer is
     called with and passes the hidden states on (masks and rotary inputs do not depend on them)."""
 
-    def __init__(self, calls: list, last: bool):
+    def __init__(self, calls: list, last: bool, layer: torch.nn.Module):
         super().__init__()
         self.calls, self.last = calls, last
+        self.attention_type = getattr(layer, "attention_type", None)  # some forwards pick masks by it
 
     def forward(self, hidden_states, *args, **kwargs):
         self.calls.append((hidden_states, args, kwargs))
@@ -80,7 +82,7 @@ def layer_inputs(model, ids: torch.Tensor, every_layer: bool) -> list:
     body, calls = model.model, []
     layers = body.layers
     count = len(layers) if every_layer else 1
-    body.layers = torch.nn.ModuleList([StandIn(calls, i == count - 1) for i in range(len(layers))])
+    body.layers = torch.nn.ModuleList([StandIn(calls, i == count - 1, layer) for i, layer in enumerate(layers)])
     try:
         with torch.no_grad():
             body(input_ids=ids, use_cache=False)
@@ -103,10 +105,10 @@ def prepare_model_inputs(model, config, read) -> None:
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config)  # its inv_freq buffers, on CPU
 
 
-def materialize(module: torch.nn.Module, prefix: str, family, read) -> None:
+def materialize(module: torch.nn.Module, prefix: str, family, read, device=torch.device("cpu")) -> None:
     """Give a meta module real FP32 weights read from the checkpoint (names under prefix), one tensor
     at a time: reading the whole layer first would hold it twice (BF16 as read, FP32 in place)."""
-    module.to_empty(device="cpu")
+    module.to_empty(device=device)
     module.to(torch.float32)
     with torch.no_grad():
         for name, tensor in module.state_dict().items():
@@ -116,29 +118,34 @@ def materialize(module: torch.nn.Module, prefix: str, family, read) -> None:
             tensor.copy_(value)
 
 
-def calibrate(source: Path, tensors: dict, modules: dict, recipe: Recipe, ids: torch.Tensor, log=print) -> dict:
+def calibrate(source: Path, tensors: dict, modules: dict, recipe: Recipe, ids: torch.Tensor, log=print,
+              device: str = "cpu", spill: Spill | None = None) -> dict:
     """Statistics and GPTQ weights for quantize.compute, from calibration token ids [samples, length].
 
-    Returns {"input_amax": {module: [1]}, "kv_amax": {kv scale name: [1]}, "gptq": {module: (ints, scale)},
-    "importance": {module: E[x^2] per input feature, FP32 [in]} (imatrix recipes)},
-    modules by their checkpoint names. Only one decoder layer's weights and one set of hidden states
+    Returns {"input_amax": {module: [1]}, "kv_amax": {kv scale name: [1]}, "gptq": {module: (ints, scale)}
+    (a Spill when given one: GPTQ's results go to disk as each layer finishes), "importance": {module:
+    E[x^2] per input feature, FP32 [in]} (imatrix recipes)}, modules by their checkpoint names,
+    statistics on the CPU. Only one decoder layer's weights and one set of hidden states
     (FP32, [samples, length, hidden]) are in memory at a time: each batch's outputs replace its inputs.
+    device: where the layers run (cpu, cuda): one layer's weights on it at a time; the hidden states
+    too when they fit in half its free memory, else on the CPU, a batch at a time on the device.
     """
     config, family, model = skeleton.build(source, attention=lambda family: register(family.calibrate_with))
-    found = {"input_amax": {}, "kv_amax": {}, "gptq": {}, "importance": {}}
+    device = torch.device(device)
+    found = {"input_amax": {}, "kv_amax": {}, "gptq": spill if spill is not None else {}, "importance": {}}
     with reader(tensors) as read:
         prepare_model_inputs(model, config, read)
-        batches = list(ids.split(BATCH))
-        hidden, arguments = [], {}  # arguments per batch size: each layer's (args, kwargs)
-        for batch in batches:
+        storage = hidden_states_device(device, ids, config.hidden_size)
+        hidden, arguments = [], {}  # arguments per batch size: each layer's (args, kwargs), on the device
+        for batch in ids.split(BATCH):
             calls = layer_inputs(model, batch, every_layer=len(batch) not in arguments)
-            hidden.append(calls[0][0])
-            arguments.setdefault(len(batch), [(a, k) for _, a, k in calls])
+            hidden.append(calls[0][0].to(storage))
+            arguments.setdefault(len(batch), [on(device, (a, k)) for _, a, k in calls])
         layers = model.model.layers
         for index in progress(range(len(layers)), desc="calibrate", unit="layer"):
             prefix = f"model.layers.{index}."
             layer = layers[index]
-            materialize(layer, prefix, family, read)
+            materialize(layer, prefix, family, read, device)
             linears = {skeleton.checkpoint_name(prefix + name, family): module for name, module in layer.named_modules()
                        if isinstance(module, torch.nn.Linear) and quantize.targeted(
                            skeleton.checkpoint_name(prefix + name, family) + ".weight", tuple(module.weight.shape),
@@ -149,18 +156,20 @@ def calibrate(source: Path, tensors: dict, modules: dict, recipe: Recipe, ids: t
             for undo in stats.pop("undo"):
                 undo()
             fill_unseen(linears, stats, prefix, recipe, log)
-            found["input_amax"].update(stats["input_amax"])
-            found["kv_amax"].update(stats["kv_amax"])
-            found["importance"].update({name: (total / stats["rows"][name]).to(torch.float32)
+            found["input_amax"].update({name: amax.cpu() for name, amax in stats["input_amax"].items()})
+            found["kv_amax"].update({name: amax.cpu() for name, amax in stats["kv_amax"].items()})
+            found["importance"].update({name: (total / stats["rows"][name]).to(torch.float32).cpu()
                                         for name, total in stats["squares"].items()})
             if gptq_layer:
+                results = {}
                 for name, module in linears.items():
                     if name not in stats["hessian"]:
                         continue  # an expert no token reached: round to nearest (fill_unseen said so)
                     values, scale = gptq.quantize(module.weight.data, stats["hessian"][name], recipe, name)
-                    found["gptq"][name] = (values, scale)
+                    results[name] = (values, scale)
                     module.weight.data = dequantize(values, scale, recipe.weights)
                 del stats
+                keep(found["gptq"], index, results)
                 run(layer, index, hidden, arguments, replace=True)  # the next layer sees quantized outputs
             layer.to_empty(device="meta")  # free this layer's weights before the next is read
     log(f"calibrated {len(layers)} layers on {ids.shape[0]} x {ids.shape[1]} tokens")
@@ -237,15 +246,43 @@ def observe(layer: torch.nn.Module, prefix: str, linears: dict, recipe: Recipe) 
 
 
 def run(layer: torch.nn.Module, index: int, hidden: list, arguments: dict, replace: bool) -> None:
-    """Run decoder layer index over every batch of hidden states with the inputs the model gives it;
-    with replace, each batch's outputs take its inputs' place."""
+    """Run decoder layer index over every batch of hidden states with the inputs the model gives it
+    (on the layer's device); with replace, each batch's outputs take its inputs' place (where it was)."""
+    device = next(layer.parameters()).device
     with torch.no_grad():
         for position, batch in enumerate(hidden):
             args, kwargs = arguments[len(batch)][index]
-            result = layer(batch, *args, **kwargs)
+            result = layer(batch.to(device), *args, **kwargs)
             if replace:
-                hidden[position] = result[0] if isinstance(result, tuple) else result
+                hidden[position] = (result[0] if isinstance(result, tuple) else result).to(batch.device)
             del result
+
+
+def hidden_states_device(device: torch.device, ids: torch.Tensor, width: int) -> torch.device:
+    """Where the hidden states live: on the device when they take at most half its free memory."""
+    if device.type != "cuda":
+        return device
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if ids.numel() * width * 4 <= free // 2 else torch.device("cpu")
+
+
+def on(device: torch.device, value):
+    """value with every tensor in it (through tuples, lists and dicts) moved to device."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(on(device, item) for item in value)
+    if isinstance(value, dict):
+        return {key: on(device, item) for key, item in value.items()}
+    return value
+
+
+def keep(store, layer: int, results: dict) -> None:
+    """GPTQ's results of one layer: spilled to disk (a Spill), or kept in memory (a dict, for tests)."""
+    if isinstance(store, Spill):
+        store.put(layer, results)
+    else:
+        store.update({name: (values.cpu(), scale.cpu()) for name, (values, scale) in results.items()})
 
 
 def dequantize(values: torch.Tensor, scale: torch.Tensor, args: Args) -> torch.Tensor:
@@ -254,17 +291,20 @@ def dequantize(values: torch.Tensor, scale: torch.Tensor, args: Args) -> torch.T
                                                   else scale.to(torch.float32), args, values.shape[1])
 
 
-def for_build(recipe: Recipe, source: dict, log, dump: Path | None = None) -> dict | None:
+def for_build(recipe: Recipe, source: dict, log, dump: Path | None = None, device: str = "cpu",
+              scratch: Path | None = None) -> dict | None:
     """Calibrate when the recipe needs it (static scales, KV-cache scales, GPTQ); None otherwise.
 
     source is build.prepare()'s result: its calibration_ids were drawn (and checked) before any write.
+    scratch: a folder outside the artifact for GPTQ's per-layer results (the build removes it).
     """
     from builder import atomic
     from builder.canonical import pretty_json
 
     if source["calibration_ids"] is None:
         return None
-    found = calibrate(source["path"], source["tensors"], source["modules"], recipe, source["calibration_ids"], log)
+    found = calibrate(source["path"], source["tensors"], source["modules"], recipe, source["calibration_ids"], log,
+                      device, Spill(scratch) if scratch is not None else None)
     if dump is not None:
         atomic.write_text(Path(dump), pretty_json(statistics(found)))
     return found

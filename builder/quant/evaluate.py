@@ -68,23 +68,25 @@ def load_mlx(path: Path, config: dict):
     return model
 
 
-def measure(source: Path, artifact: Path, ids) -> dict:
+def measure(source: Path, artifact: Path, ids, device: str = "cpu") -> dict:
     """Perplexity of both models and the mean KL(source || artifact) per predicted token, window by window.
 
     Args:
         source: the source checkpoint folder.
         artifact: the (staged or built) artifact folder.
         ids: LongTensor [windows, length] of evaluation tokens.
+        device: where both models run (cpu, cuda); each window's sums are taken in float64.
     """
     import torch
     from torch.nn.functional import log_softmax
     from builder.console import progress
 
-    reference, candidate = load_model(source), load_model(artifact)
+    reference, candidate = load_model(source).to(device), load_model(artifact).to(device)
     nll = {"source": 0.0, "artifact": 0.0}
     kl, tokens = 0.0, 0
     with torch.no_grad():
         for window in progress(ids.split(1), desc="eval", unit="window"):
+            window = window.to(device)
             targets = window[0, 1:]
             expected = log_softmax(reference(window).logits[0, :-1].to(torch.float32), dim=-1)
             actual = log_softmax(candidate(window).logits[0, :-1].to(torch.float32), dim=-1)
@@ -124,7 +126,7 @@ def evaluate(root: Path, spec: dict, source: Path, artifact: Path, log=print, id
     eval_file = f"specs/eval/{spec['choices']['eval']}.yaml"
     if ids is None:
         ids = data.samples(root, spec["eval"], source, file=eval_file, group="eval")
-    result = measure(source, artifact, ids)
+    result = measure(source, artifact, ids, spec["eval"].get("device", "cpu"))  # artifacts before devices: cpu
     broken = [figure for figure in ("perplexity_increase_pct", "mean_kl") if not math.isfinite(result[figure])]
     if broken:  # whatever the gate says: an artifact whose outputs are NaN or infinite is broken
         raise CheckFailed(Problem(str(artifact.name), "eval", f"{', '.join(broken)} not finite (perplexity "

@@ -1,4 +1,4 @@
-"""GPTQ rounding of one weight matrix (Frantar et al., 2022): deterministic, FP32, CPU.
+"""GPTQ rounding of one weight matrix (Frantar et al., 2022): deterministic, FP32, on the weight's device.
 
     values, scale = gptq.quantize(weight, hessian, Recipe.of(spec["quant"]))
 """
@@ -51,7 +51,7 @@ def column_order(hessian: torch.Tensor, actorder: str | None) -> torch.Tensor:
     Rounding the columns that carry the most input energy first leaves the error compensation to
     columns that matter less; scales stay those of the storage-order groups, so no g_idx is needed."""
     if actorder is None:
-        return torch.arange(hessian.shape[0])
+        return torch.arange(hessian.shape[0], device=hessian.device)
     return torch.sort(torch.diag(hessian), descending=True, stable=True).indices
 
 
@@ -67,7 +67,7 @@ def inverse_hessian(weight: torch.Tensor, hessian: torch.Tensor, dampening: floa
     dead = torch.diag(hessian) == 0
     hessian[dead, dead] = 1
     weight[:, dead] = 0
-    hessian += torch.eye(hessian.shape[0]) * (dampening * torch.mean(torch.diag(hessian)))
+    hessian += torch.eye(hessian.shape[0], device=hessian.device) * (dampening * torch.mean(torch.diag(hessian)))
     try:
         lower = torch.linalg.cholesky(hessian)
         return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)

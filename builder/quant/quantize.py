@@ -152,7 +152,7 @@ def scale_from_amax(amax: torch.Tensor, args: Args, dtype: torch.dtype) -> torch
     """
     q_min, q_max = args.value_range
     scale = (amax.to(torch.float32) / ((q_max - q_min) / 2)).to(dtype)
-    return torch.where(scale == 0, torch.tensor(torch.finfo(dtype).eps, dtype=dtype), scale)
+    return torch.where(scale == 0, torch.tensor(torch.finfo(dtype).eps, dtype=dtype, device=scale.device), scale)
 
 
 def weight_scale(weight: torch.Tensor, args: Args, dtype: torch.dtype) -> torch.Tensor:

@@ -13,6 +13,7 @@ import yaml
 from builder import atomic
 from builder.canonical import pretty_json
 from builder.errors import BuilderError, CheckFailed, Problem
+from builder.paths import inside
 from builder.spec import identity, memo
 from builder.spec.resolve import list_releases, resolve
 
@@ -30,10 +31,27 @@ COMPARED = ("spec", "overrides", *(f"inputs.{key}" for key in identity.INPUT_KEY
 def lock_entry(root: Path, release: str, overrides: tuple = ()) -> dict:
     """The lock of one release: resolved spec, inputs with digests, artifact_id."""
     spec = memo.resolved(root, release, tuple(overrides), lambda: resolve(root, release, tuple(overrides)))
+    check_weights_digest(root, spec)
     build_inputs = identity.inputs(root, spec)
     return {"schema": LOCK_SCHEMA, "release": release, "overrides": list(overrides),
             "artifact_id": identity.artifact_id(spec, build_inputs),
             "spec": spec, "inputs": build_inputs}
+
+
+def check_weights_digest(root: Path, spec: dict) -> None:
+    """Refuse a pinned weights digest that is not the digest of the weights folder, when it is here
+    (a placeholder, or weights replaced without updating the spec); a checkout without weights (CI)
+    cannot tell, and a build checks again."""
+    model = spec["choices"]["model"]
+    folder = inside(root, spec["model"]["path"], file=f"specs/model/{model}.yaml", key="model.path")
+    if not folder.is_dir():
+        return
+    actual = memo.folder_digest(folder)
+    if actual != spec["model"]["digest"]:
+        raise BuilderError(Problem(f"specs/model/{model}.yaml", "model.digest", f"{spec['model']['digest']} is not "
+                                   f"the digest of {spec['model']['path']} ({actual}): refusing weights that are "
+                                   "not the pinned ones; if these are right, pin their digest "
+                                   f"(builder model add {model} {spec['model']['path']} --force writes it)"))
 
 
 def differences(old: dict | None, new: dict) -> list:

@@ -50,6 +50,17 @@ def architecture(config_file: Path, compute):
     return remembered("architecture", lambda: digest_of({"config": sha256_file(config_file)}), compute)
 
 
+def folder_digest(path: Path) -> str:
+    """tree_digest of a folder's files, remembered by their names, sizes, inodes and modification
+    times (as DVC's state does): a lock of a 400 B model does not reread 800 GB."""
+    stats = []
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        status = file.stat()
+        stats.append([file.relative_to(path).as_posix(), status.st_size, status.st_ino, status.st_mtime_ns])
+    return remembered("folders", lambda: digest_of({"folder": str(path.resolve()), "files": stats}),
+                      lambda: tree_digest(file_entries(path)))
+
+
 def remembered(kind: str, name, compute):
     """compute()'s JSON-able result, stored under kind/name() (name is only called when caching is on)."""
     if os.environ.get("BUILDER_CACHE") == "off":

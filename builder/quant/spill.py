@@ -1,0 +1,41 @@
+"""GPTQ's results spilled to disk as each layer finishes, read back one module at a time by the writer:
+memory holds one layer's integer weights, whatever the number of layers.
+
+    spill = Spill(folder); spill.put(layer, {module: (values, scale)}); spill.get(module) -> (values, scale)
+"""
+
+from pathlib import Path
+
+from builder import tensorfile
+from builder.tensorfile import Output
+
+
+class Spill:
+    """A mapping module -> (integer weights, scales), kept in one safetensors file per decoder layer."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.index = folder, {}
+
+    def put(self, layer: int, results: dict) -> None:
+        if not results:
+            return
+        tensors = {f"{module}.{part}": tensor.detach().cpu().contiguous()
+                   for module, pair in results.items() for part, tensor in zip(("values", "scale"), pair)}
+        file = self.folder / f"gptq-{layer:05d}.safetensors"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tensorfile.write(file, [Output(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()], tensors.pop)
+        for module in results:
+            self.index[module] = file
+
+    def get(self, module: str, default=None):
+        file = self.index.get(module)
+        if file is None:
+            return default
+        header = tensorfile.read_header(file)
+        names = {part: f"{module}.{part}" for part in ("values", "scale")}
+        with tensorfile.reader({name: (file, header[name]["dtype"], tuple(header[name]["shape"]))
+                                for name in names.values()}) as read:
+            return read(names["values"]), read(names["scale"])
+
+    def __contains__(self, module: str) -> bool:
+        return module in self.index
