@@ -51,9 +51,11 @@ def ours(recipe: str, out: Path, samples: int, length: int) -> dict:
                      "--out", str(out), "--force"])
 
 
-def theirs(llmc: str, recipe: str, ids_file: Path, out: Path, source: Path = ROOT / "weights" / MODEL) -> dict:
+def theirs(llmc: str, recipe: str, ids_file: Path, out: Path, source: Path = ROOT / "weights" / MODEL,
+           group_size: int = 64) -> dict:
     """llm-compressor's oneshot of recipe on source, in its own venv, measured whole."""
-    return measured([llmc, str(ROOT / "bench" / "llmcompressor_side.py"), recipe, str(source), str(ids_file), str(out)])
+    return measured([llmc, str(ROOT / "bench" / "llmcompressor_side.py"), recipe, str(source), str(ids_file), str(out),
+                     str(group_size)])
 
 
 def windows(group: str, option: str, samples: int, length: int):

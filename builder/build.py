@@ -20,7 +20,8 @@ from builder.spec.recipe import Recipe
 
 # Output formats with a layout of their own (not Hugging Face safetensors + config.json), one module
 # each: prepare(path, config, spec) reads what it needs before anything is written (bad input writes
-# nothing), write(staging, spec, source, calibration) writes every file but the release files.
+# nothing), write(staging, spec, source, calibration) writes every file but the release files and
+# returns the entries of those it hashed while writing them (the others are hashed afterwards).
 LAYOUTS = {"gguf": gguf, "mlx": mlx}
 
 
@@ -99,27 +100,28 @@ def build_into(entry: dict, source: dict, staging: Path, root: Path | None = Non
     with tempfile.TemporaryDirectory(prefix=f"{staging.name}-scratch-", dir=staging.parent) as scratch:
         calibration = calibrate.for_build(recipe, source, log, calibration_dump,
                                           spec["calibration"].get("device", "cpu"), Path(scratch))
-        write_model(staging, spec, source, calibration)
+        weights = write_model(staging, spec, source, calibration)  # entries of files hashed as written
     evaluate_staged(root, spec, source, staging, log)  # before the card, which shows eval.json
     write_release_files(staging, entry)
-    content = file_entries(staging, exclude=RECORD_FILES)  # each file hashed once, for both records
+    # each file hashed once (the weights while they were written), for both records
+    content = file_entries(staging, exclude=RECORD_FILES, known={e["path"]: e for e in weights})
     provenance.write(entry, source["path"], staging, content, determinism.device_facts(source["devices"]))
     result = manifest.create(staging, entry, content)
     failpoints.reached("manifest")
     return result
 
 
-def write_model(staging: Path, spec: dict, source: dict, calibration: dict | None) -> None:
+def write_model(staging: Path, spec: dict, source: dict, calibration: dict | None) -> list:
     """Weights, config and tokenizer files in the recipe's format: Hugging Face safetensors, or a
-    layout of its own (LAYOUTS)."""
+    layout of its own (LAYOUTS). Returns the file entries of the weights hashed while written."""
     recipe = source["recipe"]
     if recipe.format in LAYOUTS:
-        LAYOUTS[recipe.format].write(staging, spec, source, calibration)
-        return
-    export.write_weights(staging, source["tensors"], source["modules"], source["family"], recipe,
-                         spec["target"]["max_shard_bytes"], calibration)
+        return LAYOUTS[recipe.format].write(staging, spec, source, calibration)
+    weights = export.write_weights(staging, source["tensors"], source["modules"], source["family"], recipe,
+                                   spec["target"]["max_shard_bytes"], calibration)  # hashed as written
     export.write_config(source["config"], staging, recipe, export.routers(source["facts"], source["family"]))
     export.copy_side_files(source["path"], staging)
+    return weights
 
 
 def evaluate_staged(root: Path, spec: dict, source: dict, staging: Path, log) -> None:

@@ -1,8 +1,9 @@
 """The safetensors format, streamed: read headers and single tensors with plain file reads, and write
-a file header first (planned from shapes), then tensor by tensor. torch is imported on first use.
+a file whose header and tensor offsets are planned from shapes, each tensor at its own offset when it
+is ready (in any order). torch is imported on first use.
 
 The bytes written equal `safetensors.torch.save_file(tensors, path, {"format": "pt"})` for the same
-tensors, but no more than one tensor is ever held in memory.
+tensors, but no tensor has to wait in memory for another.
 """
 
 import json
@@ -99,7 +100,8 @@ def header_and_start(file: Path) -> tuple:
 
 @contextmanager
 def reader(tensors: dict):
-    """read(name) -> a fresh CPU tensor, for tensors given as name -> (file, dtype code, shape).
+    """read(name, into=None) -> a CPU tensor, for tensors given as name -> (file, dtype code, shape):
+    a fresh one, or a view of the first bytes of `into` (a uint8 tensor at least that large).
 
     Plain file reads, no memory map: a memory-mapped checkpoint keeps every page it has touched
     resident (and counted in RSS) until it is unmapped, so reading a whole model through one grows
@@ -109,14 +111,15 @@ def reader(tensors: dict):
 
     files = {}
 
-    def read(name: str):
+    def read(name: str, into=None):
         file, code, shape = tensors[name]
         if file not in files:
             header, start = header_and_start(file)
             files[file] = (open(file, "rb"), header, start)
         handle, header, start = files[file]
         begin, end = header[name]["data_offsets"]
-        tensor = torch.empty(shape, dtype=torch_dtype(code))
+        dtype = torch_dtype(code)
+        tensor = torch.empty(shape, dtype=dtype) if into is None else into[: end - begin].view(dtype).view(shape)
         handle.seek(start + begin)
         if handle.readinto(memoryview(tensor.reshape(-1).view(torch.uint8).numpy())) != end - begin:
             raise BuilderError(Problem(file.name, name, "truncated while reading (file changed during the build?)"))
@@ -146,21 +149,70 @@ def plan(outputs: list) -> tuple:
     return struct.pack("<Q", len(text)) + text, entries
 
 
+class PlannedFile:
+    """A safetensors file being written: header and offsets planned from the outputs' shapes, the
+    header written at once, each tensor written at its planned offset (os.pwrite) whenever it is
+    ready, in any order. Every write returns what it wrote, (offset, bytes), for a FileHash.
+    """
+
+    def __init__(self, path: Path, outputs: list):
+        header, entries = plan(outputs)
+        self.path, self.entries, self.start = path, {e.name: e for e in entries}, len(header)
+        self.size = len(header) + max((e.end for e in entries), default=0)
+        self.remaining = len(entries)  # tensors not yet written
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+        self.header = (0, memoryview(header))
+        try:
+            write_at(self.fd, *self.header)
+        except BaseException:
+            self.close(sync=False)
+            raise
+
+    def put(self, name: str, tensor) -> tuple:
+        """Write one planned tensor; returns (offset, bytes written), a view of the tensor's memory.
+
+        Raises ValueError when the tensor's dtype or shape differs from its planned output.
+        """
+        import torch
+
+        entry = self.entries[name]
+        if tensor.dtype != entry.dtype or tuple(tensor.shape) != entry.shape:
+            raise ValueError(f"{entry.name}: produced {tensor.dtype} {tuple(tensor.shape)}, "
+                             f"planned {entry.dtype} {entry.shape}")
+        piece = (self.start + entry.begin, memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
+        write_at(self.fd, *piece)
+        self.remaining -= 1
+        return piece
+
+    def close(self, sync: bool = True) -> None:
+        """Flush to disk (unless abandoning it) and close; closing twice does nothing."""
+        if self.fd is None:
+            return
+        fd, self.fd = self.fd, None
+        try:
+            if sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_at(fd: int, offset: int, data: memoryview) -> None:
+    """All of data at offset (pwrite may write less than asked: large writes are split)."""
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
+
+
 def write(path: Path, outputs: list, produce) -> None:
-    """Write one file; produce(name) returns each tensor when its turn comes.
+    """Write one file in its planned order; produce(name) returns each tensor when its turn comes.
 
     Raises ValueError when a produced tensor's dtype or shape differs from its planned output.
     """
-    import torch
-
-    header, entries = plan(outputs)
-    with open(path, "wb") as handle:
-        handle.write(header)
-        for entry in entries:
-            tensor = produce(entry.name)
-            if tensor.dtype != entry.dtype or tuple(tensor.shape) != entry.shape:
-                raise ValueError(f"{entry.name}: produced {tensor.dtype} {tuple(tensor.shape)}, "
-                                 f"planned {entry.dtype} {entry.shape}")
-            handle.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
-        handle.flush()
-        os.fsync(handle.fileno())
+    planned = PlannedFile(path, outputs)
+    try:
+        for name in planned.entries:  # in layout order
+            planned.put(name, produce(name))
+    except BaseException:
+        planned.close(sync=False)
+        raise
+    planned.close()

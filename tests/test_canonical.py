@@ -36,3 +36,17 @@ def test_tree_digest_depends_on_content_and_names_not_on_listing_order(tmp_path)
     assert tree_digest(entries) == tree_digest(list(reversed(entries)))
     (tmp_path / "b").write_bytes(b"3")
     assert tree_digest(file_entries(tmp_path)) != tree_digest(entries)
+
+
+def test_files_hashed_in_threads_or_given_as_known_give_the_same_entries(tmp_path, monkeypatch):
+    from builder import canonical
+
+    for index in range(5):
+        (tmp_path / f"f{index}").write_bytes(bytes([index]) * (index * 1000 + 1))
+    alone = file_entries(tmp_path)
+    monkeypatch.setattr(canonical, "PARALLEL_BYTES", 0)  # every tree counts as large: threads hash it
+    assert file_entries(tmp_path) == alone
+    known = {"f3": alone[3]}
+    original = canonical.sha256_file
+    monkeypatch.setattr(canonical, "sha256_file", lambda path: None if path.name == "f3" else original(path))
+    assert file_entries(tmp_path, known=known) == alone  # f3 is not hashed again

@@ -3,11 +3,10 @@
 import shutil
 from pathlib import Path
 
-from builder import failpoints, tensorfile
-from builder.artifact import shards
-from builder.canonical import pretty_json
+from builder import tensorfile
+from builder.artifact import shards, stream
+from builder.canonical import file_entry, pretty_json
 from builder.errors import BuilderError, Problem
-from builder.console import progress
 from builder.quant import quantize
 from builder.source.load import WEIGHT_FILES
 from builder.spec.recipe import Args, Recipe
@@ -17,7 +16,6 @@ UNSTABLE_CONFIG_KEYS = ("_name_or_path",)
 # QuantizationArgs fields a recipe does not set, with the values compressed-tensors 0.17 writes for them.
 QUANTIZATION_ARGS_DEFAULTS = {"actorder": None, "block_structure": None, "observer_kwargs": {},
                               "scale_dtype": None, "zp_dtype": None}
-KEEP_FRACTION = 16  # outputs at most 1/16 of their source's bytes (scales) wait to be written; larger are recomputed
 
 
 def plan_outputs(tensors: dict, modules: dict, family, recipe: Recipe) -> list:
@@ -44,58 +42,33 @@ def plan_outputs(tensors: dict, modules: dict, family, recipe: Recipe) -> list:
 
 def write_weights(out: Path, tensors: dict, modules: dict, family, recipe: Recipe, max_shard_bytes: int,
                   calibration: dict | None = None) -> list:
-    """Quantize and write every tensor, one at a time; returns the weight file names written.
+    """Quantize and write every tensor: each source read and quantized once, each output written at
+    its planned offset, each file hashed once as it fills (builder.artifact.stream).
 
     calibration: builder.quant.calibrate's statistics and GPTQ weights, for recipes that calibrate.
+    Returns the weight files' entries ({path, sha256, size}), for the manifest and provenance.
     """
     groups = plan_outputs(tensors, modules, family, recipe)
-    source_of = {o.name: source for source, group in zip(sorted(tensors), groups) for o in group}
     assigned = shards.assign(groups, max_shard_bytes)
     names = shards.shard_names(len(assigned))
-    count = sum(len(outputs) for outputs in assigned)
-    with tensorfile.reader(tensors) as read, progress(total=count, desc="quantize", unit="tensor") as bar:
-        produce, written = producer(read, source_of, tensors, modules, family, recipe, calibration), 0
+    sources = [(name, tensorfile.nbytes(tensorfile.torch_dtype(tensors[name][1]), tensors[name][2]))
+               for name in sorted(tensors)]
 
-        def produce_and_count(name):
-            nonlocal written
-            written += 1
-            bar.update()
-            if written == count // 2:
-                failpoints.reached("quantize")
-            return produce(name)
+    def compute(name, tensor):
+        is_targeted = quantize.targeted(name, tensors[name][2], modules, recipe)
+        return quantize.compute(name, tensor, is_targeted, recipe, calibration)
 
-        for outputs, file_name in zip(assigned, names):
-            tensorfile.write(out / file_name, outputs, produce_and_count)
-            failpoints.reached("shard")
+    def known(name):
+        is_targeted = quantize.targeted(name, tensors[name][2], modules, recipe)
+        return quantize.known(name, tensors[name][2], is_targeted, recipe, calibration,
+                             quantize.kv_scales(name, family, recipe))
+
+    with tensorfile.reader(tensors) as read:
+        entries = stream.write_shards(out, sources, groups, assigned, names, read, compute, known)
     if len(names) > 1:
         (out / WEIGHT_FILES[1]).write_text(pretty_json(shards.index(assigned, names)), encoding="utf-8")
-        names.append(WEIGHT_FILES[1])
-    return names
-
-
-def producer(read, source_of: dict, tensors: dict, modules: dict, family, recipe: Recipe, calibration: dict | None):
-    """produce(output name) -> that output's tensor, quantizing its source tensor when it is needed.
-
-    Shards are laid out by dtype, so one source's outputs are asked for at different times (a weight's
-    BF16 scale long before its FP8 values). Scales and other small outputs wait in memory for their
-    turn; quantized values are computed again when asked for, so memory stays at one tensor.
-    """
-    waiting, written = {}, set()
-
-    def produce(output_name: str):
-        if output_name not in waiting:
-            source = source_of[output_name]
-            _, _, shape = tensors[source]
-            is_targeted = quantize.targeted(source, shape, modules, recipe)
-            tensor = read(source)
-            computed = quantize.compute(source, tensor, is_targeted, recipe, calibration,
-                                        quantize.kv_scales(source, family, recipe))
-            waiting.update({name: value for name, value in computed.items() if name == output_name
-                            or (name not in written and value.nbytes * KEEP_FRACTION <= tensor.nbytes)})
-        written.add(output_name)
-        return waiting.pop(output_name)
-
-    return produce
+        entries.append(file_entry(out, WEIGHT_FILES[1]))
+    return entries
 
 
 def quantization_config(recipe: Recipe, routers: list = ()) -> dict:

@@ -159,7 +159,7 @@ def metadata(writer, spec: dict, config: dict, recipe: Recipe, vocabulary: dict)
 
 
 def write(staging: Path, spec: dict, source: dict, calibration: dict | None) -> list:
-    """Write the release's GGUF file into staging; returns the file names written."""
+    """Write the release's GGUF file into staging; returns [] (it is hashed with the other files)."""
     import gguf
     import numpy
 
@@ -190,5 +190,5 @@ def write(staging: Path, spec: dict, source: dict, calibration: dict | None) -> 
         writer.close()
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
-    return [path.name]
+    return []
 

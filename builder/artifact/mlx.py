@@ -13,10 +13,9 @@ from pathlib import Path
 
 import torch
 
-from builder import failpoints, tensorfile
-from builder.artifact import export, shards
-from builder.canonical import pretty_json
-from builder.console import progress
+from builder import tensorfile
+from builder.artifact import export, shards, stream
+from builder.canonical import file_entry, pretty_json
 from builder.quant import affine, quantize
 from builder.source.load import WEIGHT_FILES
 from builder.tensorfile import Output
@@ -55,53 +54,27 @@ def compute(name: str, tensor: torch.Tensor, is_targeted: bool, recipe) -> dict:
 
 
 def write(staging: Path, spec: dict, source: dict, calibration: dict | None) -> list:
-    """Weights, config.json and tokenizer files into staging; returns the weight file names."""
+    """Weights, config.json and tokenizer files into staging, the weights through the builder's stream
+    (each source read and quantized once, each shard hashed as it fills); returns the weight files'
+    entries ({path, sha256, size})."""
     recipe, tensors, modules = source["recipe"], source["tensors"], source["modules"]
     tied = source["config"].get("tie_word_embeddings")
     names = [name for name in sorted(tensors) if not (tied and name == "lm_head.weight")]
     targeted = {name: quantize.targeted(name, tensors[name][2], modules, recipe) for name in names}
     groups = [layout(name, tensors[name][2], tensors[name][1], targeted[name], recipe) for name in names]
-    source_of = {output.name: name for name, group in zip(names, groups) for output in group}
     assigned = shards.assign(groups, spec["target"]["max_shard_bytes"])
     files = shards.shard_names(len(assigned))
-    count = sum(len(outputs) for outputs in assigned)
-    with tensorfile.reader(tensors) as read, progress(total=count, desc="quantize", unit="tensor") as bar:
-        produce, done = producer(read, source_of, targeted, recipe, tensors), []
-
-        def produce_and_count(name):
-            bar.update()
-            done.append(name)
-            if len(done) == count // 2:
-                failpoints.reached("quantize")
-            return produce(name)
-
-        for outputs, file in zip(assigned, files):
-            tensorfile.write(staging / file, outputs, produce_and_count)
+    sources = [(name, tensorfile.nbytes(tensorfile.torch_dtype(tensors[name][1]), tensors[name][2])) for name in names]
+    with tensorfile.reader(tensors) as read:
+        entries = stream.write_shards(staging, sources, groups, assigned, files, read,
+                                      lambda name, tensor: compute(name, tensor, targeted[name], recipe),
+                                      lambda name: {})  # every output needs the source's values
     if len(files) > 1:
         (staging / WEIGHT_FILES[1]).write_text(pretty_json(shards.index(assigned, files)), encoding="utf-8")
-        files.append(WEIGHT_FILES[1])
+        entries.append(file_entry(staging, WEIGHT_FILES[1]))
     (staging / "config.json").write_text(pretty_json(mlx_config(source["config"], recipe)), encoding="utf-8")
     export.copy_side_files(source["path"], staging)
-    return files
-
-
-def producer(read, source_of: dict, targeted: dict, recipe, tensors: dict):
-    """produce(output name) -> its tensor. A shard lays tensors out by dtype, so a weight's uint32
-    codes and its scales are asked for at different times: the scales and biases (small) wait for
-    their turn; a large output asked for later is computed again, so memory stays at one tensor."""
-    waiting, written = {}, set()
-
-    def produce(output_name: str):
-        if output_name not in waiting:
-            name = source_of[output_name]
-            tensor = read(name)
-            computed = compute(name, tensor, targeted[name], recipe)
-            waiting.update({key: value for key, value in computed.items() if key == output_name or (
-                key not in written and value.nbytes * export.KEEP_FRACTION <= tensor.nbytes)})
-        written.add(output_name)
-        return waiting.pop(output_name)
-
-    return produce
+    return entries
 
 
 def mlx_config(source: dict, recipe) -> dict:

@@ -10,6 +10,11 @@ from builder.tensorfile import Output
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 FP8 = torch.float8_e4m3fn
 PACK_BITS = 32  # sub-8-bit weights are packed into int32 words (compressed-tensors pack-quantized)
+# Values worked on at a time (1 MB as FP32): whole rows, so per-row and per-group arithmetic is unchanged;
+# temporaries stay in the CPU cache, and none is the size of the tensor (a 400 MB weight used to need
+# an FP32 copy and a quotient, 1.6 GB, and ran ~10x slower from main memory).
+CHUNK_ELEMENTS = 1 << 18
+PACK_ELEMENTS = 1 << 16  # values packed at a time: its byte-sized temporaries stay below glibc's mmap threshold
 
 
 def targeted(tensor_name: str, shape: tuple, modules: dict, recipe: Recipe) -> bool:
@@ -67,25 +72,39 @@ def scale_format(recipe: Recipe) -> tuple:
     return DTYPES[recipe.dtype], (1,)
 
 
-def compute(name: str, tensor: torch.Tensor, is_targeted: bool, recipe: Recipe,
-            calibration: dict | None = None, kv: list = ()) -> dict:
-    """The tensors of layout(), computed: name -> tensor.
-
-    calibration (builder.quant.calibrate's result) supplies activation and KV-cache maxima and
-    GPTQ's integer weights; recipes without calibration pass None.
-    Raises BuilderError when the source tensor holds NaN or infinity.
-    """
-    out_dtype = DTYPES[recipe.dtype]
+def known(name: str, shape: tuple, is_targeted: bool, recipe: Recipe, calibration: dict | None = None,
+          kv: list = ()) -> dict:
+    """The tensors of layout() that need no source values, computed: a KV-cache projection's scale and
+    a weight's input scale (from calibration), a packed weight's `weight_shape`. Written before any
+    tensor is read: the I64 `weight_shape`s lead the file, so its hash need not wait for the last one."""
     scale_dtype, scalar = scale_format(recipe)
     found = {}
     for key, artifact_name in kv:
         amax = calibration["kv_amax"][key]
         found[artifact_name] = scale_from_amax(amax, recipe.kv_cache_scheme, scale_dtype).reshape(scalar)
     if not is_targeted:
+        return found
+    module = name[: -len(".weight")]
+    if recipe.packed:
+        found[f"{module}.weight_shape"] = torch.tensor(tuple(shape), dtype=torch.int64)
+    if recipe.static_inputs:
+        amax = calibration["input_amax"][module]
+        found[f"{module}.input_scale"] = scale_from_amax(amax, recipe.input_activations, scale_dtype).reshape(scalar)
+    return found
+
+
+def compute(name: str, tensor: torch.Tensor, is_targeted: bool, recipe: Recipe,
+            calibration: dict | None = None) -> dict:
+    """The other tensors of layout() (not known()), computed from the source tensor: name -> tensor.
+
+    calibration (builder.quant.calibrate's result) supplies GPTQ's integer weights; recipes without
+    calibration pass None. Raises BuilderError when the source tensor holds NaN or infinity.
+    """
+    if not is_targeted:
         if tensor.is_floating_point():
             require_finite(name, tensor)
-        found[name] = tensor.to(out_dtype) if tensor.is_floating_point() else tensor
-        return found
+        return {name: tensor.to(DTYPES[recipe.dtype]) if tensor.is_floating_point() else tensor}
+    scale_dtype, scalar = scale_format(recipe)
     args = recipe.weights
     module = name[: -len(".weight")]
     gptq = (calibration or {}).get("gptq", {}).get(module)
@@ -93,28 +112,39 @@ def compute(name: str, tensor: torch.Tensor, is_targeted: bool, recipe: Recipe,
         values, scale = gptq
         scale = scale.to(scale_dtype)
     else:
-        weight = tensor.to(torch.float32)
-        amax = grouped_amax(weight, args)
+        amax = grouped_amax(tensor, args)
         require_finite(name, amax)  # a NaN or infinity anywhere in the weight reaches its maximum
         scale = scale_from_amax(amax, args, scale_dtype)
-        values = quantize_weight(weight, scale.to(torch.float32), args)
-    if recipe.packed:
-        found[f"{module}.weight_packed"] = pack(values, args.num_bits)
-        found[f"{module}.weight_shape"] = torch.tensor(tuple(tensor.shape), dtype=torch.int64)
-    else:
-        found[name] = values
+        values = quantize_weight(tensor, scale.to(torch.float32), args)
+    found = {f"{module}.weight_packed": pack(values, args.num_bits)} if recipe.packed else {name: values}
     found[f"{module}.weight_scale"] = scale.reshape(scalar) if args.strategy == "tensor" else scale
-    if recipe.static_inputs:
-        amax = calibration["input_amax"][module]
-        found[f"{module}.input_scale"] = scale_from_amax(amax, recipe.input_activations, scale_dtype).reshape(scalar)
     return found
 
 
 def require_finite(name: str, tensor: torch.Tensor) -> None:
-    """Refuse NaN and infinity: they would quantize to garbage (an amax of inf gives scale inf)."""
-    if not bool(torch.isfinite(tensor).all()):
+    """Refuse NaN and infinity: they would quantize to garbage (an amax of inf gives scale inf).
+
+    Checked on the smallest and largest value (one pass, no temporary): a NaN anywhere reaches both.
+    """
+    if tensor.numel() and not all(bool(torch.isfinite(end)) for end in torch.aminmax(tensor)):
         raise BuilderError(Problem("source weights", name, "holds NaN or infinite values; the checkpoint is "
                                    "corrupt or overflowed when it was saved: fix or replace it"))
+
+
+def block_rows(columns: int, elements: int = CHUNK_ELEMENTS) -> int:
+    """Rows per block: whole rows holding at most `elements` values, at least one."""
+    return max(1, elements // max(1, columns))
+
+
+def row_blocks(rows: int, columns: int, elements: int = CHUNK_ELEMENTS) -> list:
+    """Slices of whole rows holding at most `elements` values (at least one row) each."""
+    step = block_rows(columns, elements)
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def cell_size(columns: int, args: Args) -> int:
+    """Values sharing one scale within a row: a group, or the whole row (channel and tensor)."""
+    return args.group_size if args.strategy == "group" else columns
 
 
 def quantized_dtype(args: Args) -> torch.dtype:
@@ -131,16 +161,16 @@ def scale_shape(shape: tuple, args: Args) -> tuple:
 
 
 def grouped_amax(weight: torch.Tensor, args: Args) -> torch.Tensor:
-    """Largest magnitude per scale cell (exact: a max, not a sum), in one pass without temporaries."""
-    def max_abs(values, **dims):
-        return torch.linalg.vector_norm(values, ord=float("inf"), **dims)
-
-    if args.strategy == "tensor":
-        return max_abs(weight).reshape(1)
-    if args.strategy == "channel":
-        return max_abs(weight, dim=1, keepdim=True)
+    """Largest magnitude per scale cell, FP32 (exact: a max, not a sum), in row blocks of any float dtype."""
     rows, columns = weight.shape
-    return max_abs(weight.reshape(rows, columns // args.group_size, args.group_size), dim=-1)
+    size = cell_size(columns, args)
+    magnitudes = torch.empty(min(rows, block_rows(columns)) * columns, dtype=weight.dtype)  # reused per block
+    maxima = []
+    for block in row_blocks(rows, columns):
+        cells = weight[block].reshape(block.stop - block.start, columns // size, size)
+        maxima.append(torch.abs(cells, out=magnitudes[: cells.numel()].view(cells.shape)).amax(dim=-1))
+    amax = torch.cat(maxima).to(torch.float32)
+    return amax.amax().reshape(1) if args.strategy == "tensor" else amax  # [1], [rows, 1] or [rows, groups]
 
 
 def scale_from_amax(amax: torch.Tensor, args: Args, dtype: torch.dtype) -> torch.Tensor:
@@ -161,14 +191,25 @@ def weight_scale(weight: torch.Tensor, args: Args, dtype: torch.dtype) -> torch.
 
 
 def quantize_weight(weight: torch.Tensor, scale: torch.Tensor, args: Args) -> torch.Tensor:
-    """round(w / scale) clamped to the type's range, using the scale exactly as stored."""
-    if args.strategy == "group":
-        scale = scale.repeat_interleave(args.group_size, dim=1)
+    """round(w / scale) clamped to the type's range, using the scale exactly as stored (FP32).
+
+    Row blocks at a time through one FP32 buffer: each value meets the same division, rounding and
+    clamp as a whole-tensor computation, so the bytes are those of `(w.float() / s).round().clamp()`.
+    """
+    rows, columns = weight.shape
+    size = cell_size(columns, args)
     q_min, q_max = args.value_range
-    scaled = weight / scale  # the one temporary: rounding and clamping happen in place
-    if args.type == "float":
-        return scaled.clamp_(q_min, q_max).to(FP8)
-    return scaled.round_().clamp_(q_min, q_max).to(torch.int8)
+    values = torch.empty((rows, columns), dtype=quantized_dtype(args))
+    work = torch.empty(min(rows, block_rows(columns)) * columns, dtype=torch.float32)
+    for block in row_blocks(rows, columns):
+        count = block.stop - block.start
+        cells = work[: count * columns].view(count, columns // size, size)
+        divisor = scale.reshape(1, 1, 1) if args.strategy == "tensor" else scale[block].unsqueeze(-1)
+        cells.copy_(weight[block].reshape(cells.shape)).div_(divisor)  # in the buffer: no cast temporary
+        if args.type == "int":
+            cells.round_()
+        values[block].copy_(cells.clamp_(q_min, q_max).view(count, columns))  # the cast: .to(FP8 or int8)
+    return values
 
 
 def pack(values: torch.Tensor, num_bits: int) -> torch.Tensor:
@@ -176,11 +217,21 @@ def pack(values: torch.Tensor, num_bits: int) -> torch.Tensor:
 
     Each value is offset to unsigned (+2^(num_bits-1)); value j of a word sits at bits
     num_bits*j (little end first); the last word is zero-padded. compressed-tensors' pack-quantized.
+    Built a byte at a time (num_bits divides 8: the schema allows 4 and 8): the bytes of a word,
+    little-endian as safetensors stores them, are its value.
     """
-    per_word = PACK_BITS // num_bits
+    per_byte, per_word = 8 // num_bits, PACK_BITS // num_bits
+    mask, half = (1 << num_bits) - 1, 1 << (num_bits - 1)
     rows, columns = values.shape
-    unsigned = values.to(torch.int64) + (1 << (num_bits - 1))
-    unsigned = torch.nn.functional.pad(unsigned, (0, -columns % per_word)).reshape(rows, -1, per_word)
-    shifts = torch.arange(per_word, dtype=torch.int64) * num_bits
-    words = (unsigned << shifts).sum(dim=-1)
-    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)  # two's complement
+    words = torch.empty((rows, -(-columns // per_word)), dtype=torch.int32)
+    for block in row_blocks(rows, columns, PACK_ELEMENTS):
+        # v + 2^(b-1) in b bits is v's low b bits with the top one flipped (two's complement)
+        unsigned = values[block].view(torch.uint8).bitwise_and(mask).bitwise_xor_(half)
+        if columns % per_word:
+            unsigned = torch.nn.functional.pad(unsigned, (0, -columns % per_word))
+        unsigned = unsigned.reshape(len(unsigned), -1, per_byte)
+        packed = unsigned[..., 0].clone()
+        for index in range(1, per_byte):
+            packed.bitwise_or_(unsigned[..., index].bitwise_left_shift(num_bits * index))
+        words[block] = packed.view(torch.int32)
+    return words

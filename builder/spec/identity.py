@@ -78,6 +78,7 @@ INERT_PACKAGES = {
     "numpy": "byte views of tensors for writing files (no arithmetic)",
     "accelerate": "how transformers places weights while loading, not their values",
     "regex": "imported by transformers; token ids come from the tokenizers package",
+    "pillow": "imported by transformers when installed (image processors); text models never call it",
 }
 # What a release's lock (and so its id) records, besides the spec.
 INPUT_KEYS = ("weights", "data", "toolchain", "versions")
