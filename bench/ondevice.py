@@ -143,7 +143,10 @@ def smollm2(args) -> None:
         if python is None or artifact.name in args.transformers_only:  # e.g. W4A16: vLLM's AVX2 CPU build lacks its ops
             runtime, result = f"({runtime}: not run)", {"load_s": math.nan, "perplexity": math.nan}
         else:
-            result = run(python, runtime, artifact, job, work)
+            try:
+                result = run(python, runtime, artifact, job, work)
+            except subprocess.CalledProcessError as error:  # reported in the table; the other rows still run
+                result = {"load_s": math.nan, "perplexity": math.nan, "completion": {"text": f"failed (exit {error.returncode})"}}
         ours = perplexity(transformers_logits(artifact, chosen), chosen)
         rows.append((artifact.name, runtime, result, ours, source_nll["short" if chosen is short else "long"]))
         print(json.dumps({"artifact": artifact.name, **{k: v for k, v in result.items() if not k.startswith("windows")},

@@ -79,7 +79,7 @@ def mlx(artifact: Path, job: dict) -> dict:
         start = time.perf_counter()
         text = generate(model, tokenizer, prompt=prompts["completion"], max_tokens=MAX_TOKENS)
         found["completion"] = {"text": text, "seconds": time.perf_counter() - start}
-    if "chat" in prompts:
+    if "chat" in prompts and getattr(tokenizer, "chat_template", None):  # tiny test models have none
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompts["chat"]}],
                                                add_generation_prompt=True)
         start = time.perf_counter()
