@@ -269,7 +269,7 @@ def calibration_rate(rows: list, row: dict) -> str:
     """A calibrated build's extra wall time over its uncalibrated counterpart's (same tool and size:
     fp8-static against fp8-dynamic, w4a16-gptq against w4a16), in seconds per 1,000 calibration
     tokens per billion parameters ('' for the rest, or when the counterpart did not run)."""
-    base = UNCALIBRATED.get(row["recipe"])
+    base = UNCALIBRATED.get(row["recipe"]) if row["tool"] in ("ours", "llm-compressor") else None
     other = [r for r in rows if (r["tool"], r["size_gb"], r["recipe"]) == (row["tool"], row["size_gb"], base)]
     if not other:
         return ""

@@ -141,6 +141,8 @@ def calibrate(source: Path, tensors: dict, modules: dict, recipe: Recipe, ids: t
             calls = layer_inputs(model, batch, every_layer=len(batch) not in arguments)
             hidden.append(calls[0][0].to(storage))
             arguments.setdefault(len(batch), [on(device, (a, k)) for _, a, k in calls])
+        # the FP32 embedding (0.8 GB for a 49k x 4096 vocabulary) is needed for layer 0's inputs only
+        model.model.embed_tokens.to_empty(device="meta")
         layers = model.model.layers
         for index in progress(range(len(layers)), desc="calibrate", unit="layer"):
             prefix = f"model.layers.{index}."

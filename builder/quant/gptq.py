@@ -30,17 +30,19 @@ def quantize(weight: torch.Tensor, hessian: torch.Tensor, recipe: Recipe, module
     columns, block = weight.shape[1], settings.block_size
     for start in range(0, columns, block):
         end = min(start + block, columns)
-        chunk, errors = weight[:, start:end].clone(), torch.zeros_like(weight[:, start:end])
-        local = inverse[start:end, start:end]
+        # the block's columns as contiguous rows (and its scales): each step reads and updates
+        # contiguous memory; the same values meet the same operations, so the bytes are unchanged
+        chunk, steps = weight[:, start:end].T.contiguous(), column_scale[:, start:end].T.contiguous()
+        errors, local = torch.zeros_like(chunk), inverse[start:end, start:end]
         for i in range(end - start):
-            column, step = chunk[:, i], column_scale[:, start + i]
+            column, step = chunk[i], steps[i]
             rounded = torch.round(column / step).clamp(q_min, q_max) * step
             error = (column - rounded) / local[i, i]
-            chunk[:, i:] -= error.unsqueeze(1) * local[i, i:].unsqueeze(0)
-            chunk[:, i] = rounded
-            errors[:, i] = error
-        weight[:, start:end] = chunk
-        weight[:, end:] -= errors @ inverse[start:end, end:]
+            chunk[i:] -= local[i, i:].unsqueeze(1) * error.unsqueeze(0)
+            chunk[i] = rounded
+            errors[i] = error
+        weight[:, start:end] = chunk.T
+        weight[:, end:] -= errors.T.contiguous() @ inverse[start:end, end:]
     weight = weight[:, torch.argsort(order)]  # back to storage order: scales and layout are unchanged
     return quantize_weight(weight, scale.to(torch.float32), args), scale
 
