@@ -52,3 +52,8 @@ def artifact_name(entry: dict) -> str:
     """The artifact's folder name under artifacts/: the release, plus an id prefix when overridden."""
     suffix = f"-{entry['artifact_id'].split(':')[1][:12]}" if entry["overrides"] else ""
     return f"{entry['release']}{suffix}"
+
+
+def gguf_file(spec: dict) -> str:
+    """The GGUF file's name in a gguf artifact: the release's name, since the file travels alone."""
+    return f"{spec['release']['name']}.gguf"

@@ -18,10 +18,10 @@ from builder.errors import BuilderError, Problem
 
 # safetensors' dtype names, in the order of its Rust `Dtype` enum: save_file lays out tensors by
 # this rank, descending (wider types first, which keeps every tensor aligned), then by name.
-DTYPE_CODES = ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "F16", "BF16", "I32", "F32", "F64", "I64")
+DTYPE_CODES = ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64")
 TORCH_NAMES = ("bool", "uint8", "int8", "float8_e5m2", "float8_e4m3fn", "int16", "float16", "bfloat16",
-               "int32", "float32", "float64", "int64")
-ELEMENT_BYTES = dict(zip(DTYPE_CODES, (1, 1, 1, 1, 1, 2, 2, 2, 4, 4, 8, 8)))
+               "int32", "uint32", "float32", "float64", "int64")
+ELEMENT_BYTES = dict(zip(DTYPE_CODES, (1, 1, 1, 1, 1, 2, 2, 2, 4, 4, 4, 8, 8)))
 METADATA = {"format": "pt"}
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on a header
 

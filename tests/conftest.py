@@ -118,6 +118,50 @@ def save_byte_tokenizer(path: Path) -> None:
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=alphabet[0]).save_pretrained(path)
 
 
+# A byte-level BPE over the printable bytes with a few English merges, 256 ids in all (the tiny configs'
+# vocab_size), so that tiny models have a tokenizer llama.cpp's GGUF vocabulary can hold (it needs merges).
+BPE_MERGES = (("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a"), ("r", "e"), ("o", "n"), ("e", "r"),
+              ("Ġ", "s"), ("a", "t"), ("Ġ", "o"), ("e", "n"), ("Ġ", "c"), ("i", "s"), ("o", "r"), ("e", "s"),
+              ("Ġ", "w"), ("a", "n"), ("Ġ", "b"), ("e", "d"), ("Ġ", "f"), ("in", "g"), ("Ġ", "p"), ("o", "u"),
+              ("a", "l"), ("a", "r"), ("Ġ", "in"), ("Ġ", "m"), ("i", "t"), ("Ġa", "n"))
+
+
+def save_bpe_tokenizer(path: Path) -> None:
+    """A byte-level BPE tokenizer with merges and one special token, in 256 ids: control bytes
+    other than tab and newline are left out to make room."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    mapping = pre_tokenizers.ByteLevel.alphabet()
+    dropped = {chr(c) for c in range(256) if c < 32 and c not in (9, 10) or c == 127}
+    to_char = {byte: char for byte, char in zip(range(256), byte_level_chars())}
+    kept = [to_char[b] for b in range(256) if chr(b) not in dropped]
+    assert set(kept) <= set(mapping)
+    vocab = {"<|endoftext|>": 0, **{char: i + 1 for i, char in enumerate(kept)}}
+    for left, right in BPE_MERGES:
+        vocab[left + right] = len(vocab)
+    assert len(vocab) == 256, len(vocab)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=list(BPE_MERGES)))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>",
+                            bos_token="<|endoftext|>").save_pretrained(path)
+
+
+def byte_level_chars() -> list:
+    """GPT-2's byte -> printable character table (what the ByteLevel pre-tokenizer maps byte b to)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[byte] = chr(byte)
+        else:
+            chars[byte] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
 def flip_last_byte(path: Path) -> None:
     """Tamper with a file the smallest way: flip one bit of its last byte."""
     data = bytearray(path.read_bytes())
@@ -138,21 +182,26 @@ class Repo:
         shutil.copytree(PROJECT / "data", root / "data")  # the shipped releases' calibration/eval text
         return cls(root)
 
-    def add_model(self, kind: str, seed: int = 0, tokenizer: bool = False) -> Path:
-        weights = self.root / "weights" / kind
+    def add_model(self, kind: str, seed: int = 0, tokenizer: bool | str = False, name: str | None = None) -> Path:
+        """A tiny model of kind as specs/model/<name>.yaml (name: kind); tokenizer True saves the
+        byte-level tokenizer, "bpe" the byte-level BPE with merges (what a GGUF vocabulary needs)."""
+        name = name or kind
+        weights = self.root / "weights" / name
         config = make_checkpoint(kind, weights, seed)
-        if tokenizer:
+        if tokenizer == "bpe":
+            save_bpe_tokenizer(weights)
+        elif tokenizer:
             save_byte_tokenizer(weights)
         digest = tree_digest(file_entries(weights))
-        spec = model_spec(kind, config, digest)
+        spec = model_spec(name, config, digest)
         if kind in FAMILIES:  # the whole architecture block, as `builder model add` writes it
             from builder.source import load
 
             spec["architecture"] = load.architecture(weights)["facts"]
-        (self.root / "specs" / "model" / f"{kind}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+        (self.root / "specs" / "model" / f"{name}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
         for recipe in RECIPES:
-            name = f"{kind}-{recipe}"
-            (self.root / "specs" / "release" / f"{name}.yaml").write_text(release_text(name, kind, recipe))
+            release = f"{name}-{recipe}"
+            (self.root / "specs" / "release" / f"{release}.yaml").write_text(release_text(release, name, recipe))
         return weights
 
     def run(self, *args, cwd=None, env=None, check=None):
@@ -234,8 +283,9 @@ class Pipeline(Repo):
         self.git("commit", "-q", "-m", message)
 
 
-def init_pipeline(root: Path, kinds: tuple, releases: tuple) -> Pipeline:
-    """specs/ with only the given tiny releases, the project's pipeline files, git + dvc initialised."""
+def init_pipeline(root: Path, kinds: tuple, releases: tuple, tokenizer: bool | str = False) -> Pipeline:
+    """specs/ with only the given tiny releases, the project's pipeline files, git + dvc initialised
+    (tokenizer: as Repo.add_model's)."""
     shutil.copytree(PROJECT / "specs", root / "specs")
     for name in ("builder", "schemas"):
         shutil.copytree(PROJECT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
@@ -243,7 +293,7 @@ def init_pipeline(root: Path, kinds: tuple, releases: tuple) -> Pipeline:
         shutil.copy(PROJECT / name, root / name)
     pipeline = Pipeline(root)
     for kind in kinds:
-        pipeline.add_model(kind)
+        pipeline.add_model(kind, tokenizer=tokenizer)
     for release in (root / "specs" / "release").glob("*.yaml"):
         if release.stem not in releases:
             release.unlink()

@@ -23,8 +23,10 @@ def test_card_has_hub_front_matter_and_says_how_to_serve_and_rebuild(release):
     matter = front_matter(text)
     assert matter["base_model"] == spec["model"]["id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert matter["base_model_relation"] == "quantized"
-    assert matter["license"] == spec["model"]["license"] and matter["library_name"] == "transformers"
-    assert {Recipe.of(spec["quant"]).scheme_class, spec["choices"]["target"], "vllm"} <= set(matter["tags"])
+    library = {"gguf": "gguf", "mlx": "mlx"}.get(spec["quant"]["format"], "transformers")
+    assert matter["license"] == spec["model"]["license"] and matter["library_name"] == library
+    assert {Recipe.of(spec["quant"]).scheme_class, spec["choices"]["target"], spec["target"]["runtime"]} \
+        <= set(matter["tags"])
     assert serve_config(entry)["command"] in text
     assert entry["artifact_id"] in text and f"builder build {release}\n" in text
     assert f"dvc repro build@{release}" in text
@@ -48,3 +50,12 @@ def test_card_of_the_fp8_release_describes_its_recipe():
     assert "| input activations | fp8, token, symmetric, dynamic scales |" in text
     assert "| kept unquantized | lm_head |" in text
     assert "compressed-tensors" in front_matter(text)["tags"]
+
+
+@pytest.mark.parametrize("release", ["smollm2-135m-instruct-gguf-q8_0", "smollm2-135m-instruct-mlx-4bit"])
+def test_card_of_an_on_device_release_says_how_to_serve_and_run_it(release):
+    entry = lock.read(PROJECT, release)
+    text, serve = model_card(entry), serve_config(entry)
+    assert serve["command"].startswith(("llama-server -m artifacts/", "mlx_lm.server --model artifacts/"))
+    assert serve["command"] in text and f"One greedy completion:\n\n```bash\n{serve['try']}\n```" in text
+    assert "gguf" in front_matter(text)["tags"] or "mlx" in front_matter(text)["tags"]

@@ -1,7 +1,7 @@
 """Golden bytes: every part of the builder that writes bytes is held to the version it claims.
 
-Every shipped recipe (and the legacy fp8 layout, and an evaluated build) is built on tiny checkpoints of
-two architectures; the content digests must equal tests/golden.json, keyed by the output versions and
+Every shipped recipe (and the legacy fp8 layout, the GGUF and MLX types, and evaluated builds) is built
+on tiny checkpoints of two architectures; the content digests must equal tests/golden.json, keyed by the output versions and
 toolchain each build's artifact_id carries. A change of bytes without a bump of the part that made it
 fails here and names the parts to look at; after bumping, regenerate the table:
 
@@ -44,12 +44,29 @@ RECIPES = {
     "fp8-dynamic-evaluated": ("fp8-dynamic", "none", "docstrings", {"eval": {
         "samples": 2, "sequence_length": 64,
         "gate": {"max_perplexity_increase_pct": None, "max_mean_kl": None}}}),
+    "gguf-bf16": ("gguf-q8_0", "none", "none", {"quant": {"weights": None, "algorithm": None}}),
+    "gguf-q8_0": ("gguf-q8_0", "none", "none", {}),
+    "gguf-q4_0-rtn": ("gguf-q4_0", "none", "none", {"quant": {"algorithm": "rtn"}}),
+    "gguf-q4_0-imatrix": ("gguf-q4_0", "licenses", "none", SMALL_CALIBRATION),
+    "gguf-q8_0-evaluated": ("gguf-q8_0", "none", "docstrings", {"eval": {
+        "samples": 2, "sequence_length": 64,
+        "gate": {"max_perplexity_increase_pct": None, "max_mean_kl": None}}}),
+    "mlx-4bit": ("mlx-4bit", "none", "none", {}),
+    "mlx-8bit-g32": ("mlx-4bit", "none", "none", {"quant": {"weights": {"num_bits": 8, "group_size": 32}}}),
+    "mlx-4bit-evaluated": ("mlx-4bit", "none", "docstrings", {"eval": {
+        "samples": 2, "sequence_length": 64,
+        "gate": {"max_perplexity_increase_pct": None, "max_mean_kl": None}}}),
 }
+# Cases for the on-device runtimes: their target, and the tiny model with a byte-level BPE vocabulary
+# (conftest.save_bpe_tokenizer: a GGUF vocabulary needs merges); the others build for vllm-h100.
+ON_DEVICE = {case: "llama-cpp" if case.startswith("gguf") else "mlx" for case in RECIPES
+             if case.startswith(("gguf", "mlx"))}
 CASES = tuple(f"golden-{arch}-{recipe}" for arch in ARCHITECTURES for recipe in RECIPES)
 # Which parts decide each kind of file (the diagnosis names those the failing case runs).
 FILE_PARTS = (
     (lambda path: path.endswith(".safetensors") or path.endswith(".index.json"),
      ("layout", "format.", "quantize.", "gptq", "observer.", "calibration", "data")),
+    (lambda path: path.endswith(".gguf"), ("format.", "quantize.", "imatrix", "calibration", "data")),
     (lambda path: path == "config.json", ("layout", "format.")),
     (lambda path: path in ("release.json", "serve.json", "README.md"), ("release-files",)),
     (lambda path: path == "eval.json", ("evaluation", "data", "quantize.", "format.")),
@@ -59,7 +76,8 @@ FILE_PARTS = (
 
 def release_yaml(name: str, arch: str, recipe: str) -> str:
     quant, calibration, evaluation, extra = RECIPES[recipe]
-    defaults = [{"override /model": arch}, {"override /quant": quant}, {"override /target": "vllm-h100"},
+    model, target = (f"{arch}-bpe", ON_DEVICE[recipe]) if recipe in ON_DEVICE else (arch, "vllm-h100")
+    defaults = [{"override /model": model}, {"override /quant": quant}, {"override /target": target},
                 {"override /calibration": calibration}, {"override /eval": evaluation}]
     document = {"defaults": defaults, "release": {"name": name, "version": "0.0.1"}, **extra}
     return "# @package _global_\n" + yaml.safe_dump(document, sort_keys=False)
@@ -72,6 +90,7 @@ def golden_repo(tmp_path_factory) -> Repo:
     repo = Repo.fresh(tmp_path_factory.mktemp("golden") / "repo")
     for arch in ARCHITECTURES:
         repo.add_model(arch, tokenizer=True)
+        repo.add_model(arch, tokenizer="bpe", name=f"{arch}-bpe")
         for recipe in RECIPES:
             name = f"golden-{arch}-{recipe}"
             (repo.root / "specs" / "release" / f"{name}.yaml").write_text(release_yaml(name, arch, recipe))
@@ -147,6 +166,7 @@ def test_every_shipped_recipe_and_format_has_a_golden_case():
     shipped = {p.stem for p in (PROJECT / "specs" / "quant").glob("*.yaml")}
     assert shipped <= {quant for quant, _, _, _ in RECIPES.values()}
     assert {extra.get("quant", {}).get("format") for *_, extra in RECIPES.values()} >= {"fp8"}
+    assert {quant.split("-")[0] for quant, *_ in RECIPES.values()} >= {"gguf", "mlx"}
 
 
 def truncating_quantize_weight(original):

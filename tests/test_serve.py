@@ -10,9 +10,10 @@ from builder.artifact.serve import serve_config
 from conftest import PROJECT
 
 RELEASES = list_releases(PROJECT)
+VLLM_RELEASES = [r for r in RELEASES if lock.read(PROJECT, r)["spec"]["target"]["runtime"] == "vllm"]
 
 
-@pytest.mark.parametrize("release", RELEASES)
+@pytest.mark.parametrize("release", VLLM_RELEASES)
 def test_serve_arguments_carry_the_release_layout_and_context(release):
     entry = lock.read(PROJECT, release)
     spec, serve = entry["spec"], serve_config(entry)
@@ -67,3 +68,20 @@ def test_a_transformers_target_gets_a_from_pretrained_command():
     assert shlex.split(serve["command"]) == [
         "python", "-c", "from transformers import pipeline; pipeline('text-generation', "
         "model='artifacts/smollm2-135m-instruct-bf16', dtype='bfloat16')"]
+
+
+def test_llama_cpp_release_serves_its_gguf_file_with_a_context_for_every_sequence():
+    serve = serve_config(lock.read(PROJECT, "smollm2-135m-instruct-gguf-q4_0"))
+    gguf = "artifacts/smollm2-135m-instruct-gguf-q4_0/smollm2-135m-instruct-gguf-q4_0.gguf"
+    assert serve["runtime"] == "llama-cpp" and serve["model"] == gguf and serve["environment"] == {}
+    # llama-server splits --ctx-size into --parallel slots: 8 sequences of 2048 tokens
+    assert serve["command"] == f"llama-server -m {gguf} --ctx-size 16384 --parallel 8 --ubatch-size 512"
+    assert serve["try"] == f"llama-cli -m {gguf} -p 'What is the capital of France?' -n 64 --temp 0 -st"
+
+
+def test_mlx_release_serves_its_folder_with_mlx_lm():
+    serve = serve_config(lock.read(PROJECT, "smollm2-135m-instruct-mlx-4bit"))
+    folder = "artifacts/smollm2-135m-instruct-mlx-4bit"
+    assert serve["runtime"] == "mlx" and serve["model"] == folder
+    assert serve["command"] == f"mlx_lm.server --model {folder} --decode-concurrency 8 --prefill-step-size 512"
+    assert serve["try"].startswith(f"mlx_lm.generate --model {folder} --prompt ")

@@ -13,13 +13,18 @@ from builder.spec import memory
 from builder.spec.recipe import Args, Recipe
 
 
+# The Hugging Face library that reads an artifact, by output format (transformers for the safetensors ones).
+LIBRARIES = {"gguf": "gguf", "mlx": "mlx"}
+
+
 def front_matter(spec: dict, recipe: Recipe) -> dict:
     """The Hugging Face model card metadata."""
     model = spec["model"]
     tags = {recipe.scheme_class, spec["choices"]["target"], spec["target"]["runtime"], "quant-release-builder"}
     if recipe.format != "dense":
         tags.add(recipe.format)
-    matter = {"base_model": model["id"], "base_model_relation": "quantized", "library_name": "transformers",
+    matter = {"base_model": model["id"], "base_model_relation": "quantized",
+              "library_name": LIBRARIES.get(recipe.format, "transformers"),
               "license": model["license"], "pipeline_tag": "text-generation", "tags": sorted(tags)}
     return matter
 
@@ -99,6 +104,7 @@ def model_card(entry: dict, evaluation: dict | None = None) -> str:
     environment = " ".join(f"{k}={v}" for k, v in sorted(serve["environment"].items()))
     lines += ["", "## How to serve", "", "```bash", serve["command"], "```", "",
               f"The arguments are in `serve.json`{f' (environment: `{environment}`)' if environment else ''}.",
+              *([] if "try" not in serve else ["", "One greedy completion:", "", "```bash", serve["try"], "```"]),
               "", "## How to rebuild", "",
               f"artifact_id: `{entry['artifact_id']}`", "",
               "From a checkout of the release repository whose `locks/"

@@ -5,7 +5,7 @@
 
 import shlex
 
-from builder.paths import artifact_name
+from builder.paths import artifact_name, gguf_file
 from builder.spec import memory
 from builder.spec.recipe import Recipe
 # vLLM's --quantization for each output format; dense checkpoints need none.
@@ -38,14 +38,7 @@ def vllm_arguments(spec: dict, recipe: Recipe, figures: dict) -> tuple:
 def vllm_command(model: str, arguments: dict, environment: dict) -> str:
     """`vllm serve MODEL --flag value ...`, flags sorted, booleans as bare flags."""
     words = [f"{key}={shlex.quote(value)}" for key, value in sorted(environment.items())]
-    words += ["vllm", "serve", shlex.quote(model)]
-    for key, value in sorted(arguments.items()):
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            words.append(flag)
-        elif value is not False:
-            words += [flag, shlex.quote(str(value))]
-    return " ".join(words)
+    return flags([*words, "vllm", "serve", shlex.quote(model)], arguments)
 
 
 def transformers_arguments(spec: dict, recipe: Recipe, figures: dict) -> tuple:
@@ -59,7 +52,53 @@ def transformers_command(model: str, arguments: dict, environment: dict) -> str:
     return f"python -c {shlex.quote(code)}"
 
 
-RUNTIMES = {"vllm": (vllm_arguments, vllm_command), "transformers": (transformers_arguments, transformers_command)}
+def flags(words: list, arguments: dict) -> str:
+    """words, then --flag value for each argument (sorted; booleans as bare flags), shell-quoted."""
+    for key, value in sorted(arguments.items()):
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            words.append(flag)
+        elif value is not False:
+            words += [flag, shlex.quote(str(value))]
+    return " ".join(words)
+
+
+def llama_cpp_arguments(spec: dict, recipe: Recipe, figures: dict) -> tuple:
+    """llama-server's options: its context holds every sequence's tokens (it splits it into
+    --parallel slots), so the KV cache is the one the memory estimate counts."""
+    context = spec["context"]
+    return {"ctx_size": context["max_model_len"] * context["max_num_seqs"], "parallel": context["max_num_seqs"],
+            "ubatch_size": context["prefill_chunk_size"]}, {}
+
+
+def llama_cpp_command(model: str, arguments: dict, environment: dict) -> str:
+    return flags(["llama-server", "-m", shlex.quote(model)], arguments)
+
+
+def mlx_arguments(spec: dict, recipe: Recipe, figures: dict) -> tuple:
+    """mlx_lm.server's options: sequences decoded together, prefill step."""
+    context = spec["context"]
+    return {"decode_concurrency": context["max_num_seqs"], "prefill_step_size": context["prefill_chunk_size"]}, {}
+
+
+def mlx_command(model: str, arguments: dict, environment: dict) -> str:
+    return flags(["mlx_lm.server", "--model", shlex.quote(model)], arguments)
+
+
+RUNTIMES = {"vllm": (vllm_arguments, vllm_command), "transformers": (transformers_arguments, transformers_command),
+            "llama-cpp": (llama_cpp_arguments, llama_cpp_command), "mlx": (mlx_arguments, mlx_command)}
+# One greedy completion from the command line, for runtimes that have such a tool (the model card shows it).
+PROMPT = "What is the capital of France?"
+TRY = {"llama-cpp": lambda model: f"llama-cli -m {shlex.quote(model)} -p {shlex.quote(PROMPT)} -n 64 --temp 0 -st",
+       "mlx": lambda model: f"mlx_lm.generate --model {shlex.quote(model)} --prompt {shlex.quote(PROMPT)} --max-tokens 64"}
+
+
+def model_path(entry: dict) -> str:
+    """What the runtime is pointed at: the artifact folder, or its GGUF file."""
+    folder = f"artifacts/{artifact_name(entry)}"
+    if entry["spec"]["quant"]["format"] == "gguf":
+        return f"{folder}/{gguf_file(entry['spec'])}"
+    return folder
 
 
 def serve_config(entry: dict) -> dict:
@@ -69,7 +108,10 @@ def serve_config(entry: dict) -> dict:
     to_arguments, to_command = RUNTIMES[runtime]
     recipe = Recipe.of(spec["quant"])
     arguments, environment = to_arguments(spec, recipe, memory.estimate(spec, recipe))
-    model = f"artifacts/{artifact_name(entry)}"
-    return {"runtime": runtime, "runtime_versions": spec["target"]["runtime_versions"], "model": model,
-            "arguments": arguments, "environment": environment,
-            "command": to_command(model, arguments, environment)}
+    model = model_path(entry)
+    config = {"runtime": runtime, "runtime_versions": spec["target"]["runtime_versions"], "model": model,
+              "arguments": arguments, "environment": environment,
+              "command": to_command(model, arguments, environment)}
+    if runtime in TRY:
+        config["try"] = TRY[runtime](model)
+    return config

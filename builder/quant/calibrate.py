@@ -1,7 +1,7 @@
 """Calibrate layer by layer: the source model runs one decoder layer at a time (FP32, CPU) over the
 calibration tokens, recording max |input| of every targeted Linear (every expert of a MoE layer
 included), max |key| and |value| entering the KV cache, and (for GPTQ) each Linear's input second
-moments. Deterministic: fixed batches, max-abs statistics.
+moments, (for imatrix) their diagonal. Deterministic: fixed batches, max-abs statistics.
 
     builder build smollm2-135m-instruct-fp8-static   (calibrates when the recipe needs it)
 
@@ -126,8 +126,10 @@ def calibrate(source: Path, tensors: dict, modules: dict, recipe: Recipe, ids: t
     """Statistics and GPTQ weights for quantize.compute, from calibration token ids [samples, length].
 
     Returns {"input_amax": {module: [1]}, "kv_amax": {kv scale name: [1]}, "gptq": {module: (values, scale)},
-    "imatrix": {module: E[x²] per input column}} (gptq a Spill when given one: GPTQ's results go to disk
-    as each layer finishes; imatrix filled only for imatrix_mse), modules by their checkpoint names,
+    "imatrix": {module: E[x²] per input column}, "importance": {module: E[x^2] per input feature, FP32}}
+    (gptq a Spill when given one: GPTQ's results go to disk as each layer finishes; imatrix filled only
+    for imatrix_mse observers (FP32 sums, shared by Linears reading one input), importance only for
+    llama.cpp's imatrix recipes (FP64 sums per Linear)), modules by their checkpoint names,
     statistics on the CPU. Only one decoder layer's weights and one set of hidden states
     (FP32, [samples, length, hidden]) are in memory at a time: each batch's outputs replace its inputs.
     device: where the layers run (cpu, cuda): one layer's weights on it at a time; the hidden states
@@ -135,7 +137,8 @@ def calibrate(source: Path, tensors: dict, modules: dict, recipe: Recipe, ids: t
     """
     config, family, model = skeleton.build(source, attention=lambda family: register(family.calibrate_with))
     device = torch.device(device)
-    found = {"input_amax": {}, "kv_amax": {}, "gptq": spill if spill is not None else {}, "imatrix": {}}
+    found = {"input_amax": {}, "kv_amax": {}, "gptq": spill if spill is not None else {}, "imatrix": {},
+             "importance": {}}
     with reader(tensors) as read:
         rows, indices = torch.unique(ids, sorted=True, return_inverse=True)
         prepare_model_inputs(model, config, read, rows)
@@ -165,6 +168,8 @@ def calibrate(source: Path, tensors: dict, modules: dict, recipe: Recipe, ids: t
             found["kv_amax"].update({name: amax.cpu() for name, amax in stats["kv_amax"].items()})
             importance = {name: total / count for name, (total, count) in stats["imatrix"].items()}  # E[x²]
             found["imatrix"].update({name: mean.cpu() for name, mean in importance.items()})
+            found["importance"].update({name: (total / stats["rows"][name]).to(torch.float32).cpu()
+                                        for name, total in stats["squares"].items()})
             if gptq_layer:
                 results = {}
                 for name, module in linears.items():
@@ -207,9 +212,10 @@ def observe(layer: torch.nn.Module, prefix: str, linears: dict, recipe: Recipe) 
     Linears that read the same input tensor (q/k/v, gate/up, an expert's gate/up) share one x xᵀ sum
     and one x² sum: each is computed once.
     """
-    stats = {"input_amax": {}, "kv_amax": {}, "hessian": {}, "imatrix": {}, "undo": []}
+    stats = {"input_amax": {}, "kv_amax": {}, "hessian": {}, "imatrix": {}, "squares": {}, "rows": {}, "undo": []}
     keep_hessian = recipe.algorithm == "gptq"
     keep_imatrix = recipe.weights is not None and recipe.weights.observer == "imatrix_mse"
+    keep_squares = recipe.algorithm == "imatrix"  # llama.cpp's imatrix: E[x_j^2] per input feature
     last = {"input": None, "owner": None}  # the input tensor seen last, and the Linear that summed it
 
     def on_input(name):
@@ -218,6 +224,10 @@ def observe(layer: torch.nn.Module, prefix: str, linears: dict, recipe: Recipe) 
             amax = x.abs().amax().reshape(1)
             previous = stats["input_amax"].get(name)
             stats["input_amax"][name] = amax if previous is None else torch.maximum(previous, amax)
+            if keep_squares:  # FP64 sums in fixed batch order: the same importance on every run
+                squares = x.to(torch.float64).square().sum(dim=0)
+                stats["squares"][name] = squares + stats["squares"].get(name, 0)
+                stats["rows"][name] = stats["rows"].get(name, 0) + x.shape[0]
             if not (keep_hessian or keep_imatrix):
                 return
             if args[0] is last["input"]:

@@ -198,3 +198,28 @@ def facts(config: dict) -> dict:
 
 ROPE_KEYS = ("rope_type", "rope_theta", "factor", "original_max_position_embeddings", "low_freq_factor",
              "high_freq_factor", "beta_fast", "beta_slow", "attention_factor")
+
+
+# The families each on-device layout is written for (builder/artifact/gguf.py, builder/artifact/mlx.py):
+# transformers model_type -> llama.cpp's architecture name (GGUF general.architecture; Mistral is
+# "llama" there, as llama.cpp's converter writes it) / mlx-lm's model module (it maps mistral to llama).
+LAYOUT_FAMILIES = {
+    "gguf": {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"},
+    "mlx": {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"},
+}
+
+
+def layout_problems(arch: dict, family: Family, layout: str) -> list:
+    """A model the on-device layout (quant.format gguf or mlx) is not written for, as (key path, message)."""
+    covered = LAYOUT_FAMILIES.get(layout)
+    if covered is None:
+        return []
+    if family.model_type not in covered:
+        classes = sorted(cls for model_type in covered for cls in FAMILIES[model_type].classes)
+        return [(("model", "architecture", "class"), f"{arch['class']}: format {layout} is written for "
+                 f"{', '.join(classes)}")]
+    rope = arch.get("rope_parameters")
+    if rope and rope["rope_type"] != "default":  # llama.cpp needs rope_freqs / rope.scaling.* keys for these
+        return [(("model", "architecture", "rope_parameters"), f"rope_type {rope['rope_type']}: format "
+                 f"{layout} is written for unscaled RoPE only")]
+    return []

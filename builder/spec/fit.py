@@ -10,12 +10,15 @@ import re
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 
 from builder.spec import families, memory
-from builder.spec.recipe import Recipe
+from builder.spec.recipe import Recipe, problems as recipe_problems
 
 # How RoPE scaling changes the longest context (vLLM's rule): these types multiply a base length by
 # `factor`; the others (default, llama3, longrope) already count it in max_position_embeddings.
 ROPE_SCALED_BASE = {"linear": "max_position_embeddings", "dynamic": "max_position_embeddings",
                     "yarn": "original_max_position_embeddings"}
+# The formats a target loads when its file does not list them: the Hugging Face safetensors layouts
+# (every vLLM target reads these, and only these).
+SAFETENSORS_FORMATS = ("dense", "compressed-tensors", "fp8")
 # Model dimensions tensor parallelism splits evenly across devices.
 TP_DIVIDES = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
 
@@ -112,11 +115,37 @@ def group_problems(arch: dict, recipe: Recipe, tp: int) -> list:
     return sorted(set(found))
 
 
-def target_problems(spec: dict, recipe: Recipe) -> list:
-    """The target runs the recipe's kernel family, activation scales and KV-cache dtype natively."""
-    target, scheme = spec["target"], recipe.scheme_class
+def target_problems(spec: dict, recipe: Recipe, recipes: dict | None = None) -> list:
+    """The target loads the recipe's format and runs its kernel family, activation scales and KV-cache
+    dtype natively.
+
+    recipes: the quant options (name -> Recipe) of specs/quant/; when given, a refusal names those
+    the target takes, so its support matrix is in the message.
+    """
+    target = spec["target"]
+    found = mismatches(target, recipe)
+    if found and recipes is not None:
+        takes = sorted(name for name, other in recipes.items()
+                       if not recipe_problems(other) and not mismatches(target, other))
+        suffix = f"; {spec['choices']['target']} takes the recipes: {', '.join(takes) or 'none shipped'}"
+        found = [(key, message + suffix) for key, message in found]
+    try:
+        SpecifierSet(target["runtime_versions"])
+    except InvalidSpecifier:
+        found.append((("target", "runtime_versions"), f"{target['runtime_versions']!r} is not a PEP 440 "
+                      "version range, e.g. '>=0.32.0,<0.33'"))
+    return found
+
+
+def mismatches(target: dict, recipe: Recipe) -> list:
+    """Why a target cannot run a (consistent) recipe as declared, as (key path, message); [] if it can."""
     where = target["device"].get("name") or target["device"]["kind"]
+    formats = target.get("formats", SAFETENSORS_FORMATS)
+    if recipe.format not in formats:  # nothing else about the recipe matters to a runtime that cannot read it
+        return [(("target", "formats"), f"{target['runtime']} does not load format {recipe.format}; "
+                 f"it loads: {', '.join(formats)}")]
     found = []
+    scheme = recipe.scheme_class
     if scheme not in target["schemes"]:
         found.append((("target", "schemes"), f"{where} does not run {scheme} (the quant recipe's kernel "
                       f"family) natively; it runs: {', '.join(target['schemes'])}"))
@@ -130,11 +159,6 @@ def target_problems(spec: dict, recipe: Recipe) -> list:
     if kv not in target["kv_cache_dtypes"]:
         found.append((("target", "kv_cache_dtypes"), f"{where} has no {kv} KV cache (the quant recipe "
                       f"quantizes it); allowed: {', '.join(target['kv_cache_dtypes'])}"))
-    try:
-        SpecifierSet(target["runtime_versions"])
-    except InvalidSpecifier:
-        found.append((("target", "runtime_versions"), f"{target['runtime_versions']!r} is not a PEP 440 "
-                      "version range, e.g. '>=0.32.0,<0.33'"))
     return found
 
 

@@ -26,12 +26,17 @@ OUTPUT_VERSIONS = {
     "format.dense": 1,               # unquantized tensors in the output dtype
     "format.compressed-tensors": 1,  # tensor names, packing and quantization_config
     "format.fp8": 1,                 # the AutoFP8 / vLLM legacy layout
+    "format.gguf": 1,                # the GGUF file: metadata, tokenizer keys, tensor names, order and types
+    "format.mlx": 1,                 # mlx-lm's layout: tensor names, uint32 packing, config.json's quantization
     "quantize.float": 1,             # FP8 scales and rounding (weights, activation and KV-cache scales)
     "quantize.int": 1,               # INT8 / INT4 scales and rounding
+    "quantize.ggml": 1,              # llama.cpp's Q8_0 / Q4_0 blocks
+    "quantize.affine": 1,            # MLX's affine groups: scales, biases, codes
     "gptq": 1,                       # GPTQ's column loop (integer and FP8 weights)
     "observer.mse": 1,               # weight scales searched for the least rounding error
     "observer.imatrix_mse": 1,       # the same, errors weighted by the inputs' E[x²] per column
-    "calibration": 1,                # layer-by-layer activation and KV maxima, GPTQ's input statistics
+    "imatrix": 1,                    # llama.cpp's importance-weighted Q4_0 scale search
+    "calibration": 1,                # layer-by-layer activation and KV maxima, GPTQ's and imatrix's input statistics
     "data": 1,                       # token windows drawn from calibration and evaluation text
     "evaluation": 1,                 # eval.json: perplexity and KL against the source
     "import.gguf": 1,                # builder import: GGUF -> BF16 safetensors
@@ -43,11 +48,15 @@ PART_PACKAGES = {
     "layout": ("torch",),
     "release-files": ("pyyaml",),    # the card's front matter
     "format.compressed-tensors": ("compressed-tensors",),  # its version is written into config.json
+    "format.gguf": ("gguf", "tokenizers"),  # the writer and its tensor-name tables; the pre-tokenizer's hash
     "quantize.float": ("torch",),
     "quantize.int": ("torch",),
+    "quantize.ggml": ("torch",),
+    "quantize.affine": ("torch",),
     "gptq": ("torch",),
     "observer.mse": ("torch",),
     "observer.imatrix_mse": ("torch",),
+    "imatrix": ("torch",),
     "calibration": ("torch", "transformers"),  # the model's own decoder layers run
     "data": ("tokenizers", "transformers"),    # text -> token ids
     "evaluation": ("compressed-tensors", "safetensors", "torch", "transformers"),  # loads and runs both models

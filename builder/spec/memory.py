@@ -25,7 +25,8 @@ def linear_layers(arch: dict) -> list:
 
 def weight_bytes(arch: dict, recipe: Recipe) -> int:
     """Bytes of every tensor the artifact holds (headers and per-tensor scalars aside): quantized
-    weights at num_bits with one scale per tensor, row or group; the rest in the output dtype."""
+    weights at num_bits with one scale (and, asymmetric, one bias) per tensor, row or group; the rest
+    in the output dtype."""
     element, total = DTYPE_BYTES[recipe.dtype], 0
     for tensor in checkpoint(arch):
         count = 1
@@ -34,7 +35,8 @@ def weight_bytes(arch: dict, recipe: Recipe) -> int:
         module = tensor.name[: -len(".weight")]
         if tensor.linear and recipe.quantizes(module, tensor.cls):
             rows, columns = tensor.shape
-            total += count * recipe.weights.num_bits // 8 + recipe.weights.scale_count(rows, columns) * element
+            per_scale = element if recipe.weights.symmetric else 2 * element  # asymmetric: a bias per scale too
+            total += count * recipe.weights.num_bits // 8 + recipe.weights.scale_count(rows, columns) * per_scale
         else:
             total += count * element
     return total

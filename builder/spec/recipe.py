@@ -15,6 +15,14 @@ OBSERVERS = {
     "mse": {"grid": 100, "maxshrink": 0.2, "patience": 5, "norm": 2.4},
     "imatrix_mse": {"grid": 20, "maxshrink": 0.95, "patience": 5, "norm": 3.0},
 }
+# Formats whose integer weights follow a runtime's own arithmetic, not compressed-tensors': the part
+# (builder/spec/identity.py) that rounds them. ggml: llama.cpp's Q8_0/Q4_0 blocks; affine: MLX's groups.
+QUANTIZER = {"gguf": "quantize.ggml", "mlx": "quantize.affine"}
+# llama.cpp's block types a gguf recipe's weights can be: (num_bits, group_size, symmetric) -> type.
+GGML_TYPES = {(8, 32, True): "Q8_0", (4, 32, True): "Q4_0"}
+# An unquantized (or untargeted) tensor's GGUF type, from the recipe's dtype.
+GGML_DENSE_TYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+MLX_BITS, MLX_GROUP_SIZES = (4, 8), (32, 64, 128)  # mlx-lm's affine modes this builder writes
 
 
 def matches(module: str, cls: str, patterns) -> bool:
@@ -92,9 +100,9 @@ class GPTQ:
 class Recipe:
     """spec["quant"], typed. Build it once per resolved spec; every stage asks it, not the dict."""
 
-    format: str            # dense, compressed-tensors, fp8 (the AutoFP8 / vLLM legacy layout)
-    dtype: str             # dtype of unquantized tensors and of scales
-    algorithm: str | None  # rtn, gptq; None when dense
+    format: str            # dense, compressed-tensors, fp8 (the AutoFP8 / vLLM legacy layout), gguf, mlx
+    dtype: str             # dtype of unquantized tensors and of scales (GGUF block scales are always F16)
+    algorithm: str | None  # rtn, gptq, imatrix (gguf Q4_0); None when unquantized
     gptq: GPTQ | None
     targets: tuple
     ignore: tuple
@@ -122,8 +130,9 @@ class Recipe:
     @property
     def needs_calibration(self) -> bool:
         """Whether the recipe reads calibration data: static activation or KV-cache scales, GPTQ, or
-        weight scales searched with the inputs' second moments (imatrix_mse)."""
-        return self.static_inputs or self.kv_cache_scheme is not None or self.algorithm == "gptq" \
+        weight scales searched with the inputs' second moments (imatrix_mse), or the input importance
+        of imatrix rounding."""
+        return self.static_inputs or self.kv_cache_scheme is not None or self.algorithm in ("gptq", "imatrix") \
             or (self.weights is not None and self.weights.observer == "imatrix_mse")
 
     @property
@@ -169,9 +178,9 @@ class Recipe:
         found = [f"format.{self.format}"]
         for args in (self.weights, self.input_activations, self.kv_cache_scheme):
             if args is not None:
-                found.append(f"quantize.{args.type}")
-        if self.algorithm == "gptq":
-            found.append("gptq")
+                found.append(QUANTIZER.get(self.format, f"quantize.{args.type}"))
+        if self.algorithm in ("gptq", "imatrix"):
+            found.append(self.algorithm)
         if self.weights is not None and self.weights.observer != "minmax":
             found.append(f"observer.{self.weights.observer}")
         if self.needs_calibration:
@@ -182,12 +191,15 @@ class Recipe:
 def problems(recipe: Recipe) -> list:
     """Recipe fields that contradict each other, as (key path, message)."""
     weights, acts, kv = recipe.weights, recipe.input_activations, recipe.kv_cache_scheme
-    if recipe.format == "dense":
-        return [(("quant", key), "must be null when format is dense")
+    if recipe.format == "dense" or (recipe.format in QUANTIZER and weights is None):
+        # dense safetensors, or a GGUF / MLX file of unquantized tensors
+        return [(("quant", key), f"must be null when {'format is dense' if recipe.format == 'dense' else 'weights is null'}")
                 for key in ("algorithm", "gptq", "weights", "input_activations", "kv_cache_scheme")
                 if getattr(recipe, key) is not None]
     if weights is None:
         return [(("quant", "weights"), f"format {recipe.format} needs weight quantization arguments")]
+    if recipe.format in LAYOUT_PROBLEMS:
+        return LAYOUT_PROBLEMS[recipe.format](recipe)
     found = []
     if not recipe.targets:
         found.append((("quant", "targets"), "empty: name the modules to quantize, e.g. [Linear]"))
@@ -195,7 +207,7 @@ def problems(recipe: Recipe) -> list:
         if args is None:
             continue
         if not args.symmetric:
-            found.append((("quant", key, "symmetric"), "false: only symmetric quantization is supported"))
+            found.append((("quant", key, "symmetric"), "false: only symmetric quantization is supported (format mlx writes affine groups)"))
         if args.type == "float" and args.num_bits != 8:
             found.append((("quant", key, "num_bits"), f"{args.num_bits}: float quantization is FP8 E4M3 (8)"))
         if (args.strategy == "group") != (args.group_size is not None):
@@ -218,6 +230,9 @@ def problems(recipe: Recipe) -> list:
                       "type float, strategy tensor, dynamic false"))
     if recipe.algorithm is None:
         found.append((("quant", "algorithm"), "null: a quantized recipe needs rtn or gptq"))
+    if recipe.algorithm == "imatrix":
+        found.append((("quant", "algorithm"), "imatrix: importance-weighted rounding is llama.cpp's Q4_0 "
+                      "scale search; use it with format gguf"))
     if (recipe.algorithm == "gptq") != (recipe.gptq is not None):
         found.append((("quant", "gptq"), "GPTQ settings are required with algorithm gptq and not allowed otherwise"))
     for key, args in (("input_activations", acts), ("kv_cache_scheme", kv)):
@@ -236,3 +251,48 @@ def problems(recipe: Recipe) -> list:
             found.append((("quant", "format"), "fp8: the legacy layout holds FP8 per-tensor weights and FP8 "
                           "per-tensor activations (static or dynamic); use compressed-tensors otherwise"))
     return found
+
+
+def on_device_problems(recipe: Recipe, allowed: str, fits, algorithms: tuple) -> list:
+    """What a GGUF or MLX recipe may hold: weight arguments of the runtime's own integer types
+    (fits(weights) says whether they are one), no activation or KV-cache quantization, and the
+    algorithms the format has."""
+    found = []
+    if not fits(recipe.weights) or recipe.weights.dynamic:
+        found.append((("quant", "weights"), f"{recipe.weights.words()}: format {recipe.format} writes {allowed}"))
+    for key in ("input_activations", "kv_cache_scheme"):
+        if getattr(recipe, key) is not None:
+            found.append((("quant", key), f"must be null with format {recipe.format}: the runtime "
+                          "quantizes activations and its KV cache itself, at run time"))
+    if not recipe.targets:
+        found.append((("quant", "targets"), "empty: name the modules to quantize, e.g. [Linear]"))
+    if recipe.algorithm not in algorithms:
+        found.append((("quant", "algorithm"), f"{recipe.algorithm}: format {recipe.format} with "
+                      f"{recipe.weights.num_bits}-bit weights takes {' or '.join(algorithms)}"))
+    if recipe.gptq is not None:
+        found.append((("quant", "gptq"), f"must be null with format {recipe.format}"))
+    return found
+
+
+def gguf_problems(recipe: Recipe) -> list:
+    """GGUF: llama.cpp's Q8_0 or Q4_0 blocks (imatrix rounding for Q4_0; Q8_0 takes no importance)."""
+    def fits(args):
+        return args.type == "int" and args.strategy == "group" and \
+            (args.num_bits, args.group_size, args.symmetric) in GGML_TYPES
+    four_bit = recipe.weights.num_bits == 4
+    return on_device_problems(recipe, "llama.cpp's Q8_0 (int 8) or Q4_0 (int 4) blocks: type int, strategy "
+                              "group, group_size 32, symmetric", fits, ("rtn", "imatrix") if four_bit else ("rtn",))
+
+
+def mlx_problems(recipe: Recipe) -> list:
+    """MLX: mlx-lm's affine groups (a scale and a bias per group: asymmetric), round to nearest."""
+    def fits(args):
+        return args.type == "int" and args.strategy == "group" and not args.symmetric and \
+            args.num_bits in MLX_BITS and args.group_size in MLX_GROUP_SIZES
+    return on_device_problems(recipe, "mlx-lm's affine groups: type int, strategy group, symmetric false, "
+                              f"num_bits {' or '.join(map(str, MLX_BITS))}, group_size "
+                              f"{', '.join(map(str, MLX_GROUP_SIZES))}", fits, ("rtn",))
+
+
+# Formats with rules of their own (a runtime's native types), in place of compressed-tensors'.
+LAYOUT_PROBLEMS = {"gguf": gguf_problems, "mlx": mlx_problems}

@@ -34,7 +34,7 @@ def resolve(root: Path, release: str, overrides: tuple = ()) -> dict:
                 for path, message in schema_problems(spec)]
     if not problems:
         problems = [locate(root, spec["choices"], overrides, path, message)
-                    for path, message in semantic_problems(spec)]
+                    for path, message in semantic_problems(spec, quant_options(root))]
     if problems:
         raise BuilderError(problems)
     return spec
@@ -136,8 +136,22 @@ def is_scalar(value) -> bool:
     return value is None or isinstance(value, (str, int, float, bool))
 
 
-def semantic_problems(spec: dict) -> list:
-    """Choices that are each valid but do not fit together, as (key path, message)."""
+def quant_options(root: Path) -> dict:
+    """name -> Recipe of every complete option in specs/quant/ (for naming what a target takes)."""
+    found = {}
+    for path in sorted((root / "specs" / "quant").glob("*.yaml")):
+        try:
+            found[path.stem] = Recipe.of(yaml.safe_load(path.read_text(encoding="utf-8")))
+        except (OSError, yaml.YAMLError, KeyError, TypeError):
+            continue  # a broken option is reported when a release chooses it
+    return found
+
+
+def semantic_problems(spec: dict, recipes: dict | None = None) -> list:
+    """Choices that are each valid but do not fit together, as (key path, message).
+
+    recipes: quant_options(), so that a target's refusal names the recipes it takes.
+    """
     found = []
     if spec["release"]["name"] != spec["choices"]["release"]:
         found.append((("release", "name"), f"{spec['release']['name']!r} must equal the file name "
@@ -149,12 +163,14 @@ def semantic_problems(spec: dict) -> list:
     inconsistent = recipe_problems(recipe) + group_problems(spec["model"]["architecture"], recipe)
     found.extend(inconsistent)
     if recipe.needs_calibration and spec["calibration"]["dataset"] is None:
-        found.append((("calibration", "dataset"), "null, but the recipe calibrates (static scales, KV-cache "
-                      "scales, GPTQ or imatrix_mse); choose a calibration group, e.g. calibration=licenses"))
+        why = "imatrix's input importance" if recipe.algorithm == "imatrix" else \
+            "static scales, KV-cache scales, GPTQ or imatrix_mse"
+        found.append((("calibration", "dataset"), f"null, but the recipe calibrates ({why}); choose a "
+                      "calibration group, e.g. calibration=licenses"))
     found.extend(fit.context_problems(spec))
     found.extend(fit.parallelism_problems(spec, recipe))
     if not inconsistent:  # the recipe's kernel family and size are only meaningful for a consistent recipe
-        found.extend(fit.target_problems(spec, recipe))
+        found.extend(fit.target_problems(spec, recipe, recipes))
         found.extend(fit.memory_problems(spec, recipe))
     return found
 
@@ -174,7 +190,7 @@ def model_problems(spec: dict) -> list:
     if family.tied_only and not arch["tie_word_embeddings"] and spec["target"]["runtime"] == "vllm":
         found.append((("model", "architecture", "tie_word_embeddings"), f"false: vLLM loads {arch['class']} "
                       "only with a tied lm_head"))
-    return found
+    return found + families.layout_problems(arch, family, spec["quant"]["format"])
 
 
 def group_problems(arch: dict, recipe: Recipe) -> list:
