@@ -152,7 +152,7 @@ def test_an_unknown_pre_tokenizer_is_named_by_its_hash(gguf_repo, tmp_path):
 
 @pytest.mark.parametrize("overrides, fragments", [
     (["target=vllm-h100"], ["specs/target/vllm-h100.yaml", "target.formats", "vllm does not load format gguf",
-                            "vllm-h100 takes the recipes: bf16, fp8-dynamic, fp8-static, w4a16, w4a16-gptq"]),
+                            "vllm-h100 takes the recipes: bf16, fp8-dynamic, fp8-dynamic-gptq-imatrix, fp8-static"]),
     (["quant=fp8-dynamic"], ["specs/target/llama-cpp.yaml", "llama-cpp does not load format compressed-tensors",
                              "llama-cpp takes the recipes: gguf-q4_0, gguf-q8_0"]),
     (["quant.weights.group_size=64"], ["quant.weights", "llama.cpp's Q8_0 (int 8) or Q4_0 (int 4) blocks"]),
