@@ -28,7 +28,9 @@ MODEL = "smollm2-135m-instruct"
 FORMATS = {
     "fp8-dynamic": (("fp8-dynamic", "fp8-dynamic-gptq-imatrix"), ("fp8-dynamic", "fp8-dynamic-gptq-imatrix")),
     "fp8-static": (("fp8-static", "fp8-static-gptq-imatrix"), ("fp8-static", "fp8-static-gptq-mse")),
-    "w8a8-int8": (("w8a8-int8", "w8a8-int8-gptq-imatrix"), ("w8a8-int8", "w8a8-int8-gptq-imatrix")),
+    "w8a8-int8": (("w8a8-int8", "w8a8-int8-gptq-imatrix", "w8a8-int8-smoothquant",
+                   "w8a8-int8-smoothquant-gptq-imatrix"),
+                  ("w8a8-int8", "w8a8-int8-smoothquant", "w8a8-int8-gptq-imatrix")),
     "w4a16": (("w4a16", "w4a16-gptq", "w4a16-gptq-imatrix"),
               ("w4a16", "w4a16-gptq", "w4a16-gptq-mse", "w4a16-gptq-imatrix")),
 }

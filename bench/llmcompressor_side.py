@@ -19,10 +19,14 @@ SCHEMES = {"fp8-dynamic": {"scheme": "FP8_DYNAMIC"}, "fp8-static": {"scheme": "F
 BEST = {"fp8-dynamic-gptq-imatrix": ("fp8-dynamic", "imatrix_mse"), "fp8-static-gptq-mse": ("fp8-static", "mse"),
         "w8a8-int8-gptq-imatrix": ("w8a8-int8", "imatrix_mse"), "w4a16-gptq-imatrix": ("w4a16", "imatrix_mse"),
         "w4a16-gptq-mse": ("w4a16", "mse")}
-RECIPES = (*SCHEMES, "w4a16", "w4a16-gptq", *BEST)
+# SmoothQuant (its default strength, 0.5, and its default Llama mappings: input_layernorm -> q/k/v,
+# post_attention_layernorm -> gate/up) before round to nearest: the same recipe as ours.
+SMOOTHED = {"w8a8-int8-smoothquant": ("w8a8-int8", 0.5)}
+RECIPES = (*SCHEMES, "w4a16", "w4a16-gptq", *BEST, *SMOOTHED)
 
 
 def modifier(recipe: str, group_size: int = 64):
+    """The modifier (or list of modifiers, applied in order) oneshot runs for a recipe name."""
     from llmcompressor.modifiers.gptq import GPTQModifier
     from llmcompressor.modifiers.quantization import QuantizationModifier
 
@@ -30,6 +34,11 @@ def modifier(recipe: str, group_size: int = 64):
     gptq = {"block_size": 128, "dampening_frac": 0.01}
     if recipe in SCHEMES:
         return QuantizationModifier(**SCHEMES[recipe], **common)
+    if recipe in SMOOTHED:
+        from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
+
+        base, strength = SMOOTHED[recipe]
+        return [SmoothQuantModifier(smoothing_strength=strength), QuantizationModifier(**SCHEMES[base], **common)]
     w4 = {**W4_G64, "group_size": group_size}
     groups = {"group_0": {"targets": ["Linear"], "weights": w4}}
     if recipe == "w4a16":

@@ -123,3 +123,63 @@ def test_imatrix_mse_without_gptq_is_repeatable_records_its_observer_and_only_sh
     scales = [name for name in plain if name.endswith("weight_scale")]
     assert scales and all(bool((found[name] <= plain[name]).all()) for name in scales)
     assert any(not torch.equal(found[name], plain[name]) for name in scales)  # the search moved some scale
+
+
+def test_smoothquant_moves_an_activation_outlier_into_the_weights_and_builds_a_repeatable_w8a8(calib_repo, tmp_path):
+    """A channel 50x larger than the rest entering layer 0's q/k/v: SmoothQuant's factors shrink it
+    relative to the others (alpha 0.5: to about its square root), and the build writes the smoothed
+    norm in place of the source's, twice the same bytes, loadable by transformers."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    from builder.quant import calibrate
+    from builder.source import load
+
+    path = tmp_path / "outlier"
+    shutil.copytree(calib_repo.root / "weights" / "tiny-llama", path)
+    tensors = load_file(path / "model.safetensors")
+    tensors["model.layers.0.input_layernorm.weight"][3] *= 50
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    recipe = Recipe.of({**RECIPE_DICT, "algorithm": "rtn", "gptq": None, "smoothing": {"alpha": 0.5},
+                        "weights": {**RECIPE_DICT["weights"], "num_bits": 8, "strategy": "channel", "group_size": None},
+                        "input_activations": {"num_bits": 8, "type": "int", "strategy": "token", "symmetric": True,
+                                              "dynamic": True, "group_size": None}})
+    ids = torch.randint(1, 255, (4, 32), generator=torch.Generator().manual_seed(0))
+    found = calibrate.calibrate(path, load.tensor_index(path), load.architecture(path)["modules"], recipe, ids,
+                                log=lambda m: None)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    seen = {}
+    model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(
+        lambda module, args: seen.setdefault("x", args[0].detach().reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        model(ids)
+    before = seen["x"].abs().amax(dim=0)
+    after = (seen["x"] / found["smoothing"]["model.layers.0.input_layernorm.weight"]).abs().amax(dim=0)
+    spread = lambda amax: float(amax[3] / amax.median())  # noqa: E731
+    assert spread(before) > 20 and spread(after) < spread(before) / 3
+
+    release = ("quant=w8a8-int8-smoothquant", "calibration.samples=4", "calibration.sequence_length=32")
+    digests = [build_module.build(calib_repo.root, "tiny-llama-fp8-static", release, out=tmp_path / name,
+                                  log=lambda message: None)["content_digest"] for name in ("one", "two")]
+    assert digests[0] == digests[1]
+    written = load_file(tmp_path / "one" / "model.safetensors")
+    source = load_file(calib_repo.root / "weights" / "tiny-llama" / "model.safetensors")
+    assert not torch.equal(written["model.layers.0.input_layernorm.weight"].float(),
+                           source["model.layers.0.input_layernorm.weight"].float())
+    model, info = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "one", dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True),
+        output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_smoothquant_is_refused_for_a_weight_only_recipe_naming_the_key(calib_repo):
+    from builder.errors import BuilderError
+    from builder.spec.resolve import resolve
+
+    with pytest.raises(BuilderError) as caught:
+        resolve(calib_repo.root, "tiny-llama-w4a16-gptq", ("+quant.smoothing.alpha=0.5",))
+    assert any("quant.smoothing" in str(p) and "needs quantized input_activations" in str(p)
+               for p in caught.value.problems)

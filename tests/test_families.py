@@ -243,3 +243,40 @@ def test_calibration_maxima_equal_a_full_model_forward_for_every_family(family_r
 
 
 ARGS = {"num_bits": 8, "type": "float", "strategy": "tensor", "symmetric": True, "dynamic": False, "group_size": None}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_smoothquant_keeps_every_supported_familys_function_and_is_refused_for_the_others(family_repo, kind):
+    """SmoothQuant's factors, folded into the norms and the Linears reading them, leave the model's
+    logits as they were (up to FP32 rounding); families whose norms it cannot fold into are refused
+    at resolve time, naming quant.smoothing."""
+    from transformers import AutoModelForCausalLM
+
+    from builder.errors import BuilderError
+    from builder.quant import calibrate, quantize
+    from builder.source import load
+    from builder.spec.resolve import resolve
+
+    path = family_repo.root / "weights" / kind
+    architecture = load.architecture(path)
+    family = families.of_class(architecture["facts"]["class"])
+    release, overrides = f"{kind}-all-fp8-static", ("quant=w8a8-int8-smoothquant",)  # calibrates on licences
+    if not families.smoothable(family):
+        with pytest.raises(BuilderError) as caught:
+            resolve(family_repo.root, release, overrides)
+        assert [str(p) for p in caught.value.problems if "quant.smoothing" in str(p)], caught.value.problems
+        return
+    recipe = Recipe.of(resolve(family_repo.root, release, overrides)["quant"])
+    found = calibrate.calibrate(path, load.tensor_index(path), architecture["modules"], recipe, IDS,
+                                log=lambda m: None)
+    for index in range(architecture["facts"]["num_hidden_layers"]):
+        folded = [name for name in found["smoothing"] if name.startswith(f"model.layers.{index}.")]
+        norms = [name for name in folded if name.endswith("layernorm.weight")]
+        assert len(norms) == 2 and len(folded) >= 4  # both norms, and at least one Linear after each
+    source = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    smoothed = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    state = {name: quantize.smoothed(name, tensor, found) for name, tensor in source.state_dict().items()}
+    assert sum(not torch.equal(state[name], tensor) for name, tensor in source.state_dict().items()) >= 8
+    smoothed.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(smoothed(IDS).logits, source(IDS).logits, rtol=1e-4, atol=1e-4)

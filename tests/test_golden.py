@@ -41,6 +41,9 @@ RECIPES = {
     "w8a8-int8-gptq-imatrix": ("w8a8-int8-gptq-imatrix", "licenses", "none", SMALL_CALIBRATION),
     "w4a16-gptq-imatrix": ("w4a16-gptq-imatrix", "licenses", "none",
                            {**SMALL_CALIBRATION, "quant": {"weights": {"group_size": 32}}}),
+    "w8a8-int8-smoothquant": ("w8a8-int8-smoothquant", "licenses", "none", SMALL_CALIBRATION),
+    "w8a8-int8-smoothquant-gptq-imatrix": ("w8a8-int8-smoothquant-gptq-imatrix", "licenses", "none",
+                                           SMALL_CALIBRATION),
     "fp8-dynamic-evaluated": ("fp8-dynamic", "none", "docstrings", {"eval": {
         "samples": 2, "sequence_length": 64,
         "gate": {"max_perplexity_increase_pct": None, "max_mean_kl": None}}}),
@@ -65,7 +68,7 @@ CASES = tuple(f"golden-{arch}-{recipe}" for arch in ARCHITECTURES for recipe in 
 # Which parts decide each kind of file (the diagnosis names those the failing case runs).
 FILE_PARTS = (
     (lambda path: path.endswith(".safetensors") or path.endswith(".index.json"),
-     ("layout", "format.", "quantize.", "gptq", "observer.", "calibration", "data")),
+     ("layout", "format.", "quantize.", "gptq", "observer.", "smoothing", "calibration", "data")),
     (lambda path: path.endswith(".gguf"), ("format.", "quantize.", "imatrix", "calibration", "data")),
     (lambda path: path == "config.json", ("layout", "format.")),
     (lambda path: path in ("release.json", "serve.json", "README.md"), ("release-files",)),

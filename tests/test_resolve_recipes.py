@@ -31,7 +31,7 @@ def test_resolve_requires_calibration_data_for_static_scales_gptq_and_imatrix_ms
                    ("quant=w4a16", "quant.weights.group_size=64", "+quant.weights.observer=imatrix_mse")):
         found = problems(repo, *recipe, "target=vllm-h100")
         assert found == ["specs/calibration/none.yaml: calibration.dataset: null, but the recipe calibrates "
-                         "(static scales, KV-cache scales, GPTQ or imatrix_mse); choose a calibration group, e.g. "
+                         "(static scales, KV-cache scales, GPTQ, imatrix_mse or SmoothQuant); choose a calibration group, e.g. "
                          "calibration=licenses"]
     spec = resolve(repo.root, RELEASE, ("quant=fp8-dynamic", "+quant.weights.observer=mse"))
     assert spec["quant"]["weights"]["observer"] == "mse"  # mse searches the weights alone: no calibration

@@ -1,7 +1,8 @@
 """Calibrate layer by layer: the source model runs one decoder layer at a time (FP32, CPU) over the
 calibration tokens, recording max |input| of every targeted Linear (every expert of a MoE layer
 included), max |key| and |value| entering the KV cache, and (for GPTQ) each Linear's input second
-moments, (for imatrix) their diagonal. Deterministic: fixed batches, max-abs statistics.
+moments, (for imatrix) their diagonal; with SmoothQuant, each layer's per-channel factors first
+(smooth). Deterministic: fixed batches, max-abs statistics.
 
     builder build smollm2-135m-instruct-fp8-static   (calibrates when the recipe needs it)
 
@@ -18,11 +19,13 @@ from builder.console import progress
 from builder.quant import gptq, quantize
 from builder.quant.spill import Spill
 from builder.source import skeleton
+from builder.spec import families
 from builder.spec.recipe import Args, Recipe
 from builder.tensorfile import reader
 
 BATCH = 4  # calibration samples per forward pass: fixed, so every reduction splits the same way
 KV_SCALES = ("self_attn.k_scale", "self_attn.v_scale")  # where compressed-tensors and vLLM look for them
+SMOOTHING_FLOOR = 1e-5  # smallest max |x|, max |w| and factor SmoothQuant uses: no channel divides by zero
 
 
 def observed(attend):
@@ -126,7 +129,8 @@ def calibrate(source: Path, tensors: dict, modules: dict, recipe: Recipe, ids: t
     """Statistics and GPTQ weights for quantize.compute, from calibration token ids [samples, length].
 
     Returns {"input_amax": {module: [1]}, "kv_amax": {kv scale name: [1]}, "gptq": {module: (values, scale)},
-    "imatrix": {module: E[x²] per input column}, "importance": {module: E[x^2] per input feature, FP32}}
+    "imatrix": {module: E[x²] per input column}, "importance": {module: E[x^2] per input feature, FP32},
+    "smoothing": {checkpoint tensor: SmoothQuant's factor per input channel} (see smooth)}
     (gptq a Spill when given one: GPTQ's results go to disk as each layer finishes; imatrix filled only
     for imatrix_mse observers (FP32 sums, shared by Linears reading one input), importance only for
     llama.cpp's imatrix recipes (FP64 sums per Linear)), modules by their checkpoint names,
@@ -138,7 +142,7 @@ def calibrate(source: Path, tensors: dict, modules: dict, recipe: Recipe, ids: t
     config, family, model = skeleton.build(source, attention=lambda family: register(family.calibrate_with))
     device = torch.device(device)
     found = {"input_amax": {}, "kv_amax": {}, "gptq": spill if spill is not None else {}, "imatrix": {},
-             "importance": {}}
+             "importance": {}, "smoothing": {}}
     with reader(tensors) as read:
         rows, indices = torch.unique(ids, sorted=True, return_inverse=True)
         prepare_model_inputs(model, config, read, rows)
@@ -158,6 +162,8 @@ def calibrate(source: Path, tensors: dict, modules: dict, recipe: Recipe, ids: t
                        if isinstance(module, torch.nn.Linear) and quantize.targeted(
                            skeleton.checkpoint_name(prefix + name, family) + ".weight", tuple(module.weight.shape),
                            modules, recipe)}
+            if recipe.smoothing is not None:
+                found["smoothing"].update(smooth(layer, index, prefix, family, hidden, arguments, recipe.smoothing))
             gptq_layer = recipe.algorithm == "gptq"
             stats = observe(layer, prefix, linears, recipe)
             run(layer, index, hidden, arguments, replace=not gptq_layer)
@@ -185,6 +191,58 @@ def calibrate(source: Path, tensors: dict, modules: dict, recipe: Recipe, ids: t
             layer.to_empty(device="meta")  # free this layer's weights before the next is read
     log(f"calibrated {len(layers)} layers on {ids.shape[0]} x {ids.shape[1]} tokens")
     return found
+
+
+def smooth(layer: torch.nn.Module, index: int, prefix: str, family, hidden: list, arguments: dict,
+           alpha: float) -> dict:
+    """SmoothQuant on one decoder layer, in place: each norm of families.SMOOTHED_NORMS is divided, and
+    the weight columns of the Linears reading its output multiplied, by one factor per channel,
+    s = max|x|^alpha / max|w|^(1 - alpha) (max |x| over the calibration tokens, max |w| over the rows of
+    every such Linear), so the layer computes the same function with flatter activations.
+
+    Runs the layer once over the calibration batches to see the maxima and which Linears read which
+    norm. Returns {checkpoint tensor name: factor (FP32, CPU)} for the norms' and the Linears' weights,
+    so the writer applies the same factors to the tensors it reads (quantize.compute)."""
+    norms = {name: getattr(layer, name) for name in families.SMOOTHED_NORMS}
+    linears = {name: module for name, module in layer.named_modules() if isinstance(module, torch.nn.Linear)}
+    outputs, amax, readers, undo = {}, {}, {name: [] for name in norms}, []
+
+    def on_norm(name):
+        def hook(module, args, output):
+            outputs[name] = output
+            channel_max = output.detach().reshape(-1, output.shape[-1]).abs().amax(dim=0).to(torch.float32)
+            amax[name] = channel_max if name not in amax else torch.maximum(amax[name], channel_max)
+        return hook
+
+    def on_linear(linear):
+        def hook(module, args):
+            for name, output in outputs.items():
+                if args[0] is output and linear not in readers[name]:
+                    readers[name].append(linear)
+        return hook
+
+    for name, norm in norms.items():
+        undo.append(norm.register_forward_hook(on_norm(name)).remove)
+    for name, module in linears.items():
+        undo.append(module.register_forward_pre_hook(on_linear(name)).remove)
+    run(layer, index, hidden, arguments, replace=False)
+    for remove in undo:
+        remove()
+    outputs.clear()
+    factors = {}
+    with torch.no_grad():
+        for name, norm in norms.items():
+            if not readers[name]:
+                raise RuntimeError(f"{prefix}{name}: no Linear reads its output")  # smoothable() families do
+            weight_max = torch.stack([linears[reader].weight.abs().amax(dim=0) for reader in readers[name]]).amax(dim=0)
+            factor = (amax[name].clamp(min=SMOOTHING_FLOOR).pow(alpha)
+                      / weight_max.clamp(min=SMOOTHING_FLOOR).pow(1 - alpha)).clamp(min=SMOOTHING_FLOOR)
+            norm.weight.div_(factor)
+            factors[skeleton.checkpoint_name(prefix + name, family) + ".weight"] = factor.cpu()
+            for reader in readers[name]:
+                linears[reader].weight.mul_(factor)
+                factors[skeleton.checkpoint_name(prefix + reader, family) + ".weight"] = factor.cpu()
+    return factors
 
 
 def fill_unseen(linears: dict, stats: dict, prefix: str, recipe: Recipe, log) -> None:

@@ -110,7 +110,7 @@ def searched_scales(recipe: Recipe, tensors: dict, modules: dict, calibration: d
     scales = {}
     with reader(tensors) as read:
         for name in progress(names, desc="search scales", unit="tensor"):
-            weight = read(name).to(torch.float32)
+            weight = quantize.smoothed(name, read(name), calibration).to(torch.float32)
             quantize.require_finite(name, quantize.grouped_amax(weight, recipe.weights))
             module = name[: -len(".weight")]
             scales[module] = weight_scale(weight, recipe.weights, dtype, importance.get(module))

@@ -101,6 +101,7 @@ def compute(name: str, tensor: torch.Tensor, is_targeted: bool, recipe: Recipe,
     scales (observe.searched_scales); recipes without either pass None. Raises BuilderError when the
     source tensor holds NaN or infinity.
     """
+    tensor = smoothed(name, tensor, calibration)
     if not is_targeted:
         if tensor.is_floating_point():
             require_finite(name, tensor)
@@ -121,6 +122,16 @@ def compute(name: str, tensor: torch.Tensor, is_targeted: bool, recipe: Recipe,
     found = {f"{module}.weight_packed": pack(values, args.num_bits)} if recipe.packed else {name: values}
     found[f"{module}.weight_scale"] = scale.reshape(scalar) if args.strategy == "tensor" else scale
     return found
+
+
+def smoothed(name: str, tensor: torch.Tensor, calibration: dict | None) -> torch.Tensor:
+    """The source tensor with SmoothQuant's factor applied (calibrate.smooth), in FP32: a norm's weight
+    divided by it, a Linear's weight columns multiplied by it; other tensors as they are."""
+    factor = (calibration or {}).get("smoothing", {}).get(name)
+    if factor is None:
+        return tensor
+    tensor = tensor.to(torch.float32)
+    return tensor / factor if tensor.dim() == 1 else tensor * factor
 
 
 def require_finite(name: str, tensor: torch.Tensor) -> None:

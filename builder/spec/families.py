@@ -43,6 +43,7 @@ class Family:
     qkv_bias: str = "config"          # biases of q/k/v: config (attention_bias), always, never
     calibrate_with: str = "sdpa"      # attention kernel calibration runs (eager: sdpa drops softcapping)
     embedding_scale: bool = False     # input embeddings x sqrt(hidden) (a non-persistent buffer)
+    norm_offset: bool = False         # RMSNorm multiplies by 1 + weight (Gemma), not by weight
     tied_only: bool = False           # vLLM loads only tied lm_head checkpoints
     moe: MoE | None = None
     vllm: str = ""                    # what vLLM's CPU build on AVX2 does with it, for the README
@@ -61,16 +62,27 @@ FAMILIES = {family.model_type: family for family in (
     Family("qwen2", ("Qwen2ForCausalLM",), qkv_bias="always"),
     Family("qwen3", ("Qwen3ForCausalLM",), qk_norm="head_dim"),
     Family("phi3", ("Phi3ForCausalLM",), attention="fused", mlp="fused", qkv_bias="never"),
-    Family("gemma", ("GemmaForCausalLM",), embedding_scale=True, tied_only=True),
+    Family("gemma", ("GemmaForCausalLM",), embedding_scale=True, norm_offset=True, tied_only=True),
     Family("gemma2", ("Gemma2ForCausalLM",), layer_norms=4, calibrate_with="eager", embedding_scale=True,
-           tied_only=True),
+           norm_offset=True, tied_only=True),
     Family("gemma3_text", ("Gemma3ForCausalLM",), layer_norms=4, qk_norm="head_dim", embedding_scale=True,
-           tied_only=True),
+           norm_offset=True, tied_only=True),
     Family("mixtral", ("MixtralForCausalLM",), qkv_bias="never", moe=MIXTRAL_MOE),
     Family("qwen3_moe", ("Qwen3MoeForCausalLM",), qk_norm="head_dim", moe=QWEN_MOE),
     Family("olmoe", ("OlmoeForCausalLM",), qk_norm="full", moe=OLMOE_MOE),
 )}
 BY_CLASS = {cls: family for family in FAMILIES.values() for cls in family.classes}
+# The norms SmoothQuant folds its factors into: each feeds Linears only (attention's q/k/v or qkv_proj,
+# the MLP's gate/up or gate_up_proj) in families whose RMSNorm scales by its weight.
+SMOOTHED_NORMS = ("input_layernorm", "post_attention_layernorm")
+
+
+def smoothable(family: Family) -> bool:
+    """Whether SmoothQuant can fold into the family's layers: dense, two norms per layer, each
+    multiplying by its weight (Gemma's 1 + weight, its extra norms, and MoE routers are not handled)."""
+    return family.moe is None and family.layer_norms == 2 and not family.norm_offset
+
+
 # Tensor parallelism splits these layers along their input features (vLLM's RowParallelLinear).
 ROW_PARALLEL = ("self_attn.o_proj", "down_proj", "w2")
 

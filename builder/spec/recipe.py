@@ -109,14 +109,17 @@ class Recipe:
     weights: Args | None
     input_activations: Args | None
     kv_cache_scheme: Args | None
+    smoothing: float | None = None  # SmoothQuant's migration strength alpha; optional in specs (absent: none)
 
     @classmethod
     def of(cls, quant: dict) -> "Recipe":
+        smoothing = quant.get("smoothing")
         return cls(format=quant["format"], dtype=quant["dtype"], algorithm=quant["algorithm"],
                    gptq=None if quant["gptq"] is None else GPTQ(**quant["gptq"]),
                    targets=tuple(quant["targets"]), ignore=tuple(quant["ignore"]),
                    weights=Args.of(quant["weights"]), input_activations=Args.of(quant["input_activations"]),
-                   kv_cache_scheme=Args.of(quant["kv_cache_scheme"]))
+                   kv_cache_scheme=Args.of(quant["kv_cache_scheme"]),
+                   smoothing=None if smoothing is None else float(smoothing["alpha"]))
 
     @property
     def dense(self) -> bool:
@@ -130,10 +133,10 @@ class Recipe:
     @property
     def needs_calibration(self) -> bool:
         """Whether the recipe reads calibration data: static activation or KV-cache scales, GPTQ, or
-        weight scales searched with the inputs' second moments (imatrix_mse), or the input importance
-        of imatrix rounding."""
+        weight scales searched with the inputs' second moments (imatrix_mse), the input importance
+        of imatrix rounding, or SmoothQuant's per-channel input maxima."""
         return self.static_inputs or self.kv_cache_scheme is not None or self.algorithm in ("gptq", "imatrix") \
-            or (self.weights is not None and self.weights.observer == "imatrix_mse")
+            or (self.weights is not None and self.weights.observer == "imatrix_mse") or self.smoothing is not None
 
     @property
     def packed(self) -> bool:
@@ -183,6 +186,8 @@ class Recipe:
             found.append(self.algorithm)
         if self.weights is not None and self.weights.observer != "minmax":
             found.append(f"observer.{self.weights.observer}")
+        if self.smoothing is not None:
+            found.append("smoothing")
         if self.needs_calibration:
             found.append("calibration")
         return tuple(sorted(set(found)))
@@ -190,6 +195,20 @@ class Recipe:
 
 def problems(recipe: Recipe) -> list:
     """Recipe fields that contradict each other, as (key path, message)."""
+    return smoothing_problems(recipe) + argument_problems(recipe)
+
+
+def smoothing_problems(recipe: Recipe) -> list:
+    """SmoothQuant divides each layer's activations per channel before they are quantized: it needs
+    quantized input activations, which only compressed-tensors and the fp8 layout carry."""
+    if recipe.smoothing is None or (recipe.input_activations is not None and recipe.format in ("compressed-tensors", "fp8")):
+        return []
+    return [(("quant", "smoothing"), "SmoothQuant moves activation outliers into the weights: it needs "
+             "quantized input_activations (W8A8 or FP8 activations); remove smoothing for weight-only recipes")]
+
+
+def argument_problems(recipe: Recipe) -> list:
+    """The formats', quantization arguments' and algorithm's contradictions, as (key path, message)."""
     weights, acts, kv = recipe.weights, recipe.input_activations, recipe.kv_cache_scheme
     if recipe.format == "dense" or (recipe.format in QUANTIZER and weights is None):
         # dense safetensors, or a GGUF / MLX file of unquantized tensors

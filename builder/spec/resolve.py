@@ -161,10 +161,16 @@ def semantic_problems(spec: dict, recipes: dict | None = None) -> list:
         return found + family_problems
     recipe = Recipe.of(spec["quant"])
     inconsistent = recipe_problems(recipe) + group_problems(spec["model"]["architecture"], recipe)
+    family = families.of_class(spec["model"]["architecture"]["class"])
+    if recipe.smoothing is not None and not families.smoothable(family):
+        inconsistent.append((("quant", "smoothing"), f"SmoothQuant folds into two norms per layer that scale by "
+                             f"their weight; {spec['model']['architecture']['class']} has "
+                             f"{'experts' if family.moe else 'other norms'}: supported for "
+                             f"{', '.join(f.model_type for f in families.FAMILIES.values() if families.smoothable(f))}"))
     found.extend(inconsistent)
     if recipe.needs_calibration and spec["calibration"]["dataset"] is None:
         why = "imatrix's input importance" if recipe.algorithm == "imatrix" else \
-            "static scales, KV-cache scales, GPTQ or imatrix_mse"
+            "static scales, KV-cache scales, GPTQ, imatrix_mse or SmoothQuant"
         found.append((("calibration", "dataset"), f"null, but the recipe calibrates ({why}); choose a "
                       "calibration group, e.g. calibration=licenses"))
     found.extend(fit.context_problems(spec))
