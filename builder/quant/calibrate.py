@@ -202,7 +202,7 @@ def smooth(layer: torch.nn.Module, index: int, prefix: str, family, hidden: list
 
     Runs the layer once over the calibration batches to see the maxima and which Linears read which
     norm. Returns {checkpoint tensor name: factor (FP32, CPU)} for the norms' and the Linears' weights,
-    so the writer applies the same factors to the tensors it reads (quantize.compute)."""
+    so the writer applies the same factors to the tensors it reads (quantize.smoothed)."""
     norms = {name: getattr(layer, name) for name in families.SMOOTHED_NORMS}
     linears = {name: module for name, module in layer.named_modules() if isinstance(module, torch.nn.Linear)}
     outputs, amax, readers, undo = {}, {}, {name: [] for name in norms}, []
