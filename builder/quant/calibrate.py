@@ -238,10 +238,11 @@ def smooth(layer: torch.nn.Module, index: int, prefix: str, family, hidden: list
             factor = (amax[name].clamp(min=SMOOTHING_FLOOR).pow(alpha)
                       / weight_max.clamp(min=SMOOTHING_FLOOR).pow(1 - alpha)).clamp(min=SMOOTHING_FLOOR)
             norm.weight.div_(factor)
-            factors[skeleton.checkpoint_name(prefix + name, family) + ".weight"] = factor.cpu()
             for reader in readers[name]:
                 linears[reader].weight.mul_(factor)
-                factors[skeleton.checkpoint_name(prefix + reader, family) + ".weight"] = factor.cpu()
+            kept = factor.cpu()  # one copy, shared by the norm and its readers
+            for module in (name, *readers[name]):
+                factors[skeleton.checkpoint_name(prefix + module, family) + ".weight"] = kept
     return factors
 
 

@@ -161,12 +161,7 @@ def semantic_problems(spec: dict, recipes: dict | None = None) -> list:
         return found + family_problems
     recipe = Recipe.of(spec["quant"])
     inconsistent = recipe_problems(recipe) + group_problems(spec["model"]["architecture"], recipe)
-    family = families.of_class(spec["model"]["architecture"]["class"])
-    if recipe.smoothing is not None and not families.smoothable(family):
-        inconsistent.append((("quant", "smoothing"), f"SmoothQuant folds into two norms per layer that scale by "
-                             f"their weight; {spec['model']['architecture']['class']} has "
-                             f"{'experts' if family.moe else 'other norms'}: supported for "
-                             f"{', '.join(f.model_type for f in families.FAMILIES.values() if families.smoothable(f))}"))
+    inconsistent += smoothing_problems(spec["model"]["architecture"], recipe)
     found.extend(inconsistent)
     if recipe.needs_calibration and spec["calibration"]["dataset"] is None:
         why = "imatrix's input importance" if recipe.algorithm == "imatrix" else \
@@ -197,6 +192,16 @@ def model_problems(spec: dict) -> list:
         found.append((("model", "architecture", "tie_word_embeddings"), f"false: vLLM loads {arch['class']} "
                       "only with a tied lm_head"))
     return found + families.layout_problems(arch, family, spec["quant"]["format"])
+
+
+def smoothing_problems(arch: dict, recipe: Recipe) -> list:
+    """SmoothQuant asked of a family it cannot fold into (families.smoothable)."""
+    family = families.of_class(arch["class"])
+    if recipe.smoothing is None or families.smoothable(family):
+        return []
+    supported = ", ".join(f.model_type for f in families.FAMILIES.values() if families.smoothable(f))
+    return [(("quant", "smoothing"), f"SmoothQuant folds into two norms per layer that scale by their weight; "
+             f"{arch['class']} has {'experts' if family.moe else 'other norms'}: supported for {supported}")]
 
 
 def group_problems(arch: dict, recipe: Recipe) -> list:
