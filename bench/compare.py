@@ -31,7 +31,7 @@ FORMATS = {
     "w8a8-int8": (("w8a8-int8", "w8a8-int8-gptq-imatrix", "w8a8-int8-smoothquant",
                    "w8a8-int8-smoothquant-gptq-imatrix"),
                   ("w8a8-int8", "w8a8-int8-smoothquant", "w8a8-int8-gptq-imatrix")),
-    "w4a16": (("w4a16", "w4a16-gptq", "w4a16-gptq-imatrix"),
+    "w4a16": (("w4a16", "w4a16-gptq", "w4a16-gptq-imatrix", "w4a16-awq-gptq-imatrix"),
               ("w4a16", "w4a16-gptq", "w4a16-gptq-mse", "w4a16-gptq-imatrix")),
 }
 REFERENCE = {"fp8-dynamic": "fp8-dynamic", "fp8-static": "fp8-static", "w8a8-int8": "w8a8-int8",

@@ -125,44 +125,41 @@ def test_imatrix_mse_without_gptq_is_repeatable_records_its_observer_and_only_sh
     assert any(not torch.equal(found[name], plain[name]) for name in scales)  # the search moved some scale
 
 
-def test_smoothquant_moves_an_activation_outlier_into_the_weights_and_builds_a_repeatable_w8a8(calib_repo, tmp_path):
-    """A channel 50x larger than the rest entering layer 0's q/k/v: SmoothQuant's factors shrink it
-    relative to the others (alpha 0.5: to about its square root), and the build writes the smoothed
-    norm in place of the source's, twice the same bytes, loadable by transformers."""
+def outlier_model(calib_repo, tmp_path):
+    """The tiny Llama with one channel of layer 0's input norm 50x the others: (its folder, its tensors)."""
     import shutil
 
     from safetensors.torch import load_file, save_file
-    from transformers import AutoModelForCausalLM
-    from transformers.utils.quantization_config import CompressedTensorsConfig
-
-    from builder.quant import calibrate
-    from builder.source import load
 
     path = tmp_path / "outlier"
     shutil.copytree(calib_repo.root / "weights" / "tiny-llama", path)
     tensors = load_file(path / "model.safetensors")
     tensors["model.layers.0.input_layernorm.weight"][3] *= 50
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
-    recipe = Recipe.of({**RECIPE_DICT, "algorithm": "rtn", "gptq": None, "smoothing": {"alpha": 0.5},
-                        "weights": {**RECIPE_DICT["weights"], "num_bits": 8, "strategy": "channel", "group_size": None},
-                        "input_activations": {"num_bits": 8, "type": "int", "strategy": "token", "symmetric": True,
-                                              "dynamic": True, "group_size": None}})
-    ids = torch.randint(1, 255, (4, 32), generator=torch.Generator().manual_seed(0))
-    found = calibrate.calibrate(path, load.tensor_index(path), load.architecture(path)["modules"], recipe, ids,
-                                log=lambda m: None)
+    return path, tensors
+
+
+def q_proj_inputs(path, ids) -> torch.Tensor:
+    """What layer 0's q_proj reads when the checkpoint at path runs ids: [tokens, hidden], FP32."""
+    from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     seen = {}
     model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(
         lambda module, args: seen.setdefault("x", args[0].detach().reshape(-1, args[0].shape[-1])))
     with torch.no_grad():
         model(ids)
-    before = seen["x"].abs().amax(dim=0)
-    after = (seen["x"] / found["smoothing"]["model.layers.0.input_layernorm.weight"]).abs().amax(dim=0)
-    spread = lambda amax: float(amax[3] / amax.median())  # noqa: E731
-    assert spread(before) > 20 and spread(after) < spread(before) / 3
+    return seen["x"]
 
-    release = ("quant=w8a8-int8-smoothquant", "calibration.samples=4", "calibration.sequence_length=32")
-    digests = [build_module.build(calib_repo.root, "tiny-llama-fp8-static", release, out=tmp_path / name,
+
+def builds_twice_with_a_folded_norm(calib_repo, tmp_path, release: str, overrides: tuple) -> None:
+    """Two builds of release with overrides are the same bytes, the first writes layer 0's input norm
+    other than the source's (the factors folded in), and transformers loads it with no missing keys."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    digests = [build_module.build(calib_repo.root, release, overrides, out=tmp_path / name,
                                   log=lambda message: None)["content_digest"] for name in ("one", "two")]
     assert digests[0] == digests[1]
     written = load_file(tmp_path / "one" / "model.safetensors")
@@ -175,6 +172,46 @@ def test_smoothquant_moves_an_activation_outlier_into_the_weights_and_builds_a_r
     assert not info["missing_keys"] and not info["unexpected_keys"]
 
 
+def test_smoothquant_moves_an_activation_outlier_into_the_weights_and_builds_a_repeatable_w8a8(calib_repo, tmp_path):
+    """A channel 50x larger than the rest entering layer 0's q/k/v: SmoothQuant's factors shrink it
+    relative to the others (alpha 0.5: to about its square root), and the build writes the smoothed
+    norm in place of the source's, twice the same bytes, loadable by transformers."""
+    from builder.quant import calibrate
+    from builder.source import load
+
+    path, tensors = outlier_model(calib_repo, tmp_path)
+    recipe = Recipe.of({**RECIPE_DICT, "algorithm": "rtn", "gptq": None, "smoothing": {"alpha": 0.5},
+                        "weights": {**RECIPE_DICT["weights"], "num_bits": 8, "strategy": "channel", "group_size": None},
+                        "input_activations": {"num_bits": 8, "type": "int", "strategy": "token", "symmetric": True,
+                                              "dynamic": True, "group_size": None}})
+    ids = torch.randint(1, 255, (4, 32), generator=torch.Generator().manual_seed(0))
+    found = calibrate.calibrate(path, load.tensor_index(path), load.architecture(path)["modules"], recipe, ids,
+                                log=lambda m: None)
+    seen = {"x": q_proj_inputs(path, ids)}
+    before = seen["x"].abs().amax(dim=0)
+    after = (seen["x"] / found["smoothing"]["model.layers.0.input_layernorm.weight"]).abs().amax(dim=0)
+    spread = lambda amax: float(amax[3] / amax.median())  # noqa: E731
+    assert spread(before) > 20 and spread(after) < spread(before) / 3
+
+    builds_twice_with_a_folded_norm(calib_repo, tmp_path, "tiny-llama-fp8-static",
+                                    ("quant=w8a8-int8-smoothquant", "calibration.samples=4", "calibration.sequence_length=32"))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (("quant=w8a8-int8", "+quant.awq.grid=20"), "for weight-only compressed-tensors recipes"),
+    (("quant=w8a8-int8-smoothquant", "+quant.awq.grid=20"), "both fold factors into the same norms"),
+    (("+quant.awq.grid=1",), "1 is less than the minimum of 2"),
+])
+def test_awq_is_refused_with_quantized_activations_with_smoothquant_and_with_a_one_point_grid(
+        calib_repo, overrides, message):
+    from builder.errors import BuilderError
+    from builder.spec.resolve import resolve
+
+    with pytest.raises(BuilderError) as caught:
+        resolve(calib_repo.root, "tiny-llama-w4a16-gptq", overrides)
+    assert any("quant.awq" in str(p) and message in str(p) for p in caught.value.problems), caught.value.problems
+
+
 def test_smoothquant_is_refused_for_a_weight_only_recipe_naming_the_key(calib_repo):
     from builder.errors import BuilderError
     from builder.spec.resolve import resolve
@@ -183,3 +220,37 @@ def test_smoothquant_is_refused_for_a_weight_only_recipe_naming_the_key(calib_re
         resolve(calib_repo.root, "tiny-llama-w4a16-gptq", ("+quant.smoothing.alpha=0.5",))
     assert any("quant.smoothing" in str(p) and "needs quantized input_activations" in str(p)
                for p in caught.value.problems)
+
+
+
+def test_awq_scaling_lowers_the_rounding_error_an_activation_outlier_causes_and_builds_repeatably(calib_repo, tmp_path):
+    """A channel 50x larger than the rest entering layer 0's q/k/v: AWQ-style scaling keeps it finer
+    in the weights, and the W4A16 weights it rounds give q/k/v outputs on the calibration tokens closer
+    to the source's than round to nearest of the unscaled weights. A build writes the scaled norm,
+    twice the same bytes, loadable by transformers."""
+    from builder.quant import calibrate
+    from builder.source import load
+
+    path, tensors = outlier_model(calib_repo, tmp_path)
+    ids = torch.randint(1, 255, (4, 32), generator=torch.Generator().manual_seed(0))
+    recipe = Recipe.of({**RECIPE_DICT, "algorithm": "rtn", "gptq": None, "awq": {"grid": 20}})
+    found = calibrate.calibrate(path, load.tensor_index(path), load.architecture(path)["modules"], recipe, ids,
+                                log=lambda m: None)
+    factor = found["smoothing"]["model.layers.0.input_layernorm.weight"]
+    assert found["smoothing"]["model.layers.0.self_attn.q_proj.weight"] is factor
+    assert float(factor[3]) > 2 * float(factor.median())  # the outlier channel is kept finer in the weights
+
+    seen = {"x": q_proj_inputs(path, ids)}
+    x, errors = seen["x"], {"rtn": 0.0, "awq": 0.0}
+    for projection in ("q_proj", "k_proj", "v_proj"):
+        weight = tensors[f"model.layers.0.self_attn.{projection}.weight"].float()
+        for name, scaling in (("rtn", torch.ones_like(factor)), ("awq", factor)):
+            scaled = weight * scaling
+            scale = quantize.weight_scale(scaled, recipe.weights, torch.bfloat16)
+            restored = calibrate.dequantize(quantize.quantize_weight(scaled, scale.float(), recipe.weights), scale,
+                                            recipe.weights) / scaling
+            errors[name] += float((x @ restored.T - x @ weight.T).square().sum())
+    assert errors["awq"] < 0.9 * errors["rtn"], errors
+
+    builds_twice_with_a_folded_norm(calib_repo, tmp_path, "tiny-llama-w4a16-gptq",
+                                    ("quant=w4a16-gptq", "+quant.awq.grid=20", *SMALL))

@@ -245,11 +245,18 @@ def test_calibration_maxima_equal_a_full_model_forward_for_every_family(family_r
 ARGS = {"num_bits": 8, "type": "float", "strategy": "tensor", "symmetric": True, "dynamic": False, "group_size": None}
 
 
+# The two ways factors are folded into each layer's norms: SmoothQuant (W8A8) and AWQ-style scaling (W4A16).
+FOLDING = {"smoothing": ("quant=w8a8-int8-smoothquant",),
+           "awq": ("quant=w4a16-gptq", "+quant.awq.grid=20", "quant.weights.group_size=16")}
+
+
+@pytest.mark.parametrize("key", FOLDING)
 @pytest.mark.parametrize("kind", KINDS)
-def test_smoothquant_keeps_every_supported_familys_function_and_is_refused_for_the_others(family_repo, kind):
-    """SmoothQuant's factors, folded into the norms and the Linears reading them, leave the model's
-    logits as they were (up to FP32 rounding); families whose norms it cannot fold into are refused
-    at resolve time, naming quant.smoothing."""
+def test_smoothquant_and_awq_keep_every_supported_familys_function_and_are_refused_for_the_others(
+        family_repo, kind, key):
+    """SmoothQuant's and AWQ's factors, folded into the norms and the Linears reading them, leave the
+    model's logits as they were (up to FP32 rounding); families whose norms they cannot fold into are
+    refused at resolve time, naming the key."""
     from transformers import AutoModelForCausalLM
 
     from builder.errors import BuilderError
@@ -260,11 +267,11 @@ def test_smoothquant_keeps_every_supported_familys_function_and_is_refused_for_t
     path = family_repo.root / "weights" / kind
     architecture = load.architecture(path)
     family = families.of_class(architecture["facts"]["class"])
-    release, overrides = f"{kind}-all-fp8-static", ("quant=w8a8-int8-smoothquant",)  # calibrates on licences
+    release, overrides = f"{kind}-all-fp8-static", FOLDING[key]  # calibrates on licences
     if not families.smoothable(family):
         with pytest.raises(BuilderError) as caught:
             resolve(family_repo.root, release, overrides)
-        assert [str(p) for p in caught.value.problems if "quant.smoothing" in str(p)], caught.value.problems
+        assert [str(p) for p in caught.value.problems if f"quant.{key}" in str(p)], caught.value.problems
         return
     recipe = Recipe.of(resolve(family_repo.root, release, overrides)["quant"])
     found = calibrate.calibrate(path, load.tensor_index(path), architecture["modules"], recipe, IDS,

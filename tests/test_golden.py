@@ -41,6 +41,8 @@ RECIPES = {
     "w8a8-int8-gptq-imatrix": ("w8a8-int8-gptq-imatrix", "licenses", "none", SMALL_CALIBRATION),
     "w4a16-gptq-imatrix": ("w4a16-gptq-imatrix", "licenses", "none",
                            {**SMALL_CALIBRATION, "quant": {"weights": {"group_size": 32}}}),
+    "w4a16-awq-gptq-imatrix": ("w4a16-awq-gptq-imatrix", "licenses", "none",
+                               {**SMALL_CALIBRATION, "quant": {"weights": {"group_size": 32}}}),
     "w8a8-int8-smoothquant": ("w8a8-int8-smoothquant", "licenses", "none", SMALL_CALIBRATION),
     "w8a8-int8-smoothquant-gptq-imatrix": ("w8a8-int8-smoothquant-gptq-imatrix", "licenses", "none",
                                            SMALL_CALIBRATION),
@@ -68,7 +70,7 @@ CASES = tuple(f"golden-{arch}-{recipe}" for arch in ARCHITECTURES for recipe in 
 # Which parts decide each kind of file (the diagnosis names those the failing case runs).
 FILE_PARTS = (
     (lambda path: path.endswith(".safetensors") or path.endswith(".index.json"),
-     ("layout", "format.", "quantize.", "gptq", "observer.", "smoothing", "calibration", "data")),
+     ("layout", "format.", "quantize.", "gptq", "observer.", "smoothing", "awq", "calibration", "data")),
     (lambda path: path.endswith(".gguf"), ("format.", "quantize.", "imatrix", "calibration", "data")),
     (lambda path: path == "config.json", ("layout", "format.")),
     (lambda path: path in ("release.json", "serve.json", "README.md"), ("release-files",)),

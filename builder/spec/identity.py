@@ -36,6 +36,7 @@ OUTPUT_VERSIONS = {
     "observer.mse": 1,               # weight scales searched for the least rounding error
     "observer.imatrix_mse": 1,       # the same, errors weighted by the inputs' E[x²] per column
     "smoothing": 1,                  # SmoothQuant: per-channel factors folded into each layer's norms and Linears
+    "awq": 1,                        # AWQ-style activation-aware factors searched on GPTQ's Hessians, folded the same way
     "imatrix": 1,                    # llama.cpp's importance-weighted Q4_0 scale search
     "calibration": 1,                # layer-by-layer activation and KV maxima, GPTQ's and imatrix's input statistics
     "data": 1,                       # token windows drawn from calibration and evaluation text
@@ -59,6 +60,7 @@ PART_PACKAGES = {
     "observer.imatrix_mse": ("torch",),
     "imatrix": ("torch",),
     "smoothing": ("torch",),
+    "awq": ("torch",),
     "calibration": ("torch", "transformers"),  # the model's own decoder layers run
     "data": ("tokenizers", "transformers"),    # text -> token ids
     "evaluation": ("compressed-tensors", "safetensors", "torch", "transformers"),  # loads and runs both models

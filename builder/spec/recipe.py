@@ -110,16 +110,18 @@ class Recipe:
     input_activations: Args | None
     kv_cache_scheme: Args | None
     smoothing: float | None = None  # SmoothQuant's migration strength alpha; optional in specs (absent: none)
+    awq: int | None = None          # AWQ-style activation-aware scaling: its grid of alphas; optional (absent: none)
 
     @classmethod
     def of(cls, quant: dict) -> "Recipe":
-        smoothing = quant.get("smoothing")
+        smoothing, awq = quant.get("smoothing"), quant.get("awq")
         return cls(format=quant["format"], dtype=quant["dtype"], algorithm=quant["algorithm"],
                    gptq=None if quant["gptq"] is None else GPTQ(**quant["gptq"]),
                    targets=tuple(quant["targets"]), ignore=tuple(quant["ignore"]),
                    weights=Args.of(quant["weights"]), input_activations=Args.of(quant["input_activations"]),
                    kv_cache_scheme=Args.of(quant["kv_cache_scheme"]),
-                   smoothing=None if smoothing is None else float(smoothing["alpha"]))
+                   smoothing=None if smoothing is None else float(smoothing["alpha"]),
+                   awq=None if awq is None else int(awq["grid"]))
 
     @property
     def dense(self) -> bool:
@@ -136,7 +138,8 @@ class Recipe:
         weight scales searched with the inputs' second moments (imatrix_mse), the input importance
         of imatrix rounding, or SmoothQuant's per-channel input maxima."""
         return self.static_inputs or self.kv_cache_scheme is not None or self.algorithm in ("gptq", "imatrix") \
-            or (self.weights is not None and self.weights.observer == "imatrix_mse") or self.smoothing is not None
+            or (self.weights is not None and self.weights.observer == "imatrix_mse") or self.smoothing is not None \
+            or self.awq is not None
 
     @property
     def packed(self) -> bool:
@@ -188,6 +191,8 @@ class Recipe:
             found.append(f"observer.{self.weights.observer}")
         if self.smoothing is not None:
             found.append("smoothing")
+        if self.awq is not None:
+            found.append("awq")
         if self.needs_calibration:
             found.append("calibration")
         return tuple(sorted(set(found)))
@@ -200,11 +205,24 @@ def problems(recipe: Recipe) -> list:
 
 def smoothing_problems(recipe: Recipe) -> list:
     """SmoothQuant divides each layer's activations per channel before they are quantized: it needs
-    quantized input activations, which only compressed-tensors and the fp8 layout carry."""
-    if recipe.smoothing is None or (recipe.input_activations is not None and recipe.format in ("compressed-tensors", "fp8")):
-        return []
-    return [(("quant", "smoothing"), "SmoothQuant moves activation outliers into the weights: it needs "
-             "quantized input_activations (W8A8 or FP8 activations); remove smoothing for weight-only recipes")]
+    quantized input activations, which only compressed-tensors and the fp8 layout carry. AWQ-style
+    scaling is its weight-only counterpart (compressed-tensors), folded into the same norms: one or
+    the other."""
+    found = []
+    if recipe.smoothing is not None and not (recipe.input_activations is not None
+                                             and recipe.format in ("compressed-tensors", "fp8")):
+        found.append((("quant", "smoothing"), "SmoothQuant moves activation outliers into the weights: it needs "
+                      "quantized input_activations (W8A8 or FP8 activations); for weight-only recipes use "
+                      "quant.awq"))
+    if recipe.awq is not None and recipe.smoothing is not None:
+        found.append((("quant", "awq"), "both fold factors into the same norms: use smoothing (SmoothQuant) "
+                      "for recipes that quantize activations, awq for weight-only ones"))
+    elif recipe.awq is not None and not (recipe.format == "compressed-tensors" and recipe.weights is not None
+                                         and recipe.input_activations is None):
+        found.append((("quant", "awq"), "AWQ-style scaling protects the weights the activations use most: it is "
+                      "for weight-only compressed-tensors recipes (W4A16, W8A16); for quantized activations "
+                      "use quant.smoothing"))
+    return found
 
 
 def argument_problems(recipe: Recipe) -> list:

@@ -195,13 +195,16 @@ def model_problems(spec: dict) -> list:
 
 
 def smoothing_problems(arch: dict, recipe: Recipe) -> list:
-    """SmoothQuant asked of a family it cannot fold into (families.smoothable)."""
+    """SmoothQuant or AWQ-style scaling asked of a family they cannot fold into (families.smoothable)."""
     family = families.of_class(arch["class"])
-    if recipe.smoothing is None or families.smoothable(family):
+    asked = [(key, name) for key, name, value in (("smoothing", "SmoothQuant", recipe.smoothing),
+                                                 ("awq", "AWQ-style scaling", recipe.awq)) if value is not None]
+    if not asked or families.smoothable(family):
         return []
     supported = ", ".join(f.model_type for f in families.FAMILIES.values() if families.smoothable(f))
-    return [(("quant", "smoothing"), f"SmoothQuant folds into two norms per layer that scale by their weight; "
-             f"{arch['class']} has {'experts' if family.moe else 'other norms'}: supported for {supported}")]
+    return [(("quant", key), f"{name} folds into two norms per layer that scale by their weight; "
+             f"{arch['class']} has {'experts' if family.moe else 'other norms'}: supported for {supported}")
+            for key, name in asked]
 
 
 def group_problems(arch: dict, recipe: Recipe) -> list:
