@@ -71,7 +71,6 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from builder.quant import gptq, observe, quantize
-    from builder.quant.calibrate import dequantize
     from compare import MODEL, windows
 
     torch.set_num_threads(2)
@@ -90,7 +89,7 @@ def main() -> None:
             else:
                 scale = observe.weight_scale(weight, chosen.weights, torch.bfloat16, importance)
                 values = quantize.quantize_weight(weight, scale.float(), chosen.weights)
-            restored = dequantize(values, scale, chosen.weights)
+            restored = gptq.dequantize(values, scale, chosen.weights)
             errors[variant].append(float((x_eval @ restored.T - reference).square().sum() / reference.square().sum()))
         print(name, {variant: round(1e4 * found[-1], 2) for variant, found in errors.items()}, flush=True)
     print("| variant | geometric mean of relative output error (x 1e4) |\n|---|---:|")

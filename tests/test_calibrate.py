@@ -247,7 +247,7 @@ def test_awq_scaling_lowers_the_rounding_error_an_activation_outlier_causes_and_
         for name, scaling in (("rtn", torch.ones_like(factor)), ("awq", factor)):
             scaled = weight * scaling
             scale = quantize.weight_scale(scaled, recipe.weights, torch.bfloat16)
-            restored = calibrate.dequantize(quantize.quantize_weight(scaled, scale.float(), recipe.weights), scale,
+            restored = gptq.dequantize(quantize.quantize_weight(scaled, scale.float(), recipe.weights), scale,
                                             recipe.weights) / scaling
             errors[name] += float((x @ restored.T - x @ weight.T).square().sum())
     assert errors["awq"] < 0.9 * errors["rtn"], errors

@@ -1,8 +1,8 @@
 """Calibrate layer by layer: the source model runs one decoder layer at a time (FP32, CPU) over the
 calibration tokens, recording max |input| of every targeted Linear (every expert of a MoE layer
 included), max |key| and |value| entering the KV cache, and (for GPTQ) each Linear's input second
-moments, (for imatrix) their diagonal; with SmoothQuant, each layer's per-channel factors first
-(smooth); with AWQ-style scaling, factors searched on the layer's GPTQ Hessians (scale_activations). Deterministic: fixed batches, max-abs statistics.
+moments, (for imatrix) their diagonal; with SmoothQuant or AWQ-style scaling, each layer's
+per-channel factors folded into its norms (builder/quant/scaling.py). Deterministic: fixed batches, max-abs statistics.
 
     builder build smollm2-135m-instruct-fp8-static   (calibrates when the recipe needs it)
 
@@ -16,17 +16,14 @@ from pathlib import Path
 import torch
 
 from builder.console import progress
-from builder.quant import gptq, quantize
-from builder.quant.observe import weight_scale
+from builder.quant import gptq, quantize, scaling
 from builder.quant.spill import Spill
 from builder.source import skeleton
-from builder.spec import families
-from builder.spec.recipe import Args, Recipe
+from builder.spec.recipe import Recipe
 from builder.tensorfile import reader
 
 BATCH = 4  # calibration samples per forward pass: fixed, so every reduction splits the same way
 KV_SCALES = ("self_attn.k_scale", "self_attn.v_scale")  # where compressed-tensors and vLLM look for them
-SMOOTHING_FLOOR = 1e-5  # smallest max |x|, max |w| and factor SmoothQuant uses: no channel divides by zero
 
 
 def observed(attend):
@@ -131,8 +128,8 @@ def calibrate(source: Path, tensors: dict, modules: dict, recipe: Recipe, ids: t
 
     Returns {"input_amax": {module: [1]}, "kv_amax": {kv scale name: [1]}, "gptq": {module: (values, scale)},
     "imatrix": {module: E[x²] per input column}, "importance": {module: E[x^2] per input feature, FP32},
-    "smoothing": {checkpoint tensor: SmoothQuant's or AWQ's factor per input channel} (see smooth,
-    scale_activations)}
+    "smoothing": {checkpoint tensor: SmoothQuant's or AWQ's factor per input channel} (see
+    builder.quant.scaling)}
     (gptq a Spill when given one: GPTQ's results go to disk as each layer finishes; imatrix filled only
     for imatrix_mse observers (FP32 sums, shared by Linears reading one input), importance only for
     llama.cpp's imatrix recipes (FP64 sums per Linear)), modules by their checkpoint names,
@@ -165,16 +162,17 @@ def calibrate(source: Path, tensors: dict, modules: dict, recipe: Recipe, ids: t
                            skeleton.checkpoint_name(prefix + name, family) + ".weight", tuple(module.weight.shape),
                            modules, recipe)}
             if recipe.smoothing is not None:
-                found["smoothing"].update(smooth(layer, index, prefix, family, hidden, arguments, recipe.smoothing))
+                found["smoothing"].update(scaling.smooth(
+                    layer, prefix, family, lambda: run(layer, index, hidden, arguments, replace=False), recipe.smoothing))
             gptq_layer = recipe.algorithm == "gptq"
             stats = observe(layer, prefix, linears, recipe)
-            watched = watch_norms(layer) if recipe.awq is not None else None
+            watched = scaling.watch_norms(layer) if recipe.awq is not None else None
             run(layer, index, hidden, arguments, replace=not gptq_layer)
             for undo in stats.pop("undo"):
                 undo()
             fill_unseen(linears, stats, prefix, recipe, log)
             if watched is not None:
-                found["smoothing"].update(scale_activations(layer, prefix, family, watched(), stats, recipe))
+                found["smoothing"].update(scaling.scale_activations(layer, prefix, family, watched(), stats, recipe))
             found["input_amax"].update({name: amax.cpu() for name, amax in stats["input_amax"].items()})
             found["kv_amax"].update({name: amax.cpu() for name, amax in stats["kv_amax"].items()})
             importance = {name: total / count for name, (total, count) in stats["imatrix"].items()}  # E[x²]
@@ -189,148 +187,13 @@ def calibrate(source: Path, tensors: dict, modules: dict, recipe: Recipe, ids: t
                     values, scale = gptq.quantize(module.weight.data, stats["hessian"][name], recipe, name,
                                                   importance.get(name))
                     results[name] = (values, scale)
-                    module.weight.data = dequantize(values, scale, recipe.weights)
+                    module.weight.data = gptq.dequantize(values, scale, recipe.weights)
                 del stats
                 keep(found["gptq"], index, results)
                 run(layer, index, hidden, arguments, replace=True)  # the next layer sees quantized outputs
             layer.to_empty(device="meta")  # free this layer's weights before the next is read
     log(f"calibrated {len(layers)} layers on {ids.shape[0]} x {ids.shape[1]} tokens")
     return found
-
-
-def smooth(layer: torch.nn.Module, index: int, prefix: str, family, hidden: list, arguments: dict,
-           alpha: float) -> dict:
-    """SmoothQuant on one decoder layer, in place: each norm of families.SMOOTHED_NORMS is divided, and
-    the weight columns of the Linears reading its output multiplied, by one factor per channel,
-    s = max|x|^alpha / max|w|^(1 - alpha) (max |x| over the calibration tokens, max |w| over the rows of
-    every such Linear), so the layer computes the same function with flatter activations.
-
-    Runs the layer once over the calibration batches to see the maxima and which Linears read which
-    norm. Returns {checkpoint tensor name: factor (FP32, CPU)} for the norms' and the Linears' weights,
-    so the writer applies the same factors to the tensors it reads (quantize.smoothed)."""
-    norms = {name: getattr(layer, name) for name in families.SMOOTHED_NORMS}
-    linears = {name: module for name, module in layer.named_modules() if isinstance(module, torch.nn.Linear)}
-    amax = {}
-
-    def on_norm(name, output):
-        channel_max = output.detach().reshape(-1, output.shape[-1]).abs().amax(dim=0).to(torch.float32)
-        amax[name] = channel_max if name not in amax else torch.maximum(amax[name], channel_max)
-
-    watched = watch_norms(layer, on_norm)
-    run(layer, index, hidden, arguments, replace=False)
-    readers = watched()
-    factors = {}
-    with torch.no_grad():
-        for name, norm in norms.items():
-            weight_max = torch.stack([linears[reader].weight.abs().amax(dim=0) for reader in readers[name]]).amax(dim=0)
-            factor = (amax[name].clamp(min=SMOOTHING_FLOOR).pow(alpha)
-                      / weight_max.clamp(min=SMOOTHING_FLOOR).pow(1 - alpha)).clamp(min=SMOOTHING_FLOOR)
-            factors.update(fold(layer, prefix, family, name, readers[name], factor))
-    return factors
-
-
-def fold(layer: torch.nn.Module, prefix: str, family, norm: str, readers: list, factor: torch.Tensor) -> dict:
-    """norm ÷ factor and its readers' weight columns × factor, in place (the layer's function is kept);
-    {checkpoint tensor name: factor} for quantize.smoothed, one CPU copy shared by all of them."""
-    modules = dict(layer.named_modules())
-    modules[norm].weight.div_(factor)
-    for reader in readers:
-        modules[reader].weight.mul_(factor)
-    kept = factor.cpu()
-    return {skeleton.checkpoint_name(prefix + module, family) + ".weight": kept for module in (norm, *readers)}
-
-
-def watch_norms(layer: torch.nn.Module, on_output=None):
-    """Hooks that find, while the layer runs, which Linears read each norm of families.SMOOTHED_NORMS
-    (by tensor identity) and hand each norm output to on_output(norm, output). Returns a function that
-    removes the hooks and gives {norm: [Linear names in the layer, in the order they ran]}."""
-    norms = {name: getattr(layer, name) for name in families.SMOOTHED_NORMS}
-    outputs, readers, undo = {}, {name: [] for name in norms}, []
-
-    def on_norm(name):
-        def hook(module, args, output):
-            outputs[name] = output
-            if on_output is not None:
-                on_output(name, output)
-        return hook
-
-    def on_linear(linear):
-        def hook(module, args):
-            for name, output in outputs.items():
-                if args[0] is output and linear not in readers[name]:
-                    readers[name].append(linear)
-        return hook
-
-    for name, norm in norms.items():
-        undo.append(norm.register_forward_hook(on_norm(name)).remove)
-    for name, module in layer.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            undo.append(module.register_forward_pre_hook(on_linear(name)).remove)
-
-    def finish() -> dict:
-        for remove in undo:
-            remove()
-        outputs.clear()
-        for name, found in readers.items():
-            if not found:
-                raise RuntimeError(f"{name}: no Linear reads its output")  # smoothable() families do
-        return readers
-    return finish
-
-
-def scale_activations(layer: torch.nn.Module, prefix: str, family, readers: dict, stats: dict,
-                      recipe: Recipe) -> dict:
-    """AWQ-style activation-aware scaling of one decoder layer, in place, from the statistics observe()
-    gathered on it: for each norm of families.SMOOTHED_NORMS, a factor per input channel
-    s = rms(x)^alpha (normalised so max(s) x min(s) = 1) for the alpha in 0, 1/grid, ..., 1 - 1/grid whose
-    rounded weights Q(W s) / s give the least output error on the calibration inputs,
-    sum over the norm's readers of tr((Q(W s)/s - W) H (Q(W s)/s - W)ᵀ) with H = sum x xᵀ (GPTQ's
-    Hessian: no extra pass over the layer). Rounding is the recipe's own: its observer, its scale dtype,
-    round to nearest. alpha 0 (s = 1) is the layer as it is, so the chosen factor never raises the error.
-
-    The norm is divided by s and its readers' columns multiplied by s, and the readers' statistics
-    follow (H / s sᵀ, E[x²] / s²), so GPTQ and the observer then work on the scaled layer. Returns
-    {checkpoint tensor name: s (FP32, CPU)}, as smooth() does, for quantize.smoothed."""
-    args, grid = recipe.weights, recipe.awq
-    scale_dtype, _ = quantize.scale_format(recipe)
-    modules = dict(layer.named_modules())
-    factors = {}
-    with torch.no_grad():
-        for norm, names in readers.items():
-            keys = [skeleton.checkpoint_name(prefix + name, family) for name in names]
-            rounded = [name for name, key in zip(names, keys) if key in stats["hessian"]]  # targeted ones
-            if not rounded:
-                continue
-            # readers of one tensor share one sum (observe)
-            hessian = stats["hessian"][skeleton.checkpoint_name(prefix + rounded[0], family)]
-            weights = [modules[name].weight.data.to(torch.float32) for name in rounded]
-            magnitude = torch.diag(hessian).clamp(min=SMOOTHING_FLOOR).sqrt()  # rms(x), up to one constant
-            best, lowest = None, None
-            for step in range(grid):
-                factor = magnitude.pow(step / grid)
-                factor = factor / (factor.max() * factor.min()).sqrt()
-                error = sum(output_error(weight, factor, hessian, args, scale_dtype) for weight in weights)
-                if lowest is None or error < lowest:
-                    best, lowest = factor, error
-            factors.update(fold(layer, prefix, family, norm, names, best))
-            scaled = set()
-            for key in keys:
-                for kind, rescale in (("hessian", lambda h: h.div_(best[:, None] * best[None, :])),
-                                      ("imatrix", lambda total: total[0].div_(best.square()))):
-                    if key in stats[kind] and id(stats[kind][key]) not in scaled:
-                        scaled.add(id(stats[kind][key]))
-                        rescale(stats[kind][key])
-    return factors
-
-
-def output_error(weight: torch.Tensor, factor: torch.Tensor, hessian: torch.Tensor, args: Args,
-                 scale_dtype: torch.dtype) -> float:
-    """tr(D H Dᵀ) for D = Q(weight x factor) / factor - weight: the squared output error of the rounded,
-    scaled weight on the inputs whose x xᵀ sum is hessian (FP64 total)."""
-    scaled = weight * factor
-    scale = weight_scale(scaled, args, scale_dtype, torch.diag(hessian) / factor.square())
-    difference = dequantize(quantize.quantize_weight(scaled, scale.to(torch.float32), args), scale, args) / factor - weight
-    return float(((difference @ hessian) * difference).sum(dtype=torch.float64))
 
 
 def fill_unseen(linears: dict, stats: dict, prefix: str, recipe: Recipe, log) -> None:
@@ -450,12 +313,6 @@ def keep(store, layer: int, results: dict) -> None:
         store.put(layer, results)
     else:
         store.update({name: (values.cpu(), scale.cpu()) for name, (values, scale) in results.items()})
-
-
-def dequantize(values: torch.Tensor, scale: torch.Tensor, args: Args) -> torch.Tensor:
-    """values * scale in FP32, scales broadcast per tensor, channel or group."""
-    return values.to(torch.float32) * gptq.expand(scale.to(torch.float32).reshape(-1, 1) if scale.dim() < 2
-                                                  else scale.to(torch.float32), args, values.shape[1])
 
 
 def for_build(recipe: Recipe, source: dict, log, dump: Path | None = None, device: str = "cpu",

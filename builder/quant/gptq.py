@@ -89,3 +89,8 @@ def inverse_hessian(weight: torch.Tensor, hessian: torch.Tensor, dampening: floa
                                    "is not positive definite; raise dampening_frac or calibrate on more "
                                    "samples")) from None
 
+
+def dequantize(values: torch.Tensor, scale: torch.Tensor, args: Args) -> torch.Tensor:
+    """values * scale in FP32, scales broadcast per tensor, channel or group."""
+    return values.to(torch.float32) * expand(scale.to(torch.float32).reshape(-1, 1) if scale.dim() < 2
+                                             else scale.to(torch.float32), args, values.shape[1])
