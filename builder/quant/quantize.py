@@ -125,7 +125,7 @@ def compute(name: str, tensor: torch.Tensor, is_targeted: bool, recipe: Recipe,
 
 
 def smoothed(name: str, tensor: torch.Tensor, calibration: dict | None) -> torch.Tensor:
-    """The source tensor with SmoothQuant's factor applied (builder/quant/scaling.py), in FP32: a norm's weight
+    """The source tensor with SmoothQuant's or AWQ's factor applied (builder/quant/scaling.py), in FP32: a norm's weight
     divided by it, a Linear's weight columns multiplied by it; other tensors as they are."""
     factor = (calibration or {}).get("smoothing", {}).get(name)
     if factor is None:

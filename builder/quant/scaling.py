@@ -28,8 +28,7 @@ def smooth(layer: torch.nn.Module, prefix: str, family, run_layer, alpha: float)
     run_layer() runs the layer once over the calibration batches, to see the maxima and which Linears
     read which norm. Returns {checkpoint tensor name: factor (FP32, CPU)} for the norms' and the Linears' weights,
     so the writer applies the same factors to the tensors it reads (quantize.smoothed)."""
-    norms = {name: getattr(layer, name) for name in families.SMOOTHED_NORMS}
-    linears = {name: module for name, module in layer.named_modules() if isinstance(module, torch.nn.Linear)}
+    linears = dict(layer.named_modules())
     amax = {}
 
     def on_norm(name, output):
@@ -41,7 +40,7 @@ def smooth(layer: torch.nn.Module, prefix: str, family, run_layer, alpha: float)
     readers = watched()
     factors = {}
     with torch.no_grad():
-        for name, norm in norms.items():
+        for name in families.SMOOTHED_NORMS:
             weight_max = torch.stack([linears[reader].weight.abs().amax(dim=0) for reader in readers[name]]).amax(dim=0)
             factor = (amax[name].clamp(min=SMOOTHING_FLOOR).pow(alpha)
                       / weight_max.clamp(min=SMOOTHING_FLOOR).pow(1 - alpha)).clamp(min=SMOOTHING_FLOOR)
@@ -117,12 +116,11 @@ def scale_activations(layer: torch.nn.Module, prefix: str, family, readers: dict
     factors = {}
     with torch.no_grad():
         for norm, names in readers.items():
-            keys = [skeleton.checkpoint_name(prefix + name, family) for name in names]
-            rounded = [name for name, key in zip(names, keys) if key in stats["hessian"]]  # targeted ones
+            keys = {name: skeleton.checkpoint_name(prefix + name, family) for name in names}
+            rounded = [name for name in names if keys[name] in stats["hessian"]]  # the targeted readers
             if not rounded:
                 continue
-            # readers of one tensor share one sum (observe)
-            hessian = stats["hessian"][skeleton.checkpoint_name(prefix + rounded[0], family)]
+            hessian = stats["hessian"][keys[rounded[0]]]  # readers of one tensor share one sum (observe)
             weights = [modules[name].weight.data.to(torch.float32) for name in rounded]
             magnitude = torch.diag(hessian).clamp(min=SMOOTHING_FLOOR).sqrt()  # rms(x), up to one constant
             best, lowest = None, None
@@ -133,13 +131,13 @@ def scale_activations(layer: torch.nn.Module, prefix: str, family, readers: dict
                 if lowest is None or error < lowest:
                     best, lowest = factor, error
             factors.update(fold(layer, prefix, family, norm, names, best))
-            scaled = set()
-            for key in keys:
-                for kind, rescale in (("hessian", lambda h: h.div_(best[:, None] * best[None, :])),
-                                      ("imatrix", lambda total: total[0].div_(best.square()))):
-                    if key in stats[kind] and id(stats[kind][key]) not in scaled:
-                        scaled.add(id(stats[kind][key]))
-                        rescale(stats[kind][key])
+            # the shared sums, each rescaled once: H / s sᵀ, and the imatrix's sum of x² / s²
+            for sums in {id(stats["hessian"][key]): stats["hessian"][key] for key in keys.values()
+                         if key in stats["hessian"]}.values():
+                sums.div_(best[:, None] * best[None, :])
+            for total in {id(stats["imatrix"][key]): stats["imatrix"][key] for key in keys.values()
+                          if key in stats["imatrix"]}.values():
+                total[0].div_(best.square())
     return factors
 
 

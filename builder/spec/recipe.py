@@ -136,7 +136,7 @@ class Recipe:
     def needs_calibration(self) -> bool:
         """Whether the recipe reads calibration data: static activation or KV-cache scales, GPTQ, or
         weight scales searched with the inputs' second moments (imatrix_mse), the input importance
-        of imatrix rounding, or SmoothQuant's per-channel input maxima."""
+        of imatrix rounding, SmoothQuant's per-channel input maxima, or AWQ's input second moments."""
         return self.static_inputs or self.kv_cache_scheme is not None or self.algorithm in ("gptq", "imatrix") \
             or (self.weights is not None and self.weights.observer == "imatrix_mse") or self.smoothing is not None \
             or self.awq is not None
