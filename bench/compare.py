@@ -67,7 +67,7 @@ def measured(command: list, env: dict | None = None) -> dict:
 
 def calibrates(recipe: str) -> bool:
     """Whether our release for recipe reads calibration data (then its sample count and length are set)."""
-    from builder.spec.resolve import resolve
+    from builder.release.resolve import resolve
 
     return resolve(ROOT, f"{MODEL}-{recipe}")["calibration"]["dataset"] is not None
 
@@ -115,7 +115,7 @@ def kept(out: Path, run) -> dict:
 
 def run_format(name: str, args, ids_file: Path, eval_ids: dict, scratch: Path) -> list:
     """Build every recipe of a format on both sides, then evaluate them together on each text."""
-    from builder.quant import evaluate
+    from builder.check import evaluate
 
     rows, outs = [], []
     recipes_ours, recipes_theirs = FORMATS[name]

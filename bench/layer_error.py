@@ -32,7 +32,7 @@ LINEARS = ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj
 
 
 def recipe(weights: dict, observer: str, settings: dict, algorithm: str, dampening: float | None):
-    from builder.spec.recipe import Recipe
+    from builder.release.recipe import Recipe
 
     return Recipe.of({"format": "compressed-tensors", "dtype": "bfloat16", "algorithm": algorithm, "targets": ["Linear"],
                       "ignore": [], "input_activations": None, "kv_cache_scheme": None,

@@ -172,7 +172,7 @@ def release_repo(root: Path, size_gb: float, recipes: tuple, samples: int, lengt
         text = release_text(f"{model}-{recipe}", model, recipe, samples, length)
         (root / "specs" / "release" / f"{model}-{recipe}.yaml").write_text(text)
     measured([sys.executable, "-m", "builder", "lock"], env={"BUILDER_ROOT": str(root)})
-    # untimed: the architecture check every build makes is remembered per config.json (builder.spec.memo);
+    # untimed: the architecture check every build makes is remembered per config.json (builder.release.cache);
     # only a model's first build computes it (~3 s: transformers' model code), so no row pays it
     measured([sys.executable, "-c", "import sys, pathlib; from builder.source import load; "
               "load.architecture(pathlib.Path(sys.argv[1]))", str(weights)])

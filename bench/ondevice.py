@@ -63,7 +63,7 @@ def transformers_logits(path: Path, windows: list):
     """[window] -> FP32 logits, from the builder's evaluation loader (dequantizes every format)."""
     import torch
 
-    from builder.quant import evaluate
+    from builder.check import evaluate
 
     model = evaluate.load_model(path)
     with torch.no_grad():
@@ -123,7 +123,7 @@ def families(args) -> None:
 def smollm2(args) -> None:
     """Greedy generation and perplexity of built SmolLM2 artifacts in their runtimes, on the same ids."""
     from builder.source import data
-    from builder.spec.resolve import resolve
+    from builder.release.resolve import resolve
 
     spec = resolve(ROOT, "smollm2-135m-instruct-fp8-static")  # its eval group: docstrings
     ids = data.samples(ROOT, spec["eval"], ROOT / spec["model"]["path"], file="specs/eval/docstrings.yaml", group="eval")

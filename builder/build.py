@@ -15,8 +15,8 @@ from builder.canonical import file_entries, pretty_json, tree_digest
 from builder.errors import BuilderError, CheckFailed, Problem
 from builder.paths import EVAL_FILE, MANIFEST_FILE, RECORD_FILES, artifact_name
 from builder.source import load
-from builder.spec import families, lock
-from builder.spec.recipe import Recipe
+from builder.release import families, lock
+from builder.release.recipe import Recipe
 
 # Output formats with a layout of their own (not Hugging Face safetensors + config.json), one module
 # each: prepare(path, config, spec) reads what it needs before anything is written (bad input writes
@@ -91,7 +91,8 @@ def build_into(entry: dict, source: dict, staging: Path, root: Path | None = Non
 
     root (the repository) is needed by releases that calibrate or evaluate (their data lives there).
     """
-    from builder.quant import allocator, calibrate, observe
+    from builder import allocator
+    from builder.quant import calibrate, observe
 
     determinism.apply_torch(source["devices"])
     allocator.return_freed_memory()
@@ -131,7 +132,7 @@ def evaluate_staged(root: Path, spec: dict, source: dict, staging: Path, log) ->
 
     source is prepare()'s result (its eval_ids were drawn before anything was written).
     """
-    from builder.quant import evaluate
+    from builder.check import evaluate
 
     if spec["eval"]["dataset"] is None:
         return

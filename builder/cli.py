@@ -5,8 +5,8 @@
     (builder VERB --help)
 
 Each verb's function is here; the work it calls lives one level down: builder/build.py (build,
-rebuild), builder/spec/ (resolve, lock), builder/source/ (import), builder/check/ (verify, audit,
-sign, summary), builder/quant/evaluate.py (eval), builder/pipeline/ (plan, build-many).
+rebuild), builder/release/ (resolve, lock), builder/source/ (import), builder/check/ (verify, audit,
+sign, summary), builder/check/evaluate.py (eval), builder/pipeline/ (plan, build-many).
 """
 
 import argparse
@@ -24,14 +24,14 @@ from builder.paths import find_root
 
 
 def cmd_list(args) -> int:
-    from builder.spec.resolve import list_releases
+    from builder.release.resolve import list_releases
 
     print("\n".join(list_releases(find_root())))
     return 0
 
 
 def cmd_resolve(args) -> int:
-    from builder.spec.lock import lock_entry
+    from builder.release.lock import lock_entry
 
     entry = lock_entry(find_root(), args.release, tuple(args.overrides))
     shown = {"artifact_id": entry["artifact_id"], "spec": entry["spec"], "inputs": entry["inputs"]}
@@ -44,7 +44,7 @@ def cmd_resolve(args) -> int:
 
 
 def cmd_lock(args) -> int:
-    from builder.spec import lock
+    from builder.release import lock
 
     root = find_root()
     if args.check:
@@ -141,7 +141,7 @@ def cmd_sign(args) -> int:
 
 def cmd_eval(args) -> int:
     from builder.artifact import record
-    from builder.quant import evaluate
+    from builder.check import evaluate
 
     recorded = record.read(args.artifact)
     result, spec = evaluate.evaluate_artifact(find_root(), args.artifact, recorded.spec,

@@ -41,7 +41,7 @@ TINY = {
                                            max_position_embeddings=2048, tie_word_embeddings=False,
                                            sliding_window=None)),
 }
-# Every other family the builder supports (builder/spec/families.py), the same small shape: sliding
+# Every other family the builder supports (builder/release/families.py), the same small shape: sliding
 # windows shorter than the calibration windows, and experts small enough for group-32 INT4.
 SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=256, max_position_embeddings=2048, pad_token_id=0)
@@ -306,7 +306,7 @@ def init_pipeline(root: Path, kinds: tuple, releases: tuple, tokenizer: bool | s
 @pytest.fixture(scope="session")
 def built_pipeline(tmp_path_factory) -> Pipeline:
     """A committed pipeline whose first `dvc repro` built every release (read-only: copy it to change)."""
-    from builder.spec import lock
+    from builder.release import lock
 
     pipeline = init_pipeline(tmp_path_factory.mktemp("pipeline") / "repo", ("tiny-llama", "tiny-qwen2"),
                              PIPELINE_RELEASES)

@@ -1,6 +1,6 @@
 """The package's shape (docs/architecture.md): stages import downward only, never in a circle.
 
-    cli, __main__ -> build -> pipeline/ -> check/ -> artifact/ -> quant/ -> source/ -> spec/ -> shared helpers
+    cli, __main__ -> build -> pipeline/ -> check/ -> artifact/ -> quant/ -> source/ -> release/ -> shared helpers
 """
 
 import ast
@@ -10,7 +10,7 @@ from conftest import PROJECT
 
 PACKAGE = PROJECT / "builder"
 # Lower number = lower floor. A module may import its own floor and any floor below it.
-FLOORS = {"shared": 0, "spec": 1, "source": 2, "quant": 3, "artifact": 4, "check": 5, "pipeline": 6,
+FLOORS = {"shared": 0, "release": 1, "source": 2, "quant": 3, "artifact": 4, "check": 5, "pipeline": 6,
           "build": 7, "cli": 8, "__main__": 9}
 
 
@@ -20,7 +20,7 @@ def module_name(path: Path) -> str:
 
 
 def floor(module: str) -> int:
-    """builder.spec.lock -> spec's floor; builder.errors (a small shared helper) -> 0."""
+    """builder.release.lock -> spec's floor; builder.errors (a small shared helper) -> 0."""
     head = module.split(".")[1] if "." in module else "shared"
     return FLOORS.get(head, FLOORS["shared"])
 
@@ -32,7 +32,7 @@ def imports(path: Path) -> set:
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names if alias.name.startswith("builder")}
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("builder"):
-            for alias in node.names:  # `from builder.spec import lock` imports builder.spec.lock
+            for alias in node.names:  # `from builder.release import lock` imports builder.release.lock
                 candidate = f"{node.module}.{alias.name}"
                 found.add(candidate if (PROJECT / Path(*candidate.split("."))).with_suffix(".py").is_file()
                           or (PROJECT / Path(*candidate.split("."))).is_dir() else node.module)
@@ -69,7 +69,7 @@ def test_no_module_imports_itself_through_others():
 
 
 def test_each_stage_is_a_folder_of_modules_of_a_few_hundred_lines_at_most():
-    for stage in ("spec", "source", "quant", "artifact", "check", "pipeline"):
+    for stage in ("release", "source", "quant", "artifact", "check", "pipeline"):
         assert (PACKAGE / stage / "__init__.py").is_file()
     too_long = {str(p.relative_to(PROJECT)): n for p in PACKAGE.rglob("*.py")
                 if (n := len(p.read_text().splitlines())) > 400}

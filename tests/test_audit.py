@@ -9,7 +9,7 @@ import pytest
 
 from builder.check import audit, signing
 from builder import build
-from builder.spec import lock
+from builder.release import lock
 from builder.artifact import record
 from builder.check.verify import verify
 from conftest import Repo, flip_last_byte

@@ -7,7 +7,7 @@ import torch
 
 from builder import build as build_module
 from builder.quant import gptq, observe, quantize
-from builder.spec.recipe import Recipe
+from builder.release.recipe import Recipe
 
 SMALL = ("calibration.samples=4", "calibration.sequence_length=32", "quant.weights.group_size=32")
 RECIPE_DICT = {"format": "compressed-tensors", "dtype": "bfloat16", "algorithm": "gptq", "targets": ["Linear"],
@@ -80,7 +80,7 @@ def test_fp8_static_calibration_is_repeatable(calib_repo, tmp_path):
 
 def test_gptq_results_go_to_disk_layer_by_layer_and_read_back_the_same(calib_repo, tmp_path):
     from builder.quant import calibrate
-    from builder.quant.spill import Spill
+    from builder.spill import Spill
     from builder.source import load
 
     path = calib_repo.root / "weights" / "tiny-llama"
@@ -205,7 +205,7 @@ def test_smoothquant_moves_an_activation_outlier_into_the_weights_and_builds_a_r
 def test_awq_is_refused_with_quantized_activations_with_smoothquant_and_with_a_one_point_grid(
         calib_repo, overrides, message):
     from builder.errors import BuilderError
-    from builder.spec.resolve import resolve
+    from builder.release.resolve import resolve
 
     with pytest.raises(BuilderError) as caught:
         resolve(calib_repo.root, "tiny-llama-w4a16-gptq", overrides)
@@ -214,7 +214,7 @@ def test_awq_is_refused_with_quantized_activations_with_smoothquant_and_with_a_o
 
 def test_smoothquant_is_refused_for_a_weight_only_recipe_naming_the_key(calib_repo):
     from builder.errors import BuilderError
-    from builder.spec.resolve import resolve
+    from builder.release.resolve import resolve
 
     with pytest.raises(BuilderError) as caught:
         resolve(calib_repo.root, "tiny-llama-w4a16-gptq", ("+quant.smoothing.alpha=0.5",))

@@ -3,10 +3,10 @@
 import pytest
 import yaml
 
-from builder.spec import lock
+from builder.release import lock
 from builder.artifact.card import model_card
-from builder.spec.recipe import Recipe
-from builder.spec.resolve import list_releases
+from builder.release.recipe import Recipe
+from builder.release.resolve import list_releases
 from builder.artifact.serve import serve_config
 from conftest import PROJECT
 

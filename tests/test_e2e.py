@@ -68,11 +68,11 @@ def test_tp3_release_ships_its_serve_json_card_and_estimated_size(smollm2):
 
     import yaml
 
-    from builder.spec import lock
+    from builder.release import lock
     from builder.artifact.card import model_card
     from builder.source.load import read_header
-    from builder.spec.memory import weight_bytes
-    from builder.spec.recipe import Recipe
+    from builder.release.cachery import weight_bytes
+    from builder.release.recipe import Recipe
     from builder.artifact.serve import serve_config
 
     release = "smollm2-135m-instruct-fp8-dynamic-l4-tp3"

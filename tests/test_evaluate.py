@@ -3,7 +3,7 @@
 import json
 
 from builder import build as build_module
-from builder.quant import evaluate
+from builder.check import evaluate
 
 EVAL = ("eval=docstrings", "eval.samples=2", "eval.sequence_length=32")
 

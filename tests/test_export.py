@@ -3,8 +3,8 @@
 import pytest
 
 from builder.artifact import export
-from builder.spec.recipe import OBSERVERS, Recipe
-from builder.spec.resolve import resolve
+from builder.release.recipe import OBSERVERS, Recipe
+from builder.release.resolve import resolve
 from conftest import PROJECT
 
 SHIPPED_RELEASES = sorted(p.stem for p in (PROJECT / "specs" / "release").glob("*.yaml"))

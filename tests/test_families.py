@@ -9,8 +9,8 @@ import torch
 
 from builder import build
 from builder.artifact import record
-from builder.spec import families, memory
-from builder.spec.recipe import Recipe
+from builder.release import families, memory
+from builder.release.recipe import Recipe
 from builder.tensorfile import read_header
 from conftest import FAMILIES, TINY, Repo, release_text
 
@@ -262,7 +262,7 @@ def test_smoothquant_and_awq_keep_every_supported_familys_function_and_are_refus
     from builder.errors import BuilderError
     from builder.quant import calibrate, quantize
     from builder.source import load
-    from builder.spec.resolve import resolve
+    from builder.release.resolve import resolve
 
     path = family_repo.root / "weights" / kind
     architecture = load.architecture(path)

@@ -4,10 +4,10 @@ import pytest
 import yaml
 
 from builder import cli
-from builder.spec import fit
+from builder.release import fit
 from builder.errors import BuilderError
-from builder.spec.recipe import Recipe
-from builder.spec.resolve import resolve
+from builder.release.recipe import Recipe
+from builder.release.resolve import resolve
 
 SMOLLM2_FP8 = "smollm2-135m-instruct-fp8-dynamic"
 SMOLLM2_BF16 = "smollm2-135m-instruct-bf16"

@@ -180,7 +180,7 @@ def test_resolve_refuses_families_and_rope_scaling_the_gguf_writer_does_not_cove
 
 def test_verify_audit_summary_and_eval_treat_a_gguf_artifact_like_any_other(gguf_repo, tmp_path):
     from builder.check import summary, verify
-    from builder.quant import evaluate
+    from builder.check import evaluate
 
     name = release(gguf_repo, "tiny-llama-checked", "tiny-llama")
     build.build(gguf_repo.root, name, log=lambda message: None)

@@ -19,7 +19,7 @@ import yaml
 from builder import build
 from builder.canonical import pretty_json
 from builder.quant import quantize
-from builder.spec import identity, lock
+from builder.release import identity, lock
 from conftest import Repo
 
 GOLDEN = Path(__file__).with_name("golden.json")
@@ -146,7 +146,7 @@ def golden_problems(case: str, manifest: dict, table: dict) -> list:
                      if now["files"].get(path) != then["files"].get(path))
     parts = sorted({part for path in changed for part in suspects(path, now["versions"])})
     return [f"{case}: bytes changed without a version bump: {', '.join(changed)} differ; the parts that write "
-            f"them here: {', '.join(parts)}. Bump the one you changed in builder/spec/identity.py "
+            f"them here: {', '.join(parts)}. Bump the one you changed in builder/release/identity.py "
             "OUTPUT_VERSIONS, then regenerate the table (UPDATE_GOLDEN=1 python -m pytest tests/test_golden.py)"]
 
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from builder.spec import identity, lock
+from builder.release import identity, lock
 from conftest import PROJECT
 
 RELEASE_PARTS = {  # shipped release -> the parts it runs
@@ -93,7 +93,7 @@ def assert_known_imports(repo, release: str, overrides: list, out) -> None:
     known = set(entry["inputs"]["toolchain"]) | set(identity.INERT_PACKAGES)
     unknown = sorted({normalised(p) for p in outcome["packages"]} - known)
     assert not unknown, (f"a build imports {unknown}: add each to the PART_PACKAGES of the part that uses it, "
-                         "or to INERT_PACKAGES with why it cannot change bytes (builder/spec/identity.py)")
+                         "or to INERT_PACKAGES with why it cannot change bytes (builder/release/identity.py)")
 
 
 def calib_repo_environment() -> dict:

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from builder.spec import lock
+from builder.release import lock
 from builder.errors import CheckFailed
-from builder.spec.resolve import list_releases
+from builder.release.resolve import list_releases
 from conftest import PROJECT
 
 
@@ -86,7 +86,7 @@ def test_params_name_the_models_to_import_and_every_releases_dependency_paths():
 
 
 def test_resolution_cache_is_keyed_by_every_spec_byte_and_never_changes_a_lock(repo, tmp_path, monkeypatch):
-    from builder.spec.lock import lock_entry
+    from builder.release.lock import lock_entry
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     release = "smollm2-135m-instruct-fp8-dynamic"

@@ -3,10 +3,10 @@
 import pytest
 
 from builder import build as build_module
-from builder.spec import memory
-from builder.spec.lock import read
-from builder.spec.recipe import Recipe
-from builder.spec.resolve import resolve
+from builder.release import memory
+from builder.release.lock import read
+from builder.release.recipe import Recipe
+from builder.release.resolve import resolve
 from builder.tensorfile import read_header
 from conftest import PROJECT
 

@@ -10,7 +10,7 @@ import yaml
 from safetensors import safe_open
 
 from builder import build
-from builder.quant import evaluate
+from builder.check import evaluate
 from conftest import Repo, release_text
 
 # Logits against the source (tiny random models, 40 tokens; measured: F32 2e-7 in mlx-lm itself,
@@ -99,9 +99,9 @@ def test_resolve_refuses_what_mlx_cannot_hold(repo, overrides, fragments):
 
 
 def test_the_memory_estimate_counts_a_bias_beside_every_scale(repo):
-    from builder.spec import memory
-    from builder.spec.recipe import Recipe
-    from builder.spec.resolve import resolve
+    from builder.release import memory
+    from builder.release.recipe import Recipe
+    from builder.release.resolve import resolve
 
     spec = resolve(repo.root, "smollm2-135m-instruct-mlx-4bit")
     arch, recipe = spec["model"]["architecture"], Recipe.of(spec["quant"])

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from builder.quant import observe, quantize
-from builder.spec.recipe import Args
+from builder.release.recipe import Args
 
 SCHEMES = {  # strategy -> (num_bits, type, group_size)
     "int4-group": (4, "int", "group", 16),

@@ -5,7 +5,7 @@ from their locks (a second repro builds nothing), `builder sign` / `verify --key
 import subprocess
 import sys
 
-from builder.spec import lock
+from builder.release import lock
 from conftest import init_pipeline, release_text
 from test_signing import write_keys
 

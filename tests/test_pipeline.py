@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 from builder.artifact import record
-from builder.spec import lock
+from builder.release import lock
 from conftest import PIPELINE_RELEASES, Pipeline
 
 BUILDS = {f"build@{release}" for release in PIPELINE_RELEASES}

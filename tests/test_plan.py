@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from builder.spec import lock
+from builder.release import lock
 from builder.pipeline import plan
 from builder.errors import BuilderError
 from conftest import Pipeline

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from builder import cli
 from builder.canonical import canonical_json, sha256_bytes
 from builder.errors import BuilderError
-from builder.spec.lock import lock_entry
+from builder.release.lock import lock_entry
 from conftest import PROJECT
 
 RELEASE = "smollm2-135m-instruct-fp8-dynamic"

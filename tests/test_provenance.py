@@ -8,7 +8,7 @@ from builder import build
 from builder.artifact import provenance, record
 from builder.canonical import file_entries
 from builder.paths import MANIFEST_FILE, RECORD_FILES
-from builder.spec import lock
+from builder.release import lock
 from conftest import flip_last_byte
 
 

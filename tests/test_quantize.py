@@ -8,7 +8,7 @@ import yaml
 
 from builder import build as build_module
 from builder.quant import quantize
-from builder.spec.recipe import Args
+from builder.release.recipe import Args
 from conftest import release_text
 from test_build import tensors
 

@@ -5,7 +5,7 @@ import json
 import yaml
 
 from builder import build as build_module
-from builder.spec import lock
+from builder.release import lock
 from builder.artifact.card import model_card
 from builder.artifact.release_files import write_release_files
 from builder.artifact.serve import serve_config

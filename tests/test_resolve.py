@@ -8,8 +8,8 @@ import yaml
 
 from builder.canonical import canonical_json
 from builder.errors import BuilderError
-from builder.spec.lock import lock_entry
-from builder.spec.resolve import list_releases, resolve
+from builder.release.lock import lock_entry
+from builder.release.resolve import list_releases, resolve
 from conftest import PROJECT
 
 SHIPPED = list_releases(PROJECT)

@@ -3,7 +3,7 @@
 import pytest
 
 from builder.errors import BuilderError
-from builder.spec.resolve import resolve
+from builder.release.resolve import resolve
 
 RELEASE = "smollm2-135m-instruct-bf16"
 

@@ -4,8 +4,8 @@ import shlex
 
 import pytest
 
-from builder.spec import lock
-from builder.spec.resolve import list_releases
+from builder.release import lock
+from builder.release.resolve import list_releases
 from builder.artifact.serve import serve_config
 from conftest import PROJECT
 

@@ -9,8 +9,8 @@ import shlex
 import yaml
 
 from builder.artifact.serve import serve_config
-from builder.spec import memory
-from builder.spec.recipe import Args, Recipe
+from builder.release import memory
+from builder.release.recipe import Args, Recipe
 
 
 # The Hugging Face library that reads an artifact, by output format (transformers for the safetensors ones).

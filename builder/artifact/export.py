@@ -9,7 +9,7 @@ from builder.canonical import file_entry, pretty_json
 from builder.errors import BuilderError, Problem
 from builder.quant import quantize
 from builder.source.load import WEIGHT_FILES
-from builder.spec.recipe import Args, Recipe
+from builder.release.recipe import Args, Recipe
 
 # Keys transformers stamps with local facts (paths); dropped so the artifact does not depend on them.
 UNSTABLE_CONFIG_KEYS = ("_name_or_path",)
@@ -117,7 +117,7 @@ def legacy_fp8_config(recipe: Recipe, routers: list = ()) -> dict:
 
 def routers(facts: dict, family) -> list:
     """The MoE router modules of a model (none for dense families), by checkpoint name."""
-    from builder.spec import families
+    from builder.release import families
 
     return [tensor.name[: -len(".weight")] for tensor in families.tensors(facts, family) if tensor.cls == "router"]
 

@@ -21,8 +21,8 @@ from builder.console import progress
 from builder.errors import BuilderError, Problem
 from builder.paths import gguf_file
 from builder.quant import ggml, quantize
-from builder.spec import families
-from builder.spec.recipe import GGML_DENSE_TYPES, GGML_TYPES, Recipe
+from builder.release import families
+from builder.release.recipe import GGML_DENSE_TYPES, GGML_TYPES, Recipe
 
 # The type a whole file is labelled with (general.file_type, llama.cpp's LlamaFileType).
 FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7, "BF16": 32}

@@ -12,7 +12,7 @@ from builder import determinism
 from builder.canonical import canonical_json, pretty_json, sha256_bytes, sha256_file
 from builder.errors import Problem
 from builder.paths import PROVENANCE_FILE, SCHEMAS_DIR
-from builder.spec.identity import builder_identity
+from builder.release.identity import builder_identity
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://slsa.dev/provenance/v1"

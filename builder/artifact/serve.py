@@ -6,8 +6,8 @@
 import shlex
 
 from builder.paths import artifact_name, gguf_file
-from builder.spec import memory
-from builder.spec.recipe import Recipe
+from builder.release import memory
+from builder.release.recipe import Recipe
 # vLLM's --quantization for each output format; dense checkpoints need none.
 VLLM_QUANTIZATION = {"dense": None, "compressed-tensors": "compressed-tensors", "fp8": "fp8"}
 

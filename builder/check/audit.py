@@ -15,7 +15,7 @@ from builder.canonical import canonical_json, file_entries, sha256_bytes, sha256
 from builder.check import signing
 from builder.errors import BuilderError
 from builder.paths import PROVENANCE_FILE
-from builder.spec import identity, lock
+from builder.release import identity, lock
 
 OK, FAILED, UNKNOWN = "ok", "FAILED", "not checked"
 

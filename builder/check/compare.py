@@ -7,7 +7,7 @@ from pathlib import Path
 
 from builder.check.verify import content_files
 from builder.errors import BuilderError, Problem
-from builder.spec import identity, lock
+from builder.release import identity, lock
 from builder.tensorfile import read_header
 
 

@@ -11,7 +11,7 @@ from builder.artifact import provenance, record
 from builder.canonical import canonical_json, file_entries, sha256_bytes, tree_digest
 from builder.errors import BuilderError, CheckFailed, Problem
 from builder.paths import MANIFEST_FILE, PROVENANCE_FILE, RECORD_FILES
-from builder.spec import identity
+from builder.release import identity
 
 
 def verify(artifact: Path) -> dict:

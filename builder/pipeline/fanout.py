@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from builder.errors import BuilderError, Problem
-from builder.spec.resolve import list_releases
+from builder.release.resolve import list_releases
 
 LAUNCHERS = ("local", "slurm")  # submitit executor names
 JOB = {"timeout_min": 240, "cpus_per_task": 2, "mem_gb": 16}  # per release; peak memory ~ largest layer

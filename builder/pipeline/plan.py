@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 from builder.errors import BuilderError, Problem
-from builder.spec import lock
+from builder.release import lock
 
 MAIN_BRANCHES = ("main", "origin/main", "master", "origin/master")
 ABSENT = object()

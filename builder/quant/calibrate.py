@@ -17,9 +17,9 @@ import torch
 
 from builder.console import progress
 from builder.quant import gptq, quantize, scaling
-from builder.quant.spill import Spill
+from builder.spill import Spill
 from builder.source import skeleton
-from builder.spec.recipe import Recipe
+from builder.release.recipe import Recipe
 from builder.tensorfile import reader
 
 BATCH = 4  # calibration samples per forward pass: fixed, so every reduction splits the same way

@@ -8,7 +8,7 @@ import torch
 from builder.errors import BuilderError, Problem
 from builder.quant import observe
 from builder.quant.quantize import FP8, quantize_weight, scale_format
-from builder.spec.recipe import Args, Recipe
+from builder.release.recipe import Args, Recipe
 
 
 def quantize(weight: torch.Tensor, hessian: torch.Tensor, recipe: Recipe, module: str = "",

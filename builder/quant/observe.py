@@ -13,7 +13,7 @@ import torch
 
 from builder.console import progress
 from builder.quant import quantize
-from builder.spec.recipe import Args, Recipe
+from builder.release.recipe import Args, Recipe
 from builder.tensorfile import reader
 
 

@@ -3,8 +3,8 @@
 import torch
 
 from builder.errors import BuilderError, Problem
-from builder.spec import families
-from builder.spec.recipe import Args, Recipe
+from builder.release import families
+from builder.release.recipe import Args, Recipe
 from builder.tensorfile import Output
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

@@ -13,8 +13,8 @@ import torch
 from builder.quant import gptq, quantize
 from builder.quant.observe import weight_scale
 from builder.source import skeleton
-from builder.spec import families
-from builder.spec.recipe import Args, Recipe
+from builder.release import families
+from builder.release.recipe import Args, Recipe
 
 SMOOTHING_FLOOR = 1e-5  # smallest max |x|, max |w|, rms and factor used: no channel divides by zero
 

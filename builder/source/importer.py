@@ -16,7 +16,7 @@ from builder import atomic
 from builder.canonical import file_entries, sha256_file, tree_digest
 from builder.errors import BuilderError, CheckFailed, Problem
 from builder.paths import inside
-from builder.spec.resolve import schema
+from builder.release.resolve import schema
 
 
 def model_spec(root: Path, model: str) -> dict:

@@ -92,11 +92,11 @@ def tensor_index(path: Path) -> dict:
 def architecture(config_dir: Path) -> dict:
     """What transformers makes of config.json: {modules: name -> class, shapes: parameter -> shape,
     tied: parameter names, facts: the architecture block (families.facts), supported: bool}, all
-    named as in the checkpoint (builder/source/skeleton.py). Remembered per config.json (builder.spec.memo):
+    named as in the checkpoint (builder/source/skeleton.py). Remembered per config.json (builder.release.cache):
     a build that does not calibrate then never imports transformers' model code (~3 s, ~120 MB)."""
-    from builder.spec import memo
+    from builder.release import cache
 
-    found = memo.architecture(config_dir / "config.json", lambda: meta_architecture(config_dir))
+    found = cache.architecture(config_dir / "config.json", lambda: meta_architecture(config_dir))
     return {**found, "shapes": {name: tuple(shape) for name, shape in found["shapes"].items()},
             "tied": set(found["tied"])}
 
@@ -104,7 +104,7 @@ def architecture(config_dir: Path) -> dict:
 def meta_architecture(config_dir: Path) -> dict:
     """The model built on the meta device (no memory), as JSON data (see architecture())."""
     from builder.source import skeleton
-    from builder.spec import families
+    from builder.release import families
 
     config, family, model = skeleton.build(config_dir)
     named = dict(model.named_parameters(remove_duplicate=False))

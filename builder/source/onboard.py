@@ -17,7 +17,7 @@ from builder.canonical import file_entries, tree_digest
 from builder.console import progress
 from builder.errors import BuilderError, Problem
 from builder.source import load
-from builder.spec import families
+from builder.release import families
 
 # What a checkpoint folder may bring into weights/: weights as safetensors, configs, tokenizers, templates.
 CHECKPOINT_FILES = ("*.safetensors", "*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja")

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from builder.spec import families
+from builder.release import families
 
 
 class Expert(nn.Module):

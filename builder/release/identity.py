@@ -17,7 +17,7 @@ import builder
 from builder.canonical import canonical_json, file_entries, sha256_bytes, sha256_file, tree_digest
 from builder.errors import BuilderError, Problem
 from builder.paths import PACKAGE_DIR, SCHEMAS_DIR, inside
-from builder.spec.recipe import Recipe
+from builder.release.recipe import Recipe
 
 # Bump a part's number in the change that alters what it writes (the golden test says which).
 OUTPUT_VERSIONS = {

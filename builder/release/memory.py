@@ -3,9 +3,9 @@
     builder resolve RELEASE    # refuses a release whose estimate exceeds the target's usable memory
 """
 
-from builder.spec import families
-from builder.spec.families import head_dim
-from builder.spec.recipe import Recipe
+from builder.release import families
+from builder.release.families import head_dim
+from builder.release.recipe import Recipe
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 KV_CACHE_BYTES = {"fp8": 1}  # bytes per cached element; "auto" means the model's dtype
@@ -13,7 +13,7 @@ GIB = 1 << 30
 
 
 def checkpoint(arch: dict) -> list:
-    """Every tensor of the model's checkpoint (builder/spec/families.py), from its architecture block."""
+    """Every tensor of the model's checkpoint (builder/release/families.py), from its architecture block."""
     return families.tensors(arch, families.of_class(arch["class"]))
 
 

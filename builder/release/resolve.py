@@ -11,8 +11,8 @@ from pathlib import Path
 import yaml
 from jsonschema import Draft202012Validator
 
-from builder.spec import families, fit, memory
-from builder.spec.recipe import Recipe, problems as recipe_problems
+from builder.release import families, fit, memory
+from builder.release.recipe import Recipe, problems as recipe_problems
 from builder.errors import BuilderError, Problem
 from builder.paths import SCHEMAS_DIR
 

@@ -16,7 +16,7 @@ OBSERVERS = {
     "imatrix_mse": {"grid": 20, "maxshrink": 0.95, "patience": 5, "norm": 3.0},
 }
 # Formats whose integer weights follow a runtime's own arithmetic, not compressed-tensors': the part
-# (builder/spec/identity.py) that rounds them. ggml: llama.cpp's Q8_0/Q4_0 blocks; affine: MLX's groups.
+# (builder/release/identity.py) that rounds them. ggml: llama.cpp's Q8_0/Q4_0 blocks; affine: MLX's groups.
 QUANTIZER = {"gguf": "quantize.ggml", "mlx": "quantize.affine"}
 # llama.cpp's block types a gguf recipe's weights can be: (num_bits, group_size, symmetric) -> type.
 GGML_TYPES = {(8, 32, True): "Q8_0", (4, 32, True): "Q4_0"}
@@ -180,7 +180,7 @@ class Recipe:
 
     @property
     def parts(self) -> tuple:
-        """The parts of the builder (builder/spec/identity.py OUTPUT_VERSIONS) that decide its bytes."""
+        """The parts of the builder (builder/release/identity.py OUTPUT_VERSIONS) that decide its bytes."""
         found = [f"format.{self.format}"]
         for args in (self.weights, self.input_activations, self.kv_cache_scheme):
             if args is not None:

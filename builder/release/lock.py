@@ -14,8 +14,8 @@ from builder import atomic
 from builder.canonical import pretty_json
 from builder.errors import BuilderError, CheckFailed, Problem
 from builder.paths import inside
-from builder.spec import identity, memo
-from builder.spec.resolve import list_releases, resolve
+from builder.release import cache, identity
+from builder.release.resolve import list_releases, resolve
 
 LOCK_SCHEMA = "builder.lock/v2"
 PARAMS_HEADER = """\
@@ -30,7 +30,7 @@ COMPARED = ("spec", "overrides", *(f"inputs.{key}" for key in identity.INPUT_KEY
 
 def lock_entry(root: Path, release: str, overrides: tuple = ()) -> dict:
     """The lock of one release: resolved spec, inputs with digests, artifact_id."""
-    spec = memo.resolved(root, release, tuple(overrides), lambda: resolve(root, release, tuple(overrides)))
+    spec = cache.resolved(root, release, tuple(overrides), lambda: resolve(root, release, tuple(overrides)))
     check_weights_digest(root, spec)
     build_inputs = identity.inputs(root, spec)
     return {"schema": LOCK_SCHEMA, "release": release, "overrides": list(overrides),
@@ -46,7 +46,7 @@ def check_weights_digest(root: Path, spec: dict) -> None:
     folder = inside(root, spec["model"]["path"], file=f"specs/model/{model}.yaml", key="model.path")
     if not folder.is_dir():
         return
-    actual = memo.folder_digest(folder)
+    actual = cache.folder_digest(folder)
     if actual != spec["model"]["digest"]:
         raise BuilderError(Problem(f"specs/model/{model}.yaml", "model.digest", f"{spec['model']['digest']} is not "
                                    f"the digest of {spec['model']['path']} ({actual}): refusing weights that are "

@@ -163,7 +163,7 @@ def evaluate_artifact(root: Path, artifact: Path, spec: dict, overrides: list, o
     """(eval result, spec) for a built artifact of spec (its recorded release.json, built with
     overrides): its release's eval group, or the eval option given."""
     from builder.source import load
-    from builder.spec.resolve import resolve
+    from builder.release.resolve import resolve
 
     if option is not None:
         spec = resolve(root, spec["release"]["name"], (*overrides, f"eval={option}"))

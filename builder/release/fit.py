@@ -1,7 +1,7 @@
 """Whether a release can run where it is meant to: target kernels, parallel layout, context, memory. Pure.
 
     builder resolve smollm2-135m-instruct-fp8-dynamic target=vllm-a100    # exit 2: no FP8 activations
-Each check returns (key path, message) pairs; builder/spec/resolve.py names the file that set the key.
+Each check returns (key path, message) pairs; builder/release/resolve.py names the file that set the key.
 """
 
 import math
@@ -9,8 +9,8 @@ import re
 
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 
-from builder.spec import families, memory
-from builder.spec.recipe import Recipe, problems as recipe_problems
+from builder.release import families, memory
+from builder.release.recipe import Recipe, problems as recipe_problems
 
 # How RoPE scaling changes the longest context (vLLM's rule): these types multiply a base length by
 # `factor`; the others (default, llama3, longrope) already count it in max_position_embeddings.

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from builder import atomic
-from builder.spec import identity
+from builder.release import identity
 from builder.canonical import canonical_json, file_entries, sha256_bytes, sha256_file, tree_digest
 
 
