@@ -6,10 +6,11 @@ search weight scales, quantize and write, evaluate, describe, record. Also rebui
 """
 
 import tempfile
+import time
 from pathlib import Path
 
 from builder import atomic, determinism, failpoints
-from builder.artifact import export, gguf, manifest, mlx, provenance, record
+from builder.artifact import buildinfo, export, gguf, manifest, mlx, provenance, record
 from builder.artifact.release_files import write_release_files
 from builder.canonical import file_entries, pretty_json, tree_digest
 from builder.errors import BuilderError, CheckFailed, Problem
@@ -41,6 +42,7 @@ def build(root: Path, release: str, overrides: tuple = (), out: Path | None = No
     if out.exists() and not record.is_artifact(out) and not force:
         raise BuilderError(Problem(str(out), "--out", "exists and is not an artifact; "
                                    "choose another folder or pass --force to replace it"))
+    started = time.time()
     source = prepare(root, entry)  # every input check happens before anything is written
     log(f"{release}: {len(source['tensors'])} tensors from {entry['spec']['model']['path']}")
     with atomic.staging(out, root) as staging:
@@ -49,6 +51,7 @@ def build(root: Path, release: str, overrides: tuple = (), out: Path | None = No
             return record.read(out).manifest
         result = build_into(entry, source, staging, root, log, calibration_dump)
         atomic.publish(staging, out)
+    buildinfo.write(out, started, determinism.device_facts(source["devices"]))  # who built it, beside out
     log(f"{out.name}: built {result['content_digest']} (artifact_id {entry['artifact_id']})")
     return result
 
@@ -107,7 +110,7 @@ def build_into(entry: dict, source: dict, staging: Path, root: Path | None = Non
     write_release_files(staging, entry)
     # each file hashed once (the weights while they were written), for both records
     content = file_entries(staging, exclude=RECORD_FILES, known={e["path"]: e for e in weights})
-    provenance.write(entry, source["path"], staging, content, determinism.device_facts(source["devices"]))
+    provenance.write(entry, source["path"], staging, content)
     result = manifest.create(staging, entry, content)
     failpoints.reached("manifest")
     return result

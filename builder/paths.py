@@ -11,13 +11,12 @@ SCHEMAS_DIR = PACKAGE_DIR.parent / "schemas"
 # The files an artifact holds besides its weights, config and tokenizer.
 RELEASE_FILE = "release.json"        # the resolved spec
 MANIFEST_FILE = "manifest.json"      # artifact_id, inputs, every content file's sha256, content digest
-PROVENANCE_FILE = "provenance.json"  # in-toto / SLSA statement: what went in, and which builder ran
+PROVENANCE_FILE = "provenance.json"  # in-toto / SLSA statement: what went in (who ran it: buildinfo.py)
 EVAL_FILE = "eval.json"              # quality measured at build time
 SERVE_FILE = "serve.json"            # runtime arguments
 CARD_FILE = "README.md"              # the model card
-# Files about the content rather than content: the content digest covers every other file. The
-# manifest holds the digest; provenance names the builder's own code, which may change without
-# changing a byte of the content (a refactor), so it cannot be part of what the artifact_id promises.
+# Files about the content rather than content: the content digest covers every other file (the
+# manifest holds the digest; provenance lists the content files as its subjects).
 RECORD_FILES = frozenset({MANIFEST_FILE, PROVENANCE_FILE})
 
 

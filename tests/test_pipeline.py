@@ -123,3 +123,24 @@ def test_a_newcomers_path_from_a_checkpoint_folder_to_a_verified_artifact(tmp_pa
     assert verified.returncode == 0 and verified.stdout.startswith("OK qwen3-tiny-fp8-dynamic"), verified.stderr
     pipeline.commit("qwen3-tiny: first release")
     assert pipeline.repro() == set()
+
+
+def test_a_docstring_in_every_builder_module_then_repro_force_leaves_dvc_lock_and_artifacts_unchanged(pipeline):
+    from builder.artifact import buildinfo
+    from builder.canonical import file_entries
+
+    lock_before = (pipeline.root / "dvc.lock").read_bytes()
+    artifacts = {release: pipeline.root / "artifacts" / release for release in PIPELINE_RELEASES}
+    before = {release: file_entries(path) for release, path in artifacts.items()}
+    sources = {buildinfo.summary(buildinfo.read(path))["source"] for path in artifacts.values()}
+    for path in sorted((pipeline.root / "builder").rglob("*.py")):
+        text = path.read_text()
+        path.write_text('"""Reviewed: ' + text[3:] if text.startswith('"""') else '"""Reviewed."""\n' + text)
+    assert pipeline.repro("--force") == BUILDS
+    assert (pipeline.root / "dvc.lock").read_bytes() == lock_before
+    assert {release: file_entries(path) for release, path in artifacts.items()} == before
+    # who built it changed, and is on record beside each folder, outside what DVC tracks
+    after = {buildinfo.summary(buildinfo.read(path))["source"] for path in artifacts.values()}
+    assert len(after) == 1 and after.isdisjoint(sources)
+    changed = pipeline.git("status", "--porcelain").stdout.splitlines()
+    assert changed and all(line[3:].startswith("builder/") for line in changed)  # the edit, nothing else

@@ -90,3 +90,21 @@ def forge_weight_and_manifest(out):
     recorded["content_digest"] = tree_digest(recorded["files"])
     (out / MANIFEST_FILE).write_text(pretty_json(recorded))
 
+
+
+def test_provenance_names_no_builder_revision_or_host_and_buildinfo_beside_the_folder_does(tiny_repo, tmp_path):
+    from builder.artifact import buildinfo
+    from builder.release import identity
+
+    out = tmp_path / "a"
+    built(tiny_repo, "tiny-llama-fp8-dynamic", out)
+    text = (out / "provenance.json").read_text()
+    source = provenance.hex_digest(identity.builder_digest())
+    assert source not in text and "@" not in record.read(out).provenance["predicate"]["runDetails"]["builder"]["id"]
+    beside = buildinfo.read(out)
+    assert buildinfo.path(out) == tmp_path / "a.buildinfo.json" and beside is not None
+    assert provenance.schema_problems(beside, "a.buildinfo.json") == []
+    assert [s["name"] for s in beside["subject"]] == [e["path"] for e in file_entries(out)]  # records too
+    assert beside["predicate"]["buildDefinition"] == record.read(out).provenance["predicate"]["buildDefinition"]
+    who = buildinfo.summary(beside)
+    assert who["source"] == source and who["host"]["hostname"] and who["started"] <= who["finished"]

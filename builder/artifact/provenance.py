@@ -1,25 +1,29 @@
 """provenance.json: an in-toto Statement v1 with a SLSA provenance v1 predicate, written by every build.
 
     builder build R writes it; builder verify checks its subjects; builder audit reads it
+
+Everything in it follows from the lock entry and the content files, so the folder DVC tracks is a
+function of the artifact_id: who ran the build (builder version and source digest, host, GPU, clock)
+goes to <artifact>.buildinfo.json beside the folder (builder/artifact/buildinfo.py).
 """
 
 import hashlib
 import json
 from pathlib import Path
 
-import builder
 from builder import determinism
 from builder.canonical import canonical_json, pretty_json, sha256_bytes, sha256_file
 from builder.errors import Problem
 from builder.paths import PROVENANCE_FILE, SCHEMAS_DIR
-from builder.release.identity import builder_identity
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
 # Documented in docs/provenance.md: what externalParameters, internalParameters and
 # resolvedDependencies hold for a release build. A URN: the project has no web home to point at.
-BUILD_TYPE = "urn:quant-release-builder:build-type:release:v2"
-BUILDER_ID = f"pkg:pypi/quant-release-builder@{builder.__version__}"
+BUILD_TYPE = "urn:quant-release-builder:build-type:release:v3"
+# The builder as a package, without its version: any version with the same output versions writes
+# the same bytes (the buildinfo beside the artifact names the version that ran).
+BUILDER_ID = "pkg:pypi/quant-release-builder"
 SCHEMAS = {"statement": "in-toto-statement.schema.json", "predicate": "slsa-provenance-v1.schema.json"}
 # Tokenizer files of a source checkpoint, listed one by one (they are also inside the weights digest).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
@@ -42,8 +46,8 @@ def subjects(files: list) -> list:
 
 
 def dependencies(entry: dict, weights: Path) -> list:
-    """resolvedDependencies: source weights (+ its origin), tokenizer files, data, the builder that ran
-    (its code digest, and the output versions the artifact_id carries), toolchain."""
+    """resolvedDependencies: source weights (+ its origin), tokenizer files, data, the builder (the
+    output versions of the parts the release runs, as the artifact_id carries them), toolchain."""
     inputs, model = entry["inputs"], entry["spec"]["model"]
     found = [{"name": "weights", "uri": inputs["weights"]["path"],
               "digest": {"sha256": hex_digest(inputs["weights"]["digest"])},
@@ -68,18 +72,17 @@ def dependencies(entry: dict, weights: Path) -> list:
         if relative:
             found.append({"name": group, "uri": relative, "digest": {"sha256": hex_digest(inputs["data"][relative])},
                           "annotations": {"digestOf": "file"}})
-    running = builder_identity()
+    versions = inputs["versions"]
     found.append({"name": "builder", "uri": BUILDER_ID,
-                  "digest": {"sha256": hex_digest(running["digest"])},
-                  "annotations": {"digestOf": "tree", "version": running["version"],
-                                  "outputVersions": inputs["versions"]}})
+                  "digest": {"sha256": hex_digest(sha256_bytes(canonical_json(versions)))},
+                  "annotations": {"digestOf": "canonical-json", "outputVersions": versions}})
     toolchain = inputs["toolchain"]
     found.append({"name": "toolchain", "digest": {"sha256": hex_digest(sha256_bytes(canonical_json(toolchain)))},
                   "annotations": {"digestOf": "canonical-json", "versions": toolchain}})
     return found
 
 
-def statement(entry: dict, weights: Path, files: list, device: dict | None = None) -> dict:
+def statement(entry: dict, weights: Path, files: list) -> dict:
     """The provenance of the artifact in out, from its lock entry. No clock, host or absolute path."""
     lock_text = pretty_json(entry).encode("utf-8")  # the bytes of locks/<release>.json when it is current
     return {
@@ -100,28 +103,19 @@ def statement(entry: dict, weights: Path, files: list, device: dict | None = Non
                 "internalParameters": {"artifact_id": entry["artifact_id"], **determinism.settings()},
                 "resolvedDependencies": dependencies(entry, weights),
             },
-            "runDetails": run_details(device or {}),
+            "runDetails": {"builder": {"id": BUILDER_ID}},
         },
     }
 
 
-def run_details(device: dict) -> dict:
-    """The builder that ran, and on a GPU which one (model, driver, CUDA: the last bits may follow them)."""
-    details = {"builder": {"id": BUILDER_ID, "version": {"quant-release-builder": builder.__version__}}}
-    if device:
-        details["byproducts"] = [{"name": "device", "annotations": dict(sorted(device.items()))}]
-    return details
-
-
-def write(entry: dict, weights: Path, out: Path, files: list, device: dict | None = None) -> dict:
+def write(entry: dict, weights: Path, out: Path, files: list) -> dict:
     """Write provenance.json into out.
 
     Args:
         weights: the source checkpoint folder, already checked against the pinned digest.
         files: the content files' entries (subjects), hashed once by the build.
-        device: the GPU calibration or evaluation ran on (determinism.device_facts), if any.
     """
-    document = statement(entry, weights, files, device)
+    document = statement(entry, weights, files)
     (out / PROVENANCE_FILE).write_text(pretty_json(document), encoding="utf-8")
     return document
 

@@ -10,7 +10,7 @@ import subprocess
 from importlib.metadata import PackageNotFoundError
 from pathlib import Path
 
-from builder.artifact import provenance, record
+from builder.artifact import buildinfo, provenance, record
 from builder.canonical import canonical_json, file_entries, sha256_bytes, sha256_file, tree_digest
 from builder.check import signing
 from builder.errors import BuilderError
@@ -46,6 +46,7 @@ def audit(artifact: Path, root: Path | None, public_key: Path | None = None,
     report["toolchain"] = toolchain_checks(manifest.get("inputs", {}).get("toolchain", {}))
     report["lock"] = lock_check(root, recorded.entry)
     report["signature"] = signature_check(artifact, signature or signing.signature_path(artifact), public_key)
+    report["built_by"] = built_by(artifact)
     checks = [report["verification"], report["provenance"], report["lock"], report["signature"],
               *report["inputs"], *report["toolchain"]]
     report["holds"] = all(check["status"] != FAILED for check in checks)
@@ -113,19 +114,37 @@ def input_checks(recorded: record.Record, root: Path | None) -> list:
 
 
 def builder_check(dependency: dict) -> dict:
-    """The builder that ran, against this checkout's: what matters for the bytes is the output versions
-    of the parts the release runs (the artifact_id carries them), not the code digest."""
-    annotations = dependency.get("annotations", {})
-    recorded = annotations.get("outputVersions", {})
+    """The output versions of the parts the release ran (the artifact_id carries them) against this
+    checkout's: what decides whether this checkout writes the same bytes."""
+    recorded = dependency.get("annotations", {}).get("outputVersions", {})
     current = {part: identity.OUTPUT_VERSIONS.get(part) for part in recorded}
-    same_code = dependency.get("digest", {}).get("sha256") == provenance.hex_digest(identity.builder_digest())
-    who = f"built by quant-release-builder {annotations.get('version')}"
     if recorded and current != recorded:
         moved = ", ".join(f"{part} {recorded[part]} -> {current[part]}" for part in sorted(recorded)
                           if current[part] != recorded[part])
-        return {"status": FAILED, "local": f"{who}; this checkout writes other bytes ({moved})"}
-    return {"status": OK, "local": f"{who}; " + ("the same code as this checkout" if same_code else
-                                               "other code than this checkout, same output versions")}
+        return {"status": FAILED, "local": f"this checkout writes other bytes ({moved})"}
+    return {"status": OK, "local": "this checkout has the same output versions"}
+
+
+def built_by(artifact: Path) -> dict:
+    """Who built the artifact, from the buildinfo beside it: on record, never a condition of holding.
+    A buildinfo whose subjects are not the folder's files describes another build (stale)."""
+    document = buildinfo.read(artifact)
+    if document is None:
+        return {"status": UNKNOWN, "detail": f"no {buildinfo.path(artifact).name} beside the artifact "
+                                             "(built on another machine, or fetched with dvc pull)"}
+    found = buildinfo.summary(document)
+    claimed = {s.get("name"): s.get("digest", {}).get("sha256") for s in document.get("subject", [])}
+    present = {e["path"]: provenance.hex_digest(e["sha256"]) for e in file_entries(artifact)}
+    same_code = found.get("source") == provenance.hex_digest(identity.builder_digest())
+    if claimed != present:
+        return {"status": UNKNOWN, **found, "detail": "stale: it describes other files than the folder holds"}
+    gpu = found.get("device") or {}
+    where = found.get("host", {}).get("hostname") + (f" with {gpu.get('gpu')} (driver {gpu.get('driver')}, "
+                                                     f"CUDA {gpu.get('cuda')})" if gpu else "")
+    return {"status": OK, **found, "detail": f"{found.get('builder')} on {where}, "
+                                             f"{found.get('started')} to {found.get('finished')}; "
+                                             + ("the same code as this checkout" if same_code else
+                                                "other code than this checkout")}
 
 
 def toolchain_checks(recorded: dict) -> list:
@@ -211,7 +230,7 @@ def render(report: dict) -> str:
     lines += ["", f"lock          {lock_row['status']}: {lock_row['detail']}"
               + (f"; last changed in commit {lock_row['commit']}" if lock_row.get("commit") else "")
               + (f" ({lock_row['git']})" if lock_row.get("git") else "")]
-    for key in ("verification", "provenance", "signature"):
+    for key in ("verification", "provenance", "signature", "built_by"):
         detail = report[key]["detail"]
         if isinstance(detail, list):
             detail = "\n" + "\n".join(f"                - {line}" for line in detail)
