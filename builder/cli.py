@@ -10,13 +10,15 @@ sign, summary), builder/check/evaluate.py (eval), builder/pipeline/ (plan, build
 """
 
 import argparse
+import json
+import re
 import signal
 import sys
 from pathlib import Path
 
 import yaml
 
-from builder import atomic, determinism
+from builder import atomic, console, determinism
 from builder.canonical import pretty_json
 from builder.console import log
 from builder.errors import BuilderError, Problem
@@ -26,14 +28,54 @@ from builder.paths import find_root
 def cmd_list(args) -> int:
     from builder.release.resolve import list_releases
 
-    print("\n".join(list_releases(find_root())))
+    root = find_root()
+    if args.names:
+        print("\n".join(list_releases(root)))
+        return 0
+    rows = [release_row(root, name) for name in list_releases(root)]
+    sys.stdout.write(pretty_json(rows) if args.json else console.table(rows, ("release", "recipe", "target",
+                                                                             "description")))
     return 0
+
+
+def release_row(root: Path, name: str) -> dict:
+    """One line about a release, read from its file without composing it: the recipe and target it
+    chooses (else specs/config.yaml's defaults) and its description, the first sentence of its header
+    comment (a comment, so it is in no artifact_id)."""
+    text = (root / "specs" / "release" / f"{name}.yaml").read_text(encoding="utf-8")
+    choices = defaults(root / "specs" / "config.yaml") | defaults(root / "specs" / "release" / f"{name}.yaml")
+    header = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        words = line.lstrip("#").strip()
+        if words.startswith(("@package", "Build:")):
+            continue
+        header.append(words)
+    sentence = re.split(r"(?<=\.)\s", " ".join(header), maxsplit=1)[0]
+    return {"release": name, "recipe": choices.get("quant", "?"), "target": choices.get("target", "?"),
+            "description": sentence}
+
+
+def defaults(path: Path) -> dict:
+    """The group choices of a Hydra file's defaults list (`group: option`, `override /group: option`)."""
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    chosen = {}
+    for item in document.get("defaults") or [] if isinstance(document, dict) else []:
+        for key, value in (item.items() if isinstance(item, dict) else ()):
+            group = key.removeprefix("override").strip().lstrip("/")
+            if "/" not in group and isinstance(value, str):
+                chosen[group] = value
+    return chosen
 
 
 def cmd_resolve(args) -> int:
     from builder.release.lock import lock_entry
 
-    entry = lock_entry(find_root(), args.release, tuple(args.overrides))
+    entry = with_known_keys(lock_entry, find_root(), args.release, tuple(args.overrides))
     shown = {"artifact_id": entry["artifact_id"], "spec": entry["spec"], "inputs": entry["inputs"]}
     if args.json:
         sys.stdout.write(pretty_json(shown))
@@ -80,11 +122,64 @@ def cmd_model(args) -> int:
 
 def cmd_build(args) -> int:
     from builder.build import build
+    from builder.paths import artifact_name
 
-    result = build(find_root(), args.release, tuple(args.overrides), out=args.out, force=args.force, log=log,
-                   calibration_dump=args.calibration_stats)
-    print(f"{result['release']} {result['content_digest']}")
+    root = find_root()
+    manifest = with_known_keys(build, root, args.release, tuple(args.overrides), out=args.out, force=args.force,
+                               log=log, calibration_dump=args.calibration_stats)
+    path = console.shown_path(args.out or root / "artifacts" / artifact_name(manifest))
+    result = {"path": path, "release": manifest["release"], "artifact_id": manifest["artifact_id"],
+              "content_digest": manifest["content_digest"]}
+    print(pretty_json(result).rstrip() if args.json else path)
+    log(console.built(result, serve_command(Path(path))))
     return 0
+
+
+def serve_command(artifact: Path) -> str | None:
+    """The command line serve.json gives for the artifact's runtime, when it has one."""
+    from builder.paths import SERVE_FILE
+
+    try:
+        return json.loads((artifact / SERVE_FILE).read_text(encoding="utf-8")).get("command")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def with_known_keys(verb, root: Path, release: str, overrides: tuple, **kwargs):
+    """verb(root, release, overrides), where an override of a key the spec does not have (Hydra's
+    "Could not override 'context.max_len'", whose hint `+context.max_len` fails again at validation)
+    is answered with the keys that group has."""
+    try:
+        return verb(root, release, overrides, **kwargs)
+    except BuilderError as error:
+        missing = [m.group(1) for p in error.problems for m in [UNKNOWN_OVERRIDE.search(p.message)] if m]
+        culprits = [o for o in overrides for key in missing if o.split("=", 1)[0] == key]
+        if not culprits:
+            raise
+        raise BuilderError(unknown_key(root, release, overrides, culprits[0])) from None
+
+
+UNKNOWN_OVERRIDE = re.compile(r"Could not override '([^']+)'")
+
+
+def unknown_key(root: Path, release: str, overrides: tuple, culprit: str) -> Problem:
+    """What to say of an override whose key is not in the composed spec: the group and the keys it has."""
+    from builder.release.resolve import compose
+
+    spec = compose(root, release, tuple(o for o in overrides if o != culprit))
+    dotted = culprit.split("=", 1)[0]
+    *parents, leaf = dotted.split(".")
+    where, node = f"override {culprit!r}", spec
+    if parents and parents[0] in spec.get("choices", {}):
+        where += f" (specs/{parents[0]}/{spec['choices'][parents[0]]}.yaml)"
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+    if not parents or not isinstance(node, dict):
+        known = ", ".join(sorted(k for k in spec if k != "choices"))
+        return Problem(where, "", f"the spec has no group or key {parents[0] if parents else leaf}; "
+                       f"its top-level keys: {known}")
+    owner = f"group {parents[0]}" if len(parents) == 1 else ".".join(parents)
+    return Problem(where, "", f"{owner} has no key {leaf}; its keys: {', '.join(sorted(node))}")
 
 
 def cmd_build_many(args) -> int:
@@ -164,13 +259,13 @@ def cmd_summary(args) -> int:
 
 
 VERBS = {
-    "list": (cmd_list, "list releases, one a line"),
+    "list": (cmd_list, "the releases: name, recipe, target and a line of description (--names: names only)"),
     "resolve": (cmd_resolve, "show a release's resolved spec and artifact_id"),
     "lock": (cmd_lock, "write locks/ and params.yaml from specs/ (--check: fail if stale)"),
     "plan": (cmd_plan, "which releases change against a git revision, as Markdown for a PR comment"),
     "model": (cmd_model, "add a local checkpoint folder as specs/model/NAME.yaml (checked, digest pinned)"),
     "import": (cmd_import, "import a model's pinned source into weights/"),
-    "build": (cmd_build, "build a release into artifacts/<release>/"),
+    "build": (cmd_build, "build a release into artifacts/<release>/; prints its path, then what to run next"),
     "build-many": (cmd_build_many, "build several releases in parallel jobs (submitit: local or SLURM)"),
     "verify": (cmd_verify, "re-hash an artifact's files against its manifest (--rebuild, --signature)"),
     "audit": (cmd_audit, "what an artifact was built from, and whether each claim still holds"),
@@ -186,14 +281,27 @@ def key_value(text: str) -> str:
     return text
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error shows the command's whole help before the error (exit 2)."""
+
+    def error(self, message):
+        self.print_help(sys.stderr)
+        self.exit(2, f"\n{self.prog}: error: {message}\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="builder", description="Reproducible builds of quantized LLM releases.")
+    top = Parser(prog="builder", description="Reproducible builds of quantized LLM releases.",
+                 epilog="builder VERB --help says more; README.md has a five-minute tour.")
     verbs = top.add_subparsers(dest="verb", required=True, metavar="VERB")
     sub = {name: verbs.add_parser(name, help=text, description=text) for name, (_, text) in VERBS.items()}
     for name in ("resolve", "build"):
-        sub[name].add_argument("release")
-        sub[name].add_argument("overrides", nargs="*", metavar="OVERRIDE", help="Hydra override, e.g. quant=bf16")
-    sub["resolve"].add_argument("--json", action="store_true", help="machine-readable output")
+        sub[name].add_argument("release", metavar="RELEASE", help="a file name in specs/release/, without .yaml "
+                               "(builder list)")
+        sub[name].add_argument("overrides", nargs="*", default=[], metavar="OVERRIDE",
+                               help="Hydra override, e.g. quant=bf16 context.max_model_len=4096")
+        sub[name].add_argument("--json", action="store_true", help="machine-readable output")
+    sub["list"].add_argument("--json", action="store_true", help="machine-readable output")
+    sub["list"].add_argument("--names", action="store_true", help="release names only, one a line (for scripts)")
     sub["lock"].add_argument("--check", action="store_true", help="exit 1 if locks/ or params.yaml are stale")
     sub["plan"].add_argument("--base", metavar="GIT_REV", help="revision to compare with "
                              "(default: the merge base of HEAD with main)")
@@ -209,7 +317,8 @@ def parser() -> argparse.ArgumentParser:
     add.add_argument("--id", help="Hugging Face id for the card (default: from the snapshot path, else NAME)")
     add.add_argument("--license", help="license id for the card (default: the folder's README.md, else other)")
     add.add_argument("--force", action="store_true", help="replace an existing specs/model/NAME.yaml")
-    sub["build"].add_argument("--out", type=Path, help="output folder (default artifacts/<release>)")
+    sub["build"].add_argument("--out", type=Path, help="output folder (default artifacts/<release>, or "
+                              "artifacts/<release>-<12 hex of the artifact_id> with overrides)")
     sub["build"].add_argument("--force", action="store_true", help="rebuild even if up to date")
     sub["build-many"].add_argument("releases", nargs="+", metavar="RELEASE")
     sub["build-many"].add_argument("--launcher", choices=("local", "slurm"), default="local",
@@ -235,13 +344,21 @@ def parser() -> argparse.ArgumentParser:
     sub["eval"].add_argument("--out", type=Path, help="write eval JSON here instead of to stdout")
     sub["summary"].add_argument("--details", action="store_true", help="per-layer table with scale statistics")
     sub["summary"].add_argument("--json", action="store_true", help="machine-readable output")
+    top.verbs = sub
     return top
 
 
 def main(argv=None) -> int:
     determinism.apply_environment()  # before anything imports torch
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # over a file-size limit: an OSError, not a crash
-    args = parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:  # bare `builder`: what it can do, not "required: VERB"
+        parser().print_help(sys.stderr)
+        return 2
+    top = parser()
+    args, unknown = top.parse_known_args(argv)
+    if unknown:  # shown with the verb's own help, not the top level's
+        top.verbs[args.verb].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return VERBS[args.verb][0](args)
     except BuilderError as error:
