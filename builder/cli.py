@@ -306,18 +306,19 @@ def parser() -> argparse.ArgumentParser:
     sub["plan"].add_argument("--base", metavar="GIT_REV", help="revision to compare with "
                              "(default: the merge base of HEAD with main)")
     sub["plan"].add_argument("--json", action="store_true", help="machine-readable output")
-    sub["import"].add_argument("model", help="a file name in specs/model/, without .yaml")
+    sub["import"].add_argument("model", metavar="MODEL", help="a file name in specs/model/, without .yaml")
     add = sub["model"].add_subparsers(dest="model_verb", required=True, metavar="add").add_parser(
         "add", help="check a checkpoint folder and write specs/model/NAME.yaml",
         description="Check a local checkpoint folder (an HF snapshot or save_pretrained output) as a build "
                     "will, copy it into weights/NAME/ unless it is inside the repository, and write "
                     "specs/model/NAME.yaml with its digest and architecture.")
-    add.add_argument("name", help="the model's name in specs/model/ (lower case, digits, . _ -)")
-    add.add_argument("path", type=Path, help="the checkpoint folder (config.json, *.safetensors, tokenizer)")
+    add.add_argument("name", metavar="NAME", help="the model's name in specs/model/ (lower case, digits, . _ -)")
+    add.add_argument("path", type=Path, metavar="PATH",
+                     help="the checkpoint folder (config.json, *.safetensors, tokenizer)")
     add.add_argument("--id", help="Hugging Face id for the card (default: from the snapshot path, else NAME)")
     add.add_argument("--license", help="license id for the card (default: the folder's README.md, else other)")
     add.add_argument("--force", action="store_true", help="replace an existing specs/model/NAME.yaml")
-    sub["build"].add_argument("--out", type=Path, help="output folder (default artifacts/<release>, or "
+    sub["build"].add_argument("--out", type=Path, metavar="DIR", help="output folder (default artifacts/<release>, or "
                               "artifacts/<release>-<12 hex of the artifact_id> with overrides)")
     sub["build"].add_argument("--force", action="store_true", help="rebuild even if up to date")
     sub["build-many"].add_argument("releases", nargs="+", metavar="RELEASE")
@@ -328,20 +329,24 @@ def parser() -> argparse.ArgumentParser:
                                    "prefix, e.g. partition=cpu, array_parallelism=8 (repeatable)")
     sub["build-many"].add_argument("--force", action="store_true", help="rebuild even if up to date")
     for name in ("verify", "audit", "sign"):
-        sub[name].add_argument("artifact", type=Path)
-        sub[name].add_argument("--signature", type=Path, help="signature file (default: <artifact>.sig beside it)")
+        sub[name].add_argument("artifact", type=Path, metavar="ARTIFACT_DIR")
+        sub[name].add_argument("--signature", type=Path, metavar="SIG",
+                               help="signature file (default: <artifact>.sig beside it)")
     sub["verify"].add_argument("--rebuild", action="store_true", help="rebuild from the recorded inputs and compare")
-    sub["verify"].add_argument("--key", type=Path, help="the signer's P-256 public key (PEM); checks the signature")
-    sub["audit"].add_argument("--key", type=Path, help="the signer's P-256 public key (PEM); checks the signature")
+    sub["verify"].add_argument("--key", type=Path, metavar="PUBLIC.pem",
+                               help="the signer's P-256 public key (PEM); checks the signature")
+    sub["audit"].add_argument("--key", type=Path, metavar="PUBLIC.pem",
+                              help="the signer's P-256 public key (PEM); checks the signature")
     sub["audit"].add_argument("--json", action="store_true", help="machine-readable output")
-    sub["sign"].add_argument("--key", type=Path, required=True, help="P-256 private key (PEM, unencrypted)")
+    sub["sign"].add_argument("--key", type=Path, required=True, metavar="PRIVATE.pem",
+                             help="P-256 private key (PEM, unencrypted)")
     sub["build"].add_argument("--calibration-stats", type=Path, metavar="FILE",
                               help="also write calibration maxima per layer to FILE (JSON, outside the artifact)")
     for name in ("eval", "summary"):
-        sub[name].add_argument("artifact", type=Path)
+        sub[name].add_argument("artifact", type=Path, metavar="ARTIFACT_DIR")
     sub["eval"].add_argument("--eval", metavar="OPTION", help="an eval group option (specs/eval/OPTION.yaml) "
                              "instead of the release's own")
-    sub["eval"].add_argument("--out", type=Path, help="write eval JSON here instead of to stdout")
+    sub["eval"].add_argument("--out", type=Path, metavar="FILE", help="write eval JSON here instead of to stdout")
     sub["summary"].add_argument("--details", action="store_true", help="per-layer table with scale statistics")
     sub["summary"].add_argument("--json", action="store_true", help="machine-readable output")
     top.verbs = sub
