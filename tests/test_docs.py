@@ -139,7 +139,17 @@ def families_table() -> str:
     return markdown(("family", "classes", "differs from Llama in", "SmoothQuant / AWQ"), rows)
 
 
-TABLES = {"verbs": verbs_table, "parts": parts_table, "recipes": recipes_table, "formats": formats_table,
+def observers_table() -> str:
+    """Each weight observer's observer_kwargs and their defaults (builder/release/recipe.py OBSERVERS)."""
+    from builder.release.recipe import OBSERVERS
+
+    searched = {name: kwargs for name, kwargs in OBSERVERS.items() if kwargs}
+    keys = sorted({key for kwargs in searched.values() for key in kwargs})
+    return markdown(("`observer_kwargs` key", *(f"`{name}` default" for name in searched)),
+                    [(f"`{key}`", *(kwargs.get(key, "—") for kwargs in searched.values())) for key in keys])
+
+
+TABLES = {"observers": observers_table, "verbs": verbs_table, "parts": parts_table, "recipes": recipes_table, "formats": formats_table,
           "targets": targets_table, "families": families_table}
 
 
@@ -215,6 +225,20 @@ def test_the_guides_the_readme_promises_are_linked_from_it():
     readme = (PROJECT / "README.md").read_text()
     for guide in ("models", "recipes", "targets", "reproducibility", "pipeline", "clusters", "provenance"):
         assert f"docs/{guide}.md" in readme
+
+
+def test_the_architecture_keys_the_models_guide_lists_are_those_model_add_writes():
+    from builder.release import families
+
+    config = {"architectures": ["MixtralForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+              "vocab_size": 256, "max_position_embeddings": 2048, "tie_word_embeddings": False,
+              "attention_bias": True, "mlp_bias": True, "rope_parameters": {"rope_type": "linear", "factor": 2.0},
+              "num_local_experts": 4, "num_experts_per_tok": 2}
+    text = (PROJECT / "docs" / "models.md").read_text()
+    table = text[text.index("| key | from config.json |"):].split("\n\n")[0].splitlines()[2:]
+    listed = {key for row in table for key in re.findall(r"`(\w+)`", row.split(" | ")[0])}
+    assert listed == set(families.facts(config))
 
 
 def test_benchmarks_tables_with_json_behind_them_are_rendered_from_it():
