@@ -26,6 +26,7 @@ from builder.paths import find_root
 
 
 def cmd_list(args) -> int:
+    from builder.release.catalog import release_row
     from builder.release.resolve import list_releases
 
     root = find_root()
@@ -36,40 +37,6 @@ def cmd_list(args) -> int:
     sys.stdout.write(pretty_json(rows) if args.json else console.table(rows, ("release", "recipe", "target",
                                                                              "description")))
     return 0
-
-
-def release_row(root: Path, name: str) -> dict:
-    """One line about a release, read from its file without composing it: the recipe and target it
-    chooses (else specs/config.yaml's defaults) and its description, the first sentence of its header
-    comment (a comment, so it is in no artifact_id)."""
-    text = (root / "specs" / "release" / f"{name}.yaml").read_text(encoding="utf-8")
-    choices = defaults(root / "specs" / "config.yaml") | defaults(root / "specs" / "release" / f"{name}.yaml")
-    header = []
-    for line in text.splitlines():
-        if not line.startswith("#"):
-            break
-        words = line.lstrip("#").strip()
-        if words.startswith(("@package", "Build:")):
-            continue
-        header.append(words)
-    sentence = re.split(r"(?<=\.)\s", " ".join(header), maxsplit=1)[0]
-    return {"release": name, "recipe": choices.get("quant", "?"), "target": choices.get("target", "?"),
-            "description": sentence}
-
-
-def defaults(path: Path) -> dict:
-    """The group choices of a Hydra file's defaults list (`group: option`, `override /group: option`)."""
-    try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
-        return {}
-    chosen = {}
-    for item in document.get("defaults") or [] if isinstance(document, dict) else []:
-        for key, value in (item.items() if isinstance(item, dict) else ()):
-            group = key.removeprefix("override").strip().lstrip("/")
-            if "/" not in group and isinstance(value, str):
-                chosen[group] = value
-    return chosen
 
 
 def cmd_resolve(args) -> int:
@@ -154,32 +121,36 @@ def with_known_keys(verb, root: Path, release: str, overrides: tuple, **kwargs):
     except BuilderError as error:
         missing = [m.group(1) for p in error.problems for m in [UNKNOWN_OVERRIDE.search(p.message)] if m]
         culprits = [o for o in overrides for key in missing if o.split("=", 1)[0] == key]
-        if not culprits:
+        problem = unknown_key(root, release, overrides, culprits[0]) if culprits else None
+        if problem is None:
             raise
-        raise BuilderError(unknown_key(root, release, overrides, culprits[0])) from None
+        raise BuilderError(problem) from None
 
 
 UNKNOWN_OVERRIDE = re.compile(r"Could not override '([^']+)'")
 
 
-def unknown_key(root: Path, release: str, overrides: tuple, culprit: str) -> Problem:
-    """What to say of an override whose key is not in the composed spec: the group and the keys it has."""
+def unknown_key(root: Path, release: str, overrides: tuple, culprit: str) -> Problem | None:
+    """What to say of an override whose key is not in the composed spec: the group (or the key above
+    it) and the keys it has; None when every part of the key exists after all."""
     from builder.release.resolve import compose
 
     spec = compose(root, release, tuple(o for o in overrides if o != culprit))
-    dotted = culprit.split("=", 1)[0]
-    *parents, leaf = dotted.split(".")
-    where, node = f"override {culprit!r}", spec
-    if parents and parents[0] in spec.get("choices", {}):
-        where += f" (specs/{parents[0]}/{spec['choices'][parents[0]]}.yaml)"
-    for part in parents:
-        node = node.get(part) if isinstance(node, dict) else None
-    if not parents or not isinstance(node, dict):
-        known = ", ".join(sorted(k for k in spec if k != "choices"))
-        return Problem(where, "", f"the spec has no group or key {parents[0] if parents else leaf}; "
-                       f"its top-level keys: {known}")
-    owner = f"group {parents[0]}" if len(parents) == 1 else ".".join(parents)
-    return Problem(where, "", f"{owner} has no key {leaf}; its keys: {', '.join(sorted(node))}")
+    parts = culprit.split("=", 1)[0].split(".")
+    where, node, path = f"override {culprit!r}", {k: v for k, v in spec.items() if k != "choices"}, []
+    if parts[0] in spec["choices"]:
+        where += f" (specs/{parts[0]}/{spec['choices'][parts[0]]}.yaml)"
+    for part in parts:
+        if not isinstance(node, dict):
+            return Problem(where, "", f"{'.'.join(path)} is a value, not a group: it has no key {part}")
+        if part not in node:
+            break
+        node, path = node[part], [*path, part]
+    else:
+        return None
+    owner = {0: "the spec", 1: f"group {'.'.join(path)}"}.get(len(path), ".".join(path))
+    return Problem(where, "", f"{owner} has no {'group' if not path else 'key'} {part}; "
+                   f"its {'groups' if not path else 'keys'}: {', '.join(sorted(node))}")
 
 
 def cmd_build_many(args) -> int:

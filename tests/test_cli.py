@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from builder import cli
+from builder.release.catalog import release_row
 from builder.cli import VERBS
 from builder.release.resolve import list_releases
 from conftest import PROJECT
@@ -69,7 +70,12 @@ def test_an_unknown_nested_key_lists_the_keys_at_its_level(capsys, monkeypatch):
 def test_an_unknown_group_lists_the_spec_top_level_keys(capsys, monkeypatch):
     code, _, err = run_main(capsys, monkeypatch, "resolve", RELEASE, "contexts.max_model_len=4096")
     assert code == 2
-    assert "the spec has no group or key contexts; its top-level keys: calibration, context," in err
+    assert "the spec has no group contexts; its groups: calibration, context, eval," in err
+
+
+def test_a_key_below_a_value_says_the_value_has_no_keys(capsys, monkeypatch):
+    code, _, err = run_main(capsys, monkeypatch, "resolve", RELEASE, "context.max_model_len.low=1")
+    assert code == 2 and "context.max_model_len is a value, not a group: it has no key low" in err
 
 
 def test_list_shows_each_release_with_recipe_target_and_its_header_comment(capsys, monkeypatch):
@@ -85,7 +91,7 @@ def test_list_shows_each_release_with_recipe_target_and_its_header_comment(capsy
 
 @pytest.mark.parametrize("release", list_releases(PROJECT))
 def test_every_shipped_release_has_a_one_line_description_and_the_recipe_its_lock_records(release):
-    row = cli.release_row(PROJECT, release)
+    row = release_row(PROJECT, release)
     lock = json.loads((PROJECT / "locks" / f"{release}.json").read_text())
     assert (row["recipe"], row["target"]) == (lock["spec"]["choices"]["quant"], lock["spec"]["choices"]["target"])
     assert row["description"].endswith(".") and "\n" not in row["description"] and len(row["description"]) > 20
