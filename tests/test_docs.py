@@ -189,6 +189,15 @@ def test_the_readme_is_short_and_opens_with_the_two_commands():
     assert [line.split()[:2] for line in first_block.strip().splitlines()] == [["make", "release"], ["make", "test"]]
 
 
+def test_the_readme_tours_trial_override_resolves(monkeypatch, capsys):
+    from builder import cli
+
+    line = next(line for line in (PROJECT / "README.md").read_text().splitlines()
+                if line.startswith("builder resolve "))
+    monkeypatch.chdir(PROJECT)
+    assert cli.main(line.split("#")[0].split()[1:]) == 0, capsys.readouterr().err
+
+
 def test_the_makefile_has_the_targets_the_readme_promises():
     makefile = (PROJECT / "Makefile").read_text()
     for target in ("release", "test"):
