@@ -1,7 +1,8 @@
 # Two commands on a fresh machine (offline but for package registries):
 #   make release   install, then `dvc repro` the default release (imports the bundled SmolLM2), verify it
 #   make test      install, check the locks, run the whole test suite
-# Also: make repro (every release through DVC), make plan (what this branch changes against main).
+# Also: make repro (every release through DVC: all shipped releases on a fresh clone, the slow GPTQ ones
+# included; `dvc repro build@<release>` builds one), make plan (what this branch changes against main).
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin

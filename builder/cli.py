@@ -10,13 +10,15 @@ sign, summary), builder/check/evaluate.py (eval), builder/pipeline/ (plan, build
 """
 
 import argparse
+import json
+import re
 import signal
 import sys
 from pathlib import Path
 
 import yaml
 
-from builder import atomic, determinism
+from builder import atomic, console, determinism
 from builder.canonical import pretty_json
 from builder.console import log
 from builder.errors import BuilderError, Problem
@@ -24,16 +26,23 @@ from builder.paths import find_root
 
 
 def cmd_list(args) -> int:
+    from builder.release.catalog import release_row
     from builder.release.resolve import list_releases
 
-    print("\n".join(list_releases(find_root())))
+    root = find_root()
+    if args.names:
+        print("\n".join(list_releases(root)))
+        return 0
+    rows = [release_row(root, name) for name in list_releases(root)]
+    sys.stdout.write(pretty_json(rows) if args.json else console.table(rows, ("release", "recipe", "target",
+                                                                             "description")))
     return 0
 
 
 def cmd_resolve(args) -> int:
     from builder.release.lock import lock_entry
 
-    entry = lock_entry(find_root(), args.release, tuple(args.overrides))
+    entry = with_known_keys(lock_entry, find_root(), args.release, tuple(args.overrides))
     shown = {"artifact_id": entry["artifact_id"], "spec": entry["spec"], "inputs": entry["inputs"]}
     if args.json:
         sys.stdout.write(pretty_json(shown))
@@ -80,11 +89,68 @@ def cmd_model(args) -> int:
 
 def cmd_build(args) -> int:
     from builder.build import build
+    from builder.paths import artifact_name
 
-    result = build(find_root(), args.release, tuple(args.overrides), out=args.out, force=args.force, log=log,
-                   calibration_dump=args.calibration_stats)
-    print(f"{result['release']} {result['content_digest']}")
+    root = find_root()
+    manifest = with_known_keys(build, root, args.release, tuple(args.overrides), out=args.out, force=args.force,
+                               log=log, calibration_dump=args.calibration_stats)
+    path = console.shown_path(args.out or root / "artifacts" / artifact_name(manifest))
+    result = {"path": path, "release": manifest["release"], "artifact_id": manifest["artifact_id"],
+              "content_digest": manifest["content_digest"]}
+    print(pretty_json(result).rstrip() if args.json else path)
+    log(console.built(result, serve_command(Path(path))))
     return 0
+
+
+def serve_command(artifact: Path) -> str | None:
+    """The command line serve.json gives for the artifact's runtime, when it has one."""
+    from builder.paths import SERVE_FILE
+
+    try:
+        return json.loads((artifact / SERVE_FILE).read_text(encoding="utf-8")).get("command")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def with_known_keys(verb, root: Path, release: str, overrides: tuple, **kwargs):
+    """verb(root, release, overrides), where an override of a key the spec does not have (Hydra's
+    "Could not override 'context.max_len'", whose hint `+context.max_len` fails again at validation)
+    is answered with the keys that group has."""
+    try:
+        return verb(root, release, overrides, **kwargs)
+    except BuilderError as error:
+        missing = [m.group(1) for p in error.problems for m in [UNKNOWN_OVERRIDE.search(p.message)] if m]
+        culprits = [o for o in overrides for key in missing if o.split("=", 1)[0] == key]
+        problem = unknown_key(root, release, overrides, culprits[0]) if culprits else None
+        if problem is None:
+            raise
+        raise BuilderError(problem) from None
+
+
+UNKNOWN_OVERRIDE = re.compile(r"Could not override '([^']+)'")
+
+
+def unknown_key(root: Path, release: str, overrides: tuple, culprit: str) -> Problem | None:
+    """What to say of an override whose key is not in the composed spec: the group (or the key above
+    it) and the keys it has; None when every part of the key exists after all."""
+    from builder.release.resolve import compose
+
+    spec = compose(root, release, tuple(o for o in overrides if o != culprit))
+    parts = culprit.split("=", 1)[0].split(".")
+    where, node, path = f"override {culprit!r}", {k: v for k, v in spec.items() if k != "choices"}, []
+    if parts[0] in spec["choices"]:
+        where += f" (specs/{parts[0]}/{spec['choices'][parts[0]]}.yaml)"
+    for part in parts:
+        if not isinstance(node, dict):
+            return Problem(where, "", f"{'.'.join(path)} is a value, not a group: it has no key {part}")
+        if part not in node:
+            break
+        node, path = node[part], [*path, part]
+    else:
+        return None
+    owner = {0: "the spec", 1: f"group {'.'.join(path)}"}.get(len(path), ".".join(path))
+    return Problem(where, "", f"{owner} has no {'group' if not path else 'key'} {part}; "
+                   f"its {'groups' if not path else 'keys'}: {', '.join(sorted(node))}")
 
 
 def cmd_build_many(args) -> int:
@@ -164,13 +230,13 @@ def cmd_summary(args) -> int:
 
 
 VERBS = {
-    "list": (cmd_list, "list releases, one a line"),
+    "list": (cmd_list, "the releases: name, recipe, target and a line of description (--names: names only)"),
     "resolve": (cmd_resolve, "show a release's resolved spec and artifact_id"),
     "lock": (cmd_lock, "write locks/ and params.yaml from specs/ (--check: fail if stale)"),
     "plan": (cmd_plan, "which releases change against a git revision, as Markdown for a PR comment"),
     "model": (cmd_model, "add a local checkpoint folder as specs/model/NAME.yaml (checked, digest pinned)"),
     "import": (cmd_import, "import a model's pinned source into weights/"),
-    "build": (cmd_build, "build a release into artifacts/<release>/"),
+    "build": (cmd_build, "build a release into artifacts/<release>/; prints its path, then what to run next"),
     "build-many": (cmd_build_many, "build several releases in parallel jobs (submitit: local or SLURM)"),
     "verify": (cmd_verify, "re-hash an artifact's files against its manifest (--rebuild, --signature)"),
     "audit": (cmd_audit, "what an artifact was built from, and whether each claim still holds"),
@@ -186,30 +252,45 @@ def key_value(text: str) -> str:
     return text
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error shows the command's whole help before the error (exit 2)."""
+
+    def error(self, message):
+        self.print_help(sys.stderr)
+        self.exit(2, f"\n{self.prog}: error: {message}\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="builder", description="Reproducible builds of quantized LLM releases.")
+    top = Parser(prog="builder", description="Reproducible builds of quantized LLM releases.",
+                 epilog="builder VERB --help says more; README.md has a five-minute tour.")
     verbs = top.add_subparsers(dest="verb", required=True, metavar="VERB")
     sub = {name: verbs.add_parser(name, help=text, description=text) for name, (_, text) in VERBS.items()}
     for name in ("resolve", "build"):
-        sub[name].add_argument("release")
-        sub[name].add_argument("overrides", nargs="*", metavar="OVERRIDE", help="Hydra override, e.g. quant=bf16")
-    sub["resolve"].add_argument("--json", action="store_true", help="machine-readable output")
+        sub[name].add_argument("release", metavar="RELEASE", help="a file name in specs/release/, without .yaml "
+                               "(builder list)")
+        sub[name].add_argument("overrides", nargs="*", default=[], metavar="OVERRIDE",
+                               help="Hydra override, e.g. quant=bf16 context.max_model_len=4096")
+        sub[name].add_argument("--json", action="store_true", help="machine-readable output")
+    sub["list"].add_argument("--json", action="store_true", help="machine-readable output")
+    sub["list"].add_argument("--names", action="store_true", help="release names only, one a line (for scripts)")
     sub["lock"].add_argument("--check", action="store_true", help="exit 1 if locks/ or params.yaml are stale")
     sub["plan"].add_argument("--base", metavar="GIT_REV", help="revision to compare with "
                              "(default: the merge base of HEAD with main)")
     sub["plan"].add_argument("--json", action="store_true", help="machine-readable output")
-    sub["import"].add_argument("model", help="a file name in specs/model/, without .yaml")
+    sub["import"].add_argument("model", metavar="MODEL", help="a file name in specs/model/, without .yaml")
     add = sub["model"].add_subparsers(dest="model_verb", required=True, metavar="add").add_parser(
         "add", help="check a checkpoint folder and write specs/model/NAME.yaml",
         description="Check a local checkpoint folder (an HF snapshot or save_pretrained output) as a build "
                     "will, copy it into weights/NAME/ unless it is inside the repository, and write "
                     "specs/model/NAME.yaml with its digest and architecture.")
-    add.add_argument("name", help="the model's name in specs/model/ (lower case, digits, . _ -)")
-    add.add_argument("path", type=Path, help="the checkpoint folder (config.json, *.safetensors, tokenizer)")
+    add.add_argument("name", metavar="NAME", help="the model's name in specs/model/ (lower case, digits, . _ -)")
+    add.add_argument("path", type=Path, metavar="PATH",
+                     help="the checkpoint folder (config.json, *.safetensors, tokenizer)")
     add.add_argument("--id", help="Hugging Face id for the card (default: from the snapshot path, else NAME)")
     add.add_argument("--license", help="license id for the card (default: the folder's README.md, else other)")
     add.add_argument("--force", action="store_true", help="replace an existing specs/model/NAME.yaml")
-    sub["build"].add_argument("--out", type=Path, help="output folder (default artifacts/<release>)")
+    sub["build"].add_argument("--out", type=Path, metavar="DIR", help="output folder (default artifacts/<release>, or "
+                              "artifacts/<release>-<12 hex of the artifact_id> with overrides)")
     sub["build"].add_argument("--force", action="store_true", help="rebuild even if up to date")
     sub["build-many"].add_argument("releases", nargs="+", metavar="RELEASE")
     sub["build-many"].add_argument("--launcher", choices=("local", "slurm"), default="local",
@@ -219,29 +300,41 @@ def parser() -> argparse.ArgumentParser:
                                    "prefix, e.g. partition=cpu, array_parallelism=8 (repeatable)")
     sub["build-many"].add_argument("--force", action="store_true", help="rebuild even if up to date")
     for name in ("verify", "audit", "sign"):
-        sub[name].add_argument("artifact", type=Path)
-        sub[name].add_argument("--signature", type=Path, help="signature file (default: <artifact>.sig beside it)")
+        sub[name].add_argument("artifact", type=Path, metavar="ARTIFACT_DIR")
+        sub[name].add_argument("--signature", type=Path, metavar="SIG",
+                               help="signature file (default: <artifact>.sig beside it)")
     sub["verify"].add_argument("--rebuild", action="store_true", help="rebuild from the recorded inputs and compare")
-    sub["verify"].add_argument("--key", type=Path, help="the signer's P-256 public key (PEM); checks the signature")
-    sub["audit"].add_argument("--key", type=Path, help="the signer's P-256 public key (PEM); checks the signature")
+    sub["verify"].add_argument("--key", type=Path, metavar="PUBLIC.pem",
+                               help="the signer's P-256 public key (PEM); checks the signature")
+    sub["audit"].add_argument("--key", type=Path, metavar="PUBLIC.pem",
+                              help="the signer's P-256 public key (PEM); checks the signature")
     sub["audit"].add_argument("--json", action="store_true", help="machine-readable output")
-    sub["sign"].add_argument("--key", type=Path, required=True, help="P-256 private key (PEM, unencrypted)")
+    sub["sign"].add_argument("--key", type=Path, required=True, metavar="PRIVATE.pem",
+                             help="P-256 private key (PEM, unencrypted)")
     sub["build"].add_argument("--calibration-stats", type=Path, metavar="FILE",
                               help="also write calibration maxima per layer to FILE (JSON, outside the artifact)")
     for name in ("eval", "summary"):
-        sub[name].add_argument("artifact", type=Path)
+        sub[name].add_argument("artifact", type=Path, metavar="ARTIFACT_DIR")
     sub["eval"].add_argument("--eval", metavar="OPTION", help="an eval group option (specs/eval/OPTION.yaml) "
                              "instead of the release's own")
-    sub["eval"].add_argument("--out", type=Path, help="write eval JSON here instead of to stdout")
+    sub["eval"].add_argument("--out", type=Path, metavar="FILE", help="write eval JSON here instead of to stdout")
     sub["summary"].add_argument("--details", action="store_true", help="per-layer table with scale statistics")
     sub["summary"].add_argument("--json", action="store_true", help="machine-readable output")
+    top.verbs = sub
     return top
 
 
 def main(argv=None) -> int:
     determinism.apply_environment()  # before anything imports torch
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # over a file-size limit: an OSError, not a crash
-    args = parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:  # bare `builder`: what it can do, not "required: VERB"
+        parser().print_help(sys.stderr)
+        return 2
+    top = parser()
+    args, unknown = top.parse_known_args(argv)
+    if unknown:  # shown with the verb's own help, not the top level's
+        top.verbs[args.verb].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return VERBS[args.verb][0](args)
     except BuilderError as error:

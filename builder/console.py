@@ -1,6 +1,7 @@
 """Messages and progress for people: lines on stderr; progress bars only on a terminal (quiet in CI)."""
 
 import sys
+from pathlib import Path
 
 
 def log(message: str) -> None:
@@ -13,3 +14,28 @@ def progress(iterable=None, **kwargs):
     from tqdm import tqdm
 
     return tqdm(iterable, disable=None, leave=False, **kwargs)
+
+
+def table(rows: list, columns: tuple) -> str:
+    """rows (dicts) as left-aligned text columns under a header; the last column is not padded."""
+    lines = [dict(zip(columns, columns)), *rows]
+    widths = [max(len(str(line[c])) for line in lines) for c in columns[:-1]]
+    return "".join("  ".join([*(str(line[c]).ljust(w) for c, w in zip(columns, widths)), str(line[columns[-1]])])
+                   .rstrip() + "\n" for line in lines)
+
+
+def shown_path(path: Path) -> str:
+    """A path as the person can type it from here: relative when it is below the working directory."""
+    absolute = Path(path).absolute()
+    return absolute.relative_to(Path.cwd()).as_posix() if absolute.is_relative_to(Path.cwd()) else str(absolute)
+
+
+def built(result: dict, serve_command: str | None) -> str:
+    """What a build made and what to run next (the same whether it built or found it up to date)."""
+    path = result["path"]
+    lines = [f"artifact:       {path}", f"release:        {result['release']}",
+             f"artifact_id:    {result['artifact_id']}", f"content digest: {result['content_digest']}",
+             "next:", f"  builder verify {path}", f"  builder eval {path}"]
+    if serve_command:
+        lines.append(f"  {serve_command}")
+    return "\n".join(lines)

@@ -1,5 +1,6 @@
 """Crashes, concurrency and resource errors: nothing lost, nothing half-written."""
 
+import json
 import os
 import resource
 import signal
@@ -75,10 +76,10 @@ def start(repo, *args):
 
 def test_two_simultaneous_builds_of_one_release_give_one_correct_artifact(repo):
     repo.add_model("tiny-llama")
-    first, second = start(repo, "build", RELEASE), start(repo, "build", RELEASE)
+    first, second = start(repo, "build", RELEASE, "--json"), start(repo, "build", RELEASE, "--json")
     results = [p.communicate() + (p.returncode,) for p in (first, second)]
     assert [code for _, _, code in results] == [0, 0], results
-    digests = {out.split()[-1] for out, _, _ in results}
+    digests = {json.loads(out)["content_digest"] for out, _, _ in results}
     assert len(digests) == 1
     assert artifacts_listing(repo) == [RELEASE]
     assert verify(repo.root / "artifacts" / RELEASE)["content_digest"] in digests
@@ -86,13 +87,13 @@ def test_two_simultaneous_builds_of_one_release_give_one_correct_artifact(repo):
 
 def test_two_different_releases_build_concurrently_without_interference(repo):
     repo.add_model("tiny-llama")
-    jobs = [start(repo, "build", "tiny-llama-fp8-dynamic"), start(repo, "build", "tiny-llama-bf16")]
-    outputs = [job.communicate()[0] for job in jobs]
+    jobs = [start(repo, "build", "tiny-llama-fp8-dynamic", "--json"), start(repo, "build", "tiny-llama-bf16", "--json")]
+    outputs = [json.loads(job.communicate()[0])["content_digest"] for job in jobs]
     assert [job.returncode for job in jobs] == [0, 0]
     for name, output in zip(("tiny-llama-fp8-dynamic", "tiny-llama-bf16"), outputs):
-        assert verify(repo.root / "artifacts" / name)["content_digest"] == output.split()[-1]
+        assert verify(repo.root / "artifacts" / name)["content_digest"] == output
         serial = build(repo.root, name, out=repo.root.parent / f"serial-{name}", log=lambda message: None)
-        assert serial["content_digest"] == output.split()[-1]
+        assert serial["content_digest"] == output
 
 
 def test_a_full_disk_is_a_clear_error_and_leaves_nothing_behind(repo):

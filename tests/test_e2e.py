@@ -1,5 +1,7 @@
 """End to end on the real bundled SmolLM2-135M-Instruct: import, lock, build, verify, load, generate."""
 
+import json
+
 import pytest
 import torch
 
@@ -25,11 +27,11 @@ def test_import_is_pinned_and_idempotent(smollm2):
 
 
 def test_default_release_builds_verifies_and_is_half_the_size(smollm2, tmp_path):
-    built = smollm2.run("build", RELEASE, check=0)
+    built = smollm2.run("build", RELEASE, "--json", check=0)
     artifact = smollm2.root / "artifacts" / RELEASE
     assert smollm2.run("verify", str(artifact)).returncode == 0
-    rebuilt = smollm2.run("build", RELEASE, "--out", str(tmp_path / "again"), check=0)
-    assert built.stdout.split()[-1] == rebuilt.stdout.split()[-1]  # same content digest
+    rebuilt = smollm2.run("build", RELEASE, "--out", str(tmp_path / "again"), "--json", check=0)
+    assert json.loads(built.stdout)["content_digest"] == json.loads(rebuilt.stdout)["content_digest"]
     source = (smollm2.root / "weights" / "smollm2-135m-instruct" / "model.safetensors").stat().st_size
     quantized = (artifact / "model.safetensors").stat().st_size
     # Linear weights go from 2 bytes to 1 (plus a BF16 scale per row); embeddings stay BF16.

@@ -69,7 +69,8 @@ def checked(folder: Path, shown: str) -> dict:
     cls = (config.get("architectures") or [None])[0]
     if families.of_class(cls) is None:
         raise BuilderError(Problem(f"{shown}/config.json", "architectures", f"{cls} is not a supported architecture; "
-                                   f"supported: {families.supported()}"))
+                                   f"supported: {families.supported()}; docs/models.md, \"Adding a family\", "
+                                   "says how to add one"))
     load.check_tokenizer(folder, shown)
     tensors = load.tensor_index(folder)
     architecture = load.architecture(folder)
@@ -123,6 +124,9 @@ def header(name: str, path: Path, spec: dict) -> str:
 
 
 def next_steps(name: str, spec: dict) -> str:
+    """The commands that take the new model to one built release, and build nothing else."""
+    release = f"{name}-fp8-dynamic"
     return (f"next:\n  dvc add {spec['path']} && git add {spec['path']}.dvc specs/model/{name}.yaml\n"
-            f"  write specs/release/{name}-fp8-dynamic.yaml (# @package _global_, defaults: override /model: {name}, "
-            "override /quant: fp8-dynamic, ...), then `builder lock` and `dvc repro`")
+            f"  write specs/release/{release}.yaml (# @package _global_, defaults: override /model: {name}, "
+            "override /quant: fp8-dynamic, ...; docs/models.md has one), then build only that release:\n"
+            f"  builder lock && dvc repro build@{release}")
