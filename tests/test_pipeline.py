@@ -104,7 +104,7 @@ def test_push_then_pull_into_a_fresh_clone_gives_artifacts_that_verify(pipeline,
 
 
 def test_a_newcomers_path_from_a_checkpoint_folder_to_a_verified_artifact(tmp_path):
-    """README, "Bring your own model": model add, a release file, lock, dvc add + repro, verify."""
+    """docs/models.md, "Bring your own model": model add, a release file, lock, dvc add + repro, verify."""
     from conftest import init_pipeline, make_checkpoint, save_byte_tokenizer
 
     pipeline = init_pipeline(tmp_path / "repo", (), ())
