@@ -24,7 +24,7 @@ AFFINE = {  # kind: (nmax, (rmin, rdelta, nstep) without an imatrix, the same wi
     "Q4_K": (15, (-1.0, 0.1, 20), (-0.9, 0.05, 36)),
     "Q5_K": (31, (-0.5, 0.1, 15), (-0.9, 0.05, 36)),
 }
-CHUNK = 512  # super-blocks searched together: Q4_K's 37 grids x 32 x 4096 sub-blocks x 4 B = 19 MB a temporary
+CHUNK = 4096  # super-blocks searched together: a [32, 32768] FP32 temporary is 4 MB
 
 
 def row_bytes(kind: str, columns: int) -> int:
@@ -63,19 +63,19 @@ def affine_blocks(x: torch.Tensor, importance: torch.Tensor | None, kind: str) -
     the super-block's F16 d and dmin."""
     nmax, plain, weighted = AFFINE[kind]
     m = x.shape[0]
-    sub = x.reshape(m * 8, 32).T                                        # [32, sub-blocks]
+    sub = by_position(x, 32)                                       # [32, sub-blocks]
     if importance is None:  # quantize_row_q*_K_ref
         av_x = sqrtf(ordered_sum(sub * sub) / 32)
         scales, mins, codes = affine_search(sub, av_x + sub.abs(), nmax, plain, flat_below=False)
-        ls, lm, d, dmin = scale_codes(scales.reshape(m, 8).T, mins.reshape(m, 8).T)
+        ls, lm, d, dmin = scale_codes(by_position(scales, 8), by_position(mins, 8))
     else:                   # quantize_row_q*_K_impl
-        sigma2 = 2 * ordered_sum(x.T * x.T) / QK_K                       # per super-block
+        sigma2 = 2 * ordered_sum(by_position(x * x, QK_K)) / QK_K          # per super-block
         sigma2 = sigma2.repeat_interleave(8)
-        weights = importance.reshape(m * 8, 32).T * sqrtf(sigma2 + sub * sub)
+        weights = by_position(importance, 32) * sqrtf(sigma2 + sub * sub)
         scales, mins, codes = affine_search(sub, weights, nmax, weighted, flat_below=True)
-        total = ordered_sum(weights).reshape(m, 8).T                     # sw: each sub-block's weight
-        d, ls = positive_search(scales.reshape(m, 8).T, 63, total)
-        dmin, lm = positive_search(mins.reshape(m, 8).T, 63, total)
+        total = by_position(ordered_sum(weights), 8)                      # sw: each sub-block's weight
+        d, ls = positive_search(by_position(scales, 8), 63, total)
+        dmin, lm = positive_search(by_position(mins, 8), 63, total)
         if kind == "Q5_K":  # quantize_row_q5_K_impl clamps them, q4_K's does not
             ls, lm = ls.clamp(max=63), lm.clamp(max=63)
     packed = pack_scales(ls.T, lm.T)                                    # [m, 12]
@@ -91,6 +91,12 @@ def affine_blocks(x: torch.Tensor, importance: torch.Tensor | None, kind: str) -
     if kind == "Q4_K":
         return torch.cat(head + [nibbles(codes)], dim=1)
     return torch.cat(head + [fifth_bits(codes), nibbles(codes & 0xF)], dim=1)
+
+
+def by_position(values: torch.Tensor, n: int) -> torch.Tensor:
+    """Groups of n consecutive values as the searches take them, position-major and contiguous: [n, groups]
+    (contiguous so that each step of an ordered sum reads one row)."""
+    return values.reshape(-1, n).T.contiguous()
 
 
 def scale_codes(scales: torch.Tensor, mins: torch.Tensor) -> tuple:
@@ -140,10 +146,10 @@ def q6_k(x: torch.Tensor, importance: torch.Tensor | None, _kind: str = "Q6_K") 
     (quantize_row_q6_K_ref; with importance, quantize_row_q6_K_impl, whose search weighs by the imatrix
     alone)."""
     m = x.shape[0]
-    groups = x.reshape(m * 16, 16).T                                    # [16, sub-blocks]
-    weights = None if importance is None else importance.reshape(m * 16, 16).T
+    groups = by_position(x, 16)                                         # [16, sub-blocks]
+    weights = None if importance is None else by_position(importance, 16)
     scales, codes = symmetric_search(groups, 32, weights)
-    scales = scales.reshape(m, 16).T                                    # [16, m]
+    scales = by_position(scales, 16)                                    # [16, m]
     magnitude = scales.abs()
     largest = torch.zeros_like(scales[0])
     signed = torch.zeros_like(scales[0])
