@@ -9,10 +9,12 @@ more seeded inputs than the JSON holds.
 
 Needs numpy and gcc (the fuzz check also torch and this checkout). The C side is quantize_q4_K / q5_K / q6_K
 (what llama-quantize calls through ggml_quantize_chunk: the reference quantizer without an imatrix, the
-weighted one with it) and dequantize_row_q*_K.
+weighted one with it) and dequantize_row_q*_K; the same for Q5_0 and Q5_1, the types llama-quantize's
+Q4_K_M / Q5_K_M presets fall back to for rows that are not a multiple of 256 values.
 """
 
 import ctypes
+import hashlib
 import json
 import subprocess
 import sys
@@ -23,16 +25,18 @@ from pathlib import Path
 import numpy as np
 
 OUT = Path(__file__).resolve().parent.parent / "tests" / "reference" / "kquant_blocks.json"
-TYPES = {"Q4_K": (12, 144), "Q5_K": (13, 176), "Q6_K": (14, 210)}  # ggml type id, bytes per 256 values
+TYPES = {"Q4_K": (12, 144, 256), "Q5_K": (13, 176, 256), "Q6_K": (14, 210, 256),  # ggml type id, bytes a block,
+         "Q5_0": (6, 22, 32), "Q5_1": (7, 24, 32)}                                  # values a block
 # ggml-quants.c links alone with these few stand-ins (only the K-quants are called).
 STUB = r"""
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
-size_t ggml_type_size(int type) { return type == 12 ? 144 : type == 13 ? 176 : type == 14 ? 210 : 0; }
-size_t ggml_row_size(int type, int64_t ne) { return ggml_type_size(type) * (size_t)(ne / 256); }
-const char * ggml_type_name(int type) { return type == 12 ? "q4_K" : type == 13 ? "q5_K" : "q6_K"; }
+size_t ggml_type_size(int type) { return type == 12 ? 144 : type == 13 ? 176 : type == 14 ? 210 : type == 6 ? 22 : 24; }
+int64_t ggml_blck_size(int type) { return type == 6 || type == 7 ? 32 : 256; }
+size_t ggml_row_size(int type, int64_t ne) { return ggml_type_size(type) * (size_t)(ne / ggml_blck_size(type)); }
+const char * ggml_type_name(int type) { return "k-quant"; }
 void ggml_abort(const char * file, int line, const char * fmt, ...) { fprintf(stderr, "%s:%d\n", file, line); abort(); }
 """
 # as CMake builds ggml-base in a Release build: -O3 -DNDEBUG, no -march (so no FMA contraction on x86-64)
@@ -53,12 +57,17 @@ def build(source: Path, work: Path) -> ctypes.CDLL:
     return ctypes.CDLL(str(library))
 
 
+def c_name(kind: str) -> str:
+    """ggml-quants.c's spelling of a type in function names: q4_K, q5_0."""
+    return kind[0].lower() + kind[1:]
+
+
 def c_quantize(lib: ctypes.CDLL, kind: str, x: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
-    """quantize_q*_K(x, rows, columns, importance): uint8 [rows, row bytes]."""
-    code, size = TYPES[kind]
+    """quantize_q*_K / quantize_q5_0 / q5_1 (x, rows, columns, importance): uint8 [rows, row bytes]."""
+    _, size, block = TYPES[kind]
     x = np.ascontiguousarray(x, np.float32)
-    out = np.zeros((x.shape[0], x.shape[1] // 256 * size), np.uint8)
-    function = getattr(lib, f"quantize_{kind.lower()[:2]}_K")
+    out = np.zeros((x.shape[0], x.shape[1] // block * size), np.uint8)
+    function = getattr(lib, f"quantize_{c_name(kind)}")
     function.restype = ctypes.c_size_t
     function(x.ctypes.data_as(ctypes.c_void_p), out.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(x.shape[0]),
              ctypes.c_int64(x.shape[1]), None if importance is None else importance.ctypes.data_as(ctypes.c_void_p))
@@ -66,9 +75,9 @@ def c_quantize(lib: ctypes.CDLL, kind: str, x: np.ndarray, importance: np.ndarra
 
 
 def c_dequantize(lib: ctypes.CDLL, kind: str, blocks: np.ndarray, columns: int) -> np.ndarray:
-    """dequantize_row_q*_K over every row: FP32 [rows, columns]."""
+    """dequantize_row_<kind> over every row: FP32 [rows, columns]."""
     out = np.zeros((blocks.shape[0], columns), np.float32)
-    getattr(lib, f"dequantize_row_{kind.lower()[:2]}_K")(
+    getattr(lib, f"dequantize_row_{c_name(kind)}")(
         np.ascontiguousarray(blocks).ctypes.data_as(ctypes.c_void_p), out.ctypes.data_as(ctypes.c_void_p),
         ctypes.c_int64(out.size))
     return out
@@ -107,7 +116,8 @@ def importance_vector(seed: int, columns: int) -> np.ndarray:
 
 
 def document(lib: ctypes.CDLL) -> dict:
-    """Inputs, importance, and llama.cpp's bytes (and for the hard cases its dequantized values)."""
+    """Inputs, importance, and llama.cpp's bytes (and for the hard cases its dequantized values: in full for
+    the K-quants, as the sha256 of the FP32 values for Q5_0 / Q5_1, to keep the file small)."""
     hard, bulk = hard_cases(23), np.random.default_rng(24).standard_normal((16, 256)).astype(np.float32) * 0.05
     imp_hard, imp_bulk = importance_vector(25, 512), importance_vector(26, 256)
     inputs = {}
@@ -118,8 +128,10 @@ def document(lib: ctypes.CDLL) -> dict:
             for weighted in (False, True):
                 blocks = c_quantize(lib, kind, x, imp if weighted else None)
                 entry["expected"][kind + ("-imatrix" if weighted else "")] = hexed(blocks)
-                if name == "hard" and not weighted:
-                    entry["dequantized"][kind] = hexed(c_dequantize(lib, kind, blocks, x.shape[1]))
+                if name == "hard" and not weighted:  # the K-quants' values in full, the others' digest
+                    values = c_dequantize(lib, kind, blocks, x.shape[1])
+                    entry["dequantized"][kind] = (hashlib.sha256(values.tobytes()).hexdigest() if kind.endswith("_1")
+                                                  or kind.endswith("_0") else hexed(values))
         inputs[name] = entry
     return {"inputs": inputs, "source": "llama.cpp ggml/src/ggml-quants.c (llama-cpp-python 0.3.36 sdist), "
                                         "gcc " + " ".join(FLAGS[:3]) + ", x86-64"}
@@ -137,6 +149,7 @@ def fuzz(lib: ctypes.CDLL, count: int) -> int:
     for seed in range(count):
         rng = np.random.default_rng(1000 + seed)
         x = (rng.standard_normal((4, 1024)) * rng.uniform(1e-4, 2, (4, 1))).astype(np.float32)
+        x[:, :64] *= rng.uniform(0.01, 100)  # a few sub-blocks far from the rest
         if seed % 3 == 0:
             x = np.round(x * 32) / 32  # ties
         if seed % 5 == 0:
@@ -150,7 +163,7 @@ def fuzz(lib: ctypes.CDLL, count: int) -> int:
                     failures += 1
                     rows = np.nonzero((ours.numpy() != theirs).any(axis=1))[0]
                     print(f"seed {seed} {kind} {'imatrix' if weights is not None else 'reference'}: rows {rows}")
-    print(f"{count} inputs x 6 cases, {failures} mismatches, {time.perf_counter() - started:.1f} s")
+    print(f"{count} inputs x {2 * len(TYPES)} cases, {failures} mismatches, {time.perf_counter() - started:.1f} s")
     return failures
 
 

@@ -1,7 +1,9 @@
-"""llama.cpp's K-quants Q4_K / Q5_K / Q6_K, with and without an imatrix: the same bytes as llama.cpp's C code
-(tests/reference/kquant_blocks.json, from bench/kquant_vectors.py), decoded by the gguf package to the values
-llama.cpp's dequantizer gives; and llama-quantize's Q4_K_M / Q5_K_M type mix."""
+"""llama.cpp's K-quants Q4_K / Q5_K / Q6_K and the Q5_0 / Q5_1 blocks its K_M presets fall back to, with and
+without an imatrix: the same bytes as llama.cpp's C code (tests/reference/kquant_blocks.json, from
+bench/kquant_vectors.py), decoded by the gguf package to the values llama.cpp's dequantizer gives; and
+llama-quantize's Q4_K_M / Q5_K_M type mix."""
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -33,6 +35,18 @@ def test_blocks_equal_llama_cpp_c_code_byte_for_byte(name, case):
     assert ours.numpy().tobytes().hex() == REFERENCE["inputs"][name]["expected"][case]
 
 
+@pytest.mark.parametrize("kind", ["Q5_0", "Q5_1"])
+def test_fallback_blocks_decode_as_llama_cpp_and_match_the_gguf_package_reference_quantizer(kind):
+    x, _ = stored("hard")
+    ours = kquants.quantize(x, kind).numpy()
+    qtype = gguf.GGMLQuantizationType[kind]
+    with np.errstate(invalid="ignore", over="ignore"):
+        decoded = gguf.quants.dequantize(ours, qtype).astype(np.float32)
+        theirs = gguf.quants.quantize(x.numpy(), qtype)
+    assert hashlib.sha256(decoded.tobytes()).hexdigest() == REFERENCE["inputs"]["hard"]["dequantized"][kind]
+    assert np.array_equal(ours, theirs)
+
+
 @pytest.mark.parametrize("kind", sorted(kquants.BLOCK_BYTES))
 def test_the_gguf_package_decodes_our_blocks_to_llama_cpp_dequantized_values(kind):
     x, _ = stored("hard")
@@ -48,7 +62,7 @@ def test_the_gguf_package_decodes_our_blocks_to_llama_cpp_dequantized_values(kin
     assert (error <= np.abs(values[typical]).max(axis=1) / 8).all()
 
 
-@pytest.mark.parametrize("kind", sorted(kquants.BLOCK_BYTES))
+@pytest.mark.parametrize("kind", [*sorted(kquants.BLOCK_BYTES), "Q5_0", "Q5_1"])
 def test_importance_weighting_lowers_the_weighted_error_it_is_asked_to_lower(kind):
     x = torch.from_numpy(np.random.default_rng(5).standard_normal((32, 512)).astype(np.float32) * 0.05)
     importance = torch.full((512,), 1e-3)
@@ -73,6 +87,20 @@ def test_rows_that_are_not_a_multiple_of_256_are_refused():
         kquants.quantize(torch.zeros(2, 576), "Q6_K")
     with pytest.raises(ValueError, match="Q4_0"):
         kquants.quantize(torch.zeros(2, 256), "Q4_0")
+    with pytest.raises(ValueError, match="100"):
+        kquants.quantize(torch.zeros(2, 100), "Q5_1")
+
+
+def test_every_type_the_presets_choose_but_f16_is_written_with_the_size_llama_cpp_expects():
+    x = torch.from_numpy(np.random.default_rng(7).standard_normal((3, 1536)).astype(np.float32))
+    chosen = {kmix.tensor_type(preset, f"blk.{layer}.{role}.weight", layer, 30, row, tied=True)
+              for preset in kmix.PRESETS for layer in range(30) for role in ("attn_v", "ffn_down", "ffn_up")
+              for row in (576, 1536)}
+    assert chosen == {"Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1", "Q8_0"}
+    for kind in chosen:
+        blocks = kquants.quantize(x, kind)
+        qtype = gguf.GGMLQuantizationType[kind]
+        assert blocks.shape[1] == kquants.row_bytes(kind, 1536) == gguf.quants.quant_shape_to_byte_shape((1536,), qtype)[0]
 
 
 # llama-quantize's choices for a dense 30-layer model (SmolLM2-135M: hidden 576, intermediate 1536, tied

@@ -15,6 +15,7 @@ The searches are in ksearch.py; tests/test_kquants.py holds the bytes to vectors
 
 import torch
 
+from builder.quant import ggml, q5blocks
 from builder.quant.ksearch import (F32, GROUP_MAX_EPS, affine_search, as_f16, nearest_int, ordered_sum,
                                    over, positive_search, running_pick, sqrtf, symmetric_search)
 
@@ -28,20 +29,31 @@ CHUNK = 4096  # super-blocks searched together: a [32, 32768] FP32 temporary is 
 
 
 def row_bytes(kind: str, columns: int) -> int:
-    """Bytes of one row of columns values (columns a multiple of 256)."""
+    """Bytes of one row of columns values (columns a multiple of 256; of 32 for the types of 32)."""
+    if kind in q5blocks.BLOCK_BYTES:
+        return q5blocks.row_bytes(kind, columns)
+    if kind == "Q8_0":
+        return ggml.row_bytes(kind, columns)
     return columns // QK_K * BLOCK_BYTES[kind]
 
 
 def quantize(weight: torch.Tensor, kind: str, importance: torch.Tensor | None = None) -> torch.Tensor:
-    """A [rows, columns] weight as llama.cpp blocks of kind (Q4_K, Q5_K or Q6_K): uint8 [rows, row_bytes].
+    """A [rows, columns] weight as llama.cpp blocks of kind: uint8 [rows, row_bytes(kind, columns)].
+
+    kind: Q4_K, Q5_K or Q6_K; or any other type kmix.tensor_type chooses but F16: Q5_0 and Q5_1
+    (q5blocks.py) and Q8_0 (ggml.py; llama.cpp's Q8_0 ignores the imatrix, so does this).
 
     Args:
         weight: any float dtype, converted to FP32 (llama-quantize quantizes from FP32); columns % 256 == 0.
         importance: None for llama.cpp's reference quantizer, or the imatrix of this weight: FP32 [columns],
             the mean of x_j^2 per input feature (what llama-imatrix stores), for the weighted searches.
     """
+    if kind in q5blocks.BLOCK_BYTES:
+        return q5blocks.quantize(weight, kind, importance)
+    if kind == "Q8_0":
+        return ggml.quantize(weight, kind)
     if kind not in BLOCK_BYTES:
-        raise ValueError(f"unknown K-quant {kind!r}: one of {sorted(BLOCK_BYTES)}")
+        raise ValueError(f"unknown llama.cpp type {kind!r}: one of {sorted([*BLOCK_BYTES, *q5blocks.BLOCK_BYTES, 'Q8_0'])}")
     x = weight.to(F32).contiguous()
     rows, columns = x.shape
     if columns % QK_K:
