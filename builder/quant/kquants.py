@@ -10,7 +10,9 @@ Each row is cut into super-blocks of 256 values along the input features, stored
 - Q5_K (176 bytes): as Q4_K, with 32 bytes of fifth bits (qh) before the 128 bytes of low nibbles.
 - Q6_K (210 bytes): 128 bytes of low nibbles, 64 bytes of high 2-bit pairs, 16 int8 scales of its 16
   sub-blocks of 16, F16 d; x = d sc (q - 32), q in 0..63.
-The searches are in ksearch.py; tests/test_kquants.py holds the bytes to vectors from llama.cpp's C code.
+quantize() also writes the other types llama-quantize's K_M presets choose (kmix.py) but F16: Q5_0 and Q5_1
+(q5blocks.py) and Q8_0 (ggml.py). The searches are in ksearch.py; tests/test_kquants.py holds the bytes to
+vectors from llama.cpp's C code.
 """
 
 import torch
