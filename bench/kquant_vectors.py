@@ -118,10 +118,12 @@ def importance_vector(seed: int, columns: int) -> np.ndarray:
 def document(lib: ctypes.CDLL) -> dict:
     """Inputs, importance, and llama.cpp's bytes (and for the hard cases its dequantized values: in full for
     the K-quants, as the sha256 of the FP32 values for Q5_0 / Q5_1, to keep the file small)."""
-    hard, bulk = hard_cases(23), np.random.default_rng(24).standard_normal((16, 256)).astype(np.float32) * 0.05
+    hard, bulk = hard_cases(23), np.random.default_rng(24).standard_normal((12, 256)).astype(np.float32) * 0.05
     imp_hard, imp_bulk = importance_vector(25, 512), importance_vector(26, 256)
+    unseen = np.random.default_rng(27).standard_normal((2, 256)).astype(np.float32) * 0.05
     inputs = {}
-    for name, x, imp in (("hard", hard, imp_hard), ("bulk", bulk, imp_bulk)):
+    for name, x, imp in (("hard", hard, imp_hard), ("bulk", bulk, imp_bulk),
+                         ("unseen", unseen, np.zeros(256, np.float32))):  # an imatrix of zeros: all weights 0
         entry = {"input": hexed(x), "shape": list(x.shape), "importance": hexed(imp), "expected": {},
                  "dequantized": {}}
         for kind in TYPES:
