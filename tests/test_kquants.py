@@ -82,6 +82,21 @@ def test_quantize_is_deterministic_whatever_the_input_dtype_and_row_order():
     assert torch.equal(first.flip(0), kquants.quantize(x.flip(0), "Q4_K"))
 
 
+def test_bytes_do_not_depend_on_the_thread_count():
+    rng = np.random.default_rng(8)  # large enough for torch to split its element-wise work across threads
+    x = torch.from_numpy(rng.standard_normal((64, 1024)).astype(np.float32))
+    importance = torch.from_numpy(rng.gamma(1.0, 1.0, 1024).astype(np.float32))
+    threads = torch.get_num_threads()
+    try:
+        found = []
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            found.append([kquants.quantize(x, kind, importance) for kind in ("Q4_K", "Q6_K", "Q5_1")])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*found))
+
+
 def test_rows_that_are_not_a_multiple_of_256_are_refused():
     with pytest.raises(ValueError, match="576"):
         kquants.quantize(torch.zeros(2, 576), "Q6_K")
