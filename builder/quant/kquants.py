@@ -27,7 +27,7 @@ AFFINE = {  # kind: (nmax, (rmin, rdelta, nstep) without an imatrix, the same wi
     "Q4_K": (15, (-1.0, 0.1, 20), (-0.9, 0.05, 36)),
     "Q5_K": (31, (-0.5, 0.1, 15), (-0.9, 0.05, 36)),
 }
-CHUNK = 4096  # super-blocks searched together: a [32, 32768] FP32 temporary is 4 MB
+CHUNK = 1024  # super-blocks searched together: Q6_K's 19 grids x 16 x 16384 groups x 4 B = 20 MB a temporary
 
 
 def row_bytes(kind: str, columns: int) -> int:
