@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from builder.quant import kmix, kquants
+from builder.quant import kmix, kquants, q5blocks
 
 REFERENCE = json.loads((Path(__file__).parent / "reference" / "kquant_blocks.json").read_text())
 CASES = [(name, case) for name, entry in sorted(REFERENCE["inputs"].items()) for case in sorted(entry["expected"])]
@@ -95,6 +95,17 @@ def test_bytes_do_not_depend_on_the_thread_count():
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(*found))
+
+
+def test_chunks_that_split_rows_give_the_bytes_of_one_pass(monkeypatch):
+    rng = np.random.default_rng(9)
+    x = torch.from_numpy(rng.standard_normal((12, 768)).astype(np.float32))
+    importance = torch.from_numpy(rng.gamma(1.0, 1.0, 768).astype(np.float32))
+    whole = {kind: kquants.quantize(x, kind, importance) for kind in ("Q6_K", "Q4_K", "Q5_0")}
+    monkeypatch.setattr(kquants, "CHUNK", 5)                # super-blocks: rows have 3, chunks split them
+    monkeypatch.setattr(q5blocks, "CHUNK_BLOCKS", 40)       # blocks: one row of 24 a chunk
+    for kind, blocks in whole.items():
+        assert torch.equal(kquants.quantize(x, kind, importance), blocks)
 
 
 def test_rows_that_are_not_a_multiple_of_256_are_refused():
