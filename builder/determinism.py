@@ -6,7 +6,9 @@ import os
 ENVIRONMENT = {
     "ATEN_CPU_CAPABILITY": "avx2",  # torch's vectorised kernels: AVX2 (falls back on older CPUs)
     "ONEDNN_MAX_CPU_ISA": "AVX2",
-    "MKL_CBWR": "AVX2",             # MKL conditional numerical reproducibility
+    # MKL conditional numerical reproducibility, strict: the same GEMM bits on every CPU with AVX2 (an
+    # AVX-512 machine with plain "AVX2" gave other last bits in calibration and evaluation than an AVX2 one)
+    "MKL_CBWR": "AVX2,STRICT",
     "OMP_NUM_THREADS": "2",
     "MKL_NUM_THREADS": "2",
 }
