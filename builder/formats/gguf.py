@@ -231,7 +231,8 @@ def write(staging: Path, spec: dict, source: dict, targeted: set, calibration: d
         with tensorfile.reader(source["tensors"]) as read, \
                 progress(total=len(planned), desc="quantize", unit="tensor") as bar:
             for index, tensor in enumerate(planned):
-                data = convert(tensor, read(tensor.source), importance.get(tensor.source.rsplit(".", 1)[0]), arithmetic)
+                imatrix = importance.get(tensor.source.rsplit(".", 1)[0])
+                data = convert(tensor, read(tensor.source), imatrix, arithmetic)
                 writer.write_tensor_data(data.view(torch.uint8).numpy())
                 bar.update()
                 if index == len(planned) // 2:
