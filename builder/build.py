@@ -9,8 +9,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from builder import atomic, determinism, failpoints
-from builder.artifact import buildinfo, export, gguf, manifest, mlx, provenance, record
+from builder import atomic, determinism, failpoints, formats
+from builder.artifact import buildinfo, manifest, provenance, record
+from builder.artifact.export import write_model
 from builder.artifact.release_files import write_release_files
 from builder.canonical import file_entries, pretty_json, tree_digest
 from builder.errors import BuilderError, CheckFailed, Problem
@@ -18,12 +19,6 @@ from builder.paths import EVAL_FILE, MANIFEST_FILE, RECORD_FILES, artifact_name
 from builder.source import load
 from builder.release import families, lock
 from builder.release.recipe import Recipe
-
-# Output formats with a layout of their own (not Hugging Face safetensors + config.json), one module
-# each: prepare(path, config, spec) reads what it needs before anything is written (bad input writes
-# nothing), write(staging, spec, source, calibration) writes every file but the release files and
-# returns the entries of those it hashed while writing them (the others are hashed afterwards).
-LAYOUTS = {"gguf": gguf, "mlx": mlx}
 
 
 def build(root: Path, release: str, overrides: tuple = (), out: Path | None = None,
@@ -37,7 +32,7 @@ def build(root: Path, release: str, overrides: tuple = (), out: Path | None = No
         require_current_lock(root, release, entry)
     out = (out or root / "artifacts" / artifact_name(entry)).absolute()
     if not force and up_to_date(out, entry):
-        log(f"{out.name}: up to date ({entry['artifact_id']}); --force rebuilds")
+        log(f"{out.name}: up to date (artifact_id {entry['artifact_id']}); --force rebuilds")
         return record.read(out).manifest
     if out.exists() and not record.is_artifact(out) and not force:
         raise BuilderError(Problem(str(out), "--out", "exists and is not an artifact; "
@@ -47,7 +42,7 @@ def build(root: Path, release: str, overrides: tuple = (), out: Path | None = No
     log(f"{release}: {len(source['tensors'])} tensors from {entry['spec']['model']['path']}")
     with atomic.staging(out, root) as staging:
         if not force and up_to_date(out, entry):  # a concurrent build of the same release finished
-            log(f"{out.name}: up to date ({entry['artifact_id']})")
+            log(f"{out.name}: up to date (artifact_id {entry['artifact_id']})")
             return record.read(out).manifest
         result = build_into(entry, source, staging, root, log, calibration_dump)
         atomic.publish(staging, out)
@@ -73,7 +68,7 @@ def prepare(root: Path, entry: dict) -> dict:
     calibration_ids = data_samples(root, spec, path, "calibration") if recipe.needs_calibration else None
     # eval windows are drawn now too: empty or too-short text is refused before anything is quantized
     eval_ids = data_samples(root, spec, path, "eval") if spec["eval"]["dataset"] is not None else None
-    layout = LAYOUTS[recipe.format].prepare(path, config, spec) if recipe.format in LAYOUTS else None
+    layout = formats.of(recipe.format).prepare(path, config, spec)  # what its format reads first
     failpoints.reached("read")
     return {"path": path, "config": config, "tensors": tensors, "modules": architecture["modules"],
             "family": family, "facts": architecture["facts"], "recipe": recipe, "devices": devices,
@@ -114,19 +109,6 @@ def build_into(entry: dict, source: dict, staging: Path, root: Path | None = Non
     result = manifest.create(staging, entry, content)
     failpoints.reached("manifest")
     return result
-
-
-def write_model(staging: Path, spec: dict, source: dict, calibration: dict | None) -> list:
-    """Weights, config and tokenizer files in the recipe's format: Hugging Face safetensors, or a
-    layout of its own (LAYOUTS). Returns the file entries of the weights hashed while written."""
-    recipe = source["recipe"]
-    if recipe.format in LAYOUTS:
-        return LAYOUTS[recipe.format].write(staging, spec, source, calibration)
-    weights = export.write_weights(staging, source["tensors"], source["modules"], source["family"], recipe,
-                                   spec["target"]["max_shard_bytes"], calibration)  # hashed as written
-    export.write_config(source["config"], staging, recipe, export.routers(source["facts"], source["family"]))
-    export.copy_side_files(source["path"], staging)
-    return weights
 
 
 def evaluate_staged(root: Path, spec: dict, source: dict, staging: Path, log) -> None:

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from builder import build
-from builder.artifact import gguf_vocab
+from builder.formats import gguf_vocab
 from builder.errors import BuilderError
 from builder.quant import ggml
 from conftest import FAMILIES, Repo, release_text

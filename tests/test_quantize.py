@@ -7,6 +7,7 @@ import torch
 import yaml
 
 from builder import build as build_module
+from builder.formats import compressed_tensors
 from builder.quant import quantize
 from builder.release.recipe import Args
 from conftest import release_text
@@ -33,7 +34,7 @@ def test_pack_matches_compressed_tensors_unpacking():
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
     values = torch.randint(-8, 8, (6, 20), generator=torch.Generator().manual_seed(0), dtype=torch.int8)
-    packed = quantize.pack(values, 4)
+    packed = compressed_tensors.pack(values, 4)
     assert packed.dtype == torch.int32 and packed.shape == (6, 3)
     assert torch.equal(unpack_from_int32(packed, 4, torch.Size((6, 20))).to(torch.int8), values)
 

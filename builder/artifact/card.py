@@ -8,13 +8,10 @@ import shlex
 
 import yaml
 
+from builder import formats
 from builder.artifact.serve import serve_config
 from builder.release import memory
 from builder.release.recipe import Args, Recipe
-
-
-# The Hugging Face library that reads an artifact, by output format (transformers for the safetensors ones).
-LIBRARIES = {"gguf": "gguf", "mlx": "mlx"}
 
 
 def front_matter(spec: dict, recipe: Recipe) -> dict:
@@ -24,7 +21,7 @@ def front_matter(spec: dict, recipe: Recipe) -> dict:
     if recipe.format != "dense":
         tags.add(recipe.format)
     matter = {"base_model": model["id"], "base_model_relation": "quantized",
-              "library_name": LIBRARIES.get(recipe.format, "transformers"),
+              "library_name": formats.of(recipe.format).LIBRARY,  # the Hugging Face library that reads it
               "license": model["license"], "pipeline_tag": "text-generation", "tags": sorted(tags)}
     return matter
 

@@ -1,35 +1,52 @@
-"""Write an artifact's files: weights as streamed shards, config.json, tokenizer and release files."""
+"""Write an artifact's model files in its format: the one safetensors write path every safetensors
+format shares (plan -> shards -> streamed write -> index, config.json, tokenizer and side files), or
+the writer of a format with a container of its own (builder/formats/)."""
 
 import shutil
 from pathlib import Path
 
-from builder import tensorfile
+from builder import formats, tensorfile
 from builder.artifact import shards, stream
 from builder.canonical import file_entry, pretty_json
 from builder.errors import BuilderError, Problem
 from builder.quant import quantize
 from builder.source.load import WEIGHT_FILES
-from builder.release.recipe import Args, Recipe
-
-# Keys transformers stamps with local facts (paths); dropped so the artifact does not depend on them.
-UNSTABLE_CONFIG_KEYS = ("_name_or_path",)
-# QuantizationArgs fields a recipe does not set, with the values compressed-tensors 0.17 writes for them.
-QUANTIZATION_ARGS_DEFAULTS = {"actorder": None, "block_structure": None, "observer_kwargs": {},
-                              "scale_dtype": None, "zp_dtype": None}
+from builder.release.recipe import Recipe
 
 
-def plan_outputs(tensors: dict, modules: dict, family, recipe: Recipe) -> list:
-    """One list of Outputs per source tensor (sorted by name), without computing anything.
+def write_model(staging: Path, spec: dict, source: dict, calibration: dict | None) -> list:
+    """Weights, config and tokenizer files in the recipe's format; returns the file entries of the
+    weights hashed while written. source: the build's prepared inputs (builder/build.py prepare)."""
+    recipe = source["recipe"]
+    fmt = formats.of(recipe.format)
+    if fmt.CONTAINER != formats.SAFETENSORS:
+        targeted = {name for name, (_, _, shape) in source["tensors"].items()
+                    if quantize.targeted(name, shape, source["modules"], recipe)}
+        return fmt.write(staging, spec, source, targeted, calibration, quantize.arithmetic(recipe, calibration))
+    weights = write_weights(staging, source["tensors"], source["modules"], source["family"], recipe,
+                            spec["target"]["max_shard_bytes"], calibration,
+                            tied=bool(source["config"].get("tie_word_embeddings")))  # hashed as written
+    write_config(source["config"], staging, recipe, routers(source["facts"], source["family"]))
+    copy_side_files(source["path"], staging)
+    return weights
+
+
+def plan_outputs(tensors: dict, modules: dict, family, recipe: Recipe, tied: bool = False) -> dict:
+    """source name -> the format's Outputs for it (sorted by name; a source it drops is left out),
+    without computing anything.
 
     Raises BuilderError when the recipe quantizes the KV cache and a decoder layer would get no k or
     v scale (an architecture whose projections the family table does not name)."""
-    groups, kv_written = [], set()
+    fmt = formats.of(recipe.format)
+    groups, kv_written = {}, set()
     for name in sorted(tensors):
         _, code, shape = tensors[name]
-        is_targeted = quantize.targeted(name, shape, modules, recipe)
         kv = quantize.kv_scales(name, family, recipe)
         kv_written.update(key for key, _ in kv)
-        groups.append(quantize.layout(name, tensorfile.torch_dtype(code), shape, is_targeted, recipe, kv))
+        outputs = fmt.plan(name, tensorfile.torch_dtype(code), shape, quantize.targeted(name, shape, modules, recipe),
+                           recipe, kv, tied)
+        if outputs:
+            groups[name] = outputs
     if recipe.kv_cache_scheme is not None:
         expected = {f"{name}.{scale}" for name in modules if name.endswith(".self_attn")
                     for scale in ("k_scale", "v_scale")}
@@ -41,27 +58,34 @@ def plan_outputs(tensors: dict, modules: dict, family, recipe: Recipe) -> list:
 
 
 def write_weights(out: Path, tensors: dict, modules: dict, family, recipe: Recipe, max_shard_bytes: int,
-                  calibration: dict | None = None) -> list:
-    """Quantize and write every tensor: each source read and quantized once, each output written at
-    its planned offset, each file hashed once as it fills (builder.artifact.stream).
+                  calibration: dict | None = None, tied: bool = False) -> list:
+    """Quantize and write every tensor in the recipe's safetensors format: each source read and
+    quantized once, each output written at its planned offset, each file hashed once as it fills
+    (builder.artifact.stream).
 
     calibration: builder.quant.calibrate's statistics and GPTQ weights, for recipes that calibrate.
     Returns the weight files' entries ({path, sha256, size}), for the manifest and provenance.
     """
-    groups = plan_outputs(tensors, modules, family, recipe)
+    fmt, arithmetic = formats.of(recipe.format), quantize.arithmetic(recipe, calibration)
+    planned = plan_outputs(tensors, modules, family, recipe, tied)
+    groups = list(planned.values())
     assigned = shards.assign(groups, max_shard_bytes)
     names = shards.shard_names(len(assigned))
     sources = [(name, tensorfile.nbytes(tensorfile.torch_dtype(tensors[name][1]), tensors[name][2]))
-               for name in sorted(tensors)]
+               for name in planned]
+    targeted = {name: quantize.targeted(name, tensors[name][2], modules, recipe) for name in planned}
 
     def compute(name, tensor):
-        is_targeted = quantize.targeted(name, tensors[name][2], modules, recipe)
-        return quantize.compute(name, tensor, is_targeted, recipe, calibration)
+        tensor = quantize.smoothed(name, tensor, calibration)
+        if not targeted[name]:
+            return {name: quantize.unquantized(name, tensor, recipe)}
+        return fmt.compute(name, tensor, recipe, arithmetic)
 
     def known(name):
-        is_targeted = quantize.targeted(name, tensors[name][2], modules, recipe)
-        return quantize.known(name, tensors[name][2], is_targeted, recipe, calibration,
-                             quantize.kv_scales(name, family, recipe))
+        kv = quantize.kv_scales(name, family, recipe)
+        if not (targeted[name] or kv):
+            return {}
+        return fmt.known(name, tensors[name][2], targeted[name], recipe, calibration, kv, arithmetic)
 
     with tensorfile.reader(tensors) as read:
         entries = stream.write_shards(out, sources, groups, assigned, names, read, compute, known)
@@ -69,50 +93,6 @@ def write_weights(out: Path, tensors: dict, modules: dict, family, recipe: Recip
         (out / WEIGHT_FILES[1]).write_text(pretty_json(shards.index(assigned, names)), encoding="utf-8")
         entries.append(file_entry(out, WEIGHT_FILES[1]))
     return entries
-
-
-def quantization_config(recipe: Recipe, routers: list = ()) -> dict:
-    """config.json's quantization_config exactly as compressed-tensors (or, for format fp8, AutoFP8) writes it.
-
-    Written as data rather than through compressed-tensors' pydantic models, whose import costs a
-    build ~2 s and ~140 MB (it loads torch.compile); tests/test_export.py holds every recipe's result
-    equal to what those models validate and dump. routers: MoE router modules, listed in ignore as
-    llm-compressor lists them (vLLM builds some routers as quantizable Linears: Qwen-MoE's gate).
-    """
-    from importlib import metadata
-
-    if recipe.format == "fp8":
-        return legacy_fp8_config(recipe, routers)
-    weights = quantization_args(recipe.weights)
-    if recipe.algorithm == "gptq":  # compressed-tensors records GPTQ's column order with the weights
-        weights["actorder"] = recipe.gptq.actorder
-    scheme = {"format": None, "input_activations": quantization_args(recipe.input_activations),
-              "output_activations": None, "targets": list(recipe.targets), "weights": weights}
-    return {"config_groups": {"group_0": scheme}, "format": recipe.compression_format,
-            "global_compression_ratio": None, "ignore": [*recipe.ignore, *routers],
-            "kv_cache_scheme": quantization_args(recipe.kv_cache_scheme),
-            "quant_method": "compressed-tensors", "quantization_status": "compressed",
-            "sparsity_config": {}, "transform_config": {}, "version": metadata.version("compressed-tensors")}
-
-
-def quantization_args(args: Args | None) -> dict | None:
-    """compressed-tensors' QuantizationArgs as it serialises them: defaults filled in, no observer for
-    dynamic (run-time) scales, and a searched weight observer with the settings it ran with."""
-    if args is None:
-        return None
-    if args.observer != "minmax":
-        return {**QUANTIZATION_ARGS_DEFAULTS, **args.as_dict(), "observer": args.observer,
-                "observer_kwargs": args.search}
-    return {**QUANTIZATION_ARGS_DEFAULTS, **args.as_dict(), "observer": None if args.dynamic else "memoryless_minmax"}
-
-
-def legacy_fp8_config(recipe: Recipe, routers: list = ()) -> dict:
-    """The AutoFP8 / vLLM `quant_method: fp8` config: per-tensor FP8 weights, static or dynamic activations."""
-    config = {"quant_method": "fp8", "ignored_layers": [*recipe.ignore, *routers],
-              "activation_scheme": "dynamic" if recipe.input_activations.dynamic else "static"}
-    if recipe.kv_cache_scheme is not None:
-        config["kv_cache_scheme"] = "static"
-    return config
 
 
 def routers(facts: dict, family) -> list:
@@ -123,12 +103,8 @@ def routers(facts: dict, family) -> list:
 
 
 def write_config(source: dict, out: Path, recipe: Recipe, routers: list = ()) -> None:
-    """The source config.json, normalised, with the output dtype and quantization_config."""
-    config = {k: v for k, v in source.items() if k not in UNSTABLE_CONFIG_KEYS}
-    config["dtype"] = recipe.dtype
-    config.pop("torch_dtype", None)
-    if recipe.format != "dense":
-        config["quantization_config"] = quantization_config(recipe, routers)
+    """config.json as the recipe's format writes it (the source's, normalised, and its quantization block)."""
+    config = formats.of(recipe.format).config(source, recipe, routers)
     (out / "config.json").write_text(pretty_json(config), encoding="utf-8")
 
 

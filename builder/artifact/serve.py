@@ -5,11 +5,10 @@
 
 import shlex
 
-from builder.paths import artifact_name, gguf_file
+from builder import formats
+from builder.paths import artifact_name
 from builder.release import memory
 from builder.release.recipe import Recipe
-# vLLM's --quantization for each output format; dense checkpoints need none.
-VLLM_QUANTIZATION = {"dense": None, "compressed-tensors": "compressed-tensors", "fp8": "fp8"}
 
 
 def vllm_arguments(spec: dict, recipe: Recipe, figures: dict) -> tuple:
@@ -23,7 +22,7 @@ def vllm_arguments(spec: dict, recipe: Recipe, figures: dict) -> tuple:
         "max_num_batched_tokens": context["prefill_chunk_size"],
         "max_num_seqs": context["max_num_seqs"],
         "pipeline_parallel_size": spec["parallelism"]["pipeline"],
-        "quantization": VLLM_QUANTIZATION.get(recipe.format, recipe.format),
+        "quantization": formats.of(recipe.format).VLLM,  # none for dense checkpoints
         "served_model_name": spec["release"]["name"],
         "tensor_parallel_size": spec["parallelism"]["tensor"],
     }
@@ -94,10 +93,11 @@ TRY = {"llama-cpp": lambda model: f"llama-cli -m {shlex.quote(model)} -p {shlex.
 
 
 def model_path(entry: dict) -> str:
-    """What the runtime is pointed at: the artifact folder, or its GGUF file."""
+    """What the runtime is pointed at: the artifact folder, or the file of a format with a container of its own."""
     folder = f"artifacts/{artifact_name(entry)}"
-    if entry["spec"]["quant"]["format"] == "gguf":
-        return f"{folder}/{gguf_file(entry['spec'])}"
+    fmt = formats.of(entry["spec"]["quant"]["format"])
+    if fmt.CONTAINER != formats.SAFETENSORS:
+        return f"{folder}/{fmt.file_name(entry['spec'])}"
     return folder
 
 

@@ -2,7 +2,7 @@
 each output at its planned offset, hash each file once as it fills.
 
     reader thread   reads sources in name order, hands each to the quantizers   (bounded by bytes)
-    quantizers      quantize.compute, as many threads as the build's torch threads (each torch op
+    quantizers      the format's compute, as many threads as the build's torch threads (each torch op
                     on one thread: many small ops on two threads stall on a loaded machine)
     caller          takes results in source order, writes them (os.pwrite)
     hasher thread   sha256 of each file in file order, then fsync

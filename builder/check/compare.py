@@ -5,6 +5,7 @@
 
 from pathlib import Path
 
+from builder import formats
 from builder.check.verify import content_files
 from builder.errors import BuilderError, Problem
 from builder.release import identity, lock
@@ -34,10 +35,11 @@ def first_difference(artifact: Path, rebuilt: Path) -> tuple | None:
             return path, "extra file (the rebuild does not write it)"
         if have[path]["sha256"] != want[path]["sha256"]:
             detail = ""
-            if path.endswith(".safetensors"):
+            if path.endswith(formats.SAFETENSORS):
                 detail = first_tensor_difference(artifact / path, rebuilt / path)
-            elif path.endswith(".gguf"):
-                detail = first_gguf_difference(artifact / path, rebuilt / path)
+            for fmt in formats.FORMATS.values():  # a format's own container
+                if fmt.CONTAINER != formats.SAFETENSORS and path.endswith(fmt.CONTAINER):
+                    detail = fmt.difference(artifact / path, rebuilt / path)
             return path, f"differs from the rebuild: {have[path]['sha256']} != {want[path]['sha256']}{detail}"
     return None
 
@@ -67,27 +69,3 @@ def tensor_bytes(handle, data_start: int, info: dict) -> bytes:
     begin, end = info["data_offsets"]
     handle.seek(data_start + begin)
     return handle.read(end - begin)
-
-
-def first_gguf_difference(have: Path, want: Path) -> str:
-    """'; first differing key / tensor NAME' for two GGUF files (metadata in order, then tensor data)."""
-    import gguf
-    import numpy
-
-    try:
-        readers = gguf.GGUFReader(have), gguf.GGUFReader(want)
-    except (ValueError, OSError) as error:
-        return f"; unreadable GGUF ({error})"
-    fields = [{name: [numpy.asarray(part).tobytes() for part in field.parts] for name, field in r.fields.items()}
-              for r in readers]
-    for name in sorted(set(fields[0]) | set(fields[1])):
-        if fields[0].get(name) != fields[1].get(name):
-            return f"; first differing key: {name}"
-    tensors = [{t.name: t for t in r.tensors} for r in readers]
-    for name in sorted(set(tensors[0]) | set(tensors[1])):
-        a, b = tensors[0].get(name), tensors[1].get(name)
-        if a is None or b is None:
-            return f"; tensor {name} is {'missing' if a is None else 'not in the rebuild'}"
-        if a.tensor_type != b.tensor_type or numpy.asarray(a.data).tobytes() != numpy.asarray(b.data).tobytes():
-            return f"; first differing tensor: {name}"
-    return "; keys and tensors equal (layout differs)"

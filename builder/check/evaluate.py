@@ -4,7 +4,6 @@ the evaluation text, on CPU through plain transformers loading (FP32); and the r
     builder eval artifacts/smollm2-135m-instruct-fp8-static [--eval docstrings] [--out eval.json]
 """
 
-import json
 import math
 import sys
 from pathlib import Path
@@ -15,57 +14,17 @@ DIGITS = 6  # decimals kept in eval.json: far below run-to-run noise of any real
 
 
 def load_model(path: Path):
-    """A causal LM in FP32; compressed-tensors checkpoints are dequantized (activations still
-    fake-quantized), GGUF files read by transformers' GGUF loader, MLX checkpoints dequantized."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    """A causal LM in FP32, loaded as its format's module says (builder/formats/); a source checkpoint
+    reads as dense."""
     from transformers.utils import logging
-    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    from builder import formats
+    from builder.quant import quantize
 
     if not sys.stderr.isatty():
         logging.disable_progress_bar()  # quiet in pipes and CI, like our own tqdm bars
-    gguf_files = sorted(path.glob("*.gguf"))
-    if gguf_files:  # the weights dequantized by gguf's own decoders, the config read from the file's keys
-        return AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_files[0].name, dtype=torch.float32,
-                                                    trust_remote_code=False).eval()
-    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    if config.get("quantization", {}).get("mode") == "affine":
-        return load_mlx(path, config)
-    kwargs = {}
-    if config.get("quantization_config", {}).get("quant_method") == "compressed-tensors":
-        kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False, **kwargs).eval()
-
-
-def load_mlx(path: Path, config: dict):
-    """An mlx-lm checkpoint as a transformers model in FP32: each quantized Linear's weight is
-    scale * q + bias (exact in FP32), every other tensor cast; read one tensor at a time."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from builder.quant import affine
-    from builder.source.load import tensor_index
-    from builder.tensorfile import reader
-
-    model_config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    for key in ("quantization", "quantization_config"):  # mlx-lm's, not a transformers quantizer's
-        if hasattr(model_config, key):
-            delattr(model_config, key)
-    model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32).eval()
-    parameters = dict(model.named_parameters())
-    tensors, bits = tensor_index(path), config["quantization"]["bits"]
-    with reader(tensors) as read, torch.no_grad():
-        for name in sorted(n for n in tensors if not n.endswith((".scales", ".biases"))):
-            module = name.rsplit(".", 1)[0]
-            if name.endswith(".weight") and f"{module}.scales" in tensors:
-                value = affine.dequantize(read(name), read(f"{module}.scales"), read(f"{module}.biases"), bits)
-            else:
-                value = read(name)
-            parameters.pop(name).copy_(value)
-    model.tie_weights()
-    if parameters.keys() - {"lm_head.weight"}:  # an untied lm_head must have been in the files
-        raise BuilderError(Problem(path.name, sorted(parameters)[0], "missing from the MLX weights"))
-    return model
+    fmt, config = formats.found_in(path)
+    return fmt.load(path, config, quantize.runtime_arithmetic(fmt.QUANTIZER).decode)
 
 
 def measure(source: Path, artifact: Path, ids, device: str = "cpu") -> dict:

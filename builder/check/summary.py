@@ -5,11 +5,9 @@
 
 from pathlib import Path
 
-from builder.errors import BuilderError, Problem
+from builder import formats
 from builder.source.load import weight_files
 from builder.tensorfile import nbytes, read_header, torch_dtype
-
-SCALE_SUFFIXES = ("_scale", "scales", "biases")  # weight_scale, input_scale, k_scale, v_scale; MLX's scales, biases
 
 
 def by_dtype(headers: dict) -> dict:
@@ -24,8 +22,9 @@ def by_dtype(headers: dict) -> dict:
     return rows
 
 
-def layers(headers: dict) -> dict:
-    """module -> {tensor suffix: {dtype, shape, and min/max/mean for scales}}, reading only scale tensors."""
+def layers(headers: dict, scales: tuple) -> dict:
+    """module -> {tensor suffix: {dtype, shape, and min/max/mean for scales}}, reading only scale
+    tensors (scales: the suffixes of their names, the format's SCALES)."""
     from safetensors import safe_open
 
     found = {}
@@ -34,48 +33,23 @@ def layers(headers: dict) -> dict:
             for name, info in sorted(header.items()):
                 module, _, suffix = name.rpartition(".")
                 row = {"dtype": info["dtype"], "shape": info["shape"]}
-                if suffix.endswith(SCALE_SUFFIXES):
+                if scales and suffix.endswith(scales):
                     scale = handle.get_tensor(name).float()
                     row.update(min=float(scale.min()), max=float(scale.max()), mean=float(scale.mean()))
                 found.setdefault(module, {})[suffix] = row
     return dict(sorted(found.items()))
 
 
-def gguf_summary(file: Path, details: bool) -> dict:
-    """summarize() for a GGUF file: bytes per GGML type; per tensor its type, shape (torch order) and,
-    for Q8_0 / Q4_0, the block scales' min/max/mean (each block's leading F16)."""
-    import gguf
-    import numpy
-
-    rows, found = {}, {}
-    for tensor in gguf.GGUFReader(file).tensors:
-        kind = tensor.tensor_type.name
-        row = rows.setdefault(kind, {"tensors": 0, "bytes": 0})
-        row["tensors"] += 1
-        row["bytes"] += int(tensor.n_bytes)
-        if details:
-            module, _, suffix = tensor.name.rpartition(".")
-            entry = {"dtype": kind, "shape": [int(size) for size in reversed(tensor.shape)]}
-            block = gguf.GGML_QUANT_SIZES[tensor.tensor_type][1]
-            if kind in ("Q8_0", "Q4_0"):
-                scales = numpy.asarray(tensor.data).reshape(-1, block)[:, :2].copy().view(numpy.float16)
-                entry.update(min=float(scales.min()), max=float(scales.max()), mean=float(scales.astype(numpy.float64).mean()))
-            found.setdefault(module, {})[suffix] = entry
-    rows["total"] = {key: sum(row[key] for row in rows.values()) for key in ("tensors", "bytes")}
-    return {"dtypes": rows, **({"layers": dict(sorted(found.items()))} if details else {})}
-
-
 def summarize(artifact: Path, details: bool = False) -> dict:
-    """{"dtypes": bytes per dtype, "layers": per-module table (with details)}."""
-    ggufs = sorted(artifact.glob("*.gguf"))
-    if ggufs:
-        return gguf_summary(ggufs[0], details)
-    if not (artifact / "config.json").is_file():
-        raise BuilderError(Problem(str(artifact), "", "not an artifact (no config.json or .gguf file)"))
+    """{"dtypes": bytes per dtype, "layers": per-module table (with details)}; a format with a
+    container of its own summarises its file itself."""
+    fmt, _ = formats.found_in(artifact)
+    if fmt.CONTAINER != formats.SAFETENSORS:
+        return fmt.summary(sorted(artifact.glob(f"*{fmt.CONTAINER}"))[0], details)
     headers = {file: read_header(file) for file in weight_files(artifact)}
     result = {"dtypes": by_dtype(headers)}
     if details:
-        result["layers"] = layers(headers)
+        result["layers"] = layers(headers, fmt.SCALES)
     return result
 
 

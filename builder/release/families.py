@@ -13,6 +13,8 @@ Adding a family: docs/architecture.md, "Adding a model family".
 
 from dataclasses import dataclass, field
 
+from builder import formats
+
 
 @dataclass(frozen=True)
 class MoE:
@@ -212,18 +214,10 @@ ROPE_KEYS = ("rope_type", "rope_theta", "factor", "original_max_position_embeddi
              "high_freq_factor", "beta_fast", "beta_slow", "attention_factor")
 
 
-# The families each on-device layout is written for (builder/artifact/gguf.py, builder/artifact/mlx.py):
-# transformers model_type -> llama.cpp's architecture name (GGUF general.architecture; Mistral is
-# "llama" there, as llama.cpp's converter writes it) / mlx-lm's model module (it maps mistral to llama).
-LAYOUT_FAMILIES = {
-    "gguf": {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"},
-    "mlx": {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"},
-}
-
-
 def layout_problems(arch: dict, family: Family, layout: str) -> list:
-    """A model the on-device layout (quant.format gguf or mlx) is not written for, as (key path, message)."""
-    covered = LAYOUT_FAMILIES.get(layout)
+    """A model a format written for a few families (its FAMILIES: the runtime's own model code) does
+    not cover, as (key path, message)."""
+    covered = formats.of(layout).FAMILIES
     if covered is None:
         return []
     if family.model_type not in covered:

@@ -14,6 +14,7 @@ from importlib import metadata
 from pathlib import Path
 
 import builder
+from builder import formats
 from builder.canonical import canonical_json, file_entries, sha256_bytes, sha256_file, tree_digest
 from builder.errors import BuilderError, Problem
 from builder.paths import PACKAGE_DIR, SCHEMAS_DIR, inside
@@ -23,11 +24,7 @@ from builder.release.recipe import Recipe
 OUTPUT_VERSIONS = {
     "layout": 1,                     # safetensors shards and index, config.json, tokenizer and side files
     "release-files": 2,              # release.json, serve.json, README.md (2: the card's memory estimate counts biases)
-    "format.dense": 1,               # unquantized tensors in the output dtype
-    "format.compressed-tensors": 1,  # tensor names, packing and quantization_config
-    "format.fp8": 1,                 # the AutoFP8 / vLLM legacy layout
-    "format.gguf": 1,                # the GGUF file: metadata, tokenizer keys, tensor names, order and types
-    "format.mlx": 1,                 # mlx-lm's layout: tensor names, uint32 packing, config.json's quantization
+    **formats.versions(),            # format.<name>: each format module's VERSION (builder/formats/)
     "quantize.float": 1,             # FP8 scales and rounding (weights, activation and KV-cache scales)
     "quantize.int": 1,               # INT8 / INT4 scales and rounding
     "quantize.ggml": 1,              # llama.cpp's Q8_0 / Q4_0 blocks
@@ -49,8 +46,7 @@ OUTPUT_VERSIONS = {
 PART_PACKAGES = {
     "layout": ("torch",),
     "release-files": ("pyyaml",),    # the card's front matter
-    "format.compressed-tensors": ("compressed-tensors",),  # its version is written into config.json
-    "format.gguf": ("gguf", "tokenizers"),  # the writer and its tensor-name tables; the pre-tokenizer's hash
+    **formats.packages(),            # format.<name>: each format module's PACKAGES
     "quantize.float": ("torch",),
     "quantize.int": ("torch",),
     "quantize.ggml": ("torch",),
@@ -103,13 +99,15 @@ def parts(spec: dict) -> tuple:
 
 
 def versions(names) -> dict:
-    """part -> output version, for the parts named."""
-    return {name: OUTPUT_VERSIONS[name] for name in sorted(names)}
+    """part -> output version, for the parts named (a format's as its module says now: the registry's)."""
+    table = {**OUTPUT_VERSIONS, **formats.versions()}
+    return {name: table[name] for name in sorted(names)}
 
 
 def toolchain(names) -> dict:
     """package -> installed version, for the packages the parts named depend on."""
-    packages = sorted({package for name in names for package in PART_PACKAGES.get(name, ())})
+    table = {**PART_PACKAGES, **formats.packages()}
+    packages = sorted({package for name in names for package in table.get(name, ())})
     return {package: installed(package) for package in packages}
 
 

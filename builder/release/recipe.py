@@ -7,6 +7,8 @@
 import re
 from dataclasses import asdict, dataclass
 
+from builder import formats
+
 FP8_MAX = 448.0  # largest finite float8_e4m3fn value
 # Weight scale search (builder/quant/observe.py), compressed-tensors' `observer` names, with the
 # observer_kwargs each takes and their defaults. minmax is the plain max |w| (no search).
@@ -15,14 +17,6 @@ OBSERVERS = {
     "mse": {"grid": 100, "maxshrink": 0.2, "patience": 5, "norm": 2.4},
     "imatrix_mse": {"grid": 20, "maxshrink": 0.95, "patience": 5, "norm": 3.0},
 }
-# Formats whose integer weights follow a runtime's own arithmetic, not compressed-tensors': the part
-# (builder/release/identity.py) that rounds them. ggml: llama.cpp's Q8_0/Q4_0 blocks; affine: MLX's groups.
-QUANTIZER = {"gguf": "quantize.ggml", "mlx": "quantize.affine"}
-# llama.cpp's block types a gguf recipe's weights can be: (num_bits, group_size, symmetric) -> type.
-GGML_TYPES = {(8, 32, True): "Q8_0", (4, 32, True): "Q4_0"}
-# An unquantized (or untargeted) tensor's GGUF type, from the recipe's dtype.
-GGML_DENSE_TYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
-MLX_BITS, MLX_GROUP_SIZES = (4, 8), (32, 64, 128)  # mlx-lm's affine modes this builder writes
 
 
 def matches(module: str, cls: str, patterns) -> bool:
@@ -184,7 +178,7 @@ class Recipe:
         found = [f"format.{self.format}"]
         for args in (self.weights, self.input_activations, self.kv_cache_scheme):
             if args is not None:
-                found.append(QUANTIZER.get(self.format, f"quantize.{args.type}"))
+                found.append(formats.of(self.format).QUANTIZER or f"quantize.{args.type}")
         if self.algorithm in ("gptq", "imatrix"):
             found.append(self.algorithm)
         if self.weights is not None and self.weights.observer != "minmax":
@@ -226,17 +220,16 @@ def smoothing_problems(recipe: Recipe) -> list:
 
 
 def argument_problems(recipe: Recipe) -> list:
-    """The formats', quantization arguments' and algorithm's contradictions, as (key path, message)."""
+    """The format's and quantization arguments' contradictions, as (key path, message): the recipe's
+    format (builder/formats/) says what it holds, handed the rules of compressed-tensors' arithmetic
+    (arithmetic_problems) for the formats that round with it."""
+    return formats.of(recipe.format).problems(recipe, arithmetic_problems)
+
+
+def arithmetic_problems(recipe: Recipe) -> list:
+    """What compressed-tensors' arithmetic (quantize.float, quantize.int; builder/quant/) rounds: the
+    arguments', activations', KV cache's, algorithm's and observers' contradictions."""
     weights, acts, kv = recipe.weights, recipe.input_activations, recipe.kv_cache_scheme
-    if recipe.format == "dense" or (recipe.format in QUANTIZER and weights is None):
-        # dense safetensors, or a GGUF / MLX file of unquantized tensors
-        return [(("quant", key), f"must be null when {'format is dense' if recipe.format == 'dense' else 'weights is null'}")
-                for key in ("algorithm", "gptq", "weights", "input_activations", "kv_cache_scheme")
-                if getattr(recipe, key) is not None]
-    if weights is None:
-        return [(("quant", "weights"), f"format {recipe.format} needs weight quantization arguments")]
-    if recipe.format in LAYOUT_PROBLEMS:
-        return LAYOUT_PROBLEMS[recipe.format](recipe)
     found = []
     if not recipe.targets:
         found.append((("quant", "targets"), "empty: name the modules to quantize, e.g. [Linear]"))
@@ -281,55 +274,5 @@ def argument_problems(recipe: Recipe) -> list:
         allowed = ", ".join(sorted(OBSERVERS[weights.observer])) or "none"
         found.append((("quant", "weights", "observer_kwargs"), f"{', '.join(unknown)}: not a setting of "
                       f"observer {weights.observer} (allowed: {allowed})"))
-    if recipe.format == "fp8":
-        legacy = (weights.type, weights.strategy) == ("float", "tensor") and acts is not None and \
-            acts.type == "float" and acts.strategy == "tensor"
-        if not legacy:
-            found.append((("quant", "format"), "fp8: the legacy layout holds FP8 per-tensor weights and FP8 "
-                          "per-tensor activations (static or dynamic); use compressed-tensors otherwise"))
     return found
 
-
-def on_device_problems(recipe: Recipe, allowed: str, fits, algorithms: tuple) -> list:
-    """What a GGUF or MLX recipe may hold: weight arguments of the runtime's own integer types
-    (fits(weights) says whether they are one), no activation or KV-cache quantization, and the
-    algorithms the format has."""
-    found = []
-    if not fits(recipe.weights) or recipe.weights.dynamic:
-        found.append((("quant", "weights"), f"{recipe.weights.words()}: format {recipe.format} writes {allowed}"))
-    for key in ("input_activations", "kv_cache_scheme"):
-        if getattr(recipe, key) is not None:
-            found.append((("quant", key), f"must be null with format {recipe.format}: the runtime "
-                          "quantizes activations and its KV cache itself, at run time"))
-    if not recipe.targets:
-        found.append((("quant", "targets"), "empty: name the modules to quantize, e.g. [Linear]"))
-    if recipe.algorithm not in algorithms:
-        found.append((("quant", "algorithm"), f"{recipe.algorithm}: format {recipe.format} with "
-                      f"{recipe.weights.num_bits}-bit weights takes {' or '.join(algorithms)}"))
-    if recipe.gptq is not None:
-        found.append((("quant", "gptq"), f"must be null with format {recipe.format}"))
-    return found
-
-
-def gguf_problems(recipe: Recipe) -> list:
-    """GGUF: llama.cpp's Q8_0 or Q4_0 blocks (imatrix rounding for Q4_0; Q8_0 takes no importance)."""
-    def fits(args):
-        return args.type == "int" and args.strategy == "group" and \
-            (args.num_bits, args.group_size, args.symmetric) in GGML_TYPES
-    four_bit = recipe.weights.num_bits == 4
-    return on_device_problems(recipe, "llama.cpp's Q8_0 (int 8) or Q4_0 (int 4) blocks: type int, strategy "
-                              "group, group_size 32, symmetric", fits, ("rtn", "imatrix") if four_bit else ("rtn",))
-
-
-def mlx_problems(recipe: Recipe) -> list:
-    """MLX: mlx-lm's affine groups (a scale and a bias per group: asymmetric), round to nearest."""
-    def fits(args):
-        return args.type == "int" and args.strategy == "group" and not args.symmetric and \
-            args.num_bits in MLX_BITS and args.group_size in MLX_GROUP_SIZES
-    return on_device_problems(recipe, "mlx-lm's affine groups: type int, strategy group, symmetric false, "
-                              f"num_bits {' or '.join(map(str, MLX_BITS))}, group_size "
-                              f"{', '.join(map(str, MLX_GROUP_SIZES))}", fits, ("rtn",))
-
-
-# Formats with rules of their own (a runtime's native types), in place of compressed-tensors'.
-LAYOUT_PROBLEMS = {"gguf": gguf_problems, "mlx": mlx_problems}

@@ -132,7 +132,7 @@ def pre_tokenizer(source: Path, pre: dict, where: str) -> str:
         return "gpt-2"
     known = ", ".join(sorted(set(PRE_TOKENIZERS.values())))
     raise BuilderError(Problem(where, "tokenizer.json", f"pre-tokenizer not recognised (llama.cpp chkhsh {digest}); "
-                               f"the GGUF writer knows {known} (builder/artifact/gguf_vocab.py PRE_TOKENIZERS)"))
+                               f"the GGUF writer knows {known} (builder/formats/gguf_vocab.py PRE_TOKENIZERS)"))
 
 
 def special_ids(source: Path, config: dict, tokenizer: dict, settings: dict) -> dict:

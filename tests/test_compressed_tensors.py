@@ -1,8 +1,9 @@
-"""quantization_config is written as data: it must equal what compressed-tensors' own models make of it."""
+"""Format compressed-tensors: quantization_config is written as data, and must equal what
+compressed-tensors' own models make of it."""
 
 import pytest
 
-from builder.artifact import export
+from builder.formats import compressed_tensors
 from builder.release.recipe import OBSERVERS, Recipe
 from builder.release.resolve import resolve
 from conftest import PROJECT
@@ -39,7 +40,7 @@ def test_quantization_config_equals_what_compressed_tensors_writes_for_every_shi
     quant = resolve(PROJECT, release)["quant"]
     if quant["format"] != "compressed-tensors":
         pytest.skip(f"{release} is {quant['format']}: no compressed-tensors config")
-    assert export.quantization_config(Recipe.of(quant)) == compressed_tensors_dump(quant)
+    assert compressed_tensors.quantization_config(Recipe.of(quant)) == compressed_tensors_dump(quant)
 
 
 @pytest.mark.parametrize("release, overrides", [
@@ -55,13 +56,13 @@ def test_quantization_config_equals_what_compressed_tensors_writes_for_every_shi
                                           "+quant.weights.observer_kwargs={grid:40}"))])
 def test_quantization_config_equals_compressed_tensors_for_recipe_variations(release, overrides):
     quant = resolve(PROJECT, release, overrides)["quant"]
-    assert export.quantization_config(Recipe.of(quant)) == compressed_tensors_dump(quant)
+    assert compressed_tensors.quantization_config(Recipe.of(quant)) == compressed_tensors_dump(quant)
 
 
 def test_quantization_config_validates_as_compressed_tensors_config():
     from compressed_tensors.quantization import QuantizationConfig
 
     quant = resolve(PROJECT, "smollm2-135m-instruct-fp8-static")["quant"]
-    written = export.quantization_config(Recipe.of(quant))
+    written = compressed_tensors.quantization_config(Recipe.of(quant))
     parsed = QuantizationConfig.model_validate(written)
     assert parsed.kv_cache_scheme.num_bits == 8 and parsed.format == "float-quantized"
