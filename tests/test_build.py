@@ -140,7 +140,11 @@ def test_a_failing_build_leaves_no_partial_artifact_and_keeps_the_previous_one(r
     with pytest.raises(OSError):
         built(repo, "tiny-llama-bf16", force=True)
     artifacts = repo.root / "artifacts"
-    assert sorted(p.name for p in artifacts.iterdir()) == ["tiny-llama-bf16"]
+    # the previous artifact and its buildinfo (who built it), nothing of the failed build
+    assert sorted(p.name for p in artifacts.iterdir()) == ["tiny-llama-bf16", "tiny-llama-bf16.buildinfo.json"]
+    from builder.check import audit
     from builder.check.verify import verify
+
+    assert audit.built_by(artifacts / "tiny-llama-bf16")["status"] == "ok"  # still describes those files
 
     assert verify(artifacts / "tiny-llama-bf16")["content_digest"] == previous["content_digest"]

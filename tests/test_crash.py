@@ -37,7 +37,8 @@ def artifacts_listing(repo):
 def test_a_killed_build_leaves_the_previous_artifact_intact_and_the_next_build_succeeds(built, point):
     killed = built.run("build", RELEASE, "--force", env={"BUILDER_FAILPOINT": point})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    assert artifacts_listing(built) == [RELEASE]  # no partial artifact beside it
+    # no partial artifact beside it: the previous one, and the buildinfo of who built that one
+    assert artifacts_listing(built) == [RELEASE, f"{RELEASE}.buildinfo.json"]
     assert verify(built.root / "artifacts" / RELEASE)["content_digest"] == built.digest
     assert build(built.root, RELEASE, force=True, log=lambda message: None)["content_digest"] == built.digest
     assert [p.name for p in (built.root / ".builder").iterdir()] == [f"artifacts--{RELEASE}.lock"]
@@ -81,7 +82,7 @@ def test_two_simultaneous_builds_of_one_release_give_one_correct_artifact(repo):
     assert [code for _, _, code in results] == [0, 0], results
     digests = {json.loads(out)["content_digest"] for out, _, _ in results}
     assert len(digests) == 1
-    assert artifacts_listing(repo) == [RELEASE]
+    assert artifacts_listing(repo) == [RELEASE, f"{RELEASE}.buildinfo.json"]
     assert verify(repo.root / "artifacts" / RELEASE)["content_digest"] in digests
 
 
