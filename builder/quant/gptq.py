@@ -11,9 +11,9 @@ layer by layer (builder/spill.py).
 import torch
 
 from builder.errors import BuilderError, Problem
-from builder.quant import imatrix, observe
+from builder.quant import observe
 from builder.quant.quantize import FP8, quantize_weight, scale_format
-from builder.quant.step import Layer, Step, shared_sums
+from builder.quant.step import Layer, Step, means, shared_sums
 from builder.release.recipe import Args, Recipe
 
 
@@ -112,7 +112,7 @@ def finish(layer: Layer, recipe: Recipe, seen: dict) -> dict:
     recipe searches scales with it), leaving its rounded weights in the layer: {"gptq": {module:
     (values, scale)}}. A Linear no token reached (an expert) has no Hessian: it is rounded to nearest."""
     hessians = seen["hessian"]
-    importance = imatrix.means(seen["mean_squares"]) if "mean_squares" in seen else {}
+    importance = means(seen["mean_squares"]) if "mean_squares" in seen else {}  # E[x²], builder/quant/imatrix.py
     results = {}
     for name, module in layer.linears.items():
         if name not in hessians:

@@ -4,14 +4,15 @@ importance matrix for Q4_0's weighted rounding (ggml.quantize; FP64 sums, as lla
 
     found["imatrix"][module], found["importance"][module]   (each [columns], FP32)
 
-The two differ only in the sums' precision; each is pinned by its own output version, so they stay
-two (one FP64 sum would change the bytes of every imatrix_mse release). Sums run over the batches in
-a fixed order, so every run gives the same bits.
+The two differ only in the sums' precision, and stay two: one FP64 sum would change the bytes of
+every imatrix_mse release, one FP32 sum those of every GGUF imatrix release. Linears reading one
+input tensor share its sum (each used to sum the same tensor itself: the same bits). Sums run over
+the batches in a fixed order, so every run gives the same bits.
 """
 
 import torch
 
-from builder.quant.step import Step, shared_sums
+from builder.quant.step import Step, means, shared_sums
 
 
 def square_sums(dtype: torch.dtype):
@@ -21,11 +22,6 @@ def square_sums(dtype: torch.dtype):
         return squares if total is None else total.add_(squares)
 
     return lambda layer, recipe: shared_sums(layer, add)
-
-
-def means(sums: dict) -> dict:
-    """{name: E[x²] per column (FP32)} from shared_sums' {name: [sum of x², tokens]} (on their device)."""
-    return {name: (total / count).to(torch.float32) for name, (total, count) in sums.items()}
 
 
 MEAN_SQUARES = Step("mean_squares", ("imatrix",), {"weights.observer": "imatrix_mse"},

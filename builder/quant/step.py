@@ -32,9 +32,9 @@ class Step:
     when a step that runs names it in needs. observe(layer, recipe) registers hooks (Layer.on_input,
     on_output) and returns the state they fill; finish(layer, recipe, seen) runs after the layer's
     batches, seen mapping each step of the pass to its state, and returns {result key: {name: value}}
-    (moved to the CPU by the walk). own_pass: it changes the layer the others observe (SmoothQuant),
-    so it observes and finishes in a pass of its own, first. rewrites: its finish changes the layer's
-    weights (GPTQ), so the layer runs once more to hand its new outputs to the next layer. spilled: its
+    (moved to the CPU by the walk). own_pass: it changes the layer the others observe (folds factors
+    into it), so it observes and finishes in a pass of its own, first. rewrites: its finish changes the
+    layer's outputs (rounds its weights), so the layer runs once more to hand them to the next layer. spilled: its
     results are a layer's weights, kept in the build's Spill when given one.
     """
 
@@ -96,6 +96,11 @@ class Layer:
 def rows(args: tuple) -> torch.Tensor:
     """A Linear's input as [tokens, features], FP32."""
     return args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
+
+
+def means(sums: dict) -> dict:
+    """{name: total / tokens (FP32)} from shared_sums' {name: [total, tokens]}, on their device."""
+    return {name: (total / count).to(torch.float32) for name, (total, count) in sums.items()}
 
 
 def shared_sums(layer: Layer, add) -> dict:
