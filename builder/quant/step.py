@@ -34,8 +34,8 @@ class Step:
     batches, seen mapping each step of the pass to its state, and returns {result key: {name: value}}
     (moved to the CPU by the walk). own_pass: it changes the layer the others observe (folds factors
     into it), so it observes and finishes in a pass of its own, first. rewrites: its finish changes the
-    layer's outputs (rounds its weights), so the layer runs once more to hand them to the next layer. spilled: its
-    results are a layer's weights, kept in the build's Spill when given one.
+    layer's outputs (rounds its weights), so the layer runs once more to hand them to the next layer.
+    spilled: its results are a layer's weights, kept in the build's Spill when given one.
     """
 
     name: str
