@@ -4,10 +4,12 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from builder import build as build_module
 from builder.quant import gptq, observe, quantize
 from builder.release.recipe import Recipe
+from conftest import PROJECT
 
 SMALL = ("calibration.samples=4", "calibration.sequence_length=32", "quant.weights.group_size=32")
 RECIPE_DICT = {"format": "compressed-tensors", "dtype": "bfloat16", "algorithm": "gptq", "targets": ["Linear"],
@@ -254,3 +256,91 @@ def test_awq_scaling_lowers_the_rounding_error_an_activation_outlier_causes_and_
 
     builds_twice_with_a_folded_norm(calib_repo, tmp_path, "tiny-llama-w4a16-gptq",
                                     ("quant=w4a16-gptq", "+quant.awq.grid=20", *SMALL))
+
+
+# The steps each shipped recipe runs on every decoder layer, in order (calibrate.plan): what its fields ask for.
+PLANS = {
+    "bf16": (), "fp8-dynamic": (), "w8a8-int8": (), "w4a16": (), "gguf-q8_0": (), "mlx-4bit": (),
+    "fp8-static": ("activations", "kv_cache"),
+    "w4a16-gptq": ("activations", "hessian", "gptq"),
+    "fp8-dynamic-gptq-imatrix": ("activations", "hessian", "mean_squares", "gptq"),
+    "fp8-static-gptq-imatrix": ("activations", "kv_cache", "hessian", "mean_squares", "gptq"),
+    "w8a8-int8-gptq-imatrix": ("activations", "hessian", "mean_squares", "gptq"),
+    "w4a16-gptq-imatrix": ("activations", "hessian", "mean_squares", "gptq"),
+    "w4a16-awq-gptq-imatrix": ("activations", "hessian", "awq", "mean_squares", "gptq"),
+    "w8a8-int8-smoothquant": ("smoothquant", "activations"),
+    "w8a8-int8-smoothquant-gptq-imatrix": ("smoothquant", "activations", "hessian", "mean_squares", "gptq"),
+    "gguf-q4_0": ("activations", "importance"),
+}
+
+
+@pytest.mark.parametrize("path", sorted((PROJECT / "specs" / "quant").glob("*.yaml")), ids=lambda p: p.stem)
+def test_each_shipped_recipe_runs_the_calibration_steps_its_fields_ask_for(path):
+    from builder.quant import calibrate
+
+    recipe = Recipe.of(yaml.safe_load(path.read_text()))
+    steps = tuple(step.name for step in calibrate.plan(recipe)) if recipe.needs_calibration else ()
+    assert steps == PLANS[path.stem]
+
+
+def test_kv_cache_scales_and_awq_without_gptq_pull_in_only_the_steps_they_need():
+    from builder.quant import calibrate
+
+    kv = Recipe.of({**RECIPE_DICT, "algorithm": "rtn", "gptq": None, "kv_cache_scheme": {
+        "num_bits": 8, "type": "float", "strategy": "tensor", "symmetric": True, "dynamic": False, "group_size": None}})
+    awq = Recipe.of({**RECIPE_DICT, "algorithm": "rtn", "gptq": None, "awq": {"grid": 20}})
+    assert [step.name for step in calibrate.plan(kv)] == ["activations", "kv_cache"]
+    assert [step.name for step in calibrate.plan(awq)] == ["activations", "hessian", "awq"]  # AWQ reads the Hessian
+
+
+def test_a_new_step_is_one_value_it_sees_every_layers_targeted_linears_and_its_results_come_back(
+        calib_repo, monkeypatch):
+    """The protocol, with a step written here: hooks on the layer's Linears while its batches run, a
+    finish per layer, its results merged under its key; nothing else in the builder changes."""
+    from builder.quant import calibrate
+    from builder.quant.step import Step, rows
+    from builder.source import load
+
+    def observe(layer, recipe):
+        counted = {}
+        for name, module in layer.linears.items():
+            layer.on_input(module, lambda module, args, name=name: counted.__setitem__(
+                name, counted.get(name, 0) + rows(args).shape[0]))
+        return counted
+
+    def finish(layer, recipe, seen):
+        return {"tokens": {name: torch.tensor([count]) for name, count in seen["tokens"].items()}}
+
+    tokens = Step("tokens", ("tokens",), {"algorithm": "gptq"}, observe=observe, finish=finish)
+    monkeypatch.setattr(calibrate, "STEPS", (*calibrate.STEPS, tokens))
+    path = calib_repo.root / "weights" / "tiny-llama"
+    ids = torch.randint(1, 255, (6, 16), generator=torch.Generator().manual_seed(0))
+    recipe = Recipe.of({**RECIPE_DICT, "weights": {**RECIPE_DICT["weights"], "group_size": 32}})
+    found = calibrate.calibrate(path, load.tensor_index(path), load.architecture(path)["modules"], recipe, ids,
+                                log=lambda m: None)
+    assert set(found["tokens"]) == set(found["gptq"]) == set(found["input_amax"])
+    assert {f"model.layers.{i}.mlp.down_proj" for i in (0, 1)} <= set(found["tokens"])
+    assert all(int(count) == 6 * 16 for count in found["tokens"].values())  # every token, every layer, once
+
+
+def test_hooks_are_gone_after_each_layer_even_when_a_step_fails(calib_repo, monkeypatch):
+    from builder.quant import calibrate
+    from builder.quant.step import Step
+    from builder.source import load
+
+    layers = []
+
+    def observe(layer, recipe):
+        layers.append(layer)
+        layer.on_input(next(iter(layer.linears.values())), lambda module, args: None)
+        raise ValueError("broken step")
+
+    monkeypatch.setattr(calibrate, "STEPS", (*calibrate.STEPS, Step("broken", (), {"algorithm": "gptq"},
+                                                                    observe=observe)))
+    path = calib_repo.root / "weights" / "tiny-llama"
+    with pytest.raises(ValueError, match="broken step"):
+        calibrate.calibrate(path, load.tensor_index(path), load.architecture(path)["modules"], RECIPE,
+                            torch.randint(1, 255, (4, 16), generator=torch.Generator().manual_seed(0)),
+                            log=lambda m: None)
+    modules = list(layers[0].module.modules())
+    assert not layers[0].removers and not any(m._forward_pre_hooks or m._forward_hooks for m in modules)

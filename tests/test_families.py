@@ -174,14 +174,15 @@ def test_a_mixture_of_experts_counts_all_its_experts_and_shows_active_parameters
 def test_calibration_maxima_equal_a_full_model_forward_for_every_family(family_repo):
     """The oracle: the model's own forward over all calibration windows at once, experts unfused into
     per-expert Linears (itself checked against transformers' fused experts), with hooks on every
-    Linear's input and on the keys and values entering attention."""
+    Linear's input and on the keys and values entering attention: maxima bit for bit, both E[x²]
+    (imatrix_mse's FP32 sums, llama.cpp's FP64 importance) to rounding."""
     from transformers import AutoModelForCausalLM
 
-    from builder.quant import calibrate
+    from builder.quant import calibrate, layerwise
     from builder.source import load, skeleton
 
     ids = torch.randint(1, 255, (6, 24), generator=torch.Generator().manual_seed(1))
-    recipe = Recipe.of({"format": "compressed-tensors", "dtype": "bfloat16", "algorithm": "rtn", "gptq": None,
+    recipe = Recipe.of({"format": "compressed-tensors", "dtype": "bfloat16", "algorithm": "imatrix", "gptq": None,
                         "targets": ["Linear"], "ignore": [], "weights": {**ARGS, "observer": "imatrix_mse"},
                         "input_activations": {
                             **ARGS, "strategy": "tensor"}, "kv_cache_scheme": ARGS})
@@ -190,7 +191,7 @@ def test_calibration_maxima_equal_a_full_model_forward_for_every_family(family_r
         tensors, architecture = load.tensor_index(path), load.architecture(path)
         found = calibrate.calibrate(path, tensors, architecture["modules"], recipe, ids, log=lambda m: None)
         family = families.of_class(architecture["facts"]["class"])
-        name = calibrate.register(family.calibrate_with)
+        name = layerwise.register(family.calibrate_with)
         options = {"experts_implementation": "eager"} if family.moe else {}
         full = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=name,
                                                     **options).eval()
@@ -208,7 +209,7 @@ def test_calibration_maxima_equal_a_full_model_forward_for_every_family(family_r
                             down.weight.copy_(layer.mlp.experts.down_proj[index])
                         layer.mlp.experts = unfused
                 assert torch.equal(full(ids).logits, fused), kind  # the per-expert view computes the same
-        expected = {"input_amax": {}, "kv_amax": {}, "squares": {}}
+        expected = {"input_amax": {}, "kv_amax": {}, "inputs": {}}
         hooks = []
         for module_name, module in full.named_modules():
             disk = skeleton.checkpoint_name(module_name, family)
@@ -216,9 +217,9 @@ def test_calibration_maxima_equal_a_full_model_forward_for_every_family(family_r
                 hooks.append(module.register_forward_pre_hook(
                     lambda m, args, disk=disk: expected["input_amax"].__setitem__(disk, torch.maximum(
                         expected["input_amax"].get(disk, torch.zeros(1)), args[0].abs().amax().reshape(1)))))
-                hooks.append(module.register_forward_pre_hook(  # imatrix_mse's E[x²] per input column
-                    lambda m, args, disk=disk: expected["squares"].setdefault(disk, []).append(
-                        args[0].reshape(-1, args[0].shape[-1]).square())))
+                hooks.append(module.register_forward_pre_hook(  # for E[x²] per input column
+                    lambda m, args, disk=disk: expected["inputs"].setdefault(disk, []).append(
+                        args[0].reshape(-1, args[0].shape[-1]).clone())))
             if module_name.endswith("self_attn"):
                 def observe(key, value, stem=module_name):
                     for kind_, tensor in (("k_scale", key), ("v_scale", value)):
@@ -237,9 +238,11 @@ def test_calibration_maxima_equal_a_full_model_forward_for_every_family(family_r
                 assert torch.equal(found[statistic][name_], value), (kind, name_, found[statistic][name_], value)
         assert set(found["kv_amax"]) == set(expected["kv_amax"])
         assert set(found["imatrix"]) == seen
+        assert set(found["importance"]) == seen
         for name_ in seen:  # sums in another order (batches of 4 against one pass): equal to rounding
-            mean = torch.cat(expected["squares"][name_]).mean(dim=0)
-            assert torch.allclose(found["imatrix"][name_], mean, rtol=1e-5, atol=1e-7), (kind, name_)
+            mean = torch.cat(expected["inputs"][name_]).double().square().mean(dim=0)
+            for statistic in ("imatrix", "importance"):  # FP32 sums, FP64 sums
+                assert torch.allclose(found[statistic][name_].double(), mean, rtol=1e-5, atol=1e-7), (kind, name_)
 
 
 ARGS = {"num_bits": 8, "type": "float", "strategy": "tensor", "symmetric": True, "dynamic": False, "group_size": None}

@@ -1,6 +1,11 @@
-"""GPTQ rounding of one weight matrix (Frantar et al., 2022): deterministic, FP32, on the weight's device.
+"""GPTQ (Frantar et al., 2022) as two calibration steps: each targeted Linear's input second moments
+(HESSIAN: sum of x xᵀ, also read by AWQ), then each Linear rounded column by column with the error
+compensated on the columns not yet rounded (GPTQ), the layer run again on its rounded weights so the
+next layer sees quantized outputs. Deterministic, FP32, on the weight's device; results spilled to disk
+layer by layer (builder/spill.py).
 
     values, scale = gptq.quantize(weight, hessian, Recipe.of(spec["quant"]))
+    found["gptq"][module] -> (values, scale)
 """
 
 import torch
@@ -8,6 +13,7 @@ import torch
 from builder.errors import BuilderError, Problem
 from builder.quant import observe
 from builder.quant.quantize import FP8, quantize_weight, scale_format
+from builder.quant.step import Layer, Step, means, shared_sums
 from builder.release.recipe import Args, Recipe
 
 
@@ -94,3 +100,29 @@ def dequantize(values: torch.Tensor, scale: torch.Tensor, args: Args) -> torch.T
     """values * scale in FP32, scales broadcast per tensor, channel or group."""
     return values.to(torch.float32) * expand(scale.to(torch.float32).reshape(-1, 1) if scale.dim() < 2
                                              else scale.to(torch.float32), args, values.shape[1])
+
+
+def add_outer(total: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """total + xᵀ x (x: [tokens, features]), in place after the first batch."""
+    return x.T @ x if total is None else total.addmm_(x.T, x)
+
+
+def finish(layer: Layer, recipe: Recipe, seen: dict) -> dict:
+    """Round each Linear of the layer with its Hessian (and the imatrix_mse observer's E[x²] when the
+    recipe searches scales with it), leaving its rounded weights in the layer: {"gptq": {module:
+    (values, scale)}}. A Linear no token reached (an expert) has no Hessian: it is rounded to nearest."""
+    hessians = seen["hessian"]
+    importance = means(seen["mean_squares"]) if "mean_squares" in seen else {}  # E[x²], builder/quant/imatrix.py
+    results = {}
+    for name, module in layer.linears.items():
+        if name not in hessians:
+            continue
+        values, scale = quantize(module.weight.data, hessians[name][0], recipe, name, importance.get(name))
+        results[name] = (values, scale)
+        module.weight.data = dequantize(values, scale, recipe.weights)
+    return {"gptq": results}
+
+
+HESSIAN = Step("hessian", (), {}, observe=lambda layer, recipe: shared_sums(layer, add_outer))
+GPTQ = Step("gptq", ("gptq",), {"algorithm": "gptq"}, needs=("hessian",), finish=finish, rewrites=True,
+            spilled=True)

@@ -1,0 +1,159 @@
+"""Run the source model one decoder layer at a time (FP32, on the calibration device): each layer gets
+the inputs the model's own forward gives it (embedding scale, per-layer-type rotary embeddings,
+sliding-window masks), recorded once by running that forward with stand-ins for the layers; then
+each layer runs over every batch, its outputs replacing its inputs. calibrate.py walks the layers.
+
+    hidden, arguments = layerwise.first_inputs(model, config, read, ids, device)
+    layerwise.run(layer, index, hidden, arguments, replace=True)
+"""
+
+import torch
+
+from builder.quant import quantize
+from builder.source import skeleton
+
+BATCH = 4  # calibration samples per forward pass: fixed, so every reduction splits the same way
+
+
+def observed(attend):
+    """An attention function that hands key and value (post-RoPE, as they enter the KV cache) to
+    module.builder_observe first, then attends as the model's own kernel does."""
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        observe = getattr(module, "builder_observe", None)
+        if observe is not None:
+            observe(key, value)
+        return attend(module, query, key, value, attention_mask, **kwargs)
+    return attention
+
+
+def register(kind: str) -> str:
+    """Register the observing attention (and its mask function: without one transformers builds no
+    mask at all, so sliding windows would be ignored) under a name of our own; returns the name."""
+    import importlib
+
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
+
+    if kind == "eager":  # Gemma 2: sdpa would drop the attention logits' softcapping
+        attend = importlib.import_module("transformers.models.gemma2.modeling_gemma2").eager_attention_forward
+        mask = eager_mask
+    else:
+        attend = importlib.import_module("transformers.integrations.sdpa_attention").sdpa_attention_forward
+        mask = sdpa_mask
+    name = f"builder_observed_{kind}"
+    AttentionInterface.register(name, observed(attend))
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, mask)
+    return name
+
+
+class Stop(Exception):
+    """Raised by the last stand-in layer: nothing after the decoder layers is needed."""
+
+
+class StandIn(torch.nn.Module):
+    """Takes a decoder layer's place while the model's own forward runs: records what the layer is
+    called with and passes the hidden states on (masks and rotary inputs do not depend on them)."""
+
+    def __init__(self, calls: list, last: bool, layer: torch.nn.Module):
+        super().__init__()
+        self.calls, self.last = calls, last
+        self.attention_type = getattr(layer, "attention_type", None)  # some forwards pick masks by it
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.calls.append((hidden_states, args, kwargs))
+        if self.last:
+            raise Stop
+        return hidden_states
+
+
+def layer_inputs(model, ids: torch.Tensor, every_layer: bool) -> list:
+    """[(hidden states entering layer 0, args, kwargs)] per layer (or only layer 0) for a batch of
+    token ids, as the model's own forward computes them (only its embedding holds real weights)."""
+    body, calls = model.model, []
+    layers = body.layers
+    count = len(layers) if every_layer else 1
+    body.layers = torch.nn.ModuleList([StandIn(calls, i == count - 1, layer) for i, layer in enumerate(layers)])
+    try:
+        with torch.no_grad():
+            body(input_ids=ids, use_cache=False)
+    except Stop:
+        pass
+    finally:
+        body.layers = layers
+    return calls
+
+
+def prepare_model_inputs(model, config, read, rows: torch.Tensor) -> None:
+    """Give the embedding FP32 weights for the token ids calibration uses (rows, sorted; the ids are
+    passed as their index into rows) and the model-level modules their CPU buffers. Its own forward
+    then gives the very values the whole table would (Gemma 3's scale included), but holds kilobytes,
+    not the table in FP32 (0.8 GB for a 49k x 4096 vocabulary) next to the BF16 one read."""
+    embedding = model.model.embed_tokens
+    embedding.to_empty(device="cpu")
+    with torch.no_grad():
+        embedding.weight = torch.nn.Parameter(read("model.embed_tokens.weight")[rows].to(torch.float32),
+                                              requires_grad=False)
+    if hasattr(embedding, "scalar_embed_scale"):  # Gemma's √hidden: a non-persistent buffer, lost on meta
+        embedding.embed_scale = torch.tensor(embedding.scalar_embed_scale)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)  # its inv_freq buffers, on CPU
+
+
+def materialize(module: torch.nn.Module, prefix: str, family, read, device=torch.device("cpu")) -> None:
+    """Give a meta module real FP32 weights read from the checkpoint (names under prefix), one tensor
+    at a time: reading the whole layer first would hold it twice (BF16 as read, FP32 in place)."""
+    module.to_empty(device=device)
+    module.to(torch.float32)
+    with torch.no_grad():
+        for name, tensor in module.state_dict().items():
+            disk = skeleton.checkpoint_name(prefix + name, family)
+            value = read(disk)
+            quantize.require_finite(disk, value)
+            tensor.copy_(value)
+
+
+def first_inputs(model, config, read, ids: torch.Tensor, device: torch.device) -> tuple:
+    """(hidden, arguments): the hidden states entering layer 0 as a list of batches of BATCH samples
+    of ids [samples, length] (on the device when they fit, see hidden_states_device), and per batch
+    size each layer's (args, kwargs) on the device. The embedding is freed afterwards (meta)."""
+    rows, indices = torch.unique(ids, sorted=True, return_inverse=True)
+    prepare_model_inputs(model, config, read, rows)
+    storage = hidden_states_device(device, ids, config.hidden_size)
+    hidden, arguments = [], {}
+    for batch in indices.split(BATCH):
+        calls = layer_inputs(model, batch, every_layer=len(batch) not in arguments)
+        hidden.append(calls[0][0].to(storage))
+        arguments.setdefault(len(batch), [on(device, (a, k)) for _, a, k in calls])
+    model.model.embed_tokens.to_empty(device="meta")  # needed for layer 0's inputs only
+    return hidden, arguments
+
+
+def run(layer: torch.nn.Module, index: int, hidden: list, arguments: dict, replace: bool) -> None:
+    """Run decoder layer index over every batch of hidden states with the inputs the model gives it
+    (on the layer's device); with replace, each batch's outputs take its inputs' place (where it was)."""
+    device = next(layer.parameters()).device
+    with torch.no_grad():
+        for position, batch in enumerate(hidden):
+            args, kwargs = arguments[len(batch)][index]
+            result = layer(batch.to(device), *args, **kwargs)
+            if replace:
+                hidden[position] = (result[0] if isinstance(result, tuple) else result).to(batch.device)
+            del result
+
+
+def hidden_states_device(device: torch.device, ids: torch.Tensor, width: int) -> torch.device:
+    """Where the hidden states live: on the device when they take at most half its free memory."""
+    if device.type != "cuda":
+        return device
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if ids.numel() * width * 4 <= free // 2 else torch.device("cpu")
+
+
+def on(device: torch.device, value):
+    """value with every tensor in it (through tuples, lists and dicts) moved to device."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(on(device, item) for item in value)
+    if isinstance(value, dict):
+        return {key: on(device, item) for key, item in value.items()}
+    return value

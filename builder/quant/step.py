@@ -1,0 +1,129 @@
+"""What a calibration step is: a few plain functions run on each decoder layer (Step), what they see of
+the layer (Layer), and the input sums several steps keep (shared_sums). calibrate.py walks the layers.
+
+    seen = {step.name: step.observe(layer, recipe) for step in steps}   # hooks on the layer's modules
+    layer.run(replace); layer.unhook()                                    # the layer's batches run once
+    results = step.finish(layer, recipe, seen)                            # {result key: {name: value}}
+
+No session object: a step's state is what its observe returned, handed to its own finish and to those
+of the steps after it (`needs` names the steps whose state it reads), and dropped with the layer.
+"""
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from builder.source import skeleton
+
+ANY = ...  # in Step.when: the recipe field holds any value but None
+
+
+def nothing(*args) -> dict:
+    """A step's observe or finish that has nothing to do."""
+    return {}
+
+
+@dataclass(frozen=True)
+class Step:
+    """One algorithm's part in calibrating a decoder layer.
+
+    when: {recipe field (dotted): the value that turns the step on (ANY: set)}; empty: the step runs only
+    when a step that runs names it in needs. observe(layer, recipe) registers hooks (Layer.on_input,
+    on_output) and returns the state they fill; finish(layer, recipe, seen) runs after the layer's
+    batches, seen mapping each step of the pass to its state, and returns {result key: {name: value}}
+    (moved to the CPU by the walk). own_pass: it changes the layer the others observe (folds factors
+    into it), so it observes and finishes in a pass of its own, first. rewrites: its finish changes the
+    layer's outputs (rounds its weights), so the layer runs once more to hand them to the next layer.
+    spilled: its results are a layer's weights, kept in the build's Spill when given one.
+    """
+
+    name: str
+    results: tuple                 # the keys of calibrate()'s result it fills
+    when: dict
+    needs: tuple = ()
+    observe: Callable = nothing
+    finish: Callable = nothing
+    own_pass: bool = False
+    rewrites: bool = False
+    spilled: bool = False
+
+
+def runs(step: Step, recipe) -> bool:
+    """Whether the recipe's fields turn the step on (Step.when)."""
+    for path, wanted in step.when.items():
+        value = recipe
+        for part in path.split("."):
+            value = getattr(value, part, None)
+        if (value is not None) if wanted is ANY else value == wanted:
+            return True
+    return False
+
+
+@dataclass
+class Layer:
+    """One decoder layer as the steps see it: on its device, FP32 weights, its targeted Linears by
+    checkpoint name; run(replace) runs it over every calibration batch (with replace, its outputs
+    become the next layer's inputs)."""
+
+    index: int
+    prefix: str                   # "model.layers.{index}."
+    module: torch.nn.Module
+    family: object
+    linears: dict                 # checkpoint name -> targeted torch.nn.Linear
+    run: Callable
+    log: Callable
+    removers: list = field(default_factory=list)
+
+    def name(self, module: str) -> str:
+        """The checkpoint name of a module of this layer (named as in module.named_modules())."""
+        return skeleton.checkpoint_name(self.prefix + module, self.family)
+
+    def on_input(self, module: torch.nn.Module, hook) -> None:
+        """hook(module, args) before module runs, until unhook()."""
+        self.removers.append(module.register_forward_pre_hook(hook).remove)
+
+    def on_output(self, module: torch.nn.Module, hook) -> None:
+        """hook(module, args, output) after module runs, until unhook()."""
+        self.removers.append(module.register_forward_hook(hook).remove)
+
+    def unhook(self) -> None:
+        """Remove every hook and drop what the steps asked to drop (references to the last batch)."""
+        while self.removers:
+            self.removers.pop(0)()
+
+
+def rows(args: tuple) -> torch.Tensor:
+    """A Linear's input as [tokens, features], FP32."""
+    return args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
+
+
+def means(sums: dict) -> dict:
+    """{name: total / tokens (FP32)} from shared_sums' {name: [total, tokens]}, on their device."""
+    return {name: (total / count).to(torch.float32) for name, (total, count) in sums.items()}
+
+
+def shared_sums(layer: Layer, add) -> dict:
+    """Running sums over the calibration tokens of each targeted Linear's input, kept while the layer
+    runs: {name: [total, tokens]}, total = add(total or None, x [tokens, features] FP32), batches in
+    order. Linears that read the same input tensor (q/k/v, gate/up, an expert's gate/up) share one
+    entry (the same list): it is computed once."""
+    sums, last = {}, {"input": None, "owner": None}  # the input tensor seen last, and the Linear that summed it
+
+    def on_input(name):
+        def hook(module, args):
+            if args[0] is last["input"]:
+                if last["owner"] in sums:
+                    sums[name] = sums[last["owner"]]
+                return
+            last.update(input=args[0], owner=name)
+            x = rows(args)
+            entry = sums.setdefault(name, [None, 0])
+            entry[0] = add(entry[0], x)
+            entry[1] += x.shape[0]
+        return hook
+
+    for name, module in layer.linears.items():
+        layer.on_input(module, on_input(name))
+    layer.removers.append(last.clear)
+    return sums
