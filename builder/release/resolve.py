@@ -3,6 +3,7 @@
     builder resolve smollm2-135m-instruct-fp8-dynamic quant.ignore='[lm_head]' --json
 """
 
+import re
 from pathlib import Path
 
 import yaml
@@ -13,7 +14,7 @@ from builder.release import fit
 from builder.release.models import GROUPS, Spec
 from builder.release.recipe import Recipe, problems as recipe_problems
 from builder.release.schema import validator as schema  # noqa: F401 (builder/source/importer.py reads it here)
-from builder.release.validate import typed
+from builder.release.validate import schema_at, typed
 
 
 def list_releases(root: Path) -> list:
@@ -63,11 +64,26 @@ def compose(root: Path, release: str, overrides: tuple) -> dict:
         message = hydra_message(error)
         culprit = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in message or o in message]
         where = f"override {culprit[0]!r}" if culprit else f"specs/release/{release}.yaml"
-        raise BuilderError(Problem(where, "", message)) from None
+        problem = unknown_override(culprit[0], message) if culprit else None
+        raise BuilderError(problem or Problem(where, "", message)) from None
     finally:
         GlobalHydra.instance().clear()
     spec["choices"] = {key: value for key, value in choices.items() if not key.startswith("hydra")}
     return spec
+
+
+def unknown_override(override: str, message: str) -> Problem | None:
+    """Hydra's "Could not override 'a.b'. To append ... use +a.b=..." answered first with the keys the
+    spec allows there (its hint, +a.b, is right only for a key the chosen files leave out)."""
+    found = re.match(r"Could not override '([^']+)'", message)
+    if found is None:
+        return None
+    path, where = tuple(found.group(1).split(".")), f"override {override!r}"
+    for depth in range(len(path)):
+        allowed = sorted(schema_at(path[:depth], {}).get("properties", {}))
+        if allowed and path[depth] not in allowed:
+            return Problem(where, ".".join(path[:depth + 1]), f"unknown key; allowed keys: {', '.join(allowed)}")
+    return Problem(where, ".".join(path), f"allowed, but no chosen spec file sets it: add it with +{override}")
 
 
 def check_override_syntax(overrides: tuple) -> None:
