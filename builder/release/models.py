@@ -32,7 +32,7 @@ def require(model: Group, keys: tuple, why: str) -> Group:
     return model
 
 
-class Release(Group):
+class ReleaseInfo(Group):
     """The release's own name and version (specs/release/<name>.yaml)."""
 
     name: Name
@@ -244,7 +244,7 @@ class Spec(Group):
 
     model_config = {"title": "Resolved release spec"}
 
-    release: Release
+    release: ReleaseInfo
     choices: Choices
     model: Model
     quant: Quant
