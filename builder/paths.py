@@ -47,12 +47,23 @@ def inside(root: Path, relative: str, *, file: str, key: str) -> Path:
     return path
 
 
+def artifact_folder(release: str, overrides, artifact_id: str) -> str:
+    """The artifact's folder name under artifacts/: the release, plus an id prefix when overridden
+    (builder.release.release.Release.artifact_name)."""
+    suffix = f"-{artifact_id.split(':')[1][:12]}" if overrides else ""
+    return f"{release}{suffix}"
+
+
+def gguf_name(release: str) -> str:
+    """The GGUF file's name in a gguf artifact: the release's name, since the file travels alone."""
+    return f"{release}.gguf"
+
+
 def artifact_name(entry: dict) -> str:
-    """The artifact's folder name under artifacts/: the release, plus an id prefix when overridden."""
-    suffix = f"-{entry['artifact_id'].split(':')[1][:12]}" if entry["overrides"] else ""
-    return f"{entry['release']}{suffix}"
+    """artifact_folder() of a lock entry (dict callers; a Release has .artifact_name)."""
+    return artifact_folder(entry["release"], entry["overrides"], entry["artifact_id"])
 
 
 def gguf_file(spec: dict) -> str:
-    """The GGUF file's name in a gguf artifact: the release's name, since the file travels alone."""
-    return f"{spec['release']['name']}.gguf"
+    """gguf_name() of a resolved spec (dict callers; a Release has .gguf_file)."""
+    return gguf_name(spec["release"]["name"])

@@ -2,7 +2,7 @@
 
 Two things are kept: resolved specs (keyed by every file under specs/, the release and overrides,
 the builder's code and schemas, and the packages that compose and validate: Hydra, OmegaConf, PyYAML,
-jsonschema) and a source model's architecture (keyed by its config.json bytes, the builder's code and
+pydantic) and a source model's architecture (keyed by its config.json bytes, the builder's code and
 the packages that build the model: torch, transformers).
 Any change to what a computation depends on misses the cache; errors are never cached.
 BUILDER_CACHE=off disables it; it lives in $XDG_CACHE_HOME (or ~/.cache)/quant-release-builder/,
@@ -30,7 +30,7 @@ def key(root: Path, release: str, overrides: tuple) -> str:
 
 
 # Packages a cached computation depends on (besides the builder's own code).
-PACKAGES = ("hydra-core", "jsonschema", "omegaconf", "pyyaml", "torch", "transformers")
+PACKAGES = ("hydra-core", "omegaconf", "pydantic", "pydantic-core", "pyyaml", "torch", "transformers")
 
 
 def digest_of(parts: dict) -> str:

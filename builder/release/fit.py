@@ -84,7 +84,7 @@ def parallelism_problems(spec: dict, recipe: Recipe) -> list:
     if pp > arch["num_hidden_layers"]:
         found.append((("parallelism", "pipeline"), f"{pp} exceeds the model's {arch['num_hidden_layers']} "
                       f"layers; allowed: 1 to {arch['num_hidden_layers']}"))
-    found.extend(group_problems(arch, recipe, tp))
+    found.extend(shard_group_problems(arch, recipe, tp))
     count = spec["target"]["device"]["count"]
     if tp * pp > count:
         found.append((("parallelism", "tensor"), f"tensor {tp} x pipeline {pp} = {tp * pp} devices, but the "
@@ -92,27 +92,69 @@ def parallelism_problems(spec: dict, recipe: Recipe) -> list:
     return found
 
 
-def group_problems(arch: dict, recipe: Recipe, tp: int) -> list:
+def grouped_layers(arch: dict, recipe: Recipe) -> list:
+    """(layer path with * for layer and expert numbers, in_features) of every group-quantized Linear."""
+    args = recipe.weights
+    if args is None or args.strategy != "group":
+        return []
+    return sorted({(re.sub(r"\.experts\.\d+\.", ".experts.*.", re.sub(r"^model\.layers\.\d+\.", "model.layers.*.", module)),
+                    columns) for module, _, columns in memory.linear_layers(arch) if recipe.quantizes(module)})
+
+
+def group_size_problems(arch: dict, recipe: Recipe) -> list:
+    """Group sizes that do not divide a targeted layer's input features, naming the layer."""
+    size = recipe.weights.group_size if recipe.weights is not None else None
+    return [(("quant", "weights", "group_size"), f"{size} does not divide the {columns} input features of "
+             f"{name}; use a divisor of {columns}") for name, columns in grouped_layers(arch, recipe) if columns % size]
+
+
+def shard_group_problems(arch: dict, recipe: Recipe, tp: int) -> list:
     """Row-parallel layers split their input features, so each shard must hold whole weight groups.
 
     Rule: (in_features / group_size) % tensor == 0 for o_proj and down_proj (every expert's down
     projection too) when they are group-quantized. A group size that does not divide in_features at all
-    is a recipe problem, reported by the recipe checks, not here.
+    is a recipe problem (group_size_problems), not reported here.
     """
-    args = recipe.weights
-    if args is None or args.strategy != "group" or tp == 1:
-        return []
     found = []
-    for module, _, columns in memory.linear_layers(arch):
-        path = re.sub(r"^model\.layers\.\d+\.", "", re.sub(r"\.experts\.\d+\.", ".experts.*.", module))
-        if not path.endswith(families.ROW_PARALLEL) or not recipe.quantizes(module):
-            continue
-        groups, rest = divmod(columns, args.group_size)
-        if not rest and groups % tp:
+    for name, columns in grouped_layers(arch, recipe) if tp > 1 else ():
+        path = name.removeprefix("model.layers.*.")
+        groups, rest = divmod(columns, recipe.weights.group_size)
+        if path.endswith(families.ROW_PARALLEL) and not rest and groups % tp:
             found.append((("parallelism", "tensor"), f"{tp} does not divide the {groups} weight groups of "
-                          f"{path} (in_features {columns} / group_size {args.group_size}); row-parallel "
+                          f"{path} (in_features {columns} / group_size {recipe.weights.group_size}); row-parallel "
                           "layers need whole groups per shard"))
     return sorted(set(found))
+
+
+def model_problems(spec: dict) -> list:
+    """The architecture is one the builder supports, declared as its family needs it."""
+    arch = spec["model"]["architecture"]
+    family = families.of_class(arch["class"])
+    if family is None:
+        return [(("model", "architecture", "class"), f"{arch['class']} is not a supported architecture; "
+                 f"supported: {families.supported()} (docs/architecture.md says how to add a family)")]
+    found = []
+    if (family.moe is None) != (arch.get("moe") is None):
+        found.append((("model", "architecture", "moe"), f"{arch['class']} is "
+                      f"{'a mixture of experts: declare moe' if family.moe else 'dense: moe is not allowed'} "
+                      "(builder model add writes it from config.json)"))
+    if family.tied_only and not arch["tie_word_embeddings"] and spec["target"]["runtime"] == "vllm":
+        found.append((("model", "architecture", "tie_word_embeddings"), f"false: vLLM loads {arch['class']} "
+                      "only with a tied lm_head"))
+    return found + families.layout_problems(arch, family, spec["quant"]["format"])
+
+
+def scaling_family_problems(arch: dict, recipe: Recipe) -> list:
+    """SmoothQuant or AWQ-style scaling asked of a family they cannot fold into (families.smoothable)."""
+    family = families.of_class(arch["class"])
+    asked = [(key, name) for key, name, value in (("smoothing", "SmoothQuant", recipe.smoothing),
+                                                 ("awq", "AWQ-style scaling", recipe.awq)) if value is not None]
+    if not asked or families.smoothable(family):
+        return []
+    supported = ", ".join(f.model_type for f in families.FAMILIES.values() if families.smoothable(f))
+    return [(("quant", key), f"{name} folds into two norms per layer that scale by their weight; "
+             f"{arch['class']} has {'experts' if family.moe else 'other norms'}: supported for {supported}")
+            for key, name in asked]
 
 
 def target_problems(spec: dict, recipe: Recipe, recipes: dict | None = None) -> list:

@@ -15,9 +15,9 @@ from builder.canonical import pretty_json
 from builder.errors import BuilderError, CheckFailed, Problem
 from builder.paths import inside
 from builder.release import cache, identity
+from builder.release.models import Spec
+from builder.release.release import LOCK_SCHEMA, Release
 from builder.release.resolve import list_releases, resolve
-
-LOCK_SCHEMA = "builder.lock/v2"
 PARAMS_HEADER = """\
 # Written by `builder lock` from specs/; do not edit. dvc.yaml runs one import stage per model below
 # and one build stage per release. A release's calibration/eval slot names its data file, or its own
@@ -28,14 +28,19 @@ DATA_GROUPS = ("calibration", "eval")
 COMPARED = ("spec", "overrides", *(f"inputs.{key}" for key in identity.INPUT_KEYS))
 
 
-def lock_entry(root: Path, release: str, overrides: tuple = ()) -> dict:
-    """The lock of one release: resolved spec, inputs with digests, artifact_id."""
+def locked(root: Path, release: str, overrides: tuple = ()) -> Release:
+    """One release resolved and locked: typed spec, inputs with digests, artifact_id. BuilderError
+    lists every problem of the spec (file, key, what is allowed)."""
     spec = cache.resolved(root, release, tuple(overrides), lambda: resolve(root, release, tuple(overrides)))
     check_weights_digest(root, spec)
     build_inputs = identity.inputs(root, spec)
-    return {"schema": LOCK_SCHEMA, "release": release, "overrides": list(overrides),
-            "artifact_id": identity.artifact_id(spec, build_inputs),
-            "spec": spec, "inputs": build_inputs}
+    return Release(name=release, overrides=tuple(overrides), spec=Spec.of(spec), inputs=build_inputs,
+                   artifact_id=identity.artifact_id(spec, build_inputs))
+
+
+def lock_entry(root: Path, release: str, overrides: tuple = ()) -> dict:
+    """locked(...).to_entry(): the lock of one release as plain data (what locks/<release>.json holds)."""
+    return locked(root, release, tuple(overrides)).to_entry()
 
 
 def check_weights_digest(root: Path, spec: dict) -> None:
@@ -84,40 +89,45 @@ def describe(found: list) -> str:
     return ", ".join(words)
 
 
-def all_entries(root: Path) -> dict:
-    """release -> lock entry for every release in specs/. Raises with all releases' problems."""
-    entries, problems = {}, []
-    for release in list_releases(root):
+def all_releases(root: Path) -> dict:
+    """name -> Release for every release in specs/. Raises with all releases' problems."""
+    releases, problems = {}, []
+    for name in list_releases(root):
         try:
-            entries[release] = lock_entry(root, release)
+            releases[name] = locked(root, name)
         except BuilderError as error:
             problems.extend(error.problems)
     if problems:
         raise BuilderError(problems)
-    return entries
+    return releases
+
+
+def all_entries(root: Path) -> dict:
+    """release -> lock entry (plain data) for every release in specs/."""
+    return {name: release.to_entry() for name, release in all_releases(root).items()}
 
 
 def expected_files(root: Path) -> dict:
     """Every file `builder lock` owns, relative path -> text."""
-    entries = all_entries(root)
-    files = {f"locks/{name}.json": pretty_json(entry) for name, entry in entries.items()}
-    files["params.yaml"] = PARAMS_HEADER + yaml.safe_dump(params(entries), sort_keys=True)
+    releases = all_releases(root)
+    files = {release.lock_file: pretty_json(release.to_entry()) for release in releases.values()}
+    files["params.yaml"] = PARAMS_HEADER + yaml.safe_dump(params(releases), sort_keys=True)
     return files
 
 
-def params(entries: dict) -> dict:
+def params(releases: dict) -> dict:
     """What dvc.yaml's foreach loops need: models to import (with what their import depends on),
-    and per release its dependency paths."""
-    releases, models = {}, {}
-    for name, entry in entries.items():
-        spec, own_lock = entry["spec"], f"locks/{name}.json"
-        releases[name] = {"lock": own_lock, "weights": spec["model"]["path"],
-                          **{group: spec[group]["dataset"] or own_lock for group in DATA_GROUPS}}
-        kind = spec["model"]["source"]["kind"]
-        if kind != "local":  # local checkpoints are `dvc add`-ed by hand
-            models[spec["choices"]["model"]] = {**{key: spec["model"][key] for key in ("path", "digest", "source")},
-                                                **identity.import_inputs(kind)}
-    return {"models": models, "releases": releases}
+    and per release its dependency paths. releases: name -> Release."""
+    found, models = {}, {}
+    for name, release in releases.items():
+        model, own_lock = release.spec.model, release.lock_file
+        found[name] = {"lock": own_lock, "weights": model.path,
+                       **{group: release.data_files.get(group, own_lock) for group in DATA_GROUPS}}
+        if model.source.kind != "local":  # local checkpoints are `dvc add`-ed by hand
+            models[release.spec.choices.model] = {"path": model.path, "digest": model.digest,
+                                                  "source": model.source.data(),
+                                                  **identity.import_inputs(model.source.kind)}
+    return {"models": models, "releases": found}
 
 
 def write(root: Path) -> list:
@@ -175,3 +185,9 @@ def read(root: Path, release: str) -> dict | None:
     """The committed lock of a release, or None when there is none."""
     path = root / "locks" / f"{release}.json"
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def committed(root: Path, release: str) -> Release | None:
+    """read(), typed."""
+    entry = read(root, release)
+    return None if entry is None else Release.from_entry(entry)

@@ -5,18 +5,10 @@
 """
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from builder import formats
-
-FP8_MAX = 448.0  # largest finite float8_e4m3fn value
-# Weight scale search (builder/quant/observe.py), compressed-tensors' `observer` names, with the
-# observer_kwargs each takes and their defaults. minmax is the plain max |w| (no search).
-OBSERVERS = {
-    "minmax": {},
-    "mse": {"grid": 100, "maxshrink": 0.2, "patience": 5, "norm": 2.4},
-    "imatrix_mse": {"grid": 20, "maxshrink": 0.95, "patience": 5, "norm": 3.0},
-}
+from builder.release.quantization import FP8_MAX, GPTQ, OBSERVERS, Args, Quant  # noqa: F401 (stages import them here)
 
 
 def matches(module: str, cls: str, patterns) -> bool:
@@ -31,68 +23,9 @@ def matches(module: str, cls: str, patterns) -> bool:
 
 
 @dataclass(frozen=True)
-class Args:
-    """compressed-tensors' QuantizationArgs, the fields the schema allows, with its names."""
-
-    num_bits: int
-    type: str              # "int" or "float"
-    strategy: str          # tensor, channel, group, token
-    symmetric: bool
-    dynamic: bool
-    group_size: int | None
-    observer: str = "minmax"      # how weight scales are chosen; optional in specs (absent: minmax)
-    observer_kwargs: tuple = ()   # (key, value) pairs as the spec gives them (a tuple: Args is frozen)
-
-    @classmethod
-    def of(cls, data: dict | None) -> "Args | None":
-        if data is None:
-            return None
-        return cls(**{**data, "observer_kwargs": tuple(sorted((data.get("observer_kwargs") or {}).items()))})
-
-    def as_dict(self) -> dict:
-        """The fields compressed-tensors and the spec share, without the observer (see `search`)."""
-        return {key: value for key, value in asdict(self).items() if key not in ("observer", "observer_kwargs")}
-
-    @property
-    def search(self) -> dict:
-        """The observer's settings: its defaults (OBSERVERS) updated with the spec's observer_kwargs."""
-        return {**OBSERVERS[self.observer], **dict(self.observer_kwargs)}
-
-    @property
-    def value_range(self) -> tuple:
-        """(q_min, q_max) of the quantized type."""
-        if self.type == "float":
-            return -FP8_MAX, FP8_MAX
-        return -(2 ** (self.num_bits - 1)), 2 ** (self.num_bits - 1) - 1
-
-    def scale_count(self, rows: int, columns: int) -> int:
-        """Number of scales a [rows, columns] weight carries under this strategy."""
-        if self.strategy == "tensor":
-            return 1
-        if self.strategy == "group":
-            return rows * -(-columns // self.group_size)
-        return rows  # channel (token is refused for weights)
-
-    def words(self) -> str:
-        """In a few words, for people: fp8, channel, symmetric, dynamic scales."""
-        strategy = f"group {self.group_size}" if self.strategy == "group" else self.strategy
-        kind = "fp" if self.type == "float" else "int"
-        return (f"{kind}{self.num_bits}, {strategy}, {'symmetric' if self.symmetric else 'asymmetric'}, "
-                f"{'dynamic' if self.dynamic else 'static'} scales")
-
-
-@dataclass(frozen=True)
-class GPTQ:
-    """llm-compressor's GPTQModifier settings the recipe fixes."""
-
-    block_size: int
-    dampening_frac: float
-    actorder: str | None
-
-
-@dataclass(frozen=True)
 class Recipe:
-    """spec["quant"], typed. Build it once per resolved spec; every stage asks it, not the dict."""
+    """What spec["quant"] (the Quant model, validated) means to the stages. Build it once per resolved spec;
+    every stage asks it, not the dict."""
 
     format: str            # dense, compressed-tensors, fp8 (the AutoFP8 / vLLM legacy layout), gguf, mlx
     dtype: str             # dtype of unquantized tensors and of scales (GGUF block scales are always F16)
@@ -107,15 +40,14 @@ class Recipe:
     awq: int | None = None          # AWQ-style activation-aware scaling: its grid of alphas; optional (absent: none)
 
     @classmethod
-    def of(cls, quant: dict) -> "Recipe":
-        smoothing, awq = quant.get("smoothing"), quant.get("awq")
-        return cls(format=quant["format"], dtype=quant["dtype"], algorithm=quant["algorithm"],
-                   gptq=None if quant["gptq"] is None else GPTQ(**quant["gptq"]),
-                   targets=tuple(quant["targets"]), ignore=tuple(quant["ignore"]),
-                   weights=Args.of(quant["weights"]), input_activations=Args.of(quant["input_activations"]),
-                   kv_cache_scheme=Args.of(quant["kv_cache_scheme"]),
-                   smoothing=None if smoothing is None else float(smoothing["alpha"]),
-                   awq=None if awq is None else int(awq["grid"]))
+    def of(cls, quant: "dict | Quant") -> "Recipe":
+        """From spec["quant"] (validated here: pydantic.ValidationError when it is not a Quant) or a Quant."""
+        quant = quant if isinstance(quant, Quant) else Quant.of(quant)
+        return cls(format=quant.format, dtype=quant.dtype, algorithm=quant.algorithm, gptq=quant.gptq,
+                   targets=tuple(quant.targets), ignore=tuple(quant.ignore), weights=quant.weights,
+                   input_activations=quant.input_activations, kv_cache_scheme=quant.kv_cache_scheme,
+                   smoothing=None if quant.smoothing is None else float(quant.smoothing.alpha),
+                   awq=None if quant.awq is None else quant.awq.grid)
 
     @property
     def dense(self) -> bool:
@@ -240,6 +172,9 @@ def arithmetic_problems(recipe: Recipe) -> list:
             found.append((("quant", key, "symmetric"), "false: only symmetric quantization is supported (format mlx writes affine groups)"))
         if args.type == "float" and args.num_bits != 8:
             found.append((("quant", key, "num_bits"), f"{args.num_bits}: float quantization is FP8 E4M3 (8)"))
+        if args.strategy == "block":
+            found.append((("quant", key, "strategy"), "block: compressed-tensors' 2-D weight blocks are not "
+                          "written by this builder; use tensor, channel, group or (activations) token"))
         if (args.strategy == "group") != (args.group_size is not None):
             found.append((("quant", key, "group_size"), f"{args.group_size}: group_size is "
                           "required with strategy group and not allowed otherwise"))
@@ -266,10 +201,10 @@ def arithmetic_problems(recipe: Recipe) -> list:
     if (recipe.algorithm == "gptq") != (recipe.gptq is not None):
         found.append((("quant", "gptq"), "GPTQ settings are required with algorithm gptq and not allowed otherwise"))
     for key, args in (("input_activations", acts), ("kv_cache_scheme", kv)):
-        if args is not None and (args.observer != "minmax" or args.observer_kwargs):
+        if args is not None and (args.observer != "minmax" or args.settings):
             found.append((("quant", key, "observer"), f"{args.observer}: scale search is for weights; "
                           "activation and KV-cache scales are max |x| (minmax, no observer_kwargs)"))
-    unknown = sorted(set(dict(weights.observer_kwargs)) - set(OBSERVERS[weights.observer]))
+    unknown = sorted(set(weights.settings) - set(OBSERVERS[weights.observer]))
     if unknown:
         allowed = ", ".join(sorted(OBSERVERS[weights.observer])) or "none"
         found.append((("quant", "weights", "observer_kwargs"), f"{', '.join(unknown)}: not a setting of "

@@ -3,20 +3,18 @@
     builder resolve smollm2-135m-instruct-fp8-dynamic quant.ignore='[lm_head]' --json
 """
 
-import json
 import re
-from functools import cache
 from pathlib import Path
 
 import yaml
-from jsonschema import Draft202012Validator
+from pydantic import ValidationError
 
-from builder.release import families, fit, memory
-from builder.release.recipe import Recipe, problems as recipe_problems
 from builder.errors import BuilderError, Problem
-from builder.paths import SCHEMAS_DIR
-
-GROUPS = ("model", "quant", "target", "parallelism", "context", "calibration", "eval")
+from builder.release import fit
+from builder.release.models import GROUPS, Spec
+from builder.release.recipe import Recipe, problems as recipe_problems
+from builder.release.schema import validator as schema  # noqa: F401 (builder/source/importer.py reads it here)
+from builder.release.validate import schema_at, typed
 
 
 def list_releases(root: Path) -> list:
@@ -30,14 +28,17 @@ def resolve(root: Path, release: str, overrides: tuple = ()) -> dict:
     Raises BuilderError listing every problem, each naming its file and key.
     """
     spec = compose(root, release, tuple(overrides))
-    problems = [locate(root, spec["choices"], overrides, path, message)
-                for path, message in schema_problems(spec)]
-    if not problems:
-        problems = [locate(root, spec["choices"], overrides, path, message)
-                    for path, message in semantic_problems(spec, quant_options(root))]
-    if problems:
-        raise BuilderError(problems)
+    _, found = typed(spec)
+    if not found:
+        found = semantic_problems(spec, quant_options(root))
+    if found:
+        raise BuilderError([locate(root, spec["choices"], overrides, path, message) for path, message in found])
     return spec
+
+
+def resolve_spec(root: Path, release: str, overrides: tuple = ()) -> Spec:
+    """resolve(), typed: spec.quant.weights.num_bits, spec.target.device.kind, ... (spec.data(): the dict)."""
+    return Spec.of(resolve(root, release, overrides))
 
 
 def compose(root: Path, release: str, overrides: tuple) -> dict:
@@ -63,11 +64,26 @@ def compose(root: Path, release: str, overrides: tuple) -> dict:
         message = hydra_message(error)
         culprit = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in message or o in message]
         where = f"override {culprit[0]!r}" if culprit else f"specs/release/{release}.yaml"
-        raise BuilderError(Problem(where, "", message)) from None
+        problem = unknown_override(culprit[0], message) if culprit else None
+        raise BuilderError(problem or Problem(where, "", message)) from None
     finally:
         GlobalHydra.instance().clear()
     spec["choices"] = {key: value for key, value in choices.items() if not key.startswith("hydra")}
     return spec
+
+
+def unknown_override(override: str, message: str) -> Problem | None:
+    """Hydra's "Could not override 'a.b'. To append ... use +a.b=..." answered first with the keys the
+    spec allows there (its hint, +a.b, is right only for a key the chosen files leave out)."""
+    found = re.match(r"Could not override '([^']+)'", message)
+    if found is None:
+        return None
+    path, where = tuple(found.group(1).split(".")), f"override {override!r}"
+    for depth in range(len(path)):
+        allowed = sorted(schema_at(path[:depth], {}).get("properties", {}))
+        if allowed and path[depth] not in allowed:
+            return Problem(where, ".".join(path[:depth + 1]), f"unknown key; allowed keys: {', '.join(allowed)}")
+    return Problem(where, ".".join(path), f"allowed, but no chosen spec file sets it: add it with +{override}")
 
 
 def check_override_syntax(overrides: tuple) -> None:
@@ -91,58 +107,13 @@ def hydra_message(error: Exception) -> str:
     return " ".join(line.strip() for line in text.strip().splitlines() if line.strip()) or type(error).__name__
 
 
-@cache
-def schema(name: str) -> Draft202012Validator:
-    document = json.loads((SCHEMAS_DIR / name).read_text())
-    Draft202012Validator.check_schema(document)
-    return Draft202012Validator(document)
-
-
-def schema_problems(document: dict, name: str = "release.schema.json") -> list:
-    """(key path, message) for every schema violation, in key order."""
-    found = []
-    for error in schema(name).iter_errors(document):
-        found.extend(explain(error))
-    return sorted(set(found))
-
-
-def explain(error) -> list:
-    """One readable (path, message) per leaf jsonschema error."""
-    path = tuple(str(p) for p in error.absolute_path)
-    if error.validator == "additionalProperties":
-        allowed = sorted(error.schema.get("properties", {}))
-        extra = sorted(set(error.instance) - set(allowed))
-        return [((*path, key), f"unknown key; allowed keys: {', '.join(allowed)}") for key in extra]
-    if error.validator in ("oneOf", "anyOf") and error.context:
-        # the branch that matched best says what is wrong; nulls are always allowed alternatives
-        branches = [e for e in error.context if e.validator != "type" or e.validator_value != "null"]
-        deepest = max(branches or error.context, key=lambda e: len(e.absolute_path))
-        return explain(deepest)
-    if error.validator == "enum":
-        allowed = ", ".join(json.dumps(v) for v in error.validator_value)
-        return [(path, f"{json.dumps(error.instance)} is not allowed; allowed: {allowed}")]
-    if error.validator == "required":
-        missing = re.findall(r"'([^']+)' is a required property", error.message)
-        return [((*path, key), "missing required key") for key in missing] or [(path, error.message)]
-    shown = json.dumps(error.instance) if is_scalar(error.instance) else "value"
-    if error.validator == "type":
-        return [(path, f"{shown}: expected {error.validator_value}")]
-    if error.validator == "pattern":
-        return [(path, f"{shown}: {error.schema.get('description') or 'must match ' + error.validator_value}")]
-    return [(path, f"{shown}: {error.message}")]
-
-
-def is_scalar(value) -> bool:
-    return value is None or isinstance(value, (str, int, float, bool))
-
-
 def quant_options(root: Path) -> dict:
     """name -> Recipe of every complete option in specs/quant/ (for naming what a target takes)."""
     found = {}
     for path in sorted((root / "specs" / "quant").glob("*.yaml")):
         try:
             found[path.stem] = Recipe.of(yaml.safe_load(path.read_text(encoding="utf-8")))
-        except (OSError, yaml.YAMLError, KeyError, TypeError):
+        except (OSError, yaml.YAMLError, ValidationError):
             continue  # a broken option is reported when a release chooses it
     return found
 
@@ -156,12 +127,12 @@ def semantic_problems(spec: dict, recipes: dict | None = None) -> list:
     if spec["release"]["name"] != spec["choices"]["release"]:
         found.append((("release", "name"), f"{spec['release']['name']!r} must equal the file name "
                       f"{spec['choices']['release']!r}"))
-    family_problems = model_problems(spec)
+    family_problems = fit.model_problems(spec)
     if family_problems:  # without a known family nothing can be planned for the model
         return found + family_problems
-    recipe = Recipe.of(spec["quant"])
-    inconsistent = recipe_problems(recipe) + group_problems(spec["model"]["architecture"], recipe)
-    inconsistent += smoothing_problems(spec["model"]["architecture"], recipe)
+    recipe, arch = Recipe.of(spec["quant"]), spec["model"]["architecture"]
+    inconsistent = recipe_problems(recipe) + fit.group_size_problems(arch, recipe)
+    inconsistent += fit.scaling_family_problems(arch, recipe)
     found.extend(inconsistent)
     if recipe.needs_calibration and spec["calibration"]["dataset"] is None:
         why = "imatrix's input importance" if recipe.algorithm == "imatrix" else \
@@ -174,51 +145,6 @@ def semantic_problems(spec: dict, recipes: dict | None = None) -> list:
         found.extend(fit.target_problems(spec, recipe, recipes))
         found.extend(fit.memory_problems(spec, recipe))
     return found
-
-
-def model_problems(spec: dict) -> list:
-    """The architecture is one the builder supports, declared as its family needs it."""
-    arch = spec["model"]["architecture"]
-    family = families.of_class(arch["class"])
-    if family is None:
-        return [(("model", "architecture", "class"), f"{arch['class']} is not a supported architecture; "
-                 f"supported: {families.supported()} (docs/architecture.md says how to add a family)")]
-    found = []
-    if (family.moe is None) != (arch.get("moe") is None):
-        found.append((("model", "architecture", "moe"), f"{arch['class']} is "
-                      f"{'a mixture of experts: declare moe' if family.moe else 'dense: moe is not allowed'} "
-                      "(builder model add writes it from config.json)"))
-    if family.tied_only and not arch["tie_word_embeddings"] and spec["target"]["runtime"] == "vllm":
-        found.append((("model", "architecture", "tie_word_embeddings"), f"false: vLLM loads {arch['class']} "
-                      "only with a tied lm_head"))
-    return found + families.layout_problems(arch, family, spec["quant"]["format"])
-
-
-def smoothing_problems(arch: dict, recipe: Recipe) -> list:
-    """SmoothQuant or AWQ-style scaling asked of a family they cannot fold into (families.smoothable)."""
-    family = families.of_class(arch["class"])
-    asked = [(key, name) for key, name, value in (("smoothing", "SmoothQuant", recipe.smoothing),
-                                                 ("awq", "AWQ-style scaling", recipe.awq)) if value is not None]
-    if not asked or families.smoothable(family):
-        return []
-    supported = ", ".join(f.model_type for f in families.FAMILIES.values() if families.smoothable(f))
-    return [(("quant", key), f"{name} folds into two norms per layer that scale by their weight; "
-             f"{arch['class']} has {'experts' if family.moe else 'other norms'}: supported for {supported}")
-            for key, name in asked]
-
-
-def group_problems(arch: dict, recipe: Recipe) -> list:
-    """Group sizes that do not divide a targeted layer's input features, naming the layer."""
-    args = recipe.weights
-    if args is None or args.strategy != "group":
-        return []
-    found = {}
-    for module, _, columns in memory.linear_layers(arch):
-        if recipe.quantizes(module) and columns % args.group_size:
-            name = re.sub(r"\.experts\.\d+\.", ".experts.*.", re.sub(r"^model\.layers\.\d+\.", "model.layers.*.", module))
-            found[name] = ((("quant", "weights", "group_size"), f"{args.group_size} does not divide the "
-                            f"{columns} input features of {name}; use a divisor of {columns}"))
-    return list(found.values())
 
 
 def locate(root: Path, choices: dict, overrides, path: tuple, message: str) -> Problem:
