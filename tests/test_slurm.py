@@ -122,6 +122,19 @@ def test_a_request_no_node_can_hold_is_refused_with_exit_2_before_submitting(rep
     assert not (repo.root / ".fanout").exists()  # submitit makes its folder when it submits
 
 
+def test_a_cluster_whose_accounting_does_not_answer_is_refused_before_submitting(repo, cluster, tmp_path):
+    # the same cluster, its accounting daemon looked for on a port where none listens
+    config = re.search(r"^SLURM_CONF\s*=\s*(\S+)", subprocess.run(["scontrol", "show", "config"], capture_output=True,
+                                                                  text=True).stdout, re.MULTILINE).group(1)
+    text = re.sub(r"^AccountingStoragePort=.*\n", "", open(config).read(), flags=re.MULTILINE)
+    (tmp_path / "slurm.conf").write_text(text + "AccountingStoragePort=9\n")
+    repo.add_model("tiny-llama")
+    refused = repo.run("build-many", "tiny-llama-bf16", "--launcher", "slurm",
+                       env={"SLURM_CONF": str(tmp_path / "slurm.conf")}, check=2)
+    assert "slurm: accounting does not answer" in refused.stderr and "waited for forever" in refused.stderr
+    assert not (repo.root / ".fanout").exists()
+
+
 def test_stale_releases_built_on_the_cluster_are_recorded_in_dvc_lock_as_dvc_repro_does(pipeline, cluster):
     repro_lock = (pipeline.root / "dvc.lock").read_text()  # what `dvc repro` wrote
     entries = yaml.safe_load(repro_lock)

@@ -79,15 +79,18 @@ def job_request(spec: dict, slurm: dict, node_cpus: int | None = None) -> dict:
     if "mem" in slurm:
         mem_bytes = slurm_mem_bytes(slurm["mem"])
     elif "mem_gb" in slurm:
-        mem_bytes = int(float(slurm["mem_gb"]) * (1 << 30))
-    return {"cpus_per_task": int(slurm.get("cpus_per_task", cpus)), "mem_gb": mem_bytes / (1 << 30)}
+        mem_bytes = slurm_mem_bytes(f"{slurm['mem_gb']}G", "mem_gb")
+    cpus = slurm.get("cpus_per_task", cpus)
+    if not isinstance(cpus, int) or isinstance(cpus, bool) or cpus < 1:
+        raise BuilderError(Problem("--slurm", "cpus_per_task", f"{cpus!r}: expected a whole number of CPUs, 1 or more"))
+    return {"cpus_per_task": cpus, "mem_gb": mem_bytes / (1 << 30)}
 
 
-def slurm_mem_bytes(value) -> int:
+def slurm_mem_bytes(value, key: str = "mem") -> int:
     """Bytes of an sbatch --mem value: a number with an optional K, M, G or T suffix (default M)."""
     found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT])?B?\s*", str(value), re.IGNORECASE)
     if not found:
-        raise BuilderError(Problem("--slurm", "mem", f"{value!r}: expected a size such as 16G or 4096M"))
+        raise BuilderError(Problem("--slurm", key, f"{value!r}: expected a size such as 16G or 4096M"))
     return int(float(found.group(1)) * MEM_UNITS[(found.group(2) or "M").upper()])
 
 
@@ -106,7 +109,7 @@ def slurm_nodes(partition: str | None = None) -> list:
 
 
 def run(command: list, key: str, failure: str, cwd: Path | None = None) -> str:
-    """stdout of a command that must answer within COMMAND_SECONDS; BuilderError with its first
+    """stdout of a command that must answer within COMMAND_SECONDS; BuilderError with its last
     error line otherwise."""
     try:
         done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=COMMAND_SECONDS)
@@ -114,7 +117,7 @@ def run(command: list, key: str, failure: str, cwd: Path | None = None) -> str:
         raise BuilderError(Problem(key, "", f"{failure} ({error})")) from None
     if done.returncode != 0:
         lines = (done.stderr or done.stdout).strip().splitlines() or [f"exit code {done.returncode}"]
-        raise BuilderError(Problem(key, "", f"{failure} ({lines[0]})"))
+        raise BuilderError(Problem(key, "", f"{failure} ({lines[-1]})"))  # the last line sums it up
     return done.stdout
 
 
