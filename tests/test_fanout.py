@@ -121,3 +121,23 @@ def test_build_many_takes_releases_or_stale_not_both_nor_neither(repo):
     for args in ((), ("tiny-llama-bf16", "--stale")):
         refused = repo.run("build-many", *args, check=2)
         assert "name the releases to build, or pass --stale" in refused.stderr
+
+
+def test_stale_releases_are_the_build_stages_dvc_would_run_once_imports_are_done(tmp_path):
+    from conftest import Pipeline
+
+    pipeline = Pipeline(tmp_path)
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n"
+        "  import:\n    foreach: [m]\n    do:\n      cmd: mkdir -p weights/${item} && echo w > weights/${item}/w\n"
+        "      outs:\n        - weights/${item}\n"
+        "  build:\n    foreach: [b, a]\n    do:\n      cmd: mkdir -p artifacts/${item} && cp weights/m/w artifacts/${item}/\n"
+        "      deps:\n        - weights/m\n      outs:\n        - artifacts/${item}\n")
+    pipeline.git("init", "-q")
+    pipeline.dvc("init", "-q")
+    with pytest.raises(BuilderError, match=r"dvc.yaml: import@m: stale; import first \(`dvc repro import@m`\)"):
+        fanout.stale_releases(tmp_path)
+    pipeline.dvc("repro", "import@m")
+    assert fanout.stale_releases(tmp_path) == ["a", "b"]
+    pipeline.dvc("repro", "build@a")
+    assert fanout.stale_releases(tmp_path) == ["b"]

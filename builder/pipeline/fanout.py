@@ -33,7 +33,7 @@ BASE_BYTES = 768 << 20
 MARGIN = 1.5
 MEM_STEP = 256 << 20  # requests are rounded up to a quarter GiB, so submitit writes whole MB
 MEM_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}  # sbatch --mem suffixes (default M)
-COMMAND_SECONDS = 60  # sinfo, sacct and dvc answer in seconds; more means a cluster or repository that hangs
+COMMAND_SECONDS = 60  # sinfo and sacct answer in seconds; more means a cluster that hangs
 
 
 def build_memory(spec: dict) -> dict:
@@ -108,16 +108,17 @@ def slurm_nodes(partition: str | None = None) -> list:
     return sorted(nodes.values(), key=lambda node: node["name"])
 
 
-def run(command: list, key: str, failure: str, cwd: Path | None = None) -> str:
-    """stdout of a command that must answer within COMMAND_SECONDS; BuilderError with its last
-    error line otherwise."""
+def run(command: list, key: str, failure: str, cwd: Path | None = None, timeout: float | None = COMMAND_SECONDS) -> str:
+    """stdout of a command that must succeed (within timeout seconds); BuilderError with its first
+    error line (else its last line) otherwise."""
     try:
-        done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=COMMAND_SECONDS)
+        done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as error:
         raise BuilderError(Problem(key, "", f"{failure} ({error})")) from None
     if done.returncode != 0:
         lines = (done.stderr or done.stdout).strip().splitlines() or [f"exit code {done.returncode}"]
-        raise BuilderError(Problem(key, "", f"{failure} ({lines[-1]})"))  # the last line sums it up
+        said = next((line for line in lines if "error" in line.lower()), lines[-1])
+        raise BuilderError(Problem(key, "", f"{failure} ({said.strip()})"))
     return done.stdout
 
 
@@ -256,8 +257,10 @@ def raise_failed(failed: list) -> None:
 
 
 def dvc(root: Path, *args: str) -> str:
-    """stdout of `python -m dvc ARGS` in the repository (this interpreter's DVC)."""
-    return run([sys.executable, "-m", "dvc", *args], "dvc.yaml", f"`dvc {' '.join(args)}` failed", cwd=root)
+    """stdout of `python -m dvc ARGS` in the repository (this interpreter's DVC); no time limit:
+    hashing and caching large artifacts takes as long as it takes."""
+    return run([sys.executable, "-m", "dvc", *args], "dvc.yaml", f"`dvc {' '.join(args)}` failed", cwd=root,
+               timeout=None)
 
 
 def stale_releases(root: Path) -> list:
