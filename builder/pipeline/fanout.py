@@ -27,9 +27,11 @@ LAUNCHERS = ("local", "slurm")  # submitit executor names
 JOB = {"timeout_min": 240}  # per release; CPUs and memory come from job_request
 JOBS_DIR = ".fanout"  # submitit's pickles and logs, one folder per job (on a shared disk for SLURM)
 FP32 = 4  # bytes: calibration, GPTQ and evaluation compute in FP32
+SOURCE_BYTES = 2  # bytes per source parameter: checkpoints are BF16 or F16 (an F32 one streams in half as many)
 # RSS of a build process before any tensor: interpreter, torch, transformers, tokenizers (~0.5 GB measured).
 BASE_BYTES = 768 << 20
-# Headroom over the estimate: measured peaks (docs/scale.json) were 0.5-0.9x of it before the margin.
+# Headroom over the estimate: measured peaks (docs/scale.json, 2 and 8 GB models) were 0.37-1.12x the
+# estimate (GPTQ the highest), 0.25-0.68x the request with this margin.
 MARGIN = 1.5
 MEM_STEP = 256 << 20  # requests are rounded up to a quarter GiB, so submitit writes whole MB
 MEM_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}  # sbatch --mem suffixes (default M)
@@ -40,7 +42,7 @@ def build_memory(spec: dict) -> dict:
     """Peak bytes one build of the release needs, by phase, from its architecture alone (pure).
 
     Phases run one after the other, so the peak is the base plus the largest: streaming the weights
-    (bytes in flight, plus the largest tensor in FP32 going through alone), calibrating (one decoder
+    (bytes in flight, or the largest tensor's source and output going through alone), calibrating (one decoder
     layer in FP32 twice, every window's hidden states in and out, and for GPTQ/imatrix the layer's
     Hessians plus a factorisation of the widest), evaluating (source and artifact whole in FP32, and
     one window's logits with their log-softmax for each).
@@ -49,7 +51,10 @@ def build_memory(spec: dict) -> dict:
     tensors = memory.checkpoint(arch)
     sizes = {t.name: math.prod(t.shape) for t in tensors}
     parameters = sum(sizes.values())
-    phases = {"stream": min(IN_FLIGHT_BYTES + SPARE_BYTES, parameters * FP32) + 2 * FP32 * max(sizes.values())}
+    # source and output bytes in flight (a larger tensor goes alone: its BF16 source and an output of at
+    # most as many bytes), plus spare buffers; never more than the whole model read and written at once
+    streamed = max(IN_FLIGHT_BYTES, 2 * SOURCE_BYTES * max(sizes.values())) + SPARE_BYTES
+    phases = {"stream": min(streamed, 2 * SOURCE_BYTES * parameters)}
     if recipe.needs_calibration:
         layers = {}
         for name, count in sizes.items():
