@@ -44,15 +44,16 @@ def cluster_problem() -> str:
 
 @pytest.fixture(scope="module")
 def cluster():
-    """The local cluster; a skip with the reason when there is none, a failure in CI."""
+    """The local cluster, as {"cpus": the largest node's CPUs}; a skip with the reason when there is
+    none, a failure in CI."""
     problem = cluster_problem()
     if problem:
         message = f"no SLURM cluster here: {problem}; start one with `bash .ci/slurm.sh start`"
         if os.environ.get("CI") == "true":
             pytest.fail(message + " (CI runs .ci/run, which starts it)")
         pytest.skip(message)
-    return max(int(line.split()[0]) for line in
-               subprocess.run(["sinfo", "-h", "-N", "-o", "%c %m"], capture_output=True, text=True).stdout.splitlines())
+    nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%c"], capture_output=True, text=True).stdout.split()
+    return {"cpus": max(int(cpus) for cpus in nodes)}
 
 
 def sacct_state(job_id: str, final: str = "COMPLETED", seconds: float = 30) -> str:
@@ -115,8 +116,8 @@ def test_a_cancelled_job_ends_the_command_with_exit_1_naming_release_and_job(rep
 def test_a_request_no_node_can_hold_is_refused_with_exit_2_before_submitting(repo, cluster):
     repo.add_model("tiny-llama")
     cpus = repo.run("build-many", "tiny-llama-bf16", "--launcher", "slurm", "--slurm",
-                    f"cpus_per_task={cluster + 1}", check=2)
-    assert f"tiny-llama-bf16.yaml: a job of {cluster + 1} CPUs" in cpus.stderr and "fits no node" in cpus.stderr
+                    f"cpus_per_task={cluster['cpus'] + 1}", check=2)
+    assert f"tiny-llama-bf16.yaml: a job of {cluster['cpus'] + 1} CPUs" in cpus.stderr and "fits no node" in cpus.stderr
     memory = repo.run("build-many", "tiny-llama-bf16", "--launcher", "slurm", "--slurm", "mem=100T", check=2)
     assert "102400.00 GiB fits no node" in memory.stderr
     assert not (repo.root / ".fanout").exists()  # submitit makes its folder when it submits

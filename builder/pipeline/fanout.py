@@ -27,7 +27,7 @@ LAUNCHERS = ("local", "slurm")  # submitit executor names
 JOB = {"timeout_min": 240}  # per release; CPUs and memory come from job_request
 JOBS_DIR = ".fanout"  # submitit's pickles and logs, one folder per job (on a shared disk for SLURM)
 FP32 = 4  # bytes: calibration, GPTQ and evaluation compute in FP32
-SOURCE_BYTES = 2  # bytes per source parameter: checkpoints are BF16 or F16 (an F32 one streams in half as many)
+SOURCE_BYTES = 2  # bytes per source parameter: checkpoints are BF16 or F16 (an F32 one streams twice the bytes)
 # RSS of a build process before any tensor: interpreter, torch, transformers, tokenizers (~0.5 GB measured).
 BASE_BYTES = 768 << 20
 # Headroom over the estimate: measured peaks (docs/scale.json, 2 and 8 GB models) were 0.37-1.12x the
@@ -42,10 +42,10 @@ def build_memory(spec: dict) -> dict:
     """Peak bytes one build of the release needs, by phase, from its architecture alone (pure).
 
     Phases run one after the other, so the peak is the base plus the largest: streaming the weights
-    (bytes in flight, or the largest tensor's source and output going through alone), calibrating (one decoder
-    layer in FP32 twice, every window's hidden states in and out, and for GPTQ/imatrix the layer's
-    Hessians plus a factorisation of the widest), evaluating (source and artifact whole in FP32, and
-    one window's logits with their log-softmax for each).
+    (bytes in flight, or the largest tensor's source and output going through alone), calibrating
+    (one decoder layer in FP32 twice, every window's hidden states in and out, and for GPTQ/imatrix
+    the layer's Hessians plus a factorisation of the widest), evaluating (source and artifact whole
+    in FP32, and one window's logits with their log-softmax for each).
     """
     arch, recipe = spec["model"]["architecture"], Recipe.of(spec["quant"])
     tensors = memory.checkpoint(arch)
