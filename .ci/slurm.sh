@@ -159,6 +159,7 @@ status() {
   echo "cluster: not ready"; return 1
 }
 
+if [ "$(id -u)" != 0 ] && [ "${1:-}" != status ]; then say "run as root (it installs packages and starts daemons)"; exit 2; fi
 case "${1:-}" in
   start) start ;;
   stop) stop ;;
