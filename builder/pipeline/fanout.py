@@ -234,9 +234,9 @@ def collect(jobs: list, log) -> tuple:
             result = submitted.result()
         except Exception as error:  # cancelled, killed, out of memory, a crash: submitit kept its output
             lines = [line for line in str(error).splitlines() if line.strip()]
-            detail = lines[-1] if lines and "has not produced any output" not in str(error) else "no result"
-            failed.append((1, Problem(where, "", f"job {submitted.job_id} ended {job_state(submitted)}: {detail}; "
-                                      f"its log: {submitted.paths.stderr}")))
+            detail = lines[-1] if lines and "has not produced any output" not in str(error) else "no output"
+            failed.append((1, Problem(where, "", f"job {submitted.job_id} ended without a result (state "
+                                      f"{job_state(submitted)}: {detail}); its log: {submitted.paths.stderr}")))
             continue
         if "error" in result:
             failed.append((result.get("exit_code", 2), Problem(where, "", f"job {submitted.job_id}: {result['error']}")))
