@@ -166,7 +166,8 @@ def rebuild(root: Path, artifact: Path, log=print) -> dict:
 
 def job(root: str, release: str, force: bool) -> dict:
     """One release built in a job process of its own (builder build-many): the same build as
-    `builder build RELEASE`; bad input comes back as a value the submitter reports."""
+    `builder build RELEASE`; bad input or a failed check comes back as a value the submitter
+    reports, with the exit code `builder build` would give."""
     import os
 
     from builder import determinism
@@ -176,6 +177,6 @@ def job(root: str, release: str, force: bool) -> dict:
     try:
         result = build(Path(root), release, force=force, log=log)
     except BuilderError as error:
-        return {"release": release, "error": error.render(), "pid": os.getpid()}
+        return {"release": release, "error": error.render(), "exit_code": error.exit_code, "pid": os.getpid()}
     return {"release": release, "content_digest": result["content_digest"],
             "artifact_id": result["artifact_id"], "pid": os.getpid()}

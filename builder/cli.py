@@ -155,10 +155,17 @@ def unknown_key(root: Path, release: str, overrides: tuple, culprit: str) -> Pro
 
 def cmd_build_many(args) -> int:
     from builder.build import job
-    from builder.pipeline.fanout import build_many
+    from builder.pipeline import fanout
 
+    if args.stale == bool(args.releases):
+        raise BuilderError(Problem("build-many", "RELEASE", "name the releases to build, or pass --stale "
+                                   "(what `dvc status` reports changed), not both"))
     slurm = {key: yaml.safe_load(value) for key, value in (o.split("=", 1) for o in args.slurm)}
-    for result in build_many(find_root(), args.releases, job, args.launcher, slurm, args.force, log=log):
+    if args.stale:
+        results = fanout.build_stale(find_root(), job, args.launcher, slurm, args.force, log=log)
+    else:
+        results = fanout.build_many(find_root(), args.releases, job, args.launcher, slurm, args.force, log=log)
+    for result in results:
         print(f"{result['release']} {result['content_digest']}")
     return 0
 
@@ -292,12 +299,15 @@ def parser() -> argparse.ArgumentParser:
     sub["build"].add_argument("--out", type=Path, metavar="DIR", help="output folder (default artifacts/<release>, or "
                               "artifacts/<release>-<12 hex of the artifact_id> with overrides)")
     sub["build"].add_argument("--force", action="store_true", help="rebuild even if up to date")
-    sub["build-many"].add_argument("releases", nargs="+", metavar="RELEASE")
+    sub["build-many"].add_argument("releases", nargs="*", metavar="RELEASE")
+    sub["build-many"].add_argument("--stale", action="store_true", help="build the releases whose build@ stage "
+                                   "`dvc status` reports changed, then record them in dvc.lock as `dvc repro` would")
     sub["build-many"].add_argument("--launcher", choices=("local", "slurm"), default="local",
                                    help="local processes (default) or SLURM jobs")
     sub["build-many"].add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
                                    type=key_value, help="submitit SLURM parameter without its slurm_ "
-                                   "prefix, e.g. partition=cpu, array_parallelism=8 (repeatable)")
+                                   "prefix, e.g. partition=cpu, array_parallelism=8, cpus_per_task=4, mem_gb=32 "
+                                   "(repeatable; CPUs and memory default to the release's estimate)")
     sub["build-many"].add_argument("--force", action="store_true", help="rebuild even if up to date")
     for name in ("verify", "audit", "sign"):
         sub[name].add_argument("artifact", type=Path, metavar="ARTIFACT_DIR")
