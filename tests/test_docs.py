@@ -57,8 +57,13 @@ def parts_table() -> str:
     """The parts that decide output bytes, their versions and packages (builder/release/identity.py)."""
     from builder.release import identity
 
+    from builder import formats
+
     source = Path(identity.__file__).read_text()
     said = dict(re.findall(r'^\s+"([\w.-]+)": \d+,\s+# (.*)$', source, flags=re.M))
+    for name, module in formats.FORMATS.items():  # a format says what it is in its docstring's first sentence
+        sentence = " ".join(module.__doc__.split()).split(". ")[0].split(": ", 1)[-1]
+        said[f"format.{name}"] = sentence.rstrip(".")
     return markdown(("part", "version", "what it decides", "packages in the id"),
                     [(f"`{part}`", version, said.get(part, ""), ", ".join(identity.PART_PACKAGES.get(part, ())))
                      for part, version in identity.OUTPUT_VERSIONS.items()])
