@@ -46,11 +46,9 @@ def write_release(root: Path, suffix: str, recipe: str, target: str, defaults: s
 def built(tmp_path_factory) -> Repo:
     """A repository with a tiny Llama's releases built into artifacts/<release>/ and one left unbuilt."""
     repo = Repo.fresh(tmp_path_factory.mktemp("report") / "repo")
-    for shipped in (repo.root / "specs" / "release").glob("*.yaml"):
-        shipped.unlink()  # only the tiny model's releases: the report of "all" stays quick
     repo.add_model(MODEL, tokenizer="bpe")  # BPE with merges: what a GGUF vocabulary needs
-    for stale in (repo.root / "specs" / "release").glob("*.yaml"):
-        stale.unlink()  # add_model's own release files carry no eval group
+    for other in (repo.root / "specs" / "release").glob("*.yaml"):
+        other.unlink()  # the shipped releases (the report of "all" stays quick) and add_model's, which have no eval
     for suffix, (recipe, target, defaults, extra) in BUILT.items():
         name = write_release(repo.root, suffix, recipe, target, defaults, extra)
         build_module.build(repo.root, name, (), out=repo.root / "artifacts" / name, log=lambda message: None)
@@ -149,6 +147,24 @@ def test_a_release_without_a_built_artifact_is_listed_as_not_built_with_no_numbe
     assert cells[column("status")] == "not built"
     assert cells[column("recipe")] == "mlx-4bit" and cells[column("target")] == "mlx"
     assert cells[column("weight bytes"):] == [""] * (len(cells) - column("weight bytes"))
+
+
+def test_a_built_artifact_that_the_committed_lock_no_longer_names_is_marked_stale(built):
+    from builder.check import report
+
+    name = f"{MODEL}-bf16"
+    lock_file = built.root / "locks" / f"{name}.json"
+    lock_file.parent.mkdir(exist_ok=True)
+    manifest = json.loads((built.root / "artifacts" / name / "manifest.json").read_text())
+    try:
+        lock_file.write_text(json.dumps({"artifact_id": manifest["artifact_id"]}))
+        assert report.row(built.root, name)["status"] == "built"
+        lock_file.write_text(json.dumps({"artifact_id": "sha256:" + "0" * 64}))
+        row = report.row(built.root, name)
+        assert row["status"] == "built; the committed lock names another artifact_id"
+        assert row["artifact_id"] == manifest["artifact_id"]  # the figures stay the artifact's own
+    finally:
+        lock_file.unlink()
 
 
 def test_the_plots_hold_one_point_per_evaluated_release_with_the_pareto_front_marked(built, page):

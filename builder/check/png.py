@@ -53,6 +53,7 @@ def plot(pyplot, points: list, metric: dict) -> bytes:
                          color=FRONT if point["pareto"] else OTHER, edgecolors="#111827")
             axes.annotate(point["label"], (point["x"], point["y"]), textcoords="offset points", xytext=(6, 6),
                           fontsize=8, color="#374151")
+        axes.margins(x=0.05, y=0.12)  # room for the labels above the highest point
         axes.set_xlim(left=0)
         axes.set_xlabel("bits per weight (smaller is left)")
         better = "higher" if metric["higher"] else "lower"

@@ -12,7 +12,7 @@ from pathlib import Path
 from builder import atomic
 from builder.artifact import record
 from builder.check import page, pareto, png
-from builder.errors import BuilderError, Problem
+from builder.errors import BuilderError, CheckFailed, Problem
 from builder.paths import EVAL_FILE
 from builder.release import cache, lock, memory
 from builder.release.resolve import list_releases, resolve
@@ -48,6 +48,8 @@ def report(root: Path, releases: list, out: Path, log=print) -> dict:
     for name in names:
         try:
             rows.append(row(root, name))
+        except CheckFailed:
+            raise  # a damaged artifact's record files: exit 1, as `builder verify` says
         except BuilderError as error:  # a spec that does not resolve: said once, with every other
             problems += [Problem(f"specs/release/{name}.yaml", "", f"does not resolve: {problem}")
                          for problem in error.problems]

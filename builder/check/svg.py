@@ -107,7 +107,8 @@ def scatter(points: list, *, title: str, x_label: str, y_label: str, metric: str
         path = " ".join(f"{fmt(x_axis(x))},{fmt(y_axis(y))}" for x, y in steps)
         parts.append(f'<polyline class="front" points="{path}" fill="none" stroke="{FRONT}" '
                      'stroke-width="1.5" stroke-dasharray="5 4"/>')
-    placed = []  # label boxes taken so far
+    centres = [(x_axis(p["x"]), y_axis(p["y"])) for p in points]
+    placed = [(x - 6, y - 6, x + 6, y + 6) for x, y in centres]  # labels keep off every point and each other
     for point in sorted(points, key=lambda p: (p["pareto"], p["release"])):  # front drawn on top
         x, y = x_axis(point["x"]), y_axis(point["y"])
         box = place_label(point["label"], x, y, placed)
