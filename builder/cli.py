@@ -236,6 +236,15 @@ def cmd_summary(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from builder.check import report
+
+    root = find_root()
+    result = report.report(root, args.releases, args.out or root / "reports", log=log)
+    print("\n".join(f"wrote {path}" for path in result["files"]))
+    return 0
+
+
 VERBS = {
     "list": (cmd_list, "the releases: name, recipe, target and a line of description (--names: names only)"),
     "resolve": (cmd_resolve, "show a release's resolved spec and artifact_id"),
@@ -250,6 +259,7 @@ VERBS = {
     "sign": (cmd_sign, "sign an artifact with a P-256 private key (writes <artifact>.sig beside it)"),
     "eval": (cmd_eval, "perplexity and mean KL of an artifact against its source model (exit 1: gate missed)"),
     "summary": (cmd_summary, "bytes per dtype; per-layer dtypes, shapes and scale statistics (--details)"),
+    "report": (cmd_report, "an HTML page (and PNGs) of releases: bits per weight against quality, the Pareto front"),
 }
 
 
@@ -330,6 +340,8 @@ def parser() -> argparse.ArgumentParser:
     sub["eval"].add_argument("--out", type=Path, metavar="FILE", help="write eval JSON here instead of to stdout")
     sub["summary"].add_argument("--details", action="store_true", help="per-layer table with scale statistics")
     sub["summary"].add_argument("--json", action="store_true", help="machine-readable output")
+    sub["report"].add_argument("releases", nargs="*", metavar="RELEASE", help="releases to show (default: all)")
+    sub["report"].add_argument("--out", type=Path, metavar="DIR", help="output folder (default reports/, git-ignored)")
     top.verbs = sub
     return top
 
