@@ -29,7 +29,7 @@ OUTPUT_VERSIONS = {
     "quantize.int": 1,               # INT8 / INT4 scales and rounding
     "quantize.ggml": 1,              # llama.cpp's Q8_0 / Q4_0 blocks
     "quantize.affine": 1,            # MLX's affine groups: scales, biases, codes
-    "gptq": 1,                       # GPTQ's column loop (integer and FP8 weights)
+    "gptq": 2,                       # GPTQ's column loop (integer and FP8 weights); 2: under MKL_CBWR=AVX2,STRICT
     "observer.mse": 1,               # weight scales searched for the least rounding error
     "observer.imatrix_mse": 1,       # the same, errors weighted by the inputs' E[x²] per column
     "smoothing": 1,                  # SmoothQuant: per-channel factors folded into each layer's norms and Linears
