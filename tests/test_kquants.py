@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from builder.quant import kmix, kquants, q5blocks
+from builder.formats import kmix
+from builder.quant import kquants, q5blocks
 
 REFERENCE = json.loads((Path(__file__).parent / "reference" / "kquant_blocks.json").read_text())
 CASES = [(name, case) for name, entry in sorted(REFERENCE["inputs"].items()) for case in sorted(entry["expected"])]

@@ -1,6 +1,8 @@
 """Format gguf: one GGUF file for llama.cpp. The architecture's metadata, the tokenizer.ggml.* keys
 from the source's tokenizer files, tensors named and laid out as llama.cpp's converter writes them
-(q/k rows permuted for llama-architecture models), in BF16/F16/F32, Q8_0 or Q4_0.
+(q/k rows permuted for llama-architecture models), in BF16/F16/F32, Q8_0 or Q4_0, or in the per-tensor
+type mix of llama-quantize's Q4_K_M / Q5_K_M presets (quant.ggml_mix; kmix.py): Q4_K / Q5_K / Q6_K
+K-quants where rows are a multiple of 256 values, Q5_0 / Q5_1 / Q8_0 where not.
 
     builder build smollm2-135m-instruct-gguf-q4_0 && llama-cli -m artifacts/smollm2-135m-instruct-gguf-q4_0/*.gguf
 
@@ -16,7 +18,7 @@ from pathlib import Path
 from builder import failpoints, tensorfile
 from builder.console import progress
 from builder.errors import BuilderError, Problem
-from builder.formats import checks, gguf_vocab
+from builder.formats import checks, gguf_vocab, kmix
 from builder.paths import gguf_file
 
 VERSION = 1            # the GGUF file: metadata, tokenizer keys, tensor names, order and types
@@ -30,11 +32,17 @@ LIBRARY = "gguf"
 VLLM = "gguf"
 # llama.cpp's block types a recipe's weights can be: (num_bits, group_size, symmetric) -> type.
 BLOCK_TYPES = {(8, 32, True): "Q8_0", (4, 32, True): "Q4_0"}
+# A type mix (quant.ggml_mix): the weights arguments of its main type, which 4- or 5-bit values in groups
+# of 32 with a scale and a min each (asymmetric) are; each tensor's type is kmix.tensor_type's.
+MIX_WEIGHTS = {"Q4_K_M": (4, 32, False), "Q5_K_M": (5, 32, False)}
 # An unquantized (or untargeted) tensor's GGML type, from the recipe's dtype, and back to torch's name.
 DENSE_TYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 TORCH_NAMES = {kind: name for name, kind in DENSE_TYPES.items()}
 # The type a whole file is labelled with (general.file_type, llama.cpp's LlamaFileType).
-FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7, "BF16": 32}
+FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7, "BF16": 32,
+              **{preset: entry["file_type"] for preset, entry in kmix.PRESETS.items()}}
+# Where each quantized block keeps its (super-block) F16 scale d, in bytes from the block's start.
+SCALE_OFFSETS = {"Q8_0": 0, "Q4_0": 0, "Q5_0": 0, "Q5_1": 0, "Q4_K": 0, "Q5_K": 0, "Q6_K": 208}
 PERMUTED = ("self_attn.q_proj", "self_attn.k_proj")  # llama.cpp's rope pairs rows differently from HF's
 # vocabulary() key -> the GGUFWriter method that writes it with its GGUF type
 TOKENIZER_KEYS = {"model": "add_tokenizer_model", "pre": "add_tokenizer_pre", "tokens": "add_token_list",
@@ -47,16 +55,25 @@ WRITER_NAME = "quant-release-builder"
 
 
 def problems(recipe, rules) -> list:
-    """llama.cpp's Q8_0 or Q4_0 blocks (imatrix rounding for Q4_0; Q8_0 takes no importance)."""
+    """llama.cpp's Q8_0 or Q4_0 blocks (imatrix rounding for Q4_0; Q8_0 takes no importance), or a type mix
+    whose weights arguments are its main type's (rtn or imatrix)."""
     if recipe.weights is None:
-        return checks.unquantized(recipe)
+        return checks.unquantized(recipe) + ([(("quant", "ggml_mix"), "must be null when weights is null")]
+                                             if recipe.ggml_mix is not None else [])
+    if recipe.ggml_mix is not None:
+        bits, group, symmetric = MIX_WEIGHTS[recipe.ggml_mix]
+        return checks.runtime_types(
+            recipe, f"{recipe.ggml_mix}'s main type {kmix.PRESETS[recipe.ggml_mix]['default']} as weights: type "
+            f"int, num_bits {bits}, strategy group, group_size {group}, symmetric false",
+            lambda args: (args.type, args.strategy, args.num_bits, args.group_size, args.symmetric) ==
+            ("int", "group", bits, group, symmetric), ("rtn", "imatrix"))
 
     def fits(args):
         return args.type == "int" and args.strategy == "group" and \
             (args.num_bits, args.group_size, args.symmetric) in BLOCK_TYPES
     four_bit = recipe.weights.num_bits == 4
     return checks.runtime_types(recipe, "llama.cpp's Q8_0 (int 8) or Q4_0 (int 4) blocks: type int, strategy "
-                                "group, group_size 32, symmetric", fits, ("rtn", "imatrix") if four_bit else ("rtn",))
+                                "group, group_size 32, symmetric (K-quants: quant.ggml_mix)", fits, ("rtn", "imatrix") if four_bit else ("rtn",))
 
 
 def recognizes(folder: Path, config: dict | None) -> bool:
@@ -90,7 +107,7 @@ class Planned:
 
     source: str        # checkpoint name
     name: str          # GGUF name
-    kind: str          # GGML type: F32, F16, BF16, Q8_0, Q4_0
+    kind: str          # GGML type: F32, F16, BF16, Q8_0, Q4_0; with a mix Q4_K, Q5_K, Q6_K, Q5_0, Q5_1
     shape: tuple       # logical shape, torch order ([out, in])
     heads: int | None  # rows are permuted in groups of this many heads (q/k of llama models), else None
 
@@ -106,10 +123,22 @@ class Planned:
 
 
 def weight_type(recipe) -> str:
-    """The GGML type of the recipe's quantized weights (or of every 2-D tensor when none is quantized)."""
+    """The GGML type of the recipe's quantized weights (or of every 2-D tensor when none is quantized); a
+    mix's preset name (its file type; kmix.tensor_type gives each tensor's)."""
     if recipe.weights is None:
         return DENSE_TYPES[recipe.dtype]
+    if recipe.ggml_mix is not None:
+        return recipe.ggml_mix
     return BLOCK_TYPES[(recipe.weights.num_bits, recipe.weights.group_size, recipe.weights.symmetric)]
+
+
+def mixed_type(recipe, name: str, shape: tuple, config: dict) -> str:
+    """The GGML type llama-quantize's preset gives a targeted weight (GGUF name, torch shape [out, in]);
+    the recipe's dtype where it would keep the tensor as it is."""
+    layer = int(name.split(".")[1]) if name.startswith("blk.") else None
+    kind = kmix.tensor_type(recipe.ggml_mix, name, layer, config["num_hidden_layers"], shape[-1],
+                            tied=bool(config.get("tie_word_embeddings")))
+    return DENSE_TYPES[recipe.dtype] if kind is None else kind
 
 
 def plan(tensors: dict, targeted: set, config: dict, recipe, architecture: str) -> list:
@@ -133,7 +162,7 @@ def plan(tensors: dict, targeted: set, config: dict, recipe, architecture: str) 
         if len(shape) == 1 or name.endswith("_norm.weight") or not source.endswith(".weight"):
             kind = "F32"  # norms, biases: F32 whatever the file type, as the converter writes them
         elif source in targeted:
-            kind = weight_type(recipe)
+            kind = weight_type(recipe) if recipe.ggml_mix is None else mixed_type(recipe, name, shape, config)
         else:
             kind = DENSE_TYPES[recipe.dtype]
         module = source.rsplit(".", 1)[0]
@@ -246,7 +275,7 @@ def write(staging: Path, spec: dict, source: dict, targeted: set, calibration: d
 
 def summary(file: Path, details: bool) -> dict:
     """builder summary for a GGUF file: bytes per GGML type; per tensor its type, shape (torch order)
-    and, for Q8_0 / Q4_0, the block scales' min/max/mean (each block's leading F16)."""
+    and, for quantized types, the block scales' min/max/mean (each (super-)block's F16 d)."""
     import gguf
     import numpy
 
@@ -260,8 +289,9 @@ def summary(file: Path, details: bool) -> dict:
             module, _, suffix = tensor.name.rpartition(".")
             entry = {"dtype": kind, "shape": [int(size) for size in reversed(tensor.shape)]}
             block = gguf.GGML_QUANT_SIZES[tensor.tensor_type][1]
-            if kind in BLOCK_TYPES.values():
-                scales = numpy.asarray(tensor.data).reshape(-1, block)[:, :2].copy().view(numpy.float16)
+            if kind in SCALE_OFFSETS:
+                at = SCALE_OFFSETS[kind]
+                scales = numpy.asarray(tensor.data).reshape(-1, block)[:, at:at + 2].copy().view(numpy.float16)
                 entry.update(min=float(scales.min()), max=float(scales.max()), mean=float(scales.astype(numpy.float64).mean()))
             found.setdefault(module, {})[suffix] = entry
     rows["total"] = {key: sum(row[key] for row in rows.values()) for key in ("tensors", "bytes")}

@@ -10,9 +10,9 @@ Each row is cut into super-blocks of 256 values along the input features, stored
 - Q5_K (176 bytes): as Q4_K, with 32 bytes of fifth bits (qh) before the 128 bytes of low nibbles.
 - Q6_K (210 bytes): 128 bytes of low nibbles, 64 bytes of high 2-bit pairs, 16 int8 scales of its 16
   sub-blocks of 16, F16 d; x = d sc (q - 32), q in 0..63.
-quantize() also writes the other types llama-quantize's K_M presets choose (kmix.py) but F16: Q5_0 and Q5_1
-(q5blocks.py) and Q8_0 (ggml.py). The searches are in ksearch.py; tests/test_kquants.py holds the bytes to
-vectors from llama.cpp's C code.
+quantize() also writes the other types llama-quantize's K_M presets choose (builder/formats/kmix.py) but F16:
+Q5_0 and Q5_1 (q5blocks.py) and Q8_0 (ggml.py); blocks() adds Q4_0 (ggml.py): every type format gguf writes.
+The searches are in ksearch.py; tests/test_kquants.py holds the bytes to vectors from llama.cpp's C code.
 """
 
 import torch
@@ -70,6 +70,14 @@ def quantize(weight: torch.Tensor, kind: str, importance: torch.Tensor | None = 
         weights = None if table is None else table[torch.arange(start, stop) % per_row]
         parts.append(encode(blocks[start:stop], weights, kind))
     return torch.cat(parts).reshape(rows, row_bytes(kind, columns))
+
+
+def blocks(weight: torch.Tensor, kind: str, importance: torch.Tensor | None = None) -> torch.Tensor:
+    """A weight as llama.cpp blocks of any type the GGUF writer quantizes to: Q8_0 and Q4_0 (ggml.py; Q4_0
+    importance-weighted with an imatrix), and every type quantize() writes. Format gguf's rounding."""
+    if kind in ggml.BLOCK_BYTES:
+        return ggml.quantize(weight, kind, importance)
+    return quantize(weight, kind, importance)
 
 
 def affine_blocks(x: torch.Tensor, importance: torch.Tensor | None, kind: str) -> torch.Tensor:

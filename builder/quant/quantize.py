@@ -9,7 +9,7 @@ import torch
 
 from builder import formats
 from builder.errors import BuilderError, Problem
-from builder.quant import affine, ggml
+from builder.quant import affine, kquants
 from builder.release import families
 from builder.release.recipe import Args, Recipe
 
@@ -96,7 +96,7 @@ class Arithmetic:
 
 
 # Formats that round with a runtime's own arithmetic, by the part their QUANTIZER names: (weight, decode).
-RUNTIME_ARITHMETIC = {"quantize.ggml": (ggml.quantize, None), "quantize.affine": (affine.quantize, affine.dequantize)}
+RUNTIME_ARITHMETIC = {"quantize.ggml": (kquants.blocks, None), "quantize.affine": (affine.quantize, affine.dequantize)}
 
 
 def arithmetic(recipe: Recipe, calibration: dict | None = None) -> Arithmetic:

@@ -28,6 +28,7 @@ OUTPUT_VERSIONS = {
     "quantize.float": 1,             # FP8 scales and rounding (weights, activation and KV-cache scales)
     "quantize.int": 1,               # INT8 / INT4 scales and rounding
     "quantize.ggml": 1,              # llama.cpp's Q8_0 / Q4_0 blocks
+    "quantize.kquant": 1,            # llama.cpp's Q4_K / Q5_K / Q6_K and Q5_0 / Q5_1 blocks (plain and imatrix-weighted)
     "quantize.affine": 1,            # MLX's affine groups: scales, biases, codes
     "gptq": 2,                       # GPTQ's column loop (integer and FP8 weights); 2: under MKL_CBWR=AVX2,STRICT
     "observer.mse": 1,               # weight scales searched for the least rounding error
@@ -50,6 +51,7 @@ PART_PACKAGES = {
     "quantize.float": ("torch",),
     "quantize.int": ("torch",),
     "quantize.ggml": ("torch",),
+    "quantize.kquant": ("torch",),
     "quantize.affine": ("torch",),
     "gptq": ("torch",),
     "observer.mse": ("torch",),

@@ -10,6 +10,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
 
+from builder.formats.kmix import PRESETS as GGML_MIXES
+
 FP8_MAX = 448.0  # largest finite float8_e4m3fn value
 # Weight scale search (builder/quant/observe.py), compressed-tensors' `observer` names, with the
 # observer_kwargs each takes and their defaults. minmax is the plain max |w| (no search).
@@ -77,7 +79,7 @@ class Args(Group):
     model_config = ConfigDict(title="QuantizationArgs", json_schema_extra={
         "description": "compressed-tensors QuantizationArgs, with its names."})
 
-    num_bits: Literal[4, 8]
+    num_bits: Literal[4, 5, 8]  # 5: llama.cpp's Q5_K (format gguf, ggml_mix Q5_K_M) only
     type: Literal["int", "float"]
     strategy: Literal["tensor", "channel", "group", "block", "token"]
     symmetric: bool
@@ -182,3 +184,7 @@ class Quant(Group):
                                          "calibration; null for none")
     awq: AWQ | None = None
     smoothing: Smoothing | None = None
+    ggml_mix: Literal[tuple(sorted(GGML_MIXES))] | None = Field(
+        None, description="llama-quantize's preset (optional; absent: every targeted weight is the type weights "
+        "names): each GGUF tensor's type as llama-quantize --ftype chooses it, K-quants where rows are a multiple "
+        "of 256 values; weights then names the preset's main type (Q4_K: int4, Q5_K: int5; group 32, asymmetric)")

@@ -38,6 +38,7 @@ class Recipe:
     kv_cache_scheme: Args | None
     smoothing: float | None = None  # SmoothQuant's migration strength alpha; optional in specs (absent: none)
     awq: int | None = None          # AWQ-style activation-aware scaling: its grid of alphas; optional (absent: none)
+    ggml_mix: str | None = None     # llama-quantize's per-tensor type preset (Q4_K_M, Q5_K_M); gguf only (absent: none)
 
     @classmethod
     def of(cls, quant: "dict | Quant") -> "Recipe":
@@ -47,7 +48,7 @@ class Recipe:
                    targets=tuple(quant.targets), ignore=tuple(quant.ignore), weights=quant.weights,
                    input_activations=quant.input_activations, kv_cache_scheme=quant.kv_cache_scheme,
                    smoothing=None if quant.smoothing is None else float(quant.smoothing.alpha),
-                   awq=None if quant.awq is None else quant.awq.grid)
+                   awq=None if quant.awq is None else quant.awq.grid, ggml_mix=quant.ggml_mix)
 
     @property
     def dense(self) -> bool:
@@ -119,6 +120,8 @@ class Recipe:
             found.append("smoothing")
         if self.awq is not None:
             found.append("awq")
+        if self.ggml_mix is not None:
+            found.append("quantize.kquant")  # K-quants and Q5_0/Q5_1 beside the QUANTIZER's Q8_0
         if self.needs_calibration:
             found.append("calibration")
         return tuple(sorted(set(found)))
@@ -126,7 +129,14 @@ class Recipe:
 
 def problems(recipe: Recipe) -> list:
     """Recipe fields that contradict each other, as (key path, message)."""
-    return smoothing_problems(recipe) + argument_problems(recipe)
+    return smoothing_problems(recipe) + mix_problems(recipe) + argument_problems(recipe)
+
+
+def mix_problems(recipe: Recipe) -> list:
+    """llama-quantize's type presets are GGUF file types."""
+    if recipe.ggml_mix is not None and recipe.format != "gguf":
+        return [(("quant", "ggml_mix"), f"{recipe.ggml_mix}: llama-quantize's presets are for format gguf")]
+    return []
 
 
 def smoothing_problems(recipe: Recipe) -> list:
@@ -170,7 +180,10 @@ def arithmetic_problems(recipe: Recipe) -> list:
             continue
         if not args.symmetric:
             found.append((("quant", key, "symmetric"), "false: only symmetric quantization is supported (format mlx writes affine groups)"))
-        if args.type == "float" and args.num_bits != 8:
+        if args.num_bits == 5:
+            found.append((("quant", key, "num_bits"), "5: 5-bit weights are llama.cpp's Q5_K (format gguf, "
+                          "ggml_mix Q5_K_M); compressed-tensors recipes take 4 or 8"))
+        elif args.type == "float" and args.num_bits != 8:
             found.append((("quant", key, "num_bits"), f"{args.num_bits}: float quantization is FP8 E4M3 (8)"))
         if args.strategy == "block":
             found.append((("quant", key, "strategy"), "block: compressed-tensors' 2-D weight blocks are not "
