@@ -11,9 +11,9 @@ import torch
 import yaml
 
 from builder import build
-from builder.formats import gguf_vocab
+from builder.formats import gguf as gguf_format, gguf_vocab, kmix
 from builder.errors import BuilderError
-from builder.quant import ggml
+from builder.quant import ggml, kquants
 from conftest import FAMILIES, Repo, release_text
 
 # Bounds on logits against the source (tiny random models, 40 tokens; measured: F32 0, BF16 max 3e-3,
@@ -24,6 +24,14 @@ VARIANTS = {"f32": {"quant": {"weights": None, "algorithm": None, "dtype": "floa
             "bf16": {"quant": {"weights": None, "algorithm": None}}, "q8_0": {},
             "q4_0": {"quant": {"algorithm": "rtn"}}}
 KINDS = ("tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-llama-bias", "tiny-qwen3-hd128")
+# For the K-quant mixes: ffn_down's rows of 512 values hold two super-blocks of 256 (K-quants), the other
+# Linears' rows of 64 fall back to blocks of 32; three layers, so the last is a "more bits" one (Q6_K).
+# Bound on |decoded - source| / |source| per tensor of the tiny random models (measured: Q4_K 0.071, Q5_K 0.036,
+# Q5_0 0.042, Q5_1 0.039, Q6_K 0.018, Q8_0 0.0054): the rounding of each type, about 1.5x; a misplaced byte
+# or scale gives errors near 1.
+RELATIVE_ERROR = {"Q4_K": 0.11, "Q5_K": 0.055, "Q6_K": 0.03, "Q5_0": 0.065, "Q5_1": 0.06, "Q8_0": 0.01}
+WIDE = {"tiny-llama-wide": ("llama", dict(intermediate_size=512, num_hidden_layers=3, tie_word_embeddings=False)),
+        "tiny-qwen2-wide": ("qwen2", dict(intermediate_size=512, num_hidden_layers=3, tie_word_embeddings=True))}
 
 
 def release(repo: Repo, name: str, model: str, quant: str = "gguf-q8_0", extra: dict | None = None,
@@ -39,10 +47,12 @@ def gguf_repo(tmp_path_factory):
     """Tiny models of every family the GGUF writer covers, with a byte-level BPE vocabulary."""
     # transformers reads qwen3's head_dim from its config default (128), not the file: give it 128
     FAMILIES["tiny-qwen3-hd128"] = ("qwen3", dict(head_dim=128))
+    FAMILIES.update(WIDE)
     repo = Repo.fresh(tmp_path_factory.mktemp("gguf") / "repo")
-    for kind in KINDS:
+    for kind in (*KINDS, *WIDE):
         repo.add_model(kind, tokenizer="bpe")
-    del FAMILIES["tiny-qwen3-hd128"]
+    for kind in ("tiny-qwen3-hd128", *WIDE):
+        del FAMILIES[kind]
     return repo
 
 
@@ -154,7 +164,15 @@ def test_an_unknown_pre_tokenizer_is_named_by_its_hash(gguf_repo, tmp_path):
     (["target=vllm-h100"], ["specs/target/vllm-h100.yaml", "target.formats", "vllm does not load format gguf",
                             "vllm-h100 takes the recipes: bf16, fp8-dynamic, fp8-dynamic-gptq-imatrix, fp8-static"]),
     (["quant=fp8-dynamic"], ["specs/target/llama-cpp.yaml", "llama-cpp does not load format compressed-tensors",
-                             "llama-cpp takes the recipes: gguf-q4_0, gguf-q8_0"]),
+                             "llama-cpp takes the recipes: gguf-q4_0, gguf-q4_k_m, gguf-q8_0"]),
+    (["+quant.ggml_mix=Q4_K_M"], ["quant.weights", "Q4_K_M's main type Q4_K as weights: type int, num_bits 4"]),
+    (["quant.weights.num_bits=5"], ["quant.weights", "llama.cpp's Q8_0 (int 8) or Q4_0 (int 4) blocks",
+                                    "(K-quants: quant.ggml_mix)"]),
+    (["quant=gguf-q5_k_m", "calibration=licenses"], ["target.schemes", "does not run w5a16-int"]),
+    (["quant=w4a16", "target=vllm-h100", "+quant.ggml_mix=Q4_K_M"],
+     ["quant.ggml_mix", "Q4_K_M: llama-quantize's presets are for format gguf"]),
+    (["quant=w4a16", "target=vllm-h100", "quant.weights.num_bits=5"],
+     ["quant.weights.num_bits", "5-bit weights are llama.cpp's Q5_K"]),
     (["quant.weights.group_size=64"], ["quant.weights", "llama.cpp's Q8_0 (int 8) or Q4_0 (int 4) blocks"]),
     (["quant.algorithm=imatrix", "calibration=licenses"], ["quant.algorithm", "8-bit weights takes rtn"]),
     (["quant.input_activations={num_bits: 8, type: int, strategy: token, symmetric: true, dynamic: true, "
@@ -198,3 +216,80 @@ def test_verify_audit_summary_and_eval_treat_a_gguf_artifact_like_any_other(gguf
     result = gguf_repo.run("verify", str(artifact))
     assert result.returncode == 1 and f"{name}.gguf: changed" in result.stderr
     assert gguf_repo.run("audit", str(artifact)).returncode == 1
+
+
+def gguf_tensors(path) -> dict:
+    import gguf
+
+    return {tensor.name: tensor for tensor in gguf.GGUFReader(path).tensors}
+
+
+@pytest.mark.parametrize("quant, algorithm", [("gguf-q4_k_m", "rtn"), ("gguf-q4_k_m", "imatrix"),
+                                              ("gguf-q5_k_m", "rtn"), ("gguf-q5_k_m", "imatrix")])
+@pytest.mark.parametrize("kind", sorted(WIDE))
+def test_a_k_quant_mix_gives_each_tensor_llama_quantizes_type_with_kquants_bytes(gguf_repo, tmp_path, kind, quant,
+                                                                                 algorithm):
+    import gguf
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    preset = quant.split("-")[1].upper()
+    extra = {"quant": {"algorithm": algorithm}}
+    if quant == "gguf-q5_k_m":  # the shipped target lists the schemes of its first releases (see the release)
+        extra["target"] = {"schemes": ["w16a16", "w8a16-int", "w5a16-int", "w4a16-int"]}
+    if algorithm == "imatrix":
+        extra["calibration"] = {"samples": 4, "sequence_length": 64}
+    name = release(gguf_repo, f"{kind}-{quant}-{algorithm}", kind, quant, extra,
+                   calibration="licenses" if algorithm == "imatrix" else "none")
+    first = build.build(gguf_repo.root, name, out=tmp_path / "a", log=lambda message: None)
+    second = build.build(gguf_repo.root, name, out=tmp_path / "b", log=lambda message: None)
+    assert first["content_digest"] == second["content_digest"]
+    assert "quantize.kquant" in first["inputs"]["versions"] and ("imatrix" in first["inputs"]["versions"]) == \
+        (algorithm == "imatrix")
+    path = tmp_path / "a" / f"{name}.gguf"
+    reader = gguf.GGUFReader(path)
+    assert reader.fields["general.file_type"].contents() == kmix.PRESETS[preset]["file_type"]
+    tensors = gguf_tensors(path)
+    weights = gguf_repo.root / "weights" / kind
+    config = json.loads((weights / "config.json").read_text())
+    source = load_file(weights / "model.safetensors")
+    names = {f"blk.{layer}.{role}.weight": f"model.layers.{layer}.{module}.weight" for layer in range(3)
+             for role, module in (("attn_q", "self_attn.q_proj"), ("attn_k", "self_attn.k_proj"),
+                                  ("attn_v", "self_attn.v_proj"), ("attn_output", "self_attn.o_proj"),
+                                  ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj"),
+                                  ("ffn_down", "mlp.down_proj"))}
+    base, fallback = kmix.PRESETS[preset]["default"], kmix.FALLBACK[kmix.PRESETS[preset]["default"]]
+    expected = {**{f"blk.{layer}.{role}.weight": fallback for layer in range(3)
+                   for role in ("attn_q", "attn_k", "attn_output", "ffn_gate", "ffn_up")},
+                **{f"blk.{layer}.attn_v.weight": "Q8_0" if layer == 2 else fallback for layer in range(3)},
+                **{f"blk.{layer}.ffn_down.weight": "Q6_K" if layer == 2 else base for layer in range(3)}}
+    assert {gguf_name: tensors[gguf_name].tensor_type.name for gguf_name in expected} == expected
+    for gguf_name, kind_name in expected.items():  # the same choice as kmix's, asked as the writer asks
+        row = int(tensors[gguf_name].shape[0])
+        assert kmix.tensor_type(preset, gguf_name, int(gguf_name.split(".")[1]), 3, row,
+                                tied=config["tie_word_embeddings"]) == kind_name
+    assert tensors["token_embd.weight"].tensor_type.name == "BF16"  # not targeted: the recipe's dtype
+    assert ("output.weight" in tensors) == (not config["tie_word_embeddings"])
+    for gguf_name in ("blk.0.ffn_down.weight", "blk.2.ffn_down.weight", "blk.0.ffn_up.weight"):
+        data = np.asarray(tensors[gguf_name].data).tobytes()
+        plain = kquants.quantize(source[names[gguf_name]], expected[gguf_name]).numpy().tobytes()
+        if algorithm == "rtn":  # llama.cpp's reference quantizers on the source weight, as kquants writes them
+            assert data == plain, gguf_name
+        else:                   # the importance-weighted searches choose other scales and codes
+            assert data != plain, gguf_name
+    # gguf's own decoders read every quantized tensor back close to the source weight (q/k rows permuted)
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    for gguf_name, checkpoint_name in names.items():
+        tensor = tensors[gguf_name]
+        decoded = torch.from_numpy(gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type).copy())
+        weight = source[checkpoint_name].to(torch.float32)
+        if kind == "tiny-llama-wide" and gguf_name.split(".")[2] in ("attn_q", "attn_k"):
+            weight = gguf_format.permute(weight, heads if "attn_q" in gguf_name else kv_heads)
+        error = float((decoded.reshape(weight.shape) - weight).norm() / weight.norm())
+        assert error < RELATIVE_ERROR[tensor.tensor_type.name], (gguf_name, error)
+    # transformers loads the file (dequantizing the K-quants) with logits close to the source's
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "a", gguf_file=path.name, dtype=torch.float32).eval()
+    reference = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32).eval()
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(1))
+    p, q = logits(reference, ids).log_softmax(-1), logits(model, ids).log_softmax(-1)
+    assert float((p.exp() * (p - q)).sum(-1).mean()) < 5e-4  # measured at most 6.5e-5
