@@ -271,6 +271,7 @@ PLANS = {
     "w8a8-int8-smoothquant": ("smoothquant", "activations"),
     "w8a8-int8-smoothquant-gptq-imatrix": ("smoothquant", "activations", "hessian", "mean_squares", "gptq"),
     "gguf-q4_0": ("activations", "importance"),
+    "gguf-q4_k_m": ("activations", "importance"), "gguf-q5_k_m": ("activations", "importance"),
 }
 
 

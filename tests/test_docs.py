@@ -88,6 +88,7 @@ def recipes_table() -> str:
         weights = args_words(recipe.weights, scales=False) if recipe.weights else recipe.dtype
         extras = [f"SmoothQuant α {recipe.smoothing}" if recipe.smoothing is not None else "",
                   f"AWQ grid {recipe.awq}" if recipe.awq is not None else "",
+                  f"{recipe.ggml_mix} mix" if recipe.ggml_mix is not None else "",
                   recipe.weights.observer if recipe.weights and recipe.weights.observer != "minmax" else ""]
         rows.append((f"`{name}`", recipe.format, recipe.scheme_class, weights, args_words(recipe.input_activations),
                      args_words(recipe.kv_cache_scheme), ", ".join(filter(None, [recipe.algorithm or "—", *extras])),

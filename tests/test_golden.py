@@ -20,11 +20,17 @@ from builder import build
 from builder.canonical import pretty_json
 from builder.quant import quantize
 from builder.release import identity, lock
-from conftest import Repo
+from conftest import FAMILIES, Repo
 
 GOLDEN = Path(__file__).with_name("golden.json")
 ARCHITECTURES = ("tiny-llama", "tiny-qwen2")
 SMALL_CALIBRATION = {"calibration": {"samples": 4, "sequence_length": 64}}
+# The K-quant mixes build on wider checkpoints of the same architectures: ffn_down's rows of 512 values hold
+# super-blocks of 256 (Q4_K / Q5_K, Q6_K on the last layer), the other Linears' rows of 64 fall back to blocks
+# of 32 (Q5_0 / Q5_1, Q8_0). The shipped llama-cpp target lists no w5a16-int (see the Q5_K_M release).
+WIDE = {"tiny-llama": ("llama", dict(intermediate_size=512, num_key_value_heads=4, tie_word_embeddings=False)),
+        "tiny-qwen2": ("qwen2", dict(intermediate_size=512, tie_word_embeddings=True))}
+Q5_TARGET = {"target": {"schemes": ["w16a16", "w8a16-int", "w5a16-int", "w4a16-int"]}}
 # case -> (quant option, calibration option, eval option, extra release keys)
 RECIPES = {
     "bf16": ("bf16", "none", "none", {}),
@@ -56,6 +62,10 @@ RECIPES = {
     "gguf-q8_0-evaluated": ("gguf-q8_0", "none", "docstrings", {"eval": {
         "samples": 2, "sequence_length": 64,
         "gate": {"max_perplexity_increase_pct": None, "max_mean_kl": None}}}),
+    "gguf-q4_k_m-rtn": ("gguf-q4_k_m", "none", "none", {"quant": {"algorithm": "rtn"}}),
+    "gguf-q4_k_m-imatrix": ("gguf-q4_k_m", "licenses", "none", SMALL_CALIBRATION),
+    "gguf-q5_k_m-rtn": ("gguf-q5_k_m", "none", "none", {"quant": {"algorithm": "rtn"}, **Q5_TARGET}),
+    "gguf-q5_k_m-imatrix": ("gguf-q5_k_m", "licenses", "none", {**SMALL_CALIBRATION, **Q5_TARGET}),
     "mlx-4bit": ("mlx-4bit", "none", "none", {}),
     "mlx-8bit-g32": ("mlx-4bit", "none", "none", {"quant": {"weights": {"num_bits": 8, "group_size": 32}}}),
     "mlx-4bit-evaluated": ("mlx-4bit", "none", "docstrings", {"eval": {
@@ -82,6 +92,8 @@ FILE_PARTS = (
 def release_yaml(name: str, arch: str, recipe: str) -> str:
     quant, calibration, evaluation, extra = RECIPES[recipe]
     model, target = (f"{arch}-bpe", ON_DEVICE[recipe]) if recipe in ON_DEVICE else (arch, "vllm-h100")
+    if "_k_m" in recipe:
+        model = f"{arch}-wide-bpe"
     defaults = [{"override /model": model}, {"override /quant": quant}, {"override /target": target},
                 {"override /calibration": calibration}, {"override /eval": evaluation}]
     document = {"defaults": defaults, "release": {"name": name, "version": "0.0.1"}, **extra}
@@ -96,6 +108,9 @@ def golden_repo(tmp_path_factory) -> Repo:
     for arch in ARCHITECTURES:
         repo.add_model(arch, tokenizer=True)
         repo.add_model(arch, tokenizer="bpe", name=f"{arch}-bpe")
+        FAMILIES[f"{arch}-wide"] = WIDE[arch]
+        repo.add_model(f"{arch}-wide", tokenizer="bpe", name=f"{arch}-wide-bpe")
+        del FAMILIES[f"{arch}-wide"]
         for recipe in RECIPES:
             name = f"golden-{arch}-{recipe}"
             (repo.root / "specs" / "release" / f"{name}.yaml").write_text(release_yaml(name, arch, recipe))
