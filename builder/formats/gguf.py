@@ -73,7 +73,8 @@ def problems(recipe, rules) -> list:
             (args.num_bits, args.group_size, args.symmetric) in BLOCK_TYPES
     four_bit = recipe.weights.num_bits == 4
     return checks.runtime_types(recipe, "llama.cpp's Q8_0 (int 8) or Q4_0 (int 4) blocks: type int, strategy "
-                                "group, group_size 32, symmetric (K-quants: quant.ggml_mix)", fits, ("rtn", "imatrix") if four_bit else ("rtn",))
+                                "group, group_size 32, symmetric (K-quants: quant.ggml_mix)", fits,
+                                ("rtn", "imatrix") if four_bit else ("rtn",))
 
 
 def recognizes(folder: Path, config: dict | None) -> bool:
