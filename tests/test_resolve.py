@@ -85,7 +85,7 @@ def test_unknown_key_names_the_group_file_and_the_allowed_keys(repo):
     quant.write_text(quant.read_text() + "sparsity: 0.5\n")
     message = problems_of(repo.root, "smollm2-135m-instruct-fp8-dynamic")
     assert "specs/quant/fp8-dynamic.yaml: quant.sparsity: unknown key" in message
-    assert "allowed keys: algorithm, awq, dtype, format, gptq, ignore" in message
+    assert "allowed keys: algorithm, awq, dtype, format, ggml_mix, gptq, ignore" in message
 
 
 def test_wrong_type_and_bad_enum_are_reported_together(repo):
