@@ -132,7 +132,9 @@ def main(argv=None) -> int:
     models = json.loads(made.stdout.splitlines()[-1])
     if args.models:
         models = {name: models[name] for name in args.models.split(",")}
-    print(f"checkpoints and release repository: {time.perf_counter() - start:.1f} s", flush=True)
+    shapes = ", ".join(f"{name}: {model['layers']} layers, {model['params'] / 1e6:,.1f} M parameters"
+                       for name, model in models.items())
+    print(f"checkpoints and release repository: {time.perf_counter() - start:.1f} s ({shapes})", flush=True)
     results = {}
     for run in plan(models, args.recipes.split(","), bool(args.llmc)):
         results[run] = execute(run, args, work / "repo", work, deadline)
