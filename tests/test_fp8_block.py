@@ -92,11 +92,13 @@ def test_block_values_on_partial_blocks_are_compressed_tensors_own_quantization(
     assert ours.shape == (200, 300) and torch.equal(ours.view(torch.uint8), theirs.view(torch.uint8))
 
 
-def test_compressed_tensors_artifact_holds_fp8_blocks_with_the_fp8_block_preset_config(built):
+def test_compressed_tensors_artifact_holds_fp8_blocks_with_the_fp8_block_preset_config(block_repo, built):
     from compressed_tensors.quantization import QuantizationConfig, preset_name_to_scheme
+    from test_compressed_tensors import compressed_tensors_dump
 
     folder, _ = built["fp8-block"]
     config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert config == compressed_tensors_dump(build_quant(block_repo, "fp8-block"))  # as its models dump it
     scheme = QuantizationConfig.model_validate(config).config_groups["group_0"]
     preset = preset_name_to_scheme("FP8_BLOCK", ["Linear"])
     assert config["format"] == "float-quantized"
@@ -265,3 +267,13 @@ def test_the_legacy_layout_refuses_an_fp8_kv_cache():
     recipe = Recipe.of(fp8_block(format="fp8", kv_cache_scheme=kv))
     assert any(path == ("quant", "kv_cache_scheme") and "block-wise legacy" in message
                for path, message in problems(recipe))
+
+
+def test_resolve_refuses_smollm2_whose_576_features_do_not_tile_into_128_blocks():
+    from builder.release.resolve import resolve
+
+    with pytest.raises(BuilderError) as refused:
+        resolve(conftest.PROJECT, "smollm2-135m-instruct-fp8-dynamic", ("quant=fp8-block", "target=vllm-h200"))
+    message = str(refused.value)
+    assert "quant.weights.block_structure" in message and "self_attn.k_proj [192, 576]" in message
+    assert "down_proj" not in message  # 1536 input features tile; its 576 rows are row-parallel, neither fused nor split

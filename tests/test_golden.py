@@ -25,6 +25,8 @@ from conftest import Repo
 GOLDEN = Path(__file__).with_name("golden.json")
 ARCHITECTURES = ("tiny-llama", "tiny-qwen2")
 SMALL_CALIBRATION = {"calibration": {"samples": 4, "sequence_length": 64}}
+# The tiny models' Linears (64 and 128 features; 32 k/v rows) hold whole 32x32 blocks, not 128x128 ones.
+BLOCKS_32 = {"quant": {"weights": {"block_structure": [32, 32]}, "input_activations": {"group_size": 32}}}
 # case -> (quant option, calibration option, eval option, extra release keys)
 RECIPES = {
     "bf16": ("bf16", "none", "none", {}),
@@ -56,10 +58,8 @@ RECIPES = {
     "gguf-q8_0-evaluated": ("gguf-q8_0", "none", "docstrings", {"eval": {
         "samples": 2, "sequence_length": 64,
         "gate": {"max_perplexity_increase_pct": None, "max_mean_kl": None}}}),
-    "fp8-block": ("fp8-block", "none", "none", {}),
-    "fp8-block-legacy": ("fp8-block-legacy", "none", "none", {}),
-    "fp8-block-32": ("fp8-block", "none", "none", {"quant": {"weights": {"block_structure": [32, 32]},
-                                                             "input_activations": {"group_size": 32}}}),
+    "fp8-block": ("fp8-block", "none", "none", BLOCKS_32),
+    "fp8-block-legacy": ("fp8-block-legacy", "none", "none", BLOCKS_32),
     "mlx-4bit": ("mlx-4bit", "none", "none", {}),
     "mlx-8bit-g32": ("mlx-4bit", "none", "none", {"quant": {"weights": {"num_bits": 8, "group_size": 32}}}),
     "mlx-4bit-evaluated": ("mlx-4bit", "none", "docstrings", {"eval": {

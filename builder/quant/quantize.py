@@ -66,7 +66,7 @@ def rounded(name: str, tensor: torch.Tensor, scale_dtype: torch.dtype, recipe: R
     the searched scale (observe.searched_scales) or the max |w| one. Raises BuilderError on NaN or infinity.
     """
     args = recipe.weights
-    if args.strategy == "block":  # rtn with max |w| per block (recipe.block_problems refuses the rest)
+    if args.strategy == "block":  # rtn with max |w| per block (recipe.block_recipe_problems refuses the rest)
         amax = blocks.block_amax(tensor, args.block_structure)
         require_finite(name, amax)
         scale = scale_from_amax(amax, args, scale_dtype)

@@ -186,7 +186,7 @@ def arithmetic_problems(recipe: Recipe) -> list:
         found.append((("quant", "weights"), "weights are quantized once at build time: "
                       "dynamic false and strategy tensor, channel, group or block"))
     if weights.strategy == "block":
-        found += block_problems(recipe)
+        found += block_recipe_problems(recipe)
     if acts is not None:
         if acts.num_bits != 8:
             found.append((("quant", "input_activations", "num_bits"), f"{acts.num_bits}: activations are 8-bit"))
@@ -219,7 +219,7 @@ def arithmetic_problems(recipe: Recipe) -> list:
 
 
 
-def block_problems(recipe: Recipe) -> list:
+def block_recipe_problems(recipe: Recipe) -> list:
     """Block-wise FP8 weights (compressed-tensors' FP8_BLOCK; builder/quant/blocks.py): FP8 E4M3, rounded
     to nearest with max |w| per block (GPTQ's column loop and the scale searches work per row or group),
     with activations quantized at run time per token in groups as wide as a block (what vLLM's block
