@@ -13,6 +13,7 @@ from builder.check import evaluate, summary
 from builder.check.verify import verify
 from builder.errors import BuilderError
 from builder.release import identity, lock, recipe as recipes
+from builder.release.release import Release
 
 EVERY_FORMAT = ("VERSION", "PACKAGES", "QUANTIZER", "FAMILIES", "CONTAINER", "LIBRARY", "VLLM",
                 "problems", "recognizes", "load", "prepare")
@@ -38,25 +39,26 @@ def test_an_unknown_format_names_the_known_ones():
         raised.value.render()
 
 
-def toy_entry(root, release: str) -> dict:
-    """The lock entry of a tiny release, its recipe turned into format toy (FP8 per-row, weight-only);
-    the schema's format list is the pydantic spec's business, so the spec is edited after resolving."""
+def toy_release(root, release: str) -> Release:
+    """A tiny release, its recipe turned into format toy (FP8 per-row, weight-only); the spec files name
+    the shipped formats, so the spec is edited after resolving (the typed spec asks the registry)."""
     entry = lock.lock_entry(root, release, ())
     spec = json.loads(json.dumps(entry["spec"]))
     spec["quant"].update(format="toy", input_activations=None)
     assert recipes.problems(recipes.Recipe.of(spec["quant"])) == []  # the toy's own rules, asked by resolve's code
     inputs = identity.inputs(root, spec)
-    return {**entry, "spec": spec, "inputs": inputs, "artifact_id": identity.artifact_id(spec, inputs)}
+    return Release.from_entry({**entry, "spec": spec, "inputs": inputs,
+                               "artifact_id": identity.artifact_id(spec, inputs)})
 
 
 def test_a_toy_format_in_the_registry_builds_verifies_summarises_and_evaluates(repo, monkeypatch, tmp_path):
     monkeypatch.setitem(formats.FORMATS, "toy", toy_format)  # the one line a new format adds
     source = repo.add_model("tiny-llama")
-    entry = toy_entry(repo.root, "tiny-llama-fp8-dynamic")
-    assert entry["inputs"]["versions"]["format.toy"] == 1 and "quantize.float" in entry["inputs"]["versions"]
+    release = toy_release(repo.root, "tiny-llama-fp8-dynamic")
+    assert release.inputs["versions"]["format.toy"] == 1 and "quantize.float" in release.inputs["versions"]
     staging = tmp_path / "toy"
     staging.mkdir()
-    manifest = build.build_into(entry, build.prepare(repo.root, entry), staging, repo.root, log=lambda message: None)
+    manifest = build.build_into(release, build.prepare(repo.root, release), staging, repo.root, log=lambda message: None)
 
     assert verify(staging)["content_digest"] == manifest["content_digest"]
     config = json.loads((staging / "config.json").read_text())
@@ -79,10 +81,10 @@ def test_a_toy_format_in_the_registry_builds_verifies_summarises_and_evaluates(r
 def test_a_toy_format_build_is_deterministic(repo, monkeypatch, tmp_path):
     monkeypatch.setitem(formats.FORMATS, "toy", toy_format)
     repo.add_model("tiny-qwen2")
-    entry = toy_entry(repo.root, "tiny-qwen2-fp8-dynamic")
+    release = toy_release(repo.root, "tiny-qwen2-fp8-dynamic")
     digests = []
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
-        digests.append(build.build_into(entry, build.prepare(repo.root, entry), tmp_path / name, repo.root,
+        digests.append(build.build_into(release, build.prepare(repo.root, release), tmp_path / name, repo.root,
                                         log=lambda message: None)["content_digest"])
     assert digests[0] == digests[1]

@@ -9,6 +9,7 @@ import json
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic_core import PydanticCustomError
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn value
 # Weight scale search (builder/quant/observe.py), compressed-tensors' `observer` names, with the
@@ -19,6 +20,20 @@ OBSERVERS = {
     "imatrix_mse": {"grid": 20, "maxshrink": 0.95, "patience": 5, "norm": 3.0},
 }
 FORMATS = ("dense", "compressed-tensors", "fp8", "gguf", "mlx")
+
+
+def registered(name: str) -> str:
+    """A format of the registry (builder/formats/ FORMATS), asked when a spec is validated, so a format
+    registered at run time (a test's toy format) is one too; the schema lists those shipped (FORMATS)."""
+    from builder import formats
+
+    if name not in formats.FORMATS:
+        raise PydanticCustomError("literal_error", "Input should be one of {expected}",
+                                  {"expected": ", ".join(map(repr, formats.FORMATS))})
+    return name
+
+
+Format = Annotated[str, AfterValidator(registered), WithJsonSchema({"enum": list(FORMATS), "type": "string"})]
 JSON_BOUNDS = {"ge": "minimum", "gt": "exclusiveMinimum", "le": "maximum", "lt": "exclusiveMaximum"}
 
 
@@ -165,7 +180,7 @@ class Smoothing(Group):
 class Quant(Group):
     """A named recipe: output format, dtype, algorithm, targets and quantization arguments."""
 
-    format: Literal[FORMATS] = Field(description="compressed-tensors, fp8 (the AutoFP8/vLLM legacy layout) or "
+    format: Format = Field(description="compressed-tensors, fp8 (the AutoFP8/vLLM legacy layout) or "
                                      "dense (Hugging Face safetensors); gguf (llama.cpp) or mlx (mlx-lm)")
     dtype: Literal["bfloat16", "float16", "float32"] = Field(
         description="dtype of unquantized tensors and of scales (GGUF block scales are always F16)")
