@@ -36,8 +36,9 @@ def test_card_has_hub_front_matter_and_says_how_to_serve_and_rebuild(release):
 
 
 def test_card_shows_the_eval_table_when_the_build_measured_quality():
-    text = model_card(lock.committed(PROJECT, "smollm2-135m-instruct-fp8-dynamic"), {"perplexity": {"source": 12.5, "artifact": 12.625}, "mean_kl": 0.004,
-                              "passed": True, "dataset": "data/eval.txt"})
+    release = lock.committed(PROJECT, "smollm2-135m-instruct-fp8-dynamic")
+    text = model_card(release, {"perplexity": {"source": 12.5, "artifact": 12.625}, "mean_kl": 0.004,
+                                "passed": True, "dataset": "data/eval.txt"})
     assert "| metric | value |\n|---|---|\n| mean_kl | 0.004 |\n| perplexity.artifact | 12.625 |\n" \
            "| perplexity.source | 12.5 |\n" in text
     assert "Not measured" not in text

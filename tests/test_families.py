@@ -243,7 +243,8 @@ def test_calibration_maxima_equal_a_full_model_forward_for_every_family(family_r
         for name_ in seen:  # sums in another order (batches of 4 against one pass): equal to rounding
             mean = torch.cat(expected["inputs"][name_]).double().square().mean(dim=0)
             for statistic in ("imatrix", "importance"):  # FP32 sums, FP64 sums
-                assert torch.allclose(getattr(found, statistic)[name_].double(), mean, rtol=1e-5, atol=1e-7), (kind, name_)
+                got = getattr(found, statistic)[name_].double()
+                assert torch.allclose(got, mean, rtol=1e-5, atol=1e-7), (kind, name_)
 
 
 ARGS = {"num_bits": 8, "type": "float", "strategy": "tensor", "symmetric": True, "dynamic": False, "group_size": None}

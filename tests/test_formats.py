@@ -58,7 +58,8 @@ def test_a_toy_format_in_the_registry_builds_verifies_summarises_and_evaluates(r
     assert release.inputs["versions"]["format.toy"] == 1 and "quantize.float" in release.inputs["versions"]
     staging = tmp_path / "toy"
     staging.mkdir()
-    manifest = build.build_into(release, build.prepare(repo.root, release), staging, repo.root, log=lambda message: None)
+    manifest = build.build_into(release, build.prepare(repo.root, release), staging, repo.root,
+                                log=lambda message: None)
 
     assert verify(staging)["content_digest"] == manifest["content_digest"]
     config = json.loads((staging / "config.json").read_text())
