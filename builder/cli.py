@@ -40,15 +40,15 @@ def cmd_list(args) -> int:
 
 
 def cmd_resolve(args) -> int:
-    from builder.release.lock import lock_entry
+    from builder.release.lock import locked
 
-    entry = lock_entry(find_root(), args.release, tuple(args.overrides))
-    shown = {"artifact_id": entry["artifact_id"], "spec": entry["spec"], "inputs": entry["inputs"]}
+    release = locked(find_root(), args.release, tuple(args.overrides))
+    spec = release.spec.data()
     if args.json:
-        sys.stdout.write(pretty_json(shown))
+        sys.stdout.write(pretty_json({"artifact_id": release.artifact_id, "spec": spec, "inputs": release.inputs}))
     else:
-        sys.stdout.write(yaml.safe_dump(entry["spec"], sort_keys=True))
-        print(f"# artifact_id: {entry['artifact_id']}")
+        sys.stdout.write(yaml.safe_dump(spec, sort_keys=True))
+        print(f"# artifact_id: {release.artifact_id}")
     return 0
 
 
@@ -89,12 +89,13 @@ def cmd_model(args) -> int:
 
 def cmd_build(args) -> int:
     from builder.build import build
-    from builder.paths import artifact_name
+    from builder.paths import artifact_folder
 
     root = find_root()
     manifest = build(root, args.release, tuple(args.overrides), out=args.out, force=args.force,
                                log=log, calibration_dump=args.calibration_stats)
-    path = console.shown_path(args.out or root / "artifacts" / artifact_name(manifest))
+    folder = artifact_folder(manifest["release"], manifest["overrides"], manifest["artifact_id"])
+    path = console.shown_path(args.out or root / "artifacts" / folder)
     result = {"path": path, "release": manifest["release"], "artifact_id": manifest["artifact_id"],
               "content_digest": manifest["content_digest"]}
     print(pretty_json(result).rstrip() if args.json else path)

@@ -14,6 +14,7 @@ from builder.check import evaluate, summary
 from builder.check.verify import verify
 from builder.errors import BuilderError
 from builder.release import identity, lock, recipe as recipes
+from builder.release.release import Release
 from conftest import release_text
 
 EVERY_FORMAT = ("VERSION", "PACKAGES", "QUANTIZER", "FAMILIES", "CONTAINER", "LIBRARY", "VLLM",
@@ -40,8 +41,8 @@ def test_an_unknown_format_names_the_known_ones():
         raised.value.render()
 
 
-def toy_entry(root, model: str) -> dict:
-    """The lock entry of a release of model in format toy (FP8 per-row, weight-only), resolved as any
+def toy_release(root, model: str) -> Release:
+    """A release of model in format toy (FP8 per-row, weight-only), resolved as any
     release is: a recipe file and a target that loads the format, nothing else."""
     quant = yaml.safe_load((root / "specs" / "quant" / "fp8-dynamic.yaml").read_text())
     quant.update(format="toy", input_activations=None)
@@ -51,17 +52,18 @@ def toy_entry(root, model: str) -> dict:
     (root / "specs" / "target" / "toy-runtime.yaml").write_text(yaml.safe_dump(target, sort_keys=False))
     (root / "specs" / "release" / f"{model}-toy.yaml").write_text(release_text(f"{model}-toy", model, "toy",
                                                                                "toy-runtime"))
-    return lock.lock_entry(root, f"{model}-toy", ())
+    return lock.locked(root, f"{model}-toy", ())
 
 
 def test_a_toy_format_in_the_registry_builds_verifies_summarises_and_evaluates(repo, monkeypatch, tmp_path):
     monkeypatch.setitem(formats.FORMATS, "toy", toy_format)  # the one line a new format adds
     source = repo.add_model("tiny-llama")
-    entry = toy_entry(repo.root, "tiny-llama")
-    assert entry["inputs"]["versions"]["format.toy"] == 1 and "quantize.float" in entry["inputs"]["versions"]
+    release = toy_release(repo.root, "tiny-llama")
+    assert release.inputs["versions"]["format.toy"] == 1 and "quantize.float" in release.inputs["versions"]
     staging = tmp_path / "toy"
     staging.mkdir()
-    manifest = build.build_into(entry, build.prepare(repo.root, entry), staging, repo.root, log=lambda message: None)
+    manifest = build.build_into(release, build.prepare(repo.root, release), staging, repo.root,
+                                log=lambda message: None)
 
     assert verify(staging)["content_digest"] == manifest["content_digest"]
     config = json.loads((staging / "config.json").read_text())
@@ -84,10 +86,10 @@ def test_a_toy_format_in_the_registry_builds_verifies_summarises_and_evaluates(r
 def test_a_toy_format_build_is_deterministic(repo, monkeypatch, tmp_path):
     monkeypatch.setitem(formats.FORMATS, "toy", toy_format)
     repo.add_model("tiny-qwen2")
-    entry = toy_entry(repo.root, "tiny-qwen2")
+    release = toy_release(repo.root, "tiny-qwen2")
     digests = []
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
-        digests.append(build.build_into(entry, build.prepare(repo.root, entry), tmp_path / name, repo.root,
+        digests.append(build.build_into(release, build.prepare(repo.root, release), tmp_path / name, repo.root,
                                         log=lambda message: None)["content_digest"])
     assert digests[0] == digests[1]

@@ -110,7 +110,7 @@ def known_outputs(name: str, shape: tuple, targeted: bool, recipe, calibration, 
     scale_dtype, scalar = scales
     found = {}
     for key, artifact_name in kv:
-        found[artifact_name] = arithmetic.scale(calibration["kv_amax"][key], recipe.kv_cache_scheme,
+        found[artifact_name] = arithmetic.scale(calibration.kv_amax[key], recipe.kv_cache_scheme,
                                                 scale_dtype).reshape(scalar)
     if not targeted:
         return found
@@ -118,7 +118,7 @@ def known_outputs(name: str, shape: tuple, targeted: bool, recipe, calibration, 
     if recipe.packed:
         found[f"{module}.weight_shape"] = torch.tensor(tuple(shape), dtype=torch.int64)
     if recipe.static_inputs:
-        amax = calibration["input_amax"][module]
+        amax = calibration.input_amax[module]
         found[f"{module}.input_scale"] = arithmetic.scale(amax, recipe.input_activations, scale_dtype).reshape(scalar)
     return found
 
