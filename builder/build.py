@@ -14,6 +14,7 @@ from builder.artifact import buildinfo, manifest, provenance, record
 from builder.artifact.export import write_model
 from builder.artifact.release_files import write_release_files
 from builder.canonical import file_entries, pretty_json, tree_digest
+from builder.check import smoke
 from builder.errors import BuilderError, CheckFailed, Problem
 from builder.paths import EVAL_FILE, MANIFEST_FILE, RECORD_FILES, artifact_name
 from builder.source import load
@@ -103,6 +104,7 @@ def build_into(entry: dict, source: dict, staging: Path, root: Path | None = Non
         weights = write_model(staging, spec, source, calibration)  # entries of files hashed as written
     evaluate_staged(root, spec, source, staging, log)  # before the card, which shows eval.json
     write_release_files(staging, entry)
+    smoke.check(staging, artifact_name(entry), log)  # loads and generates; a failure publishes nothing
     # each file hashed once (the weights while they were written), for both records
     content = file_entries(staging, exclude=RECORD_FILES, known={e["path"]: e for e in weights})
     provenance.write(entry, source["path"], staging, content)
