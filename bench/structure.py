@@ -1,13 +1,15 @@
 """The builder package's shape in figures: modules per folder, the longest import chain, and how many
-modules name each output format (what adding or changing a format touches).
+modules name each output format in their code (what adding or changing a format touches).
 
     python bench/structure.py [--repo DIR] [--json]      (DIR: a checkout, default this one)
 """
 
 import argparse
 import ast
+import io
 import json
 import re
+import tokenize
 from functools import cache
 from pathlib import Path
 
@@ -38,6 +40,16 @@ def imports(path: Path, known: dict) -> set:
     return found & set(known)
 
 
+def code_only(text: str) -> str:
+    """The source without comments and docstrings: what a module does, not what it mentions."""
+    docstrings = {(node.lineno, node.col_offset) for node in ast.walk(ast.parse(text))
+                  if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+                  and isinstance(node.value.value, str)}
+    kept = [token.string for token in tokenize.generate_tokens(io.StringIO(text).readline)
+            if token.type != tokenize.COMMENT and not (token.type == tokenize.STRING and token.start in docstrings)]
+    return " ".join(kept)
+
+
 def longest_chain(edges: dict) -> list:
     """The longest path of imports (edges are acyclic in this package; a cycle is cut where it closes)."""
     @cache
@@ -60,8 +72,9 @@ def measure(repo: Path) -> dict:
         folder = name.split(".")[1] if name.count(".") >= 2 else "(top level)"
         per_folder[folder] = per_folder.get(folder, 0) + 1
     edges = {name: imports(path, known) - {name} for name, path in known.items()}
-    texts = {name: path.read_text(encoding="utf-8").lower() for name, path in known.items()}
-    mentions = {word: sorted(n for n, t in texts.items() if re.search(pattern, t))
+    texts = {name: path.read_text(encoding="utf-8") for name, path in known.items()}
+    code = {name: code_only(text).lower() for name, text in texts.items()}
+    mentions = {word: sorted(n for n, t in code.items() if re.search(pattern, t))
                 for word, pattern in FORMAT_WORDS.items()}
     chain = longest_chain(edges)
     return {"modules": len(known), "lines": sum(t.count("\n") for t in texts.values()),
@@ -83,7 +96,7 @@ def main() -> None:
     print("modules per folder: " + ", ".join(f"{k} {v}" for k, v in result["modules_per_folder"].items()))
     print(f"longest import chain ({result['longest_import_chain_length']}): "
           + " -> ".join(result["longest_import_chain"]))
-    print("modules naming a format: " + ", ".join(f"{k} {v}" for k, v in result["modules_naming_format"].items()))
+    print("modules whose code (not comments or docstrings) names a format: " + ", ".join(f"{k} {v}" for k, v in result["modules_naming_format"].items()))
 
 
 if __name__ == "__main__":

@@ -104,8 +104,8 @@ def test_a_gptq_build_leaves_no_scratch_behind(calib_repo, tmp_path):
     out = tmp_path / "work" / "a"
     out.parent.mkdir()
     build_module.build(calib_repo.root, "tiny-llama-w4a16-gptq", SMALL, out=out, log=lambda message: None)
-    left = [p.name for p in out.parent.iterdir() if p.name != "a"]
-    assert left == [".a.lock"]  # the output's lock file stays beside it; no staging, no scratch
+    left = sorted(p.name for p in out.parent.iterdir() if p.name != "a")
+    assert left == [".a.lock", "a.buildinfo.json"]  # its lock file and buildinfo beside it; no staging, no scratch
 
 
 def test_imatrix_mse_without_gptq_is_repeatable_records_its_observer_and_only_shrinks_scales(calib_repo, tmp_path):

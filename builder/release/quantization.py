@@ -9,6 +9,9 @@ import json
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic_core import PydanticCustomError
+
+from builder import formats
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn value
 # Weight scale search (builder/quant/observe.py), compressed-tensors' `observer` names, with the
@@ -18,7 +21,6 @@ OBSERVERS = {
     "mse": {"grid": 100, "maxshrink": 0.2, "patience": 5, "norm": 2.4},
     "imatrix_mse": {"grid": 20, "maxshrink": 0.95, "patience": 5, "norm": 3.0},
 }
-FORMATS = ("dense", "compressed-tensors", "fp8", "gguf", "mlx")
 JSON_BOUNDS = {"ge": "minimum", "gt": "exclusiveMinimum", "le": "maximum", "lt": "exclusiveMaximum"}
 
 
@@ -56,6 +58,17 @@ def unique_list(item, min_length: int = 0, description: str | None = None):
                                        json_schema_extra={"uniqueItems": True}), AfterValidator(unique)]
 
 
+def registered(value: str) -> str:
+    """An output format of the registry (builder/formats/), asked when a spec is validated, so a format
+    module registered there is a valid quant.format with no edit here."""
+    if value not in formats.FORMATS:
+        raise PydanticCustomError("literal_error", "not a registered output format")
+    return value
+
+
+# quant.format and a target's formats: the registry's names (the schema lists them when it is written).
+Format = Annotated[str, AfterValidator(registered),
+                   Field(json_schema_extra=lambda schema: schema.update(enum=list(formats.FORMATS)))]
 Positive = Annotated[int, Field(ge=1)]
 ModulePattern = Annotated[str, Field(min_length=1)]
 
@@ -165,7 +178,7 @@ class Smoothing(Group):
 class Quant(Group):
     """A named recipe: output format, dtype, algorithm, targets and quantization arguments."""
 
-    format: Literal[FORMATS] = Field(description="compressed-tensors, fp8 (the AutoFP8/vLLM legacy layout) or "
+    format: Format = Field(description="compressed-tensors, fp8 (the AutoFP8/vLLM legacy layout) or "
                                      "dense (Hugging Face safetensors); gguf (llama.cpp) or mlx (mlx-lm)")
     dtype: Literal["bfloat16", "float16", "float32"] = Field(
         description="dtype of unquantized tensors and of scales (GGUF block scales are always F16)")
