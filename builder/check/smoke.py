@@ -58,15 +58,26 @@ def run(folder: Path, shown: str) -> dict:
     gap = loader_gap(folder, config)
     if gap:
         return {"skipped": gap}
-    # .float(): transformers 5.17 leaves a MoE's fused experts and routers in BF16 after compressed-tensors
-    # dequantizes them (the values are right; an FP32 forward then refuses the mixed dtypes)
-    model = attempt(weights, "weights", lambda: evaluate.load_model(folder).float())
+    model = attempt(weights, "weights", lambda: in_float32(evaluate.load_model(folder)))
     prompt = attempt(vocabulary, "tokenizer", lambda: encode(tokenizer, model))
     tokens, logits = attempt(weights, "generate", lambda: generate(model, prompt, tokenizer))
     problems = output_problems(weights, logits, tokens)
     if problems:
         raise CheckFailed(problems)
     return {"tokens": tokens, "text": attempt(vocabulary, "decode", lambda: decode(tokenizer, tokens))}
+
+
+def in_float32(model):
+    """model with every floating parameter in FP32: transformers 5.17 leaves a MoE's fused experts and
+    routers in BF16 after compressed-tensors dequantizes them (the values are right; an FP32 forward then
+    refuses the mixed dtypes). Parameter by parameter, since model.float() is refused for a model
+    transformers calls quantized (GGUF, compressed-tensors)."""
+    import torch
+
+    for parameter in model.parameters():
+        if parameter.is_floating_point() and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()
+    return model
 
 
 def attempt(file: str, step: str, work):
