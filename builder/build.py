@@ -47,7 +47,7 @@ def build(root: Path, release: str, overrides: tuple = (), out: Path | None = No
             return record.read(out).manifest
         result = build_into(entry, source, staging, root, log, calibration_dump)
         atomic.publish(staging, out)
-    buildinfo.write(out, started, determinism.device_facts(source["devices"]))  # who built it, beside out
+        buildinfo.write(out, result, started, determinism.device_facts(source["devices"]))  # who built it, beside out
     log(f"{out.name}: built {result['content_digest']} (artifact_id {entry['artifact_id']})")
     return result
 

@@ -25,6 +25,8 @@ from conftest import Repo
 GOLDEN = Path(__file__).with_name("golden.json")
 ARCHITECTURES = ("tiny-llama", "tiny-qwen2")
 SMALL_CALIBRATION = {"calibration": {"samples": 4, "sequence_length": 64}}
+# The tiny models' Linears (64 and 128 features; 32 k/v rows) hold whole 32x32 blocks, not 128x128 ones.
+BLOCKS_32 = {"quant": {"weights": {"block_structure": [32, 32]}, "input_activations": {"group_size": 32}}}
 # case -> (quant option, calibration option, eval option, extra release keys)
 RECIPES = {
     "bf16": ("bf16", "none", "none", {}),
@@ -56,6 +58,8 @@ RECIPES = {
     "gguf-q8_0-evaluated": ("gguf-q8_0", "none", "docstrings", {"eval": {
         "samples": 2, "sequence_length": 64,
         "gate": {"max_perplexity_increase_pct": None, "max_mean_kl": None}}}),
+    "fp8-block": ("fp8-block", "none", "none", BLOCKS_32),
+    "fp8-block-legacy": ("fp8-block-legacy", "none", "none", BLOCKS_32),
     "mlx-4bit": ("mlx-4bit", "none", "none", {}),
     "mlx-8bit-g32": ("mlx-4bit", "none", "none", {"quant": {"weights": {"num_bits": 8, "group_size": 32}}}),
     "mlx-4bit-evaluated": ("mlx-4bit", "none", "docstrings", {"eval": {
@@ -66,6 +70,8 @@ RECIPES = {
 # (conftest.save_bpe_tokenizer: a GGUF vocabulary needs merges); the others build for vllm-h100.
 ON_DEVICE = {case: "llama-cpp" if case.startswith("gguf") else "mlx" for case in RECIPES
              if case.startswith(("gguf", "mlx"))}
+# Cases for targets other than vllm-h100: block-wise FP8's kernel family (w8a8-fp8-block) is listed by vllm-h200.
+TARGETS = {case: "vllm-h200" for case in RECIPES if case.startswith("fp8-block")}
 CASES = tuple(f"golden-{arch}-{recipe}" for arch in ARCHITECTURES for recipe in RECIPES)
 # Which parts decide each kind of file (the diagnosis names those the failing case runs).
 FILE_PARTS = (
@@ -81,7 +87,7 @@ FILE_PARTS = (
 
 def release_yaml(name: str, arch: str, recipe: str) -> str:
     quant, calibration, evaluation, extra = RECIPES[recipe]
-    model, target = (f"{arch}-bpe", ON_DEVICE[recipe]) if recipe in ON_DEVICE else (arch, "vllm-h100")
+    model, target = (f"{arch}-bpe", ON_DEVICE[recipe]) if recipe in ON_DEVICE else (arch, TARGETS.get(recipe, "vllm-h100"))
     defaults = [{"override /model": model}, {"override /quant": quant}, {"override /target": target},
                 {"override /calibration": calibration}, {"override /eval": evaluation}]
     document = {"defaults": defaults, "release": {"name": name, "version": "0.0.1"}, **extra}

@@ -160,10 +160,10 @@ def test_no_two_modules_define_a_problems_function_of_the_same_name():
     assert [name for name, count in names.items() if count > 1] == []
 
 
-def test_a_block_strategy_is_named_and_refused(repo):
+def test_a_block_strategy_without_its_block_structure_is_named_and_refused(repo):
     from builder.errors import BuilderError
     from builder.release.resolve import resolve
 
     with pytest.raises(BuilderError) as caught:
         resolve(repo.root, "smollm2-135m-instruct-fp8-dynamic", ("quant.weights.strategy=block",))
-    assert "quant.weights.strategy: block: compressed-tensors' 2-D weight blocks are not written" in str(caught.value)
+    assert "quant.weights.block_structure: None: block_structure is required with strategy block" in str(caught.value)

@@ -159,8 +159,8 @@ def test_cli_reports_spec_errors_with_exit_code_2_and_writes_nothing(repo):
 
 def test_an_override_of_an_unknown_key_answers_with_the_allowed_keys_not_hydras_hint(repo):
     message = problems_of(repo.root, "smollm2-135m-instruct-fp8-dynamic", "context.max_len=4096")
-    assert message == ("override 'context.max_len=4096': context.max_len: unknown key; allowed keys: buckets, "
-                       "max_model_len, max_num_seqs, prefill_chunk_size")
+    assert message == ("override 'context.max_len=4096' (specs/context/2k.yaml): group context has no key max_len; "
+                       "its keys: buckets, max_model_len, max_num_seqs, prefill_chunk_size")
 
 
 def test_an_override_of_an_allowed_key_no_file_sets_says_to_add_it_with_plus(repo):

@@ -9,7 +9,7 @@ import torch
 
 from builder import formats
 from builder.errors import BuilderError, Problem
-from builder.quant import affine, ggml
+from builder.quant import affine, blocks, ggml
 from builder.release import families
 from builder.release.recipe import Args, Recipe
 
@@ -61,11 +61,16 @@ def unquantized(name: str, tensor: torch.Tensor, recipe: Recipe) -> torch.Tensor
 
 def rounded(name: str, tensor: torch.Tensor, scale_dtype: torch.dtype, recipe: Recipe,
             calibration: dict | None = None) -> tuple:
-    """(values, scale) of a targeted weight with compressed-tensors' arithmetic: GPTQ's integer
-    weights where calibration has them, else round to nearest with the searched scale
-    (observe.searched_scales) or the max |w| one. Raises BuilderError on NaN or infinity.
+    """(values, scale) of a targeted weight with compressed-tensors' arithmetic: FP8 blocks
+    (quant/blocks.py), GPTQ's integer weights where calibration has them, else round to nearest with
+    the searched scale (observe.searched_scales) or the max |w| one. Raises BuilderError on NaN or infinity.
     """
     args = recipe.weights
+    if args.strategy == "block":  # rtn with max |w| per block (recipe.block_recipe_problems refuses the rest)
+        amax = blocks.block_amax(tensor, args.block_structure)
+        require_finite(name, amax)
+        scale = scale_from_amax(amax, args, scale_dtype)
+        return blocks.quantize_weight(tensor, scale.to(torch.float32), args.block_structure), scale
     module = name[: -len(".weight")]
     gptq = (calibration or {}).get("gptq", {}).get(module)
     if gptq is not None:

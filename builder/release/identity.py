@@ -27,6 +27,7 @@ OUTPUT_VERSIONS = {
     **formats.versions(),            # format.<name>: each format module's VERSION (builder/formats/)
     "quantize.float": 1,             # FP8 scales and rounding (weights, activation and KV-cache scales)
     "quantize.int": 1,               # INT8 / INT4 scales and rounding
+    "quantize.fp8-block": 1,         # FP8 weights with one scale per 2-D block (quant/blocks.py)
     "quantize.ggml": 1,              # llama.cpp's Q8_0 / Q4_0 blocks
     "quantize.affine": 1,            # MLX's affine groups: scales, biases, codes
     "gptq": 2,                       # GPTQ's column loop (integer and FP8 weights); 2: under MKL_CBWR=AVX2,STRICT
@@ -49,6 +50,7 @@ PART_PACKAGES = {
     **formats.packages(),            # format.<name>: each format module's PACKAGES
     "quantize.float": ("torch",),
     "quantize.int": ("torch",),
+    "quantize.fp8-block": ("torch",),
     "quantize.ggml": ("torch",),
     "quantize.affine": ("torch",),
     "gptq": ("torch",),

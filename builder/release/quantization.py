@@ -96,6 +96,9 @@ class Args(Group):
     symmetric: bool
     dynamic: bool
     group_size: Positive | None
+    block_structure: Annotated[list[Positive], Field(min_length=2, max_length=2)] | None = Field(
+        None, description="[rows, columns] of a weight block sharing one scale, with strategy block (optional; "
+        "absent: none), e.g. [128, 128]: compressed-tensors' FP8_BLOCK")
     observer: Literal["minmax", "mse", "imatrix_mse"] = Field(
         "minmax", description="how weight scales are chosen (optional; absent: minmax): minmax (max |w|), mse "
         "(clipping ratio minimising the rounding error), imatrix_mse (the same error weighted by the calibration "
@@ -108,7 +111,8 @@ class Args(Group):
 
     def as_dict(self) -> dict:
         """The fields compressed-tensors and the spec share, without the observer (see `search`)."""
-        return self.model_dump(include={"num_bits", "type", "strategy", "symmetric", "dynamic", "group_size"})
+        shared = {"num_bits", "type", "strategy", "symmetric", "dynamic", "group_size", "block_structure"}
+        return self.model_dump(include=shared)
 
     @property
     def settings(self) -> dict:
@@ -133,11 +137,15 @@ class Args(Group):
             return 1
         if self.strategy == "group":
             return rows * -(-columns // self.group_size)
-        return rows  # channel (token and block are refused for weights)
+        if self.strategy == "block":  # partial blocks at the edges keep a scale of their own
+            block_rows, block_columns = self.block_structure
+            return -(-rows // block_rows) * -(-columns // block_columns)
+        return rows  # channel (token is refused for weights)
 
     def words(self) -> str:
         """In a few words, for people: fp8, channel, symmetric, dynamic scales."""
-        strategy = f"group {self.group_size}" if self.strategy == "group" else self.strategy
+        strategy = {"group": f"group {self.group_size}",
+                    "block": f"block {'x'.join(map(str, self.block_structure or ()))}"}.get(self.strategy, self.strategy)
         kind = "fp" if self.type == "float" else "int"
         return (f"{kind}{self.num_bits}, {strategy}, {'symmetric' if self.symmetric else 'asymmetric'}, "
                 f"{'dynamic' if self.dynamic else 'static'} scales")
