@@ -14,6 +14,7 @@ from builder.artifact import buildinfo, manifest, provenance, record
 from builder.artifact.export import write_model
 from builder.artifact.release_files import write_release_files
 from builder.canonical import file_entries, pretty_json, tree_digest
+from builder.check import smoke
 from builder.errors import BuilderError, CheckFailed, Problem
 from builder.paths import EVAL_FILE, MANIFEST_FILE, RECORD_FILES
 from builder.release import families, lock
@@ -104,6 +105,7 @@ def build_into(release: Release, source: BuildInputs, staging: Path, root: Path 
         weights = write_model(staging, spec, source, calibration)  # entries of files hashed as written
     evaluate_staged(root, spec, source, staging, log)  # before the card, which shows eval.json
     write_release_files(staging, release)
+    smoke.check(staging, release.artifact_name, log, parameters=source.parameters)  # a failure publishes nothing
     # each file hashed once (the weights while they were written), for both records
     content = file_entries(staging, exclude=RECORD_FILES, known={e["path"]: e for e in weights})
     provenance.write(release, source.path, staging, content)

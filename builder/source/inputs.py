@@ -5,6 +5,7 @@ is written, handed to calibration, the writers and evaluation.
     inputs.tensors["model.norm.weight"].shape, inputs.recipe.format, inputs.devices
 """
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,3 +28,8 @@ class BuildInputs:
     calibration_ids: object  # torch LongTensor [samples, length] of calibration tokens; None: no calibration
     eval_ids: object        # the same for evaluation; None when the release has no eval dataset
     layout: dict            # what the output format read from the source first (formats' prepare())
+
+    @property
+    def parameters(self) -> int:
+        """The source's parameter count: every stored tensor's elements."""
+        return sum(math.prod(stored.shape) for stored in self.tensors.values())
