@@ -43,10 +43,11 @@ OPTIONAL = {"pydot": "torch.fx's graph drawer, imported when installed",
             "colorama": "torch._inductor's terminal colours, imported when installed",
             "protobuf": "accelerate checks whether it is installed"}
 BUILDER = {
-    "hydra-core": "1.3.8", "omegaconf": "2.3.1", "antlr4-python3-runtime": "4.9.3",
-    "jsonschema": "4.26.0", "jsonschema-specifications": "2025.9.1", "referencing": "0.37.0",
-    "rpds-py": "2026.9.1", "attrs": "26.1.0",
-    "compressed-tensors": "0.17.0",  # read for the toolchain (its version goes into config.json)
+    "hydra-core": "1.3.8", "omegaconf": "2.3.1", "antlr4-python3-runtime": "4.9.3", "attrs": "26.1.0",
+    "compressed-tensors": "0.17.0",  # its version goes into config.json; transformers loads it for the smoke check
+    "loguru": "0.7.3",               # compressed-tensors' logging
+    # the spec's typed models (builder/release/models.py)
+    "pydantic": "2.14.4", "pydantic-core": "2.50.5", "annotated-types": "0.8.0", "typing-inspection": "0.4.5",
 }
 # What llm-compressor's oneshot GPTQ imports that the machine lacks (llmcompressor imports datasets at
 # import time; datasets imports pyarrow, dill, multiprocess, xxhash; both import requests, which
