@@ -72,7 +72,7 @@ def test_tp3_release_ships_its_serve_json_card_and_estimated_size(smollm2):
 
     from builder.release import lock
     from builder.artifact.card import model_card
-    from builder.source.load import read_header
+    from builder.tensorfile import read_header
     from builder.release.memory import weight_bytes
     from builder.release.recipe import Recipe
     from builder.artifact.serve import serve_config
