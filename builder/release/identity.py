@@ -13,7 +13,6 @@ from functools import cache
 from importlib import metadata
 from pathlib import Path
 
-import builder
 from builder import formats
 from builder.canonical import canonical_json, file_entries, sha256_bytes, sha256_file, tree_digest
 from builder.errors import BuilderError, Problem
@@ -173,7 +172,3 @@ def builder_digest() -> str:
                 entries.append({**entry, "path": f"{prefix}/{entry['path']}"})
     return tree_digest(entries)
 
-
-def builder_identity() -> dict:
-    """{version, digest} of the builder running now."""
-    return {"version": builder.__version__, "digest": builder_digest()}
