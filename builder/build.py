@@ -14,11 +14,13 @@ from builder.artifact import buildinfo, manifest, provenance, record
 from builder.artifact.export import write_model
 from builder.artifact.release_files import write_release_files
 from builder.canonical import file_entries, pretty_json, tree_digest
+from builder.check import smoke
 from builder.errors import BuilderError, CheckFailed, Problem
-from builder.paths import EVAL_FILE, MANIFEST_FILE, RECORD_FILES, artifact_name
-from builder.source import load
+from builder.paths import EVAL_FILE, MANIFEST_FILE, RECORD_FILES
 from builder.release import families, lock
-from builder.release.recipe import Recipe
+from builder.release.release import Release
+from builder.source import load
+from builder.source.inputs import BuildInputs
 
 
 def build(root: Path, release: str, overrides: tuple = (), out: Path | None = None,
@@ -27,52 +29,52 @@ def build(root: Path, release: str, overrides: tuple = (), out: Path | None = No
 
     calibration_dump: a JSON file (outside the artifact) to receive the calibration maxima, for debugging.
     """
-    entry = lock.lock_entry(root, release, tuple(overrides))
+    locked = lock.locked(root, release, tuple(overrides))
     if not overrides:
-        require_current_lock(root, release, entry)
-    out = (out or root / "artifacts" / artifact_name(entry)).absolute()
-    if not force and up_to_date(out, entry):
-        log(f"{out.name}: up to date (artifact_id {entry['artifact_id']}); --force rebuilds")
+        require_current_lock(root, locked)
+    out = (out or locked.artifact_dir(root)).absolute()
+    if not force and up_to_date(out, locked):
+        log(f"{out.name}: up to date (artifact_id {locked.artifact_id}); --force rebuilds")
         return record.read(out).manifest
     if out.exists() and not record.is_artifact(out) and not force:
         raise BuilderError(Problem(str(out), "--out", "exists and is not an artifact; "
                                    "choose another folder or pass --force to replace it"))
     started = time.time()
-    source = prepare(root, entry)  # every input check happens before anything is written
-    log(f"{release}: {len(source['tensors'])} tensors from {entry['spec']['model']['path']}")
+    source = prepare(root, locked)  # every input check happens before anything is written
+    log(f"{release}: {len(source.tensors)} tensors from {locked.spec.model.path}")
     with atomic.staging(out, root) as staging:
-        if not force and up_to_date(out, entry):  # a concurrent build of the same release finished
-            log(f"{out.name}: up to date (artifact_id {entry['artifact_id']})")
+        if not force and up_to_date(out, locked):  # a concurrent build of the same release finished
+            log(f"{out.name}: up to date (artifact_id {locked.artifact_id})")
             return record.read(out).manifest
-        result = build_into(entry, source, staging, root, log, calibration_dump)
+        result = build_into(locked, source, staging, root, log, calibration_dump)
         atomic.publish(staging, out)
-    buildinfo.write(out, started, determinism.device_facts(source["devices"]))  # who built it, beside out
-    log(f"{out.name}: built {result['content_digest']} (artifact_id {entry['artifact_id']})")
+        buildinfo.write(out, result, started, determinism.device_facts(source.devices))  # who built it, beside out
+    log(f"{out.name}: built {result['content_digest']} (artifact_id {locked.artifact_id})")
     return result
 
 
-def prepare(root: Path, entry: dict) -> dict:
+def prepare(root: Path, release: Release) -> BuildInputs:
     """Check the source against the spec and index it; reads only, so bad input writes nothing."""
-    spec = entry["spec"]
-    model_file = f"specs/model/{spec['choices']['model']}.yaml"
+    spec, model = release.spec.data(), release.spec.model
+    model_file = f"specs/model/{release.spec.choices.model}.yaml"
     path = load.source_dir(root, spec)
     config = load.read_config(path, model_file)
-    load.check_tokenizer(path, spec["model"]["path"])
+    load.check_tokenizer(path, model.path)
     tensors = load.tensor_index(path)
     architecture = load.architecture(path)
     load.check_architecture(spec["model"]["architecture"], architecture["facts"], model_file)
-    load.check_tensors(spec["model"]["path"], tensors, architecture["shapes"], architecture["tied"])
-    family = families.of_class(architecture["facts"]["class"])
-    recipe = Recipe.of(spec["quant"])
-    devices = determinism.devices(spec, recipe)  # a CUDA device asked for where there is none: refused now
+    load.check_tensors(model.path, tensors, architecture["shapes"], architecture["tied"])
+    recipe = release.recipe
+    devices = determinism.devices(release)  # a CUDA device asked for where there is none: refused now
     calibration_ids = data_samples(root, spec, path, "calibration") if recipe.needs_calibration else None
     # eval windows are drawn now too: empty or too-short text is refused before anything is quantized
-    eval_ids = data_samples(root, spec, path, "eval") if spec["eval"]["dataset"] is not None else None
+    eval_ids = data_samples(root, spec, path, "eval") if release.spec.eval.dataset is not None else None
     layout = formats.of(recipe.format).prepare(path, config, spec)  # what its format reads first
     failpoints.reached("read")
-    return {"path": path, "config": config, "tensors": tensors, "modules": architecture["modules"],
-            "family": family, "facts": architecture["facts"], "recipe": recipe, "devices": devices,
-            "calibration_ids": calibration_ids, "eval_ids": eval_ids, "layout": layout}
+    return BuildInputs(path=path, config=config, tensors=tensors, modules=architecture["modules"],
+                       family=families.of_class(architecture["facts"]["class"]), facts=architecture["facts"],
+                       recipe=recipe, devices=devices, calibration_ids=calibration_ids, eval_ids=eval_ids,
+                       layout=layout)
 
 
 def data_samples(root: Path, spec: dict, tokenizer_dir: Path, group: str):
@@ -83,7 +85,7 @@ def data_samples(root: Path, spec: dict, tokenizer_dir: Path, group: str):
                         group=group)
 
 
-def build_into(entry: dict, source: dict, staging: Path, root: Path | None = None, log=print,
+def build_into(release: Release, source: BuildInputs, staging: Path, root: Path | None = None, log=print,
                calibration_dump: Path | None = None) -> dict:
     """The verbs of a build, top to bottom, writing only into staging.
 
@@ -92,26 +94,27 @@ def build_into(entry: dict, source: dict, staging: Path, root: Path | None = Non
     from builder import allocator
     from builder.quant import calibrate, observe
 
-    determinism.apply_torch(source["devices"])
+    determinism.apply_torch(source.devices)
     allocator.return_freed_memory()
-    spec, recipe = entry["spec"], source["recipe"]
+    spec, recipe = release.spec.data(), source.recipe
     # GPTQ's per-layer results, beside staging and named after it, so a killed build's are cleaned up with it
     with tempfile.TemporaryDirectory(prefix=f"{staging.name}-scratch-", dir=staging.parent) as scratch:
-        calibration = calibrate.for_build(recipe, source, log, calibration_dump,
-                                          spec["calibration"].get("device", "cpu"), Path(scratch))
-        calibration = observe.searched_scales(recipe, source["tensors"], source["modules"], calibration)
+        calibration = calibrate.for_build(recipe, source, log, calibration_dump, release.spec.calibration.device,
+                                          Path(scratch))
+        calibration = observe.searched_scales(recipe, source.tensors, source.modules, calibration)
         weights = write_model(staging, spec, source, calibration)  # entries of files hashed as written
     evaluate_staged(root, spec, source, staging, log)  # before the card, which shows eval.json
-    write_release_files(staging, entry)
+    write_release_files(staging, release)
+    smoke.check(staging, release.artifact_name, log, parameters=source.parameters)  # a failure publishes nothing
     # each file hashed once (the weights while they were written), for both records
     content = file_entries(staging, exclude=RECORD_FILES, known={e["path"]: e for e in weights})
-    provenance.write(entry, source["path"], staging, content)
-    result = manifest.create(staging, entry, content)
+    provenance.write(release, source.path, staging, content)
+    result = manifest.create(staging, release, content)
     failpoints.reached("manifest")
     return result
 
 
-def evaluate_staged(root: Path, spec: dict, source: dict, staging: Path, log) -> None:
+def evaluate_staged(root: Path, spec: dict, source: BuildInputs, staging: Path, log) -> None:
     """Measure the staged artifact against its source when the release has an eval group; a missed
     gate raises CheckFailed before anything is moved into place.
 
@@ -121,24 +124,24 @@ def evaluate_staged(root: Path, spec: dict, source: dict, staging: Path, log) ->
 
     if spec["eval"]["dataset"] is None:
         return
-    result = evaluate.evaluate(root, spec, source["path"], staging, log, ids=source["eval_ids"])
+    result = evaluate.evaluate(root, spec, source.path, staging, log, ids=source.eval_ids)
     (staging / EVAL_FILE).write_text(pretty_json(result), encoding="utf-8")
     evaluate.require_gate(result, spec)
 
 
-def require_current_lock(root: Path, release: str, entry: dict) -> None:
+def require_current_lock(root: Path, release: Release) -> None:
     """Refuse to build a release whose committed lock no longer matches specs/ and the toolchain."""
-    committed = lock.read(root, release)
-    if committed is None or committed["artifact_id"] == entry["artifact_id"]:
+    committed = lock.read(root, release.name)  # plain data: a lock of an older shape is still compared
+    if committed is None or committed["artifact_id"] == release.artifact_id:
         return
-    raise BuilderError(Problem(f"locks/{release}.json", "artifact_id",
-                               f"stale ({lock.describe(lock.differences(committed, entry))} changed); "
+    raise BuilderError(Problem(release.lock_file, "artifact_id",
+                               f"stale ({lock.describe(lock.differences(committed, release.to_entry()))} changed); "
                                "run `builder lock` first"))
 
 
-def up_to_date(out: Path, entry: dict) -> bool:
+def up_to_date(out: Path, release: Release) -> bool:
     """Whether out already holds this artifact_id (a complete artifact: it has its manifest)."""
-    return record.is_artifact(out) and record.read(out, strict=False).manifest.get("artifact_id") == entry["artifact_id"]
+    return record.is_artifact(out) and record.read(out, strict=False).manifest.get("artifact_id") == release.artifact_id
 
 
 def rebuild(root: Path, artifact: Path, log=print) -> dict:
@@ -146,16 +149,17 @@ def rebuild(root: Path, artifact: Path, log=print) -> dict:
     compare its content; raise CheckFailed naming the first differing file (and tensor)."""
     from builder.check import compare
 
-    entry = record.read(artifact).entry
-    problems = compare.input_problems(root, entry, f"{artifact.name}/{MANIFEST_FILE}")
+    where = f"{artifact.name}/{MANIFEST_FILE}"
+    recorded = record.read(artifact).release()
+    problems = compare.input_problems(root, recorded, where)
     if problems:
         raise BuilderError(problems)
-    source = prepare(root, entry)
+    source = prepare(root, recorded)
     with tempfile.TemporaryDirectory(prefix="builder-rebuild-") as temporary:
         staging = Path(temporary) / artifact.name
         staging.mkdir()
-        log(f"{artifact.name}: rebuilding {entry['artifact_id']} in a temporary folder")
-        rebuilt = build_into(entry, source, staging, root, log)
+        log(f"{artifact.name}: rebuilding {recorded.artifact_id} in a temporary folder")
+        rebuilt = build_into(recorded, source, staging, root, log)
         difference = compare.first_difference(artifact, staging)
     if difference:
         present = tree_digest(file_entries(artifact, exclude=RECORD_FILES))

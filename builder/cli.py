@@ -40,15 +40,15 @@ def cmd_list(args) -> int:
 
 
 def cmd_resolve(args) -> int:
-    from builder.release.lock import lock_entry
+    from builder.release.lock import locked
 
-    entry = with_known_keys(lock_entry, find_root(), args.release, tuple(args.overrides))
-    shown = {"artifact_id": entry["artifact_id"], "spec": entry["spec"], "inputs": entry["inputs"]}
+    release = locked(find_root(), args.release, tuple(args.overrides))
+    spec = release.spec.data()
     if args.json:
-        sys.stdout.write(pretty_json(shown))
+        sys.stdout.write(pretty_json({"artifact_id": release.artifact_id, "spec": spec, "inputs": release.inputs}))
     else:
-        sys.stdout.write(yaml.safe_dump(entry["spec"], sort_keys=True))
-        print(f"# artifact_id: {entry['artifact_id']}")
+        sys.stdout.write(yaml.safe_dump(spec, sort_keys=True))
+        print(f"# artifact_id: {release.artifact_id}")
     return 0
 
 
@@ -89,12 +89,13 @@ def cmd_model(args) -> int:
 
 def cmd_build(args) -> int:
     from builder.build import build
-    from builder.paths import artifact_name
+    from builder.paths import artifact_folder
 
     root = find_root()
-    manifest = with_known_keys(build, root, args.release, tuple(args.overrides), out=args.out, force=args.force,
+    manifest = build(root, args.release, tuple(args.overrides), out=args.out, force=args.force,
                                log=log, calibration_dump=args.calibration_stats)
-    path = console.shown_path(args.out or root / "artifacts" / artifact_name(manifest))
+    folder = artifact_folder(manifest["release"], manifest["overrides"], manifest["artifact_id"])
+    path = console.shown_path(args.out or root / "artifacts" / folder)
     result = {"path": path, "release": manifest["release"], "artifact_id": manifest["artifact_id"],
               "content_digest": manifest["content_digest"]}
     print(pretty_json(result).rstrip() if args.json else path)
@@ -110,47 +111,6 @@ def serve_command(artifact: Path) -> str | None:
         return json.loads((artifact / SERVE_FILE).read_text(encoding="utf-8")).get("command")
     except (OSError, ValueError, AttributeError):
         return None
-
-
-def with_known_keys(verb, root: Path, release: str, overrides: tuple, **kwargs):
-    """verb(root, release, overrides), where an override of a key the spec does not have (Hydra's
-    "Could not override 'context.max_len'", whose hint `+context.max_len` fails again at validation)
-    is answered with the keys that group has."""
-    try:
-        return verb(root, release, overrides, **kwargs)
-    except BuilderError as error:
-        missing = [m.group(1) for p in error.problems for m in [UNKNOWN_OVERRIDE.search(p.message)] if m]
-        culprits = [o for o in overrides for key in missing if o.split("=", 1)[0] == key]
-        problem = unknown_key(root, release, overrides, culprits[0]) if culprits else None
-        if problem is None:
-            raise
-        raise BuilderError(problem) from None
-
-
-UNKNOWN_OVERRIDE = re.compile(r"Could not override '([^']+)'")
-
-
-def unknown_key(root: Path, release: str, overrides: tuple, culprit: str) -> Problem | None:
-    """What to say of an override whose key is not in the composed spec: the group (or the key above
-    it) and the keys it has; None when every part of the key exists after all."""
-    from builder.release.resolve import compose
-
-    spec = compose(root, release, tuple(o for o in overrides if o != culprit))
-    parts = culprit.split("=", 1)[0].split(".")
-    where, node, path = f"override {culprit!r}", {k: v for k, v in spec.items() if k != "choices"}, []
-    if parts[0] in spec["choices"]:
-        where += f" (specs/{parts[0]}/{spec['choices'][parts[0]]}.yaml)"
-    for part in parts:
-        if not isinstance(node, dict):
-            return Problem(where, "", f"{'.'.join(path)} is a value, not a group: it has no key {part}")
-        if part not in node:
-            break
-        node, path = node[part], [*path, part]
-    else:
-        return None
-    owner = {0: "the spec", 1: f"group {'.'.join(path)}"}.get(len(path), ".".join(path))
-    return Problem(where, "", f"{owner} has no {'group' if not path else 'key'} {part}; "
-                   f"its {'groups' if not path else 'keys'}: {', '.join(sorted(node))}")
 
 
 def cmd_build_many(args) -> int:

@@ -47,23 +47,22 @@ def apply_torch(devices: tuple = ()) -> None:
         torch.cuda.manual_seed_all(SEED)
 
 
-def devices(spec: dict, recipe) -> tuple:
-    """The devices a build runs the model on (calibration, evaluation), sorted; BuilderError when
-    cuda is asked for and torch sees no CUDA device, before anything is written."""
+def devices(release) -> tuple:
+    """release.devices (builder/release/release.py: the devices a build runs the model on, sorted);
+    BuilderError when cuda is among them and torch sees no CUDA device, before anything is written."""
     from builder.errors import BuilderError, Problem
 
-    used = {spec["calibration"].get("device", "cpu")} if recipe.needs_calibration else set()
-    if spec["eval"]["dataset"] is not None:
-        used.add(spec["eval"].get("device", "cpu"))  # specs recorded before devices existed ran on the CPU
+    used = release.devices
     if "cuda" in used:
         import torch
 
         if not torch.cuda.is_available():
-            group = "calibration" if spec["calibration"].get("device") == "cuda" and recipe.needs_calibration else "eval"
-            raise BuilderError(Problem(f"specs/{group}/{spec['choices'][group]}.yaml", f"{group}.device",
+            spec = release.spec
+            group = "calibration" if spec.calibration.device == "cuda" and release.recipe.needs_calibration else "eval"
+            raise BuilderError(Problem(f"specs/{group}/{getattr(spec.choices, group)}.yaml", f"{group}.device",
                                        "cuda: torch sees no CUDA device here (torch.cuda.is_available() is False); "
                                        f"build on a machine with one, or set {group}.device=cpu"))
-    return tuple(sorted(used))
+    return used
 
 
 def device_facts(devices: tuple) -> dict:

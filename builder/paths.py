@@ -57,13 +57,3 @@ def artifact_folder(release: str, overrides, artifact_id: str) -> str:
 def gguf_name(release: str) -> str:
     """The GGUF file's name in a gguf artifact: the release's name, since the file travels alone."""
     return f"{release}.gguf"
-
-
-def artifact_name(entry: dict) -> str:
-    """artifact_folder() of a lock entry (dict callers; a Release has .artifact_name)."""
-    return artifact_folder(entry["release"], entry["overrides"], entry["artifact_id"])
-
-
-def gguf_file(spec: dict) -> str:
-    """gguf_name() of a resolved spec (dict callers; a Release has .gguf_file)."""
-    return gguf_name(spec["release"]["name"])

@@ -31,11 +31,8 @@ class Spill:
         file = self.index.get(module)
         if file is None:
             return default
-        header = tensorfile.read_header(file)
-        names = {part: f"{module}.{part}" for part in ("values", "scale")}
-        with tensorfile.reader({name: (file, header[name]["dtype"], tuple(header[name]["shape"]))
-                                for name in names.values()}) as read:
-            return read(names["values"]), read(names["scale"])
+        with tensorfile.reader(tensorfile.index_of([file])) as read:
+            return read(f"{module}.values"), read(f"{module}.scale")
 
     def __contains__(self, module: str) -> bool:
         return module in self.index

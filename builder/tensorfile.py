@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import NamedTuple
 
 from builder.errors import BuilderError, Problem
 
@@ -24,6 +25,14 @@ TORCH_NAMES = ("bool", "uint8", "int8", "float8_e5m2", "float8_e4m3fn", "int16",
 ELEMENT_BYTES = dict(zip(DTYPE_CODES, (1, 1, 1, 1, 1, 2, 2, 2, 4, 4, 4, 8, 8)))
 METADATA = {"format": "pt"}
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on a header
+
+
+class StoredTensor(NamedTuple):
+    """Where a tensor of a safetensors file lies and what it is (one row of a tensor index)."""
+
+    file: Path   # the .safetensors file that holds it
+    dtype: str   # its safetensors dtype code: "BF16", "F32", ...
+    shape: tuple
 
 
 @dataclass(frozen=True)
@@ -78,6 +87,12 @@ def read_header(file: Path) -> dict:
     return header_and_start(file)[0]
 
 
+def index_of(files) -> dict:
+    """tensor name -> StoredTensor across the given safetensors files (a later file wins a repeated name)."""
+    return {name: StoredTensor(file, info["dtype"], tuple(info["shape"]))
+            for file in files for name, info in read_header(file).items()}
+
+
 def header_and_start(file: Path) -> tuple:
     """(header, byte offset where tensor data begins), the header checked against the file's size."""
     size = file.stat().st_size
@@ -100,7 +115,7 @@ def header_and_start(file: Path) -> tuple:
 
 @contextmanager
 def reader(tensors: dict):
-    """read(name, into=None) -> a CPU tensor, for tensors given as name -> (file, dtype code, shape):
+    """read(name, into=None) -> a CPU tensor, for tensors given as a tensor index (name -> StoredTensor):
     a fresh one, or a view of the first bytes of `into` (a uint8 tensor at least that large).
 
     Plain file reads, no memory map: a memory-mapped checkpoint keeps every page it has touched
@@ -112,13 +127,14 @@ def reader(tensors: dict):
     files = {}
 
     def read(name: str, into=None):
-        file, code, shape = tensors[name]
+        stored = tensors[name]
+        file, shape = stored.file, stored.shape
         if file not in files:
             header, start = header_and_start(file)
             files[file] = (open(file, "rb"), header, start)
         handle, header, start = files[file]
         begin, end = header[name]["data_offsets"]
-        dtype = torch_dtype(code)
+        dtype = torch_dtype(stored.dtype)
         tensor = torch.empty(shape, dtype=dtype) if into is None else into[: end - begin].view(dtype).view(shape)
         handle.seek(start + begin)
         if handle.readinto(memoryview(tensor.reshape(-1).view(torch.uint8).numpy())) != end - begin:

@@ -79,6 +79,23 @@ def test_fp8_artifact_loads_in_transformers_with_logits_close_to_the_source(tiny
     assert cosine > 0.995, float(cosine)
 
 
+def test_prepare_returns_the_checked_inputs_as_named_fields(tiny_repo):
+    import dataclasses
+
+    from builder.release import lock
+
+    release = lock.locked(tiny_repo.root, "tiny-llama-fp8-dynamic")
+    inputs = build_module.prepare(tiny_repo.root, release)
+    norm = inputs.tensors["model.norm.weight"]
+    assert norm.file == inputs.path / "model.safetensors" and norm.dtype in ("BF16", "F32")
+    assert norm.shape == (inputs.config["hidden_size"],) and norm == (norm.file, norm.dtype, norm.shape)
+    assert inputs.recipe == release.recipe and inputs.devices == release.devices == ()
+    assert inputs.calibration_ids is None and inputs.eval_ids is None  # fp8-dynamic calibrates nothing
+    assert inputs.family.model_type == "llama" and inputs.facts["class"] == "LlamaForCausalLM"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        inputs.recipe = None
+
+
 def test_building_twice_gives_the_same_content_digest(tiny_repo, tmp_path):
     first = built(tiny_repo, "tiny-qwen2-fp8-dynamic", out=tmp_path / "one")
     second = built(tiny_repo, "tiny-qwen2-fp8-dynamic", out=tmp_path / "two")

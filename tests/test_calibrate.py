@@ -94,9 +94,9 @@ def test_gptq_results_go_to_disk_layer_by_layer_and_read_back_the_same(calib_rep
                                   spill=Spill(tmp_path / "spill"))
     files = sorted(p.name for p in (tmp_path / "spill").iterdir())
     assert files == ["gptq-00000.safetensors", "gptq-00001.safetensors"]  # one per decoder layer, as it finishes
-    assert set(kept["gptq"]) and all(name in spilled["gptq"] for name in kept["gptq"])
-    for name, (values, scale) in kept["gptq"].items():
-        read_values, read_scale = spilled["gptq"].get(name)
+    assert set(kept.gptq) and all(name in spilled.gptq for name in kept.gptq)
+    for name, (values, scale) in kept.gptq.items():
+        read_values, read_scale = spilled.gptq.get(name)
         assert torch.equal(read_values, values) and torch.equal(read_scale, scale)
 
 
@@ -104,8 +104,8 @@ def test_a_gptq_build_leaves_no_scratch_behind(calib_repo, tmp_path):
     out = tmp_path / "work" / "a"
     out.parent.mkdir()
     build_module.build(calib_repo.root, "tiny-llama-w4a16-gptq", SMALL, out=out, log=lambda message: None)
-    left = [p.name for p in out.parent.iterdir() if p.name != "a"]
-    assert left == [".a.lock"]  # the output's lock file stays beside it; no staging, no scratch
+    left = sorted(p.name for p in out.parent.iterdir() if p.name != "a")
+    assert left == [".a.lock", "a.buildinfo.json"]  # its lock file and buildinfo beside it; no staging, no scratch
 
 
 def test_imatrix_mse_without_gptq_is_repeatable_records_its_observer_and_only_shrinks_scales(calib_repo, tmp_path):
@@ -191,7 +191,7 @@ def test_smoothquant_moves_an_activation_outlier_into_the_weights_and_builds_a_r
                                 log=lambda m: None)
     seen = {"x": q_proj_inputs(path, ids)}
     before = seen["x"].abs().amax(dim=0)
-    after = (seen["x"] / found["smoothing"]["model.layers.0.input_layernorm.weight"]).abs().amax(dim=0)
+    after = (seen["x"] / found.smoothing["model.layers.0.input_layernorm.weight"]).abs().amax(dim=0)
     spread = lambda amax: float(amax[3] / amax.median())  # noqa: E731
     assert spread(before) > 20 and spread(after) < spread(before) / 3
 
@@ -238,8 +238,8 @@ def test_awq_scaling_lowers_the_rounding_error_an_activation_outlier_causes_and_
     recipe = Recipe.of({**RECIPE_DICT, "algorithm": "rtn", "gptq": None, "awq": {"grid": 20}})
     found = calibrate.calibrate(path, load.tensor_index(path), load.architecture(path)["modules"], recipe, ids,
                                 log=lambda m: None)
-    factor = found["smoothing"]["model.layers.0.input_layernorm.weight"]
-    assert found["smoothing"]["model.layers.0.self_attn.q_proj.weight"] is factor
+    factor = found.smoothing["model.layers.0.input_layernorm.weight"]
+    assert found.smoothing["model.layers.0.self_attn.q_proj.weight"] is factor
     assert float(factor[3]) > 2 * float(factor.median())  # the outlier channel is kept finer in the weights
 
     seen = {"x": q_proj_inputs(path, ids)}
@@ -261,6 +261,7 @@ def test_awq_scaling_lowers_the_rounding_error_an_activation_outlier_causes_and_
 # The steps each shipped recipe runs on every decoder layer, in order (calibrate.plan): what its fields ask for.
 PLANS = {
     "bf16": (), "fp8-dynamic": (), "w8a8-int8": (), "w4a16": (), "gguf-q8_0": (), "mlx-4bit": (),
+    "fp8-block": (), "fp8-block-legacy": (),
     "fp8-static": ("activations", "kv_cache"),
     "w4a16-gptq": ("activations", "hessian", "gptq"),
     "fp8-dynamic-gptq-imatrix": ("activations", "hessian", "mean_squares", "gptq"),
@@ -319,9 +320,9 @@ def test_a_new_step_is_one_value_it_sees_every_layers_targeted_linears_and_its_r
     recipe = Recipe.of({**RECIPE_DICT, "weights": {**RECIPE_DICT["weights"], "group_size": 32}})
     found = calibrate.calibrate(path, load.tensor_index(path), load.architecture(path)["modules"], recipe, ids,
                                 log=lambda m: None)
-    assert set(found["tokens"]) == set(found["gptq"]) == set(found["input_amax"])
-    assert {f"model.layers.{i}.mlp.down_proj" for i in (0, 1)} <= set(found["tokens"])
-    assert all(int(count) == 6 * 16 for count in found["tokens"].values())  # every token, every layer, once
+    assert set(found.other["tokens"]) == set(found.gptq) == set(found.input_amax)
+    assert {f"model.layers.{i}.mlp.down_proj" for i in (0, 1)} <= set(found.other["tokens"])
+    assert all(int(count) == 6 * 16 for count in found.other["tokens"].values())  # every token, every layer, once
 
 
 def test_hooks_are_gone_after_each_layer_even_when_a_step_fails(calib_repo, monkeypatch):

@@ -72,7 +72,7 @@ def test_tp3_release_ships_its_serve_json_card_and_estimated_size(smollm2):
 
     from builder.release import lock
     from builder.artifact.card import model_card
-    from builder.source.load import read_header
+    from builder.tensorfile import read_header
     from builder.release.memory import weight_bytes
     from builder.release.recipe import Recipe
     from builder.artifact.serve import serve_config
@@ -81,9 +81,10 @@ def test_tp3_release_ships_its_serve_json_card_and_estimated_size(smollm2):
     smollm2.run("build", release, check=0)
     artifact, entry = smollm2.root / "artifacts" / release, lock.read(smollm2.root, release)
     serve = json.loads((artifact / "serve.json").read_text())
-    assert serve == serve_config(entry) and serve["arguments"]["tensor_parallel_size"] == 3
+    locked = lock.committed(smollm2.root, release)
+    assert serve == serve_config(locked) and serve["arguments"]["tensor_parallel_size"] == 3
     card = (artifact / "README.md").read_text()
-    assert card == model_card(entry) and "vllm-l4" in yaml.safe_load(card.split("---\n")[1])["tags"]
+    assert card == model_card(locked) and "vllm-l4" in yaml.safe_load(card.split("---\n")[1])["tags"]
     header = read_header(artifact / "model.safetensors")
     written = sum(t["data_offsets"][1] - t["data_offsets"][0] for t in header.values())
     assert written == weight_bytes(entry["spec"]["model"]["architecture"], Recipe.of(entry["spec"]["quant"]))

@@ -213,7 +213,7 @@ def test_calibration_maxima_equal_a_full_model_forward_for_every_family(family_r
         hooks = []
         for module_name, module in full.named_modules():
             disk = skeleton.checkpoint_name(module_name, family)
-            if isinstance(module, torch.nn.Linear) and disk in found["input_amax"]:
+            if isinstance(module, torch.nn.Linear) and disk in found.input_amax:
                 hooks.append(module.register_forward_pre_hook(
                     lambda m, args, disk=disk: expected["input_amax"].__setitem__(disk, torch.maximum(
                         expected["input_amax"].get(disk, torch.zeros(1)), args[0].abs().amax().reshape(1)))))
@@ -231,18 +231,20 @@ def test_calibration_maxima_equal_a_full_model_forward_for_every_family(family_r
             full(ids)
         for hook in hooks:
             hook.remove()
-        seen = {name_ for name_ in found["input_amax"] if name_ in expected["input_amax"]}
-        assert seen and set(found["input_amax"]) - seen <= {n for n in found["input_amax"] if ".experts." in n}
+        seen = {name_ for name_ in found.input_amax if name_ in expected["input_amax"]}
+        assert seen and set(found.input_amax) - seen <= {n for n in found.input_amax if ".experts." in n}
         for statistic in ("input_amax", "kv_amax"):
             for name_, value in expected[statistic].items():
-                assert torch.equal(found[statistic][name_], value), (kind, name_, found[statistic][name_], value)
-        assert set(found["kv_amax"]) == set(expected["kv_amax"])
-        assert set(found["imatrix"]) == seen
-        assert set(found["importance"]) == seen
+                got = getattr(found, statistic)[name_]
+                assert torch.equal(got, value), (kind, name_, got, value)
+        assert set(found.kv_amax) == set(expected["kv_amax"])
+        assert set(found.imatrix) == seen
+        assert set(found.importance) == seen
         for name_ in seen:  # sums in another order (batches of 4 against one pass): equal to rounding
             mean = torch.cat(expected["inputs"][name_]).double().square().mean(dim=0)
             for statistic in ("imatrix", "importance"):  # FP32 sums, FP64 sums
-                assert torch.allclose(found[statistic][name_].double(), mean, rtol=1e-5, atol=1e-7), (kind, name_)
+                got = getattr(found, statistic)[name_].double()
+                assert torch.allclose(got, mean, rtol=1e-5, atol=1e-7), (kind, name_)
 
 
 ARGS = {"num_bits": 8, "type": "float", "strategy": "tensor", "symmetric": True, "dynamic": False, "group_size": None}
@@ -280,7 +282,7 @@ def test_smoothquant_and_awq_keep_every_supported_familys_function_and_are_refus
     found = calibrate.calibrate(path, load.tensor_index(path), architecture["modules"], recipe, IDS,
                                 log=lambda m: None)
     for index in range(architecture["facts"]["num_hidden_layers"]):
-        folded = [name for name in found["smoothing"] if name.startswith(f"model.layers.{index}.")]
+        folded = [name for name in found.smoothing if name.startswith(f"model.layers.{index}.")]
         norms = [name for name in folded if name.endswith("layernorm.weight")]
         assert len(norms) == 2 and len(folded) >= 4  # both norms, and at least one Linear after each
     source = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

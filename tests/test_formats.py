@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 import toy_format
 from builder import build, formats
@@ -13,6 +14,8 @@ from builder.check import evaluate, summary
 from builder.check.verify import verify
 from builder.errors import BuilderError
 from builder.release import identity, lock, recipe as recipes
+from builder.release.release import Release
+from conftest import release_text
 
 EVERY_FORMAT = ("VERSION", "PACKAGES", "QUANTIZER", "FAMILIES", "CONTAINER", "LIBRARY", "VLLM",
                 "problems", "recognizes", "load", "prepare")
@@ -38,25 +41,29 @@ def test_an_unknown_format_names_the_known_ones():
         raised.value.render()
 
 
-def toy_entry(root, release: str) -> dict:
-    """The lock entry of a tiny release, its recipe turned into format toy (FP8 per-row, weight-only);
-    the schema's format list is the pydantic spec's business, so the spec is edited after resolving."""
-    entry = lock.lock_entry(root, release, ())
-    spec = json.loads(json.dumps(entry["spec"]))
-    spec["quant"].update(format="toy", input_activations=None)
-    assert recipes.problems(recipes.Recipe.of(spec["quant"])) == []  # the toy's own rules, asked by resolve's code
-    inputs = identity.inputs(root, spec)
-    return {**entry, "spec": spec, "inputs": inputs, "artifact_id": identity.artifact_id(spec, inputs)}
+def toy_release(root, model: str) -> Release:
+    """A release of model in format toy (FP8 per-row, weight-only), resolved as any
+    release is: a recipe file and a target that loads the format, nothing else."""
+    quant = yaml.safe_load((root / "specs" / "quant" / "fp8-dynamic.yaml").read_text())
+    quant.update(format="toy", input_activations=None)
+    (root / "specs" / "quant" / "toy.yaml").write_text(yaml.safe_dump(quant, sort_keys=False))
+    target = yaml.safe_load((root / "specs" / "target" / "cpu.yaml").read_text())
+    target.update(formats=["toy"], schemes=["w8a16-fp8"])
+    (root / "specs" / "target" / "toy-runtime.yaml").write_text(yaml.safe_dump(target, sort_keys=False))
+    (root / "specs" / "release" / f"{model}-toy.yaml").write_text(release_text(f"{model}-toy", model, "toy",
+                                                                               "toy-runtime"))
+    return lock.locked(root, f"{model}-toy", ())
 
 
 def test_a_toy_format_in_the_registry_builds_verifies_summarises_and_evaluates(repo, monkeypatch, tmp_path):
     monkeypatch.setitem(formats.FORMATS, "toy", toy_format)  # the one line a new format adds
     source = repo.add_model("tiny-llama")
-    entry = toy_entry(repo.root, "tiny-llama-fp8-dynamic")
-    assert entry["inputs"]["versions"]["format.toy"] == 1 and "quantize.float" in entry["inputs"]["versions"]
+    release = toy_release(repo.root, "tiny-llama")
+    assert release.inputs["versions"]["format.toy"] == 1 and "quantize.float" in release.inputs["versions"]
     staging = tmp_path / "toy"
     staging.mkdir()
-    manifest = build.build_into(entry, build.prepare(repo.root, entry), staging, repo.root, log=lambda message: None)
+    manifest = build.build_into(release, build.prepare(repo.root, release), staging, repo.root,
+                                log=lambda message: None)
 
     assert verify(staging)["content_digest"] == manifest["content_digest"]
     config = json.loads((staging / "config.json").read_text())
@@ -79,10 +86,10 @@ def test_a_toy_format_in_the_registry_builds_verifies_summarises_and_evaluates(r
 def test_a_toy_format_build_is_deterministic(repo, monkeypatch, tmp_path):
     monkeypatch.setitem(formats.FORMATS, "toy", toy_format)
     repo.add_model("tiny-qwen2")
-    entry = toy_entry(repo.root, "tiny-qwen2-fp8-dynamic")
+    release = toy_release(repo.root, "tiny-qwen2")
     digests = []
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
-        digests.append(build.build_into(entry, build.prepare(repo.root, entry), tmp_path / name, repo.root,
+        digests.append(build.build_into(release, build.prepare(repo.root, release), tmp_path / name, repo.root,
                                         log=lambda message: None)["content_digest"])
     assert digests[0] == digests[1]

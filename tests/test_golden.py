@@ -31,6 +31,8 @@ SMALL_CALIBRATION = {"calibration": {"samples": 4, "sequence_length": 64}}
 WIDE = {"tiny-llama": ("llama", dict(intermediate_size=512, num_key_value_heads=4, tie_word_embeddings=False)),
         "tiny-qwen2": ("qwen2", dict(intermediate_size=512, tie_word_embeddings=True))}
 Q5_TARGET = {"target": {"schemes": ["w16a16", "w8a16-int", "w5a16-int", "w4a16-int"]}}
+# The tiny models' Linears (64 and 128 features; 32 k/v rows) hold whole 32x32 blocks, not 128x128 ones.
+BLOCKS_32 = {"quant": {"weights": {"block_structure": [32, 32]}, "input_activations": {"group_size": 32}}}
 # case -> (quant option, calibration option, eval option, extra release keys)
 RECIPES = {
     "bf16": ("bf16", "none", "none", {}),
@@ -66,6 +68,8 @@ RECIPES = {
     "gguf-q4_k_m-imatrix": ("gguf-q4_k_m", "licenses", "none", SMALL_CALIBRATION),
     "gguf-q5_k_m-rtn": ("gguf-q5_k_m", "none", "none", {"quant": {"algorithm": "rtn"}, **Q5_TARGET}),
     "gguf-q5_k_m-imatrix": ("gguf-q5_k_m", "licenses", "none", {**SMALL_CALIBRATION, **Q5_TARGET}),
+    "fp8-block": ("fp8-block", "none", "none", BLOCKS_32),
+    "fp8-block-legacy": ("fp8-block-legacy", "none", "none", BLOCKS_32),
     "mlx-4bit": ("mlx-4bit", "none", "none", {}),
     "mlx-8bit-g32": ("mlx-4bit", "none", "none", {"quant": {"weights": {"num_bits": 8, "group_size": 32}}}),
     "mlx-4bit-evaluated": ("mlx-4bit", "none", "docstrings", {"eval": {
@@ -76,6 +80,8 @@ RECIPES = {
 # (conftest.save_bpe_tokenizer: a GGUF vocabulary needs merges); the others build for vllm-h100.
 ON_DEVICE = {case: "llama-cpp" if case.startswith("gguf") else "mlx" for case in RECIPES
              if case.startswith(("gguf", "mlx"))}
+# Cases for targets other than vllm-h100: block-wise FP8's kernel family (w8a8-fp8-block) is listed by vllm-h200.
+TARGETS = {case: "vllm-h200" for case in RECIPES if case.startswith("fp8-block")}
 CASES = tuple(f"golden-{arch}-{recipe}" for arch in ARCHITECTURES for recipe in RECIPES)
 # Which parts decide each kind of file (the diagnosis names those the failing case runs).
 FILE_PARTS = (
@@ -91,7 +97,7 @@ FILE_PARTS = (
 
 def release_yaml(name: str, arch: str, recipe: str) -> str:
     quant, calibration, evaluation, extra = RECIPES[recipe]
-    model, target = (f"{arch}-bpe", ON_DEVICE[recipe]) if recipe in ON_DEVICE else (arch, "vllm-h100")
+    model, target = (f"{arch}-bpe", ON_DEVICE[recipe]) if recipe in ON_DEVICE else (arch, TARGETS.get(recipe, "vllm-h100"))
     if "_k_m" in recipe:
         model = f"{arch}-wide-bpe"
     defaults = [{"override /model": model}, {"override /quant": quant}, {"override /target": target},

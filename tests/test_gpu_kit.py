@@ -30,7 +30,7 @@ def dry_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("gpu-kit")
     command = [sys.executable, str(PROJECT / "bench" / "gpu" / "kit.py"), "--device", "cpu", "--work", str(work),
                "--json", str(work / "rows.json"), *(["--llmc", sys.executable] if HAS_LLMC else [])]
-    result = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=3600)
     rows = json.loads((work / "rows.json").read_text()) if (work / "rows.json").is_file() else []
     return result.returncode, result.stdout + result.stderr, rows
 
@@ -41,13 +41,13 @@ def test_dry_run_builds_every_calibrated_release_twice_on_the_cpu_to_the_same_di
     built = {}
     for row in rows:
         if row["tool"] == "builder":
-            assert row["code"] == 0 and "skipped" not in row, row
+            assert row.get("code") == 0 and "skipped" not in row, row
             built.setdefault((row["model"], row["recipe"]), []).append(row["content_digest"])
     assert set(built) == {(model, recipe) for model in ("llama-8b-shaped", "small-llama")
                           for recipe in ("w4a16-gptq", "fp8-static")}
     for digests in built.values():
         assert len(digests) == 2 and digests[0] == digests[1] and digests[0].startswith("sha256:")
-    assert all(row["argv"][3] == "calibration.device=cpu" for row in rows if row["tool"] == "builder")
+    assert all("calibration.device=cpu" in row["argv"] for row in rows if row["tool"] == "builder")
 
 
 def test_dry_run_prints_one_table_with_seconds_per_layer_memory_and_identical_twice(dry_run):
@@ -100,7 +100,7 @@ def test_packed_builder_wheels_are_exactly_what_builds_import_or_read_that_the_g
     code, output, rows = dry_run
     used = set()
     for row in rows:
-        if row["tool"] == "builder" and row["code"] == 0:
+        if row["tool"] == "builder" and row.get("code") == 0:
             used |= set(row["packages"]) | {normalised(name) for name in row["toolchain"]}
     lacking = used - machine_distributions() - set(pack.OPTIONAL) - {"quant-release-builder"}
     assert lacking == set(pack.BUILDER)
@@ -133,3 +133,16 @@ def test_table_says_which_runs_were_skipped_failed_or_differed():
     assert lines[2] == "| m | a | builder | 4 | 2.00 | 10.0, 9.0 | 3.00 | 1.00 | NO |"
     assert "FAILED (RuntimeError: boom), skipped (past the 500 s budget)" in lines[3]
     assert lines[3].endswith("| not run twice |") and not ok
+
+
+def test_pack_keeps_the_wheels_it_has_and_drops_those_the_list_no_longer_names(tmp_path):
+    current = tmp_path / "charset_normalizer-3.5.3-cp312-cp312-manylinux_2_28_x86_64.whl"
+    stale = tmp_path / "charset_normalizer-3.4.0-cp312-cp312-manylinux_2_28_x86_64.whl"
+    other = tmp_path / "loguru-0.7.3-py3-none-any.whl"
+    for wheel in (current, stale, other):
+        wheel.write_bytes(b"")
+    wanted = {"charset-normalizer": "3.5.3", "loguru": "0.7.3"}
+    pack.drop_stale(wanted, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([current.name, other.name])
+    pack.download(wanted, tmp_path, "3.12")  # every wheel there: nothing to fetch (no pip, no network)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([current.name, other.name])

@@ -135,15 +135,15 @@ def test_a_dataset_needs_its_sampling_keys_and_an_hf_source_its_revision():
     assert found == [(("model", "revision"), "missing required key (source hf)")]
 
 
-def test_release_answers_what_the_dict_helpers_answered():
+def test_release_names_its_artifact_folder_and_gguf_file():
     for release in SHIPPED:
         entry = read(PROJECT, release)
         typed_release = Release.from_entry(entry)
-        assert typed_release.artifact_name == paths.artifact_name(entry)
+        assert typed_release.artifact_name == release
         overridden = Release.from_entry({**entry, "overrides": ["context.max_model_len=1024"]})
-        assert overridden.artifact_name == paths.artifact_name({**entry, "overrides": ["x"]}) != release
+        assert overridden.artifact_name == f"{release}-{entry['artifact_id'].split(':')[1][:12]}"
         if entry["spec"]["quant"]["format"] == "gguf":
-            assert typed_release.gguf_file == paths.gguf_file(entry["spec"]) == f"{release}.gguf"
+            assert typed_release.gguf_file == f"{release}.gguf"
         else:
             assert typed_release.gguf_file is None
     calibrated = Release.from_entry(read(PROJECT, "smollm2-135m-instruct-w4a16-gptq"))
@@ -151,16 +151,19 @@ def test_release_answers_what_the_dict_helpers_answered():
 
 
 def test_no_two_modules_define_a_problems_function_of_the_same_name():
+    """Outside the format plug-ins, whose `problems` is the one interface function each implements."""
+    plugins = PROJECT / "builder" / "formats"
     names = Counter(node.name for path in (PROJECT / "builder").rglob("*.py")
                     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
-                    if isinstance(node, ast.FunctionDef) and node.name.endswith("problems"))
+                    if isinstance(node, ast.FunctionDef) and node.name.endswith("problems")
+                    and not (path.parent == plugins and node.name == "problems"))
     assert [name for name, count in names.items() if count > 1] == []
 
 
-def test_a_block_strategy_is_named_and_refused(repo):
+def test_a_block_strategy_without_its_block_structure_is_named_and_refused(repo):
     from builder.errors import BuilderError
     from builder.release.resolve import resolve
 
     with pytest.raises(BuilderError) as caught:
         resolve(repo.root, "smollm2-135m-instruct-fp8-dynamic", ("quant.weights.strategy=block",))
-    assert "quant.weights.strategy: block: compressed-tensors' 2-D weight blocks are not written" in str(caught.value)
+    assert "quant.weights.block_structure: None: block_structure is required with strategy block" in str(caught.value)

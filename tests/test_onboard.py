@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from builder.canonical import file_entries, tree_digest
-from conftest import make_checkpoint, release_text, save_byte_tokenizer
+from conftest import PROJECT, SHAPE, make_checkpoint, make_tokenizer, release_text, save_byte_tokenizer
 
 
 @pytest.fixture
@@ -74,11 +74,46 @@ def fused_experts(folder):
               folder / "model.safetensors", metadata={"format": "pt"})
 
 
+def spoil_weight(value):
+    def spoil(folder):
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(folder / "model.safetensors")
+        tensors["model.layers.1.self_attn.o_proj.weight"][3, 5] = value
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return spoil
+
+
+def tokenizer_not_json(folder):
+    (folder / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+
+
+def tokenizer_beyond_the_embedding(folder):
+    from conftest import make_tokenizer
+
+    make_tokenizer(300).save_pretrained(folder)  # ids up to 299 for an embedding of 256 rows
+
+
+def relabelled(folder):
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+
+
 REFUSALS = {  # name -> (how the folder is spoiled, what the one error says)
     "no tokenizer": (without_tokenizer, "missing tokenizer files"),
     "pickle weights only": (pickles_only, "only pickle weights"),
     "unsupported family": (unsupported, "GPTNeoXForCausalLM is not a supported architecture; supported: Gemma2ForCausalLM"),
     "experts stored fused": (fused_experts, "experts stored fused"),
+    "a NaN weight": (spoil_weight(float("nan")),
+                     "snapshot/model.safetensors: model.layers.1.self_attn.o_proj.weight: holds NaN"),
+    "an infinite weight": (spoil_weight(float("-inf")),
+                           "snapshot/model.safetensors: model.layers.1.self_attn.o_proj.weight: holds infinity"),
+    "tokenizer.json not JSON": (tokenizer_not_json, "snapshot/tokenizer.json: not JSON (Expecting value"),
+    "tokenizer beyond the embedding": (tokenizer_beyond_the_embedding, "snapshot/tokenizer.json: token 'w299' has "
+                                       "id 299, but the embedding has 256 rows (config.json vocab_size)"),
+    "model_type relabelled": (relabelled, "snapshot/config.json: model_type: 'llama' builds LlamaForCausalLM, but "
+                              "architectures names MixtralForCausalLM (transformers pairs MixtralForCausalLM with "
+                              "model_type 'mixtral')"),
 }
 
 
@@ -90,6 +125,55 @@ def test_model_add_refuses_what_a_build_would_refuse_and_writes_nothing(repo, ch
     result = repo.run("model", "add", "tiny-moe", str(checkpoint), check=2)
     assert message in result.stderr and "Traceback" not in result.stderr
     assert snapshot(repo.root) == before
+
+
+def test_the_refusal_of_an_unsupported_family_points_to_the_doc_that_says_how_to_add_one(repo, checkpoint):
+    unsupported(checkpoint)
+    result = repo.run("model", "add", "tiny-moe", str(checkpoint), check=2)
+    assert 'docs/models.md, "Adding a family", says how to add one' in result.stderr
+    assert "\n## Adding a family\n" in (PROJECT / "docs" / "models.md").read_text()
+
+
+def test_a_granite_relabelled_as_llama_is_refused_naming_both(repo, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, GraniteConfig
+
+    folder = tmp_path / "granite"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(GraniteConfig(**SHAPE)).to(torch.bfloat16).save_pretrained(folder)
+    make_tokenizer(SHAPE["vocab_size"]).save_pretrained(folder)
+    relabelled(folder)
+    before = snapshot(repo.root)
+    result = repo.run("model", "add", "granite", str(folder), check=2)
+    assert "granite/config.json: model_type: 'llama' builds LlamaForCausalLM, but architectures names " \
+           "GraniteForCausalLM (transformers pairs GraniteForCausalLM with model_type 'granite')" in result.stderr
+    assert snapshot(repo.root) == before
+
+
+def test_a_tokenizer_shorter_than_a_padded_embedding_is_accepted_and_one_of_another_model_is_not(repo, checkpoint):
+    from conftest import make_tokenizer
+
+    make_tokenizer(200).save_pretrained(checkpoint)  # 56 rows of padding, as Qwen2.5 and Phi-3 pad theirs
+    repo.run("model", "add", "tiny-moe", str(checkpoint), check=0)
+    make_tokenizer(100).save_pretrained(checkpoint)  # fewer than half the rows: not padding
+    result = repo.run("model", "add", "tiny-moe", str(checkpoint), "--force", check=2)
+    assert "100 tokens (highest id 99) for an embedding of 256 rows (config.json vocab_size): a tokenizer of " \
+           "another model?" in result.stderr
+
+
+def test_the_digest_read_that_checks_every_weight_is_the_folders_tree_digest(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from builder.source import checks
+
+    make_checkpoint("tiny-llama", tmp_path / "sharded")
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "sharded")
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")  # several shards and an index
+    relatives = sorted(p.relative_to(tmp_path / "sharded").as_posix() for p in (tmp_path / "sharded").rglob("*")
+                       if p.is_file())
+    assert len([r for r in relatives if r.endswith(".safetensors")]) > 2
+    assert checks.digest_entries(tmp_path / "sharded", relatives, "sharded") == file_entries(tmp_path / "sharded")
 
 
 def test_model_add_neither_replaces_a_spec_nor_takes_a_bad_name_unless_told(repo, checkpoint):

@@ -62,7 +62,7 @@ def test_a_comment_or_docstring_edit_anywhere_in_builder_rebuilds_nothing(pipeli
 
 
 def test_bumping_an_output_version_makes_exactly_the_releases_that_run_it_stale(pipeline):
-    edit(pipeline.root / "builder" / "spec" / "identity.py", '"quantize.float": 1,', '"quantize.float": 2,')
+    edit(pipeline.root / "builder" / "release" / "identity.py", '"quantize.float": 1,', '"quantize.float": 2,')
     checked = builder(pipeline, "lock", "--check")
     assert checked.returncode == 1
     assert "stale releases: tiny-llama-fp8-dynamic, tiny-qwen2-fp8-dynamic;" in checked.stderr

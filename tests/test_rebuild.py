@@ -1,5 +1,6 @@
 """verify --rebuild: rebuild from the recorded inputs and name the first differing file and tensor."""
 
+import json
 import shutil
 
 import pytest
@@ -10,6 +11,7 @@ from builder.build import rebuild
 from builder.canonical import pretty_json
 from builder.errors import BuilderError, CheckFailed
 from builder.paths import MANIFEST_FILE
+from builder.release import lock
 from builder.tensorfile import read_header
 from conftest import flip_last_byte
 
@@ -32,6 +34,21 @@ def copy(artifact, tmp_path):
 def test_rebuilding_an_intact_artifact_gives_the_same_bytes(tiny_repo, copy):
     result = rebuild(tiny_repo.root, copy, log=lambda m: None)
     assert result["content_digest"] == record.read(copy).manifest["content_digest"]
+
+
+def test_an_artifact_records_the_release_it_was_built_from(tiny_repo, artifact):
+    assert record.read(artifact).release() == lock.locked(tiny_repo.root, RELEASE)
+    assert record.read(artifact).release().to_entry() == record.read(artifact).entry
+
+
+def test_rebuild_refuses_a_recorded_spec_this_builder_cannot_read_naming_its_key(tiny_repo, copy):
+    spec = json.loads((copy / "release.json").read_text())
+    spec["quant"]["bogus"] = 1  # as a builder with other spec models might have written
+    (copy / "release.json").write_text(pretty_json(spec))
+    with pytest.raises(BuilderError) as raised:
+        rebuild(tiny_repo.root, copy, log=lambda m: None)
+    assert [(p.file, p.key) for p in raised.value.problems] == [(f"{RELEASE}/release.json", "quant.bogus")]
+    assert "cannot build the recorded spec again" in raised.value.render()
 
 
 def test_rebuild_names_the_first_differing_file_and_tensor(tiny_repo, copy):

@@ -5,6 +5,7 @@ import shlex
 import pytest
 
 from builder.release import lock
+from builder.release.release import Release
 from builder.release.resolve import list_releases
 from builder.artifact.serve import serve_config
 from conftest import PROJECT
@@ -15,8 +16,8 @@ VLLM_RELEASES = [r for r in RELEASES if lock.read(PROJECT, r)["spec"]["target"][
 
 @pytest.mark.parametrize("release", VLLM_RELEASES)
 def test_serve_arguments_carry_the_release_layout_and_context(release):
-    entry = lock.read(PROJECT, release)
-    spec, serve = entry["spec"], serve_config(entry)
+    locked = lock.committed(PROJECT, release)
+    spec, serve = locked.spec.data(), serve_config(locked)
     arguments = serve["arguments"]
     assert serve["runtime"] == "vllm" and serve["model"] == f"artifacts/{release}"
     assert arguments["tensor_parallel_size"] == spec["parallelism"]["tensor"]
@@ -31,7 +32,7 @@ def test_serve_arguments_carry_the_release_layout_and_context(release):
 
 
 def test_l4_tp3_release_serves_across_three_gpus_with_its_full_context():
-    serve = serve_config(lock.read(PROJECT, "smollm2-135m-instruct-fp8-dynamic-l4-tp3"))
+    serve = serve_config(lock.committed(PROJECT, "smollm2-135m-instruct-fp8-dynamic-l4-tp3"))
     assert serve["environment"] == {}
     assert serve["command"] == (
         "vllm serve artifacts/smollm2-135m-instruct-fp8-dynamic-l4-tp3 --dtype bfloat16 --enable-chunked-prefill"
@@ -41,13 +42,13 @@ def test_l4_tp3_release_serves_across_three_gpus_with_its_full_context():
 
 
 def test_a100_pp2_release_serves_as_two_pipeline_stages_without_quantization():
-    arguments = serve_config(lock.read(PROJECT, "smollm2-135m-instruct-bf16-a100-pp2"))["arguments"]
+    arguments = serve_config(lock.committed(PROJECT, "smollm2-135m-instruct-bf16-a100-pp2"))["arguments"]
     assert arguments["pipeline_parallel_size"] == 2 and arguments["tensor_parallel_size"] == 1
     assert "quantization" not in arguments and arguments["dtype"] == "bfloat16"
 
 
 def test_cpu_release_sizes_vllm_cpu_kv_cache_and_takes_no_gpu_arguments():
-    serve = serve_config(lock.read(PROJECT, "smollm2-135m-instruct-bf16"))
+    serve = serve_config(lock.committed(PROJECT, "smollm2-135m-instruct-bf16"))
     # 2 x 30 layers x 3 KV heads x 64 x 2 B x 2048 tokens x 8 sequences = 360 MiB: rounded up to 1 GiB
     assert serve["environment"] == {"VLLM_CPU_KVCACHE_SPACE": "1"}
     assert "gpu_memory_utilization" not in serve["arguments"]
@@ -57,13 +58,13 @@ def test_cpu_release_sizes_vllm_cpu_kv_cache_and_takes_no_gpu_arguments():
 def test_a_build_with_overrides_names_its_own_artifact_folder():
     entry = {**lock.read(PROJECT, "smollm2-135m-instruct-bf16"), "overrides": ["context.max_num_seqs=4"]}
     prefix = entry["artifact_id"].split(":")[1][:12]
-    assert serve_config(entry)["model"] == f"artifacts/smollm2-135m-instruct-bf16-{prefix}"
+    assert serve_config(Release.from_entry(entry))["model"] == f"artifacts/smollm2-135m-instruct-bf16-{prefix}"
 
 
 def test_a_transformers_target_gets_a_from_pretrained_command():
     entry = lock.read(PROJECT, "smollm2-135m-instruct-bf16")
     entry["spec"]["target"]["runtime"] = "transformers"
-    serve = serve_config(entry)
+    serve = serve_config(Release.from_entry(entry))
     assert serve["arguments"] == {"dtype": "bfloat16"} and serve["environment"] == {}
     assert shlex.split(serve["command"]) == [
         "python", "-c", "from transformers import pipeline; pipeline('text-generation', "
@@ -71,7 +72,7 @@ def test_a_transformers_target_gets_a_from_pretrained_command():
 
 
 def test_llama_cpp_release_serves_its_gguf_file_with_a_context_for_every_sequence():
-    serve = serve_config(lock.read(PROJECT, "smollm2-135m-instruct-gguf-q4_0"))
+    serve = serve_config(lock.committed(PROJECT, "smollm2-135m-instruct-gguf-q4_0"))
     gguf = "artifacts/smollm2-135m-instruct-gguf-q4_0/smollm2-135m-instruct-gguf-q4_0.gguf"
     assert serve["runtime"] == "llama-cpp" and serve["model"] == gguf and serve["environment"] == {}
     # llama-server splits --ctx-size into --parallel slots: 8 sequences of 2048 tokens
@@ -80,7 +81,7 @@ def test_llama_cpp_release_serves_its_gguf_file_with_a_context_for_every_sequenc
 
 
 def test_mlx_release_serves_its_folder_with_mlx_lm():
-    serve = serve_config(lock.read(PROJECT, "smollm2-135m-instruct-mlx-4bit"))
+    serve = serve_config(lock.committed(PROJECT, "smollm2-135m-instruct-mlx-4bit"))
     folder = "artifacts/smollm2-135m-instruct-mlx-4bit"
     assert serve["runtime"] == "mlx" and serve["model"] == folder
     assert serve["command"] == f"mlx_lm.server --model {folder} --decode-concurrency 8 --prefill-step-size 512"

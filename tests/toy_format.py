@@ -5,7 +5,7 @@ each quantized Linear as FP8 `weight` and an F32 per-row `toy_scale`, config.jso
 from pathlib import Path
 
 from builder.formats import dense
-from builder.tensorfile import Output, read_header, reader
+from builder.tensorfile import Output, index_of, reader
 
 VERSION = 1
 PACKAGES = ()
@@ -44,7 +44,7 @@ def load(folder: Path, config: dict, decode=None):
     model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32).eval()
     parameters = dict(model.named_parameters())
     file = folder / "model.safetensors"
-    tensors = {name: (file, info["dtype"], tuple(info["shape"])) for name, info in read_header(file).items()}
+    tensors = index_of([file])
     with reader(tensors) as read, torch.no_grad():
         for name in sorted(n for n in tensors if not n.endswith(".toy_scale")):
             scale = name[: -len(".weight")] + ".toy_scale"

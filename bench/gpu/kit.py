@@ -1,7 +1,7 @@
 """The GPU proof kit: calibrated builds on one device, twice each, beside llm-compressor's GPTQ; one table.
 
     python bench/gpu/kit.py [--device cuda|cpu] [--llmc PYTHON] [--work DIR] [--budget 420]
-                            [--samples N --length T] [--models a,b] [--recipes r,s] [--json rows.json]
+                            [--samples N --length T] [--models a,b] [--recipes r,s] [--json rows.json] [--logs DIR]
 
 (bench/gpu/run.sh runs it on a GPU machine, in a venv made from the carried wheels; --device cpu is the
 dry run the test suite makes.) Steps, each a subprocess (the driver itself never imports torch):
@@ -37,6 +37,8 @@ from table import markdown  # noqa: E402
 
 # Calibration windows per device: the shipped licenses option's 64 x 512 on a GPU; 4 x 64 on two cores.
 WINDOWS = {"cuda": (64, 512), "cpu": (4, 64)}
+# Seconds after which no run starts: the GPU is lent for minutes (the device tool stops a command at 600 s).
+BUDGET = {"cuda": 420, "cpu": 3600}
 LLMC_RECIPE = "w4a16-gptq"  # bench/llmcompressor_side.py's name for its GPTQ defaults
 GROUP_SIZE = 128             # specs/quant/w4a16-gptq.yaml's
 
@@ -107,15 +109,17 @@ def main(argv=None) -> int:
     parser.add_argument("--llmc", default="", help="python of a venv with llmcompressor ('' skips its runs)")
     parser.add_argument("--work", type=Path, help="scratch folder (default: a temporary one, removed)")
     parser.add_argument("--keep", action="store_true", help="keep the built artifacts under --work/out")
-    parser.add_argument("--budget", type=float, default=420, help="no run starts after this many seconds")
+    parser.add_argument("--budget", type=float, help="no run starts after this many seconds (default: by device)")
     parser.add_argument("--samples", type=int, help="calibration windows (default: by device)")
     parser.add_argument("--length", type=int, help="tokens per window (default: by device)")
     parser.add_argument("--models", help="comma-separated subset of bench/gpu/models.py's SHAPES")
     parser.add_argument("--recipes", default="w4a16-gptq,fp8-static")
     parser.add_argument("--json", type=Path, help="write every run's record here")
+    parser.add_argument("--logs", type=Path, help="copy every run's log into this folder")
     args = parser.parse_args(argv)
     args.samples = args.samples or WINDOWS[args.device][0]
     args.length = args.length or WINDOWS[args.device][1]
+    args.budget = args.budget or BUDGET[args.device]
     deadline = time.monotonic() + args.budget
     work = args.work or Path(tempfile.mkdtemp(prefix="gpu-kit-"))
     (work / "logs").mkdir(parents=True, exist_ok=True)
@@ -128,20 +132,24 @@ def main(argv=None) -> int:
     models = json.loads(made.stdout.splitlines()[-1])
     if args.models:
         models = {name: models[name] for name in args.models.split(",")}
-    print(f"checkpoints and release repository: {time.perf_counter() - start:.1f} s", flush=True)
+    shapes = ", ".join(f"{name}: {model['layers']} layers, {model['params'] / 1e6:,.1f} M parameters"
+                       for name, model in models.items())
+    print(f"checkpoints and release repository: {time.perf_counter() - start:.1f} s ({shapes})", flush=True)
     results = {}
     for run in plan(models, args.recipes.split(","), bool(args.llmc)):
         results[run] = execute(run, args, work / "repo", work, deadline)
         outcome = results[run].get("skipped") or results[run].get("error") or f"{results[run]['seconds']:.1f} s"
         print(f"{' '.join(map(str, run))}: {outcome}", flush=True)
-    rows = [{"model": model, "recipe": recipe, "tool": tool, "attempt": attempt, "layers": models[model]["layers"],
-             **result} for (model, recipe, tool, attempt), result in results.items()]
+    rows = [{**result, "model": model, "recipe": recipe, "tool": tool, "attempt": attempt,
+             "layers": models[model]["layers"]} for (model, recipe, tool, attempt), result in results.items()]
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2, sort_keys=True) + "\n")
     print(f"\ndevice: {args.device} ({device_name(args.device)}); calibration {args.samples} x {args.length} "
           f"tokens; kit wall time {time.perf_counter() - start:.0f} s\n")
     table, ok = markdown(rows, models)
     print(table)
+    if args.logs:
+        shutil.copytree(work / "logs", args.logs, dirs_exist_ok=True)
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
     return 0 if ok else 1

@@ -16,6 +16,7 @@ with the working tree that travels (`git ls-files` plus the untracked files git 
 """
 
 import argparse
+import re
 import subprocess
 import sys
 import tempfile
@@ -42,31 +43,54 @@ OPTIONAL = {"pydot": "torch.fx's graph drawer, imported when installed",
             "colorama": "torch._inductor's terminal colours, imported when installed",
             "protobuf": "accelerate checks whether it is installed"}
 BUILDER = {
-    "hydra-core": "1.3.8", "omegaconf": "2.3.1", "antlr4-python3-runtime": "4.9.3",
-    "jsonschema": "4.26.0", "jsonschema-specifications": "2025.9.1", "referencing": "0.37.0",
-    "rpds-py": "2026.9.1", "attrs": "26.1.0",
-    "compressed-tensors": "0.17.0",  # read for the toolchain (its version goes into config.json)
+    "hydra-core": "1.3.8", "omegaconf": "2.3.1", "antlr4-python3-runtime": "4.9.3", "attrs": "26.1.0",
+    "compressed-tensors": "0.17.0",  # its version goes into config.json; transformers loads it for the smoke check
+    "loguru": "0.7.3",               # compressed-tensors' logging
+    # the spec's typed models (builder/release/models.py)
+    "pydantic": "2.14.4", "pydantic-core": "2.50.5", "annotated-types": "0.8.0", "typing-inspection": "0.4.5",
 }
-# llm-compressor's oneshot GPTQ, imported (llmcompressor imports datasets at import time; datasets
-# imports pyarrow, dill, multiprocess, xxhash); bench/requirements-llmc.txt's versions where it pins.
+# What llm-compressor's oneshot GPTQ imports that the machine lacks (llmcompressor imports datasets at
+# import time; datasets imports pyarrow, dill, multiprocess, xxhash; both import requests, which
+# huggingface_hub 1.x no longer brings). Checked by running it in a venv that sees only the machine's
+# packages and these wheels (README.md). bench/requirements-llmc.txt's versions where it pins; pyarrow
+# the oldest datasets 5.2 accepts (the smallest wheel).
 LLMC = {
     "llmcompressor": "0.14.0.1", "compressed-tensors": "0.19.0", "loguru": "0.7.3",
     "pydantic": "2.14.4", "pydantic-core": "2.50.5", "annotated-types": "0.8.0", "typing-inspection": "0.4.5",
     "datasets": "5.2.0", "pyarrow": "24.0.0", "dill": "0.4.1", "multiprocess": "0.70.19", "xxhash": "4.1.0",
+    "requests": "2.34.2", "urllib3": "2.8.0", "charset-normalizer": "3.5.3",
 }
 SETS = {"builder": BUILDER, "llmc": LLMC}
 # Published as a source distribution only (pure Python): built into a py3-none-any wheel here.
 SOURCE_ONLY = ("antlr4-python3-runtime",)
 
 
+def wheel_prefix(name: str, version: str) -> str:
+    """How a wheel of name==version begins (wheel file names write - _ . runs in names as _)."""
+    return f"{re.sub(r'[-_.]+', '_', name)}-{version}-"
+
+
+def drop_stale(requirements: dict, dest: Path) -> None:
+    """Remove wheels an earlier pack left that the list no longer names (run.sh installs them all)."""
+    prefixes = tuple(wheel_prefix(name, version).lower() for name, version in requirements.items())
+    for wheel in dest.glob("*.whl"):
+        if not wheel.name.lower().startswith(prefixes):
+            wheel.unlink()
+
+
 def download(requirements: dict, dest: Path, python_version: str) -> None:
     """pip download the exact versions, binary wheels for the target Python, no dependencies (those
     published as source only: pip wheel builds their pure-Python wheel)."""
     platforms = [option for platform in PLATFORMS for option in ("--platform", platform)]
-    pinned = {name: f"{name}=={version}" for name, version in sorted(requirements.items())}
-    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", "--no-deps",
-                    "--python-version", python_version, "--implementation", "cp", *platforms, "--dest", str(dest),
-                    *(pin for name, pin in pinned.items() if name not in SOURCE_ONLY)], check=True)
+    pinned = {name: f"{name}=={version}" for name, version in sorted(requirements.items())
+              if not list(dest.glob(wheel_prefix(name, version) + "*.whl"))}  # a rerun keeps what it has
+    if not pinned:
+        return
+    binary = [pin for name, pin in pinned.items() if name not in SOURCE_ONLY]
+    if binary:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", "--no-deps",
+                        "--python-version", python_version, "--implementation", "cp", *platforms, "--dest", str(dest),
+                        *binary], check=True)
     built = [pin for name, pin in pinned.items() if name in SOURCE_ONLY]
     if built:
         subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(dest), *built],
@@ -102,6 +126,7 @@ def main() -> int:
     for name, requirements in SETS.items():
         folder = args.dest / name
         folder.mkdir(parents=True, exist_ok=True)
+        drop_stale(requirements, folder)
         download(requirements, folder, args.python_version)
     wheels = sorted(args.dest.rglob("*.whl"))
     for wheel in wheels:

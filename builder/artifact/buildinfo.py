@@ -21,8 +21,8 @@ from pathlib import Path
 import builder
 from builder import atomic
 from builder.artifact import provenance
-from builder.canonical import canonical_json, file_entries, pretty_json, sha256_bytes
-from builder.paths import PROVENANCE_FILE
+from builder.canonical import canonical_json, file_entry, pretty_json, sha256_bytes
+from builder.paths import MANIFEST_FILE, PROVENANCE_FILE
 from builder.release.identity import builder_digest
 
 SUFFIX = ".buildinfo.json"
@@ -50,13 +50,14 @@ def described(name: str, facts: dict) -> dict:
             "annotations": {"digestOf": "canonical-json", **dict(sorted(facts.items()))}}
 
 
-def statement(artifact: Path, started: float, finished: float, device: dict) -> dict:
-    """The run's statement: every file of the published folder, the folder's own build definition."""
+def statement(artifact: Path, files: list, started: float, finished: float, device: dict) -> dict:
+    """The run's statement: every file of the published folder (files: their entries, as the build
+    hashed them), the folder's own build definition."""
     definition = json.loads((artifact / PROVENANCE_FILE).read_text(encoding="utf-8"))["predicate"]["buildDefinition"]
     byproducts = [described("host", host_facts())] + ([described("device", device)] if device else [])
     return {
         "_type": provenance.STATEMENT_TYPE,
-        "subject": provenance.subjects(file_entries(artifact)),
+        "subject": provenance.subjects(sorted(files, key=lambda entry: entry["path"])),
         "predicateType": provenance.PREDICATE_TYPE,
         "predicate": {
             "buildDefinition": definition,
@@ -73,12 +74,15 @@ def statement(artifact: Path, started: float, finished: float, device: dict) -> 
     }
 
 
-def write(artifact: Path, started: float, device: dict) -> dict:
+def write(artifact: Path, manifest: dict, started: float, device: dict) -> dict:
     """Write the buildinfo of a published artifact beside it (atomically); returns it.
 
-    started: when the build began (seconds since the epoch); device: determinism.device_facts.
+    manifest: the artifact's manifest (its files and records were hashed once, by the build; only
+    manifest.json itself is hashed here); started: when the build began (seconds since the epoch);
+    device: determinism.device_facts.
     """
-    document = statement(artifact, started, time.time(), device)
+    files = [*manifest["files"], *manifest["records"], file_entry(artifact, MANIFEST_FILE)]
+    document = statement(artifact, files, started, time.time(), device)
     atomic.write_text(path(artifact), pretty_json(document))
     return document
 

@@ -12,6 +12,7 @@ from builder import formats
 from builder.artifact.serve import serve_config
 from builder.release import memory
 from builder.release.recipe import Args, Recipe
+from builder.release.release import Release
 
 
 def front_matter(spec: dict, recipe: Recipe) -> dict:
@@ -55,13 +56,12 @@ def experts_row(arch: dict) -> list:
                            f"(top-{moe['num_experts_per_tok']} of {moe['num_experts']} experts per token)")]
 
 
-def model_card(entry: dict, evaluation: dict | None = None) -> str:
-    """The card's text for a lock entry; evaluation is eval.json's content when the build measured it."""
-    spec = entry["spec"]
-    recipe = Recipe.of(spec["quant"])
+def model_card(release: Release, evaluation: dict | None = None) -> str:
+    """The card's text for a release; evaluation is eval.json's content when the build measured it."""
+    spec, recipe = release.spec.data(), release.recipe
     scheme = recipe.scheme_class
     model, target, context = spec["model"], spec["target"], spec["context"]
-    serve = serve_config(entry)
+    serve = serve_config(release)
     figures = memory.estimate(spec, recipe)
     device = target["device"].get("name") or target["device"]["kind"]
     revision = f" at revision `{model['revision']}`" if model.get("revision") else ""
@@ -103,12 +103,12 @@ def model_card(entry: dict, evaluation: dict | None = None) -> str:
               f"The arguments are in `serve.json`{f' (environment: `{environment}`)' if environment else ''}.",
               *([] if "try" not in serve else ["", "One greedy completion:", "", "```bash", serve["try"], "```"]),
               "", "## How to rebuild", "",
-              f"artifact_id: `{entry['artifact_id']}`", "",
-              "From a checkout of the release repository whose `locks/"
-              f"{entry['release']}.json` holds this artifact_id:", "", "```bash",
+              f"artifact_id: `{release.artifact_id}`", "",
+              f"From a checkout of the release repository whose `{release.lock_file}` holds this artifact_id:",
+              "", "```bash",
               f"builder import {spec['choices']['model']}        # the pinned source weights",
-              " ".join(["builder", "build", entry["release"], *map(shlex.quote, entry["overrides"])]),
-              f"dvc repro build@{entry['release']}    # or through DVC",
+              " ".join(["builder", "build", release.name, *map(shlex.quote, release.overrides)]),
+              f"dvc repro build@{release.name}    # or through DVC",
               f"builder verify {serve['model']}", "```", "",
               "`manifest.json` lists every file with its sha256; `release.json` is the resolved spec."]
     return "\n".join(lines) + "\n"

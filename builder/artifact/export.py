@@ -10,24 +10,26 @@ from builder.artifact import shards, stream
 from builder.canonical import file_entry, pretty_json
 from builder.errors import BuilderError, Problem
 from builder.quant import quantize
-from builder.source.load import WEIGHT_FILES
+from builder.quant.results import Calibration
 from builder.release.recipe import Recipe
+from builder.source.inputs import BuildInputs
+from builder.source.load import WEIGHT_FILES
 
 
-def write_model(staging: Path, spec: dict, source: dict, calibration: dict | None) -> list:
+def write_model(staging: Path, spec: dict, source: BuildInputs, calibration: Calibration | None) -> list:
     """Weights, config and tokenizer files in the recipe's format; returns the file entries of the
     weights hashed while written. source: the build's prepared inputs (builder/build.py prepare)."""
-    recipe = source["recipe"]
+    recipe = source.recipe
     fmt = formats.of(recipe.format)
     if fmt.CONTAINER != formats.SAFETENSORS:
-        targeted = {name for name, (_, _, shape) in source["tensors"].items()
-                    if quantize.targeted(name, shape, source["modules"], recipe)}
+        targeted = {name for name, stored in source.tensors.items()
+                    if quantize.targeted(name, stored.shape, source.modules, recipe)}
         return fmt.write(staging, spec, source, targeted, calibration, quantize.arithmetic(recipe, calibration))
-    weights = write_weights(staging, source["tensors"], source["modules"], source["family"], recipe,
+    weights = write_weights(staging, source.tensors, source.modules, source.family, recipe,
                             spec["target"]["max_shard_bytes"], calibration,
-                            tied=bool(source["config"].get("tie_word_embeddings")))  # hashed as written
-    write_config(source["config"], staging, recipe, routers(source["facts"], source["family"]))
-    copy_side_files(source["path"], staging)
+                            tied=bool(source.config.get("tie_word_embeddings")))  # hashed as written
+    write_config(source.config, staging, recipe, routers(source.facts, source.family))
+    copy_side_files(source.path, staging)
     return weights
 
 
@@ -40,11 +42,11 @@ def plan_outputs(tensors: dict, modules: dict, family, recipe: Recipe, tied: boo
     fmt = formats.of(recipe.format)
     groups, kv_written = {}, set()
     for name in sorted(tensors):
-        _, code, shape = tensors[name]
+        stored = tensors[name]
         kv = quantize.kv_scales(name, family, recipe)
         kv_written.update(key for key, _ in kv)
-        outputs = fmt.plan(name, tensorfile.torch_dtype(code), shape, quantize.targeted(name, shape, modules, recipe),
-                           recipe, kv, tied)
+        outputs = fmt.plan(name, tensorfile.torch_dtype(stored.dtype), stored.shape,
+                           quantize.targeted(name, stored.shape, modules, recipe), recipe, kv, tied)
         if outputs:
             groups[name] = outputs
     if recipe.kv_cache_scheme is not None:
@@ -58,7 +60,7 @@ def plan_outputs(tensors: dict, modules: dict, family, recipe: Recipe, tied: boo
 
 
 def write_weights(out: Path, tensors: dict, modules: dict, family, recipe: Recipe, max_shard_bytes: int,
-                  calibration: dict | None = None, tied: bool = False) -> list:
+                  calibration: Calibration | None = None, tied: bool = False) -> list:
     """Quantize and write every tensor in the recipe's safetensors format: each source read and
     quantized once, each output written at its planned offset, each file hashed once as it fills
     (builder.artifact.stream).
@@ -71,9 +73,9 @@ def write_weights(out: Path, tensors: dict, modules: dict, family, recipe: Recip
     groups = list(planned.values())
     assigned = shards.assign(groups, max_shard_bytes)
     names = shards.shard_names(len(assigned))
-    sources = [(name, tensorfile.nbytes(tensorfile.torch_dtype(tensors[name][1]), tensors[name][2]))
+    sources = [(name, tensorfile.nbytes(tensorfile.torch_dtype(tensors[name].dtype), tensors[name].shape))
                for name in planned]
-    targeted = {name: quantize.targeted(name, tensors[name][2], modules, recipe) for name in planned}
+    targeted = {name: quantize.targeted(name, tensors[name].shape, modules, recipe) for name in planned}
 
     def compute(name, tensor):
         tensor = quantize.smoothed(name, tensor, calibration)
@@ -85,7 +87,7 @@ def write_weights(out: Path, tensors: dict, modules: dict, family, recipe: Recip
         kv = quantize.kv_scales(name, family, recipe)
         if not (targeted[name] or kv):
             return {}
-        return fmt.known(name, tensors[name][2], targeted[name], recipe, calibration, kv, arithmetic)
+        return fmt.known(name, tensors[name].shape, targeted[name], recipe, calibration, kv, arithmetic)
 
     with tensorfile.reader(tensors) as read:
         entries = stream.write_shards(out, sources, groups, assigned, names, read, compute, known)

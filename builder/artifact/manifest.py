@@ -9,11 +9,12 @@ from pathlib import Path
 from builder import determinism
 from builder.canonical import canonical_json, file_entry, pretty_json, sha256_bytes, tree_digest
 from builder.paths import MANIFEST_FILE, PROVENANCE_FILE
+from builder.release.release import Release
 
 SCHEMA = "builder.manifest/v2"
 
 
-def create(out: Path, entry: dict, files: list) -> dict:
+def create(out: Path, release: Release, files: list) -> dict:
     """Write manifest.json into out; returns the manifest.
 
     files: the content files' entries ({path, sha256, size}; everything but RECORD_FILES), hashed once
@@ -22,13 +23,13 @@ def create(out: Path, entry: dict, files: list) -> dict:
     records = [file_entry(out, PROVENANCE_FILE)] if (out / PROVENANCE_FILE).is_file() else []
     manifest = {
         "schema": SCHEMA,
-        "lock_schema": entry["schema"],
-        "release": entry["release"],
-        "version": entry["spec"]["release"]["version"],
-        "artifact_id": entry["artifact_id"],
-        "overrides": entry["overrides"],
-        "spec_digest": sha256_bytes(canonical_json(entry["spec"])),
-        "inputs": entry["inputs"],
+        "lock_schema": release.schema,
+        "release": release.name,
+        "version": release.spec.release.version,
+        "artifact_id": release.artifact_id,
+        "overrides": list(release.overrides),
+        "spec_digest": sha256_bytes(canonical_json(release.spec.data())),
+        "inputs": release.inputs,
         "determinism": determinism.settings(),
         "files": files,
         "records": records,

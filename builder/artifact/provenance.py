@@ -2,7 +2,7 @@
 
     builder build R writes it; builder verify checks its subjects; builder audit reads it
 
-Everything in it follows from the lock entry and the content files, so the folder DVC tracks is a
+Everything in it follows from the release (its lock entry) and the content files, so the folder DVC tracks is a
 function of the artifact_id: who ran the build (builder version and source digest, host, GPU, clock)
 goes to <artifact>.buildinfo.json beside the folder (builder/artifact/buildinfo.py).
 """
@@ -15,6 +15,7 @@ from builder import determinism
 from builder.canonical import canonical_json, pretty_json, sha256_bytes, sha256_file
 from builder.errors import Problem
 from builder.paths import PROVENANCE_FILE, SCHEMAS_DIR
+from builder.release.release import Release
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
@@ -45,10 +46,10 @@ def subjects(files: list) -> list:
     return [{"name": entry["path"], "digest": {"sha256": hex_digest(entry["sha256"])}} for entry in files]
 
 
-def dependencies(entry: dict, weights: Path) -> list:
+def dependencies(release: Release, weights: Path) -> list:
     """resolvedDependencies: source weights (+ its origin), tokenizer files, data, the builder (the
     output versions of the parts the release runs, as the artifact_id carries them), toolchain."""
-    inputs, model = entry["inputs"], entry["spec"]["model"]
+    inputs, model = release.inputs, release.spec.model.data()
     found = [{"name": "weights", "uri": inputs["weights"]["path"],
               "digest": {"sha256": hex_digest(inputs["weights"]["digest"])},
               "annotations": {"digestOf": "tree", "model": model["id"],
@@ -67,11 +68,9 @@ def dependencies(entry: dict, weights: Path) -> list:
             found.append({"name": f"tokenizer/{name}", "uri": f"{inputs['weights']['path']}/{name}",
                           "digest": {"sha256": hex_digest(sha256_file(path))},
                           "annotations": {"digestOf": "file"}})
-    for group in ("calibration", "eval"):  # the data files the spec names, by the role they play
-        relative = entry["spec"][group]["dataset"]
-        if relative:
-            found.append({"name": group, "uri": relative, "digest": {"sha256": hex_digest(inputs["data"][relative])},
-                          "annotations": {"digestOf": "file"}})
+    for group, relative in release.data_files.items():  # the data files the spec names, by the role they play
+        found.append({"name": group, "uri": relative, "digest": {"sha256": hex_digest(inputs["data"][relative])},
+                      "annotations": {"digestOf": "file"}})
     versions = inputs["versions"]
     found.append({"name": "builder", "uri": BUILDER_ID,
                   "digest": {"sha256": hex_digest(sha256_bytes(canonical_json(versions)))},
@@ -82,9 +81,9 @@ def dependencies(entry: dict, weights: Path) -> list:
     return found
 
 
-def statement(entry: dict, weights: Path, files: list) -> dict:
-    """The provenance of the artifact in out, from its lock entry. No clock, host or absolute path."""
-    lock_text = pretty_json(entry).encode("utf-8")  # the bytes of locks/<release>.json when it is current
+def statement(release: Release, weights: Path, files: list) -> dict:
+    """The provenance of the artifact in out, from its release. No clock, host or absolute path."""
+    lock_text = pretty_json(release.to_entry()).encode("utf-8")  # locks/<release>.json's bytes when it is current
     return {
         "_type": STATEMENT_TYPE,
         "subject": subjects(files),
@@ -93,29 +92,29 @@ def statement(entry: dict, weights: Path, files: list) -> dict:
             "buildDefinition": {
                 "buildType": BUILD_TYPE,
                 "externalParameters": {
-                    "release": entry["release"],
-                    "overrides": list(entry["overrides"]),
-                    "spec": {"digest": {"sha256": hex_digest(sha256_bytes(canonical_json(entry["spec"])))}},
-                    "lock": {"uri": f"locks/{entry['release']}.json",
+                    "release": release.name,
+                    "overrides": list(release.overrides),
+                    "spec": {"digest": {"sha256": hex_digest(sha256_bytes(canonical_json(release.spec.data())))}},
+                    "lock": {"uri": release.lock_file,
                              "digest": {"sha256": hex_digest(sha256_bytes(lock_text)),
                                         "gitBlob": git_blob(lock_text)}},
                 },
-                "internalParameters": {"artifact_id": entry["artifact_id"], **determinism.settings()},
-                "resolvedDependencies": dependencies(entry, weights),
+                "internalParameters": {"artifact_id": release.artifact_id, **determinism.settings()},
+                "resolvedDependencies": dependencies(release, weights),
             },
             "runDetails": {"builder": {"id": BUILDER_ID}},
         },
     }
 
 
-def write(entry: dict, weights: Path, out: Path, files: list) -> dict:
+def write(release: Release, weights: Path, out: Path, files: list) -> dict:
     """Write provenance.json into out.
 
     Args:
         weights: the source checkpoint folder, already checked against the pinned digest.
         files: the content files' entries (subjects), hashed once by the build.
     """
-    document = statement(entry, weights, files)
+    document = statement(release, weights, files)
     (out / PROVENANCE_FILE).write_text(pretty_json(document), encoding="utf-8")
     return document
 

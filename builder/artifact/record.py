@@ -1,7 +1,8 @@
 """What an artifact records about itself, read in one place: its manifest, resolved spec and provenance,
 and the lock entry it was built from.
 
-    recorded = record.read(Path("artifacts/smollm2-135m-instruct-fp8-dynamic")); recorded.entry["artifact_id"]
+    recorded = record.read(Path("artifacts/smollm2-135m-instruct-fp8-dynamic"))
+    recorded.release().artifact_id    # typed, to rebuild it; recorded.entry: the same as plain data
 """
 
 import json
@@ -10,6 +11,8 @@ from pathlib import Path
 
 from builder.errors import BuilderError, CheckFailed, Problem
 from builder.paths import MANIFEST_FILE, PROVENANCE_FILE, RELEASE_FILE
+from builder.release import validate
+from builder.release.release import Release
 
 
 @dataclass(frozen=True)
@@ -23,10 +26,24 @@ class Record:
 
     @property
     def entry(self) -> dict:
-        """The lock entry the artifact was built from: release.json's spec + the manifest's inputs."""
+        """The lock entry the artifact was built from, as recorded (release.json's spec + the manifest's
+        inputs): plain data, so verify and audit hash and compare the recorded bytes whatever shape of
+        spec the builder that wrote them had."""
         m = self.manifest
         return {"schema": m.get("lock_schema"), "release": m.get("release"), "overrides": m.get("overrides", []),
                 "artifact_id": m.get("artifact_id"), "spec": self.spec, "inputs": m.get("inputs", {})}
+
+    def release(self) -> Release:
+        """The recorded lock entry as a Release, to build again; BuilderError naming every key of
+        release.json that this builder's spec models do not accept (an artifact of another version)."""
+        spec, problems = validate.typed(self.spec)
+        if problems:
+            where = f"{self.path.name}/{RELEASE_FILE}"
+            raise BuilderError([Problem(where, ".".join(map(str, path)), f"{message} (this builder cannot "
+                                        "build the recorded spec again)") for path, message in problems])
+        m = self.manifest
+        return Release(name=m.get("release"), overrides=tuple(m.get("overrides", [])), spec=spec,
+                       inputs=m.get("inputs", {}), artifact_id=m.get("artifact_id"), schema=m.get("lock_schema"))
 
 
 def is_artifact(path: Path) -> bool:

@@ -6,9 +6,9 @@
 import shlex
 
 from builder import formats
-from builder.paths import artifact_name
 from builder.release import memory
 from builder.release.recipe import Recipe
+from builder.release.release import Release
 
 
 def vllm_arguments(spec: dict, recipe: Recipe, figures: dict) -> tuple:
@@ -92,23 +92,22 @@ TRY = {"llama-cpp": lambda model: f"llama-cli -m {shlex.quote(model)} -p {shlex.
        "mlx": lambda model: f"mlx_lm.generate --model {shlex.quote(model)} --prompt {shlex.quote(PROMPT)} --max-tokens 64"}
 
 
-def model_path(entry: dict) -> str:
+def model_path(release: Release) -> str:
     """What the runtime is pointed at: the artifact folder, or the file of a format with a container of its own."""
-    folder = f"artifacts/{artifact_name(entry)}"
-    fmt = formats.of(entry["spec"]["quant"]["format"])
+    folder = f"artifacts/{release.artifact_name}"
+    fmt = formats.of(release.spec.quant.format)
     if fmt.CONTAINER != formats.SAFETENSORS:
-        return f"{folder}/{fmt.file_name(entry['spec'])}"
+        return f"{folder}/{fmt.file_name(release.spec.data())}"
     return folder
 
 
-def serve_config(entry: dict) -> dict:
-    """What serve.json holds for a lock entry: runtime, version range, model folder, arguments, command."""
-    spec = entry["spec"]
+def serve_config(release: Release) -> dict:
+    """What serve.json holds for a release: runtime, version range, model folder, arguments, command."""
+    spec, recipe = release.spec.data(), release.recipe
     runtime = spec["target"]["runtime"]
     to_arguments, to_command = RUNTIMES[runtime]
-    recipe = Recipe.of(spec["quant"])
     arguments, environment = to_arguments(spec, recipe, memory.estimate(spec, recipe))
-    model = model_path(entry)
+    model = model_path(release)
     config = {"runtime": runtime, "runtime_versions": spec["target"]["runtime_versions"], "model": model,
               "arguments": arguments, "environment": environment,
               "command": to_command(model, arguments, environment)}

@@ -164,18 +164,19 @@ def installed(package: str) -> str | None:
 def lock_check(root: Path | None, recorded: dict) -> dict:
     """Does the repository's current lock of the release name this artifact_id; which commit set it.
 
-    recorded: the lock entry the artifact was built from (record.Record.entry).
+    recorded: the lock entry the artifact was built from, as recorded (record.Record.entry): plain
+    data, since an audit reports on an artifact of any builder version, or a damaged one.
     """
     if root is None:
         return {"status": UNKNOWN, "detail": "no release repository at hand"}
     if not recorded.get("release") or not recorded.get("artifact_id"):
         return {"status": FAILED, "detail": "the manifest names no release or artifact_id"}
     if recorded.get("overrides"):  # no committed lock: compare with what today's specs resolve to
-        entry = lock.lock_entry(root, recorded["release"], tuple(recorded["overrides"]))
-        found = lock.differences(recorded, entry)
+        current = lock.locked(root, recorded["release"], tuple(recorded["overrides"]))
+        found = lock.differences(recorded, current.to_entry())
         return {"status": FAILED if found else OK, "path": None,
                 "detail": f"built with overrides {recorded['overrides']}: the current specs resolve to "
-                          + (f"another artifact_id {entry['artifact_id']} ({lock.describe(found)})" if found
+                          + (f"another artifact_id {current.artifact_id} ({lock.describe(found)})" if found
                              else "the same artifact_id")}
     relative = f"locks/{recorded['release']}.json"
     commit = last_commit(root, relative)

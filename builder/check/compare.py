@@ -9,12 +9,14 @@ from builder import formats
 from builder.check.verify import content_files
 from builder.errors import BuilderError, Problem
 from builder.release import identity, lock
+from builder.release.release import Release
 from builder.tensorfile import read_header
 
 
-def input_problems(root: Path, entry: dict, where: str) -> list:
+def input_problems(root: Path, release: Release, where: str) -> list:
     """Why this checkout cannot promise the recorded bytes: inputs (weights, data, toolchain, output
     versions) that differ from those recorded, or a record that does not hash to its artifact_id."""
+    entry = release.to_entry()
     current = {**entry, "inputs": identity.inputs(root, entry["spec"])}
     problems = [Problem(where, name, f"recorded {old}, this checkout has {new}")
                 for name, old, new in lock.differences(entry, current)]

@@ -84,7 +84,7 @@ def table(rows: list) -> list:
         if item["built"]:
             cells += [number(f"{item['weight_bytes']:,}"), number(f"{item['bits_per_weight']:.3f}"),
                       *(number(figure(item, key)) for key in ("mean_kl", "perplexity_increase_pct", "task_recovery")),
-                      text(", ".join(item.get("pareto", [])) or "no"),
+                      text(", ".join(item.get("pareto", [])) or ("no" if item["evaluated"] else "")),
                       digest(item["artifact_id"]), digest(item["content_digest"])]
         else:
             cells += [text("")] * (len(COLUMNS) - len(cells))

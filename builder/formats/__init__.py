@@ -37,8 +37,10 @@ details), difference(have, want).
 
 Formats sit just above the shared helpers and below release/ (resolve asks them for their checks), so
 they import only shared helpers; what they need from higher floors comes as arguments: the recipe, the
-tensor index, calibration, and `arithmetic` (builder.quant.quantize.Arithmetic: the rounding of the
-part QUANTIZER names, scales from maxima, the finiteness check, and the decoding evaluation uses).
+tensor index (name -> tensorfile.StoredTensor), the build's inputs (builder.source.inputs.BuildInputs,
+read by field), calibration (builder.quant.results.Calibration or None), and `arithmetic`
+(builder.quant.quantize.Arithmetic: the rounding of the part QUANTIZER names, scales from maxima, the
+finiteness check, and the decoding evaluation uses).
 
 Adding a format: a module here, one line in FORMATS, a recipe file under specs/quant/, golden entries
 (docs/architecture.md, "Formats").

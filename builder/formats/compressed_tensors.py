@@ -1,5 +1,5 @@
 """Format compressed-tensors: what llm-compressor writes and vLLM loads. Quantized Linears as `weight`
-(FP8 E4M3 or INT8) or `weight_packed` (INT4/INT8 in int32 words, weight-only) with `weight_scale`,
+(FP8 E4M3, per tensor, channel or 2-D block, or INT8) or `weight_packed` (INT4/INT8 in int32 words, weight-only) with `weight_scale`,
 `input_scale` for calibrated activations and `k_scale`/`v_scale` for an FP8 KV cache; config.json's
 quantization_config as compressed-tensors' own models dump it.
 
@@ -85,6 +85,9 @@ def outputs(name: str, dtype, shape: tuple, targeted: bool, recipe, kv: list, sc
         scale_shape = scalar
     elif args.strategy == "channel":
         scale_shape = (rows, 1)
+    elif args.strategy == "block":  # partial blocks at the edges have scales of their own
+        height, width = args.block_structure
+        scale_shape = (-(-rows // height), -(-columns // width))
     else:  # group
         scale_shape = (rows, columns // args.group_size)
     found.append(Output(f"{module}.weight_scale", scale_dtype, scale_shape))
@@ -107,7 +110,7 @@ def known_outputs(name: str, shape: tuple, targeted: bool, recipe, calibration, 
     scale_dtype, scalar = scales
     found = {}
     for key, artifact_name in kv:
-        found[artifact_name] = arithmetic.scale(calibration["kv_amax"][key], recipe.kv_cache_scheme,
+        found[artifact_name] = arithmetic.scale(calibration.kv_amax[key], recipe.kv_cache_scheme,
                                                 scale_dtype).reshape(scalar)
     if not targeted:
         return found
@@ -115,7 +118,7 @@ def known_outputs(name: str, shape: tuple, targeted: bool, recipe, calibration, 
     if recipe.packed:
         found[f"{module}.weight_shape"] = torch.tensor(tuple(shape), dtype=torch.int64)
     if recipe.static_inputs:
-        amax = calibration["input_amax"][module]
+        amax = calibration.input_amax[module]
         found[f"{module}.input_scale"] = arithmetic.scale(amax, recipe.input_activations, scale_dtype).reshape(scalar)
     return found
 

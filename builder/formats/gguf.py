@@ -19,7 +19,7 @@ from builder import failpoints, tensorfile
 from builder.console import progress
 from builder.errors import BuilderError, Problem
 from builder.formats import checks, gguf_vocab, kmix
-from builder.paths import gguf_file
+from builder.paths import gguf_name
 
 VERSION = 1            # the GGUF file: metadata, tokenizer keys, tensor names, order and types
 PACKAGES = ("gguf", "tokenizers")  # the writer and its tensor-name tables; the pre-tokenizer's hash
@@ -99,7 +99,7 @@ def prepare(path: Path, config: dict, spec: dict) -> dict:
 
 def file_name(spec: dict) -> str:
     """The GGUF file's name: the release's name, since the file travels alone."""
-    return gguf_file(spec)
+    return gguf_name(spec["release"]["name"])
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,7 @@ def plan(tensors: dict, targeted: set, config: dict, recipe, architecture: str) 
     heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
     found, unnamed = [], []
     for source in sorted(tensors):
-        shape = tensors[source][2]
+        shape = tensors[source].shape
         if source == "lm_head.weight" and config.get("tie_word_embeddings"):
             continue  # tied: llama.cpp reads the output projection from token_embd
         name = names.get_name(source, try_suffixes=(".weight", ".bias"))
@@ -234,21 +234,22 @@ def metadata(writer, spec: dict, config: dict, recipe, vocabulary: dict) -> None
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def write(staging: Path, spec: dict, source: dict, targeted: set, calibration: dict | None, arithmetic) -> list:
+def write(staging: Path, spec: dict, source, targeted: set, calibration, arithmetic) -> list:
     """Write the release's GGUF file into staging; returns [] (it is hashed with the other files).
 
-    source: the build's prepared inputs (tensor index, config, recipe, family, this format's prepare());
-    targeted: the names of the weights the recipe quantizes."""
+    source: the build's prepared inputs (builder/source/inputs.py BuildInputs: tensor index, config,
+    recipe, family, this format's prepare() as layout); targeted: the names of the weights the recipe
+    quantizes; calibration: builder/quant/results.py Calibration, or None."""
     import gguf
     import numpy
     import torch
 
-    recipe, config = source["recipe"], source["config"]
-    architecture = FAMILIES[source["family"].model_type]
-    planned = plan(source["tensors"], targeted, config, recipe, architecture)
-    importance = (calibration or {}).get("importance", {}) if recipe.algorithm == "imatrix" else {}
+    recipe, config = source.recipe, source.config
+    architecture = FAMILIES[source.family.model_type]
+    planned = plan(source.tensors, targeted, config, recipe, architecture)
+    importance = calibration.importance if calibration and recipe.algorithm == "imatrix" else {}
     writer = gguf.GGUFWriter(None, architecture)
-    metadata(writer, spec, config, recipe, source["layout"]["vocabulary"])
+    metadata(writer, spec, config, recipe, source.layout["vocabulary"])
     for tensor in planned:
         # any element type but uint8 makes the writer take the shape as the logical one
         writer.add_tensor_info(tensor.name, tensor.shape, numpy.dtype(numpy.float32), tensor.nbytes,
@@ -258,7 +259,7 @@ def write(staging: Path, spec: dict, source: dict, targeted: set, calibration: d
         writer.write_header_to_file(path)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        with tensorfile.reader(source["tensors"]) as read, \
+        with tensorfile.reader(source.tensors) as read, \
                 progress(total=len(planned), desc="quantize", unit="tensor") as bar:
             for index, tensor in enumerate(planned):
                 imatrix = importance.get(tensor.source.rsplit(".", 1)[0])

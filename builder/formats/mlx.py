@@ -12,7 +12,7 @@ from pathlib import Path
 
 from builder.errors import BuilderError, Problem
 from builder.formats import checks, dense
-from builder.tensorfile import Output, read_header, reader
+from builder.tensorfile import Output, index_of, reader
 
 VERSION = 1            # mlx-lm's layout: tensor names, uint32 packing, config.json's quantization
 PACKAGES = ()
@@ -58,8 +58,7 @@ def load(folder: Path, config: dict, decode):
             delattr(model_config, key)
     model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32).eval()
     parameters = dict(model.named_parameters())
-    tensors = {name: (file, info["dtype"], tuple(info["shape"]))
-               for file in sorted(folder.glob("*.safetensors")) for name, info in read_header(file).items()}
+    tensors = index_of(sorted(folder.glob("*.safetensors")))
     bits = config["quantization"]["bits"]
     with reader(tensors) as read, torch.no_grad():
         for name in sorted(n for n in tensors if not n.endswith((".scales", ".biases"))):

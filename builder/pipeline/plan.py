@@ -43,7 +43,8 @@ def base_commit(root: Path, base: str | None) -> tuple:
 
 
 def old_locks(root: Path, commit: str) -> dict:
-    """release -> lock entry as committed at commit (the locks are the resolved specs)."""
+    """release -> lock entry as committed at commit (the locks are the resolved specs): plain data,
+    since a lock of another revision may have a shape today's Release does not read."""
     listing = git(root, "ls-tree", "--name-only", f"{commit}:locks")
     names = [n for n in listing.stdout.split() if n.endswith(".json")] if not listing.returncode else []
     return {Path(name).stem: json.loads(git(root, "show", f"{commit}:locks/{name}").stdout) for name in names}
@@ -71,24 +72,27 @@ def key_diff(old: dict, new: dict) -> list:
 
 
 def compare(old: dict, new: dict) -> dict:
-    """Added, removed, changed (artifact_id differs) and unchanged releases."""
+    """Added, removed, changed (artifact_id differs) and unchanged releases.
+
+    old: release -> lock entry (plain data, old_locks); new: release -> Release (lock.all_releases)."""
     changed = []
     for name in sorted(set(old) & set(new)):
-        if old[name].get("artifact_id") == new[name]["artifact_id"]:
+        release = new[name]
+        if old[name].get("artifact_id") == release.artifact_id:
             continue
         old_inputs = old[name].get("inputs", {})
-        inputs = [found for found in lock.differences(old[name], new[name]) if found[0].startswith("inputs.")]
+        inputs = [found for found in lock.differences(old[name], release.to_entry()) if found[0].startswith("inputs.")]
         changed.append({
             "release": name,
-            "artifact_id": {"old": old[name].get("artifact_id"), "new": new[name]["artifact_id"]},
-            "spec": key_diff(old[name].get("spec", {}), new[name]["spec"]),
+            "artifact_id": {"old": old[name].get("artifact_id"), "new": release.artifact_id},
+            "spec": key_diff(old[name].get("spec", {}), release.spec.data()),
             "inputs": [found[0].split(".", 1)[1] for found in inputs],
             "inputs_detail": lock.describe(inputs),
             "weights": {"old": old_inputs.get("weights", {}).get("digest"),
-                        "new": new[name]["inputs"]["weights"]["digest"]},
+                        "new": release.inputs["weights"]["digest"]},
         })
     return {
-        "added": [{"release": n, "artifact_id": new[n]["artifact_id"]} for n in sorted(set(new) - set(old))],
+        "added": [{"release": n, "artifact_id": new[n].artifact_id} for n in sorted(set(new) - set(old))],
         "removed": [{"release": n, "artifact_id": old[n].get("artifact_id")} for n in sorted(set(old) - set(new))],
         "changed": changed,
         "unchanged": sorted(n for n in set(old) & set(new) if n not in {c["release"] for c in changed}),
@@ -98,7 +102,7 @@ def compare(old: dict, new: dict) -> dict:
 def plan(root: Path, base: str | None = None) -> dict:
     """The plan of the working tree's specs/ against base (default: merge base with main)."""
     label, commit = base_commit(root, base)
-    new = lock.all_entries(root)
+    new = lock.all_releases(root)
     return {"base": label, "commit": commit, **compare(old_locks(root, commit), new)}
 
 

@@ -17,8 +17,10 @@ import torch
 
 from builder.console import progress
 from builder.quant import awq, gptq, imatrix, layerwise, quantize, smoothquant, statistics, step
+from builder.quant.results import Calibration
 from builder.release.recipe import Recipe
 from builder.source import skeleton
+from builder.source.inputs import BuildInputs
 from builder.spill import Spill
 from builder.tensorfile import reader
 
@@ -37,15 +39,14 @@ def plan(recipe: Recipe) -> tuple:
 
 
 def calibrate(source: Path, tensors: dict, modules: dict, recipe: Recipe, ids: torch.Tensor, log=print,
-              device: str = "cpu", spill: Spill | None = None) -> dict:
+              device: str = "cpu", spill: Spill | None = None) -> Calibration:
     """Statistics, folded factors and GPTQ weights for quantize.compute, from calibration token ids
     [samples, length]: every step of plan(recipe) on every decoder layer.
 
-    Returns {"input_amax": {module: [1]}, "kv_amax": {kv scale name: [1]}, "gptq": {module: (values, scale)},
-    "imatrix": {module: E[x²] per input column}, "importance": {module: E[x^2] per input feature, FP32},
-    "smoothing": {checkpoint tensor: SmoothQuant's or AWQ's factor per input channel}}: every key, empty
-    where the recipe runs no step that fills it (imatrix: imatrix_mse observers, FP32 sums; importance:
-    llama.cpp's imatrix recipes, FP64 sums), modules by their checkpoint names, on the CPU; gptq is the
+    Returns a Calibration (builder/quant/results.py): input_amax, kv_amax, gptq, imatrix, importance,
+    smoothing, each empty where the recipe runs no step that fills it (imatrix: imatrix_mse observers,
+    FP32 sums; importance: llama.cpp's imatrix recipes, FP64 sums), modules by their checkpoint names,
+    on the CPU; results of a step under a key no field names go to other; gptq is the
     Spill when given one (GPTQ's results go to disk as each layer finishes). Only one decoder layer's
     weights and one set of hidden states (FP32, [samples, length, hidden]) are in memory at a time.
     device: where the layers run (cpu, cuda): one layer's weights on it at a time; the hidden states
@@ -74,7 +75,7 @@ def calibrate(source: Path, tensors: dict, modules: dict, recipe: Recipe, ids: t
                 layer.run(True)  # the next layer sees this one's outputs as the steps left it (quantized)
             module.to_empty(device="meta")  # free this layer's weights before the next is read
     log(f"calibrated {len(layers)} layers on {ids.shape[0]} x {ids.shape[1]} tokens")
-    return found
+    return Calibration.of(found)
 
 
 def one_pass(layer: step.Layer, steps: list, recipe: Recipe, replace: bool) -> dict:
@@ -111,8 +112,8 @@ def keep(store, layer: int, results: dict) -> None:
         store.update(layerwise.on(torch.device("cpu"), results))
 
 
-def for_build(recipe: Recipe, source: dict, log, dump: Path | None = None, device: str = "cpu",
-              scratch: Path | None = None) -> dict | None:
+def for_build(recipe: Recipe, source: BuildInputs, log, dump: Path | None = None, device: str = "cpu",
+              scratch: Path | None = None) -> Calibration | None:
     """Calibrate when the recipe needs it (Recipe.needs_calibration); None otherwise.
 
     source is build.prepare()'s result: its calibration_ids were drawn (and checked) before any write.
@@ -121,16 +122,16 @@ def for_build(recipe: Recipe, source: dict, log, dump: Path | None = None, devic
     from builder import atomic
     from builder.canonical import pretty_json
 
-    if source["calibration_ids"] is None:
+    if source.calibration_ids is None:
         return None
-    found = calibrate(source["path"], source["tensors"], source["modules"], recipe, source["calibration_ids"], log,
+    found = calibrate(source.path, source.tensors, source.modules, recipe, source.calibration_ids, log,
                       device, Spill(scratch) if scratch is not None else None)
     if dump is not None:
         atomic.write_text(Path(dump), pretty_json(maxima(found)))
     return found
 
 
-def maxima(found: dict) -> dict:
+def maxima(found: Calibration) -> dict:
     """Calibration maxima as plain numbers for a debug dump: {kind: {name: float}}."""
-    return {kind: {name: float(value.reshape(-1)[0]) for name, value in sorted(found[kind].items())}
-            for kind in ("input_amax", "kv_amax")}
+    return {kind: {name: float(value.reshape(-1)[0]) for name, value in sorted(values.items())}
+            for kind, values in (("input_amax", found.input_amax), ("kv_amax", found.kv_amax))}

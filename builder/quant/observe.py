@@ -9,10 +9,13 @@ depends on the shape, not on the thread count), and a strict `<`, so ties keep t
 first tried; ratio 1 is minmax).
 """
 
+from dataclasses import replace
+
 import torch
 
 from builder.console import progress
 from builder.quant import quantize
+from builder.quant.results import Calibration
 from builder.release.recipe import Args, Recipe
 from builder.tensorfile import reader
 
@@ -93,19 +96,20 @@ def cell_error(cells: torch.Tensor, scale: torch.Tensor, args: Args, norm: float
     return (total.sum(dim=-1) if args.strategy == "tensor" else total).reshape(scale.shape)
 
 
-def searched_scales(recipe: Recipe, tensors: dict, modules: dict, calibration: dict | None) -> dict | None:
-    """calibration with the searched weight scales of every targeted tensor GPTQ did not round, under
-    "weight_scale" ({module: scale}, small: one value per cell); calibration unchanged for minmax.
+def searched_scales(recipe: Recipe, tensors: dict, modules: dict,
+                    calibration: Calibration | None) -> Calibration | None:
+    """calibration with the searched weight scales of every targeted tensor GPTQ did not round, in
+    weight_scale ({module: scale}, small: one value per cell); calibration unchanged for minmax.
 
     One pass over the targeted tensors, each read and searched once (export's writer asks for a
     weight's scale and its values at different times, and would search twice). importance is the
     calibration's E[x^2] per column (imatrix_mse)."""
     if recipe.weights is None or recipe.weights.observer == "minmax":
         return calibration
-    found = dict(calibration or {})
-    rounded, importance = found.get("gptq", {}), found.get("imatrix", {})
+    found = calibration or Calibration()
+    rounded, importance = found.gptq, found.imatrix
     dtype, _ = quantize.scale_format(recipe)
-    names = [name for name in sorted(tensors) if quantize.targeted(name, tensors[name][2], modules, recipe)
+    names = [name for name in sorted(tensors) if quantize.targeted(name, tensors[name].shape, modules, recipe)
              and name[: -len(".weight")] not in rounded]
     scales = {}
     with reader(tensors) as read:
@@ -114,5 +118,4 @@ def searched_scales(recipe: Recipe, tensors: dict, modules: dict, calibration: d
             quantize.require_finite(name, quantize.grouped_amax(weight, recipe.weights))
             module = name[: -len(".weight")]
             scales[module] = weight_scale(weight, recipe.weights, dtype, importance.get(module))
-    found["weight_scale"] = scales
-    return found
+    return replace(found, weight_scale=scales)

@@ -9,7 +9,8 @@ import torch
 
 from builder import formats
 from builder.errors import BuilderError, Problem
-from builder.quant import affine, kquants
+from builder.quant import affine, blocks, kquants
+from builder.quant.results import Calibration
 from builder.release import families
 from builder.release.recipe import Args, Recipe
 
@@ -60,20 +61,25 @@ def unquantized(name: str, tensor: torch.Tensor, recipe: Recipe) -> torch.Tensor
 
 
 def rounded(name: str, tensor: torch.Tensor, scale_dtype: torch.dtype, recipe: Recipe,
-            calibration: dict | None = None) -> tuple:
-    """(values, scale) of a targeted weight with compressed-tensors' arithmetic: GPTQ's integer
-    weights where calibration has them, else round to nearest with the searched scale
-    (observe.searched_scales) or the max |w| one. Raises BuilderError on NaN or infinity.
+            calibration: Calibration | None = None) -> tuple:
+    """(values, scale) of a targeted weight with compressed-tensors' arithmetic: FP8 blocks
+    (quant/blocks.py), GPTQ's integer weights where calibration has them, else round to nearest with
+    the searched scale (observe.searched_scales) or the max |w| one. Raises BuilderError on NaN or infinity.
     """
     args = recipe.weights
+    if args.strategy == "block":  # rtn with max |w| per block (recipe.block_recipe_problems refuses the rest)
+        amax = blocks.block_amax(tensor, args.block_structure)
+        require_finite(name, amax)
+        scale = scale_from_amax(amax, args, scale_dtype)
+        return blocks.quantize_weight(tensor, scale.to(torch.float32), args.block_structure), scale
     module = name[: -len(".weight")]
-    gptq = (calibration or {}).get("gptq", {}).get(module)
+    gptq = calibration.gptq.get(module) if calibration else None
     if gptq is not None:
         values, scale = gptq
         return values, scale.to(scale_dtype)
     amax = grouped_amax(tensor, args)
     require_finite(name, amax)  # a NaN or infinity anywhere in the weight reaches its maximum
-    searched = (calibration or {}).get("weight_scale", {}).get(module)
+    searched = calibration.weight_scale.get(module) if calibration else None
     scale = scale_from_amax(amax, args, scale_dtype) if searched is None else searched
     return quantize_weight(tensor, scale.to(torch.float32), args), scale
 
@@ -99,7 +105,7 @@ class Arithmetic:
 RUNTIME_ARITHMETIC = {"quantize.ggml": (kquants.blocks, None), "quantize.affine": (affine.quantize, affine.dequantize)}
 
 
-def arithmetic(recipe: Recipe, calibration: dict | None = None) -> Arithmetic:
+def arithmetic(recipe: Recipe, calibration: Calibration | None = None) -> Arithmetic:
     """The arithmetic the recipe's format rounds with; compressed-tensors' uses calibration's GPTQ
     weights and searched scales."""
     part = formats.of(recipe.format).QUANTIZER
@@ -115,10 +121,10 @@ def runtime_arithmetic(part: str | None) -> Arithmetic:
     return Arithmetic(weight, scale_from_amax, require_finite, decode)
 
 
-def smoothed(name: str, tensor: torch.Tensor, calibration: dict | None) -> torch.Tensor:
+def smoothed(name: str, tensor: torch.Tensor, calibration: Calibration | None) -> torch.Tensor:
     """The source tensor with SmoothQuant's or AWQ's factor applied (builder/quant/scaling.py), in FP32: a norm's weight
     divided by it, a Linear's weight columns multiplied by it; other tensors as they are."""
-    factor = (calibration or {}).get("smoothing", {}).get(name)
+    factor = calibration.smoothing.get(name) if calibration else None
     if factor is None:
         return tensor
     tensor = tensor.to(torch.float32)

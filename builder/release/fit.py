@@ -102,10 +102,30 @@ def grouped_layers(arch: dict, recipe: Recipe) -> list:
 
 
 def group_size_problems(arch: dict, recipe: Recipe) -> list:
-    """Group sizes that do not divide a targeted layer's input features, naming the layer."""
+    """Group sizes that do not divide a targeted layer's input features, naming the layer (and block sizes:
+    block_shape_problems)."""
     size = recipe.weights.group_size if recipe.weights is not None else None
     return [(("quant", "weights", "group_size"), f"{size} does not divide the {columns} input features of "
-             f"{name}; use a divisor of {columns}") for name, columns in grouped_layers(arch, recipe) if columns % size]
+             f"{name}; use a divisor of {columns}") for name, columns in grouped_layers(arch, recipe)
+            if columns % size] + block_shape_problems(arch, recipe)
+
+
+def block_shape_problems(arch: dict, recipe: Recipe) -> list:
+    """Block-wise weights: input features in whole blocks (the run-time activation groups are as wide), and
+    output features in whole blocks where vLLM fuses or splits them (all but the row-parallel layers:
+    q/k/v, gate/up); vLLM's fp8 block loader refuses other shapes."""
+    args = recipe.weights
+    if args is None or args.strategy != "block" or args.block_structure is None:  # None: a recipe problem
+        return []
+    height, width = args.block_structure
+    shapes = sorted({(re.sub(r"\.\d+\.", ".*.", module), rows, columns)
+                     for module, rows, columns in memory.linear_layers(arch) if recipe.quantizes(module)})
+    return [(("quant", "weights", "block_structure"), f"{args.block_structure} does not tile {name} "
+             f"[{rows}, {columns}]: vLLM's block kernels need input features in whole blocks of {width} and, "
+             f"for layers it fuses or splits by rows, output features in whole blocks of {height}; use "
+             "another recipe for this model (fp8-dynamic) or ignore the layer")
+            for name, rows, columns in shapes
+            if columns % width or (rows % height and not name.endswith(families.ROW_PARALLEL))]
 
 
 def shard_group_problems(arch: dict, recipe: Recipe, tp: int) -> list:

@@ -13,7 +13,6 @@ from functools import cache
 from importlib import metadata
 from pathlib import Path
 
-import builder
 from builder import formats
 from builder.canonical import canonical_json, file_entries, sha256_bytes, sha256_file, tree_digest
 from builder.errors import BuilderError, Problem
@@ -27,6 +26,7 @@ OUTPUT_VERSIONS = {
     **formats.versions(),            # format.<name>: each format module's VERSION (builder/formats/)
     "quantize.float": 1,             # FP8 scales and rounding (weights, activation and KV-cache scales)
     "quantize.int": 1,               # INT8 / INT4 scales and rounding
+    "quantize.fp8-block": 1,         # FP8 weights with one scale per 2-D block (quant/blocks.py)
     "quantize.ggml": 1,              # llama.cpp's Q8_0 / Q4_0 blocks
     "quantize.kquant": 1,            # llama.cpp's Q4_K / Q5_K / Q6_K and Q5_0 / Q5_1 blocks (plain and imatrix-weighted)
     "quantize.affine": 1,            # MLX's affine groups: scales, biases, codes
@@ -50,6 +50,7 @@ PART_PACKAGES = {
     **formats.packages(),            # format.<name>: each format module's PACKAGES
     "quantize.float": ("torch",),
     "quantize.int": ("torch",),
+    "quantize.fp8-block": ("torch",),
     "quantize.ggml": ("torch",),
     "quantize.kquant": ("torch",),
     "quantize.affine": ("torch",),
@@ -173,7 +174,3 @@ def builder_digest() -> str:
                 entries.append({**entry, "path": f"{prefix}/{entry['path']}"})
     return tree_digest(entries)
 
-
-def builder_identity() -> dict:
-    """{version, digest} of the builder running now."""
-    return {"version": builder.__version__, "digest": builder_digest()}

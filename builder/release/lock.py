@@ -102,11 +102,6 @@ def all_releases(root: Path) -> dict:
     return releases
 
 
-def all_entries(root: Path) -> dict:
-    """release -> lock entry (plain data) for every release in specs/."""
-    return {name: release.to_entry() for name, release in all_releases(root).items()}
-
-
 def expected_files(root: Path) -> dict:
     """Every file `builder lock` owns, relative path -> text."""
     releases = all_releases(root)

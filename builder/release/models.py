@@ -12,7 +12,7 @@ from typing import Annotated, ClassVar, Literal, Union
 from pydantic import Field, model_validator
 from pydantic_core import PydanticCustomError
 
-from builder.release.quantization import FORMATS, Group, Positive, Quant, number, unique_list
+from builder.release.quantization import Format, Group, Positive, Quant, number, unique_list
 
 Name = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", description="lower-case letters, digits, '.', "
                             "'_' and '-', starting with a letter or digit")]
@@ -166,10 +166,10 @@ class Target(Group):
     runtime_versions: Annotated[str, Field(min_length=1, description="PEP 440 range, e.g. >=0.32.0,<0.33")]
     device: TargetDevice
     memory_utilization: number("share of device memory the runtime may take", gt=0, le=1)
-    schemes: unique_list(Literal["w16a16", "w8a8-fp8", "w8a16-fp8", "w8a8-int8", "w8a16-int", "w5a16-int", "w4a16-int"], 1)
+    schemes: unique_list(Literal["w16a16", "w8a8-fp8", "w8a8-fp8-block", "w8a16-fp8", "w8a8-int8", "w8a16-int", "w5a16-int", "w4a16-int"], 1)
     activation_scales: unique_list(Literal["dynamic", "static"])
     kv_cache_dtypes: unique_list(Literal["auto", "fp8"], 1)
-    formats: unique_list(Literal[FORMATS], 1, "output formats (quant.format) the runtime loads; absent: the "
+    formats: unique_list(Format, 1, "output formats (quant.format) the runtime loads; absent: the "
                          "Hugging Face safetensors layouts dense, compressed-tensors and fp8") | None = None
     max_shard_bytes: Annotated[int, Field(ge=1024)]
 

@@ -9,6 +9,9 @@ import json
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic_core import PydanticCustomError
+
+from builder import formats
 
 from builder.formats.kmix import PRESETS as GGML_MIXES
 
@@ -20,7 +23,6 @@ OBSERVERS = {
     "mse": {"grid": 100, "maxshrink": 0.2, "patience": 5, "norm": 2.4},
     "imatrix_mse": {"grid": 20, "maxshrink": 0.95, "patience": 5, "norm": 3.0},
 }
-FORMATS = ("dense", "compressed-tensors", "fp8", "gguf", "mlx")
 JSON_BOUNDS = {"ge": "minimum", "gt": "exclusiveMinimum", "le": "maximum", "lt": "exclusiveMaximum"}
 
 
@@ -58,6 +60,17 @@ def unique_list(item, min_length: int = 0, description: str | None = None):
                                        json_schema_extra={"uniqueItems": True}), AfterValidator(unique)]
 
 
+def registered(value: str) -> str:
+    """An output format of the registry (builder/formats/), asked when a spec is validated, so a format
+    module registered there is a valid quant.format with no edit here."""
+    if value not in formats.FORMATS:
+        raise PydanticCustomError("literal_error", "not a registered output format")
+    return value
+
+
+# quant.format and a target's formats: the registry's names (the schema lists them when it is written).
+Format = Annotated[str, AfterValidator(registered),
+                   Field(json_schema_extra=lambda schema: schema.update(enum=list(formats.FORMATS)))]
 Positive = Annotated[int, Field(ge=1)]
 ModulePattern = Annotated[str, Field(min_length=1)]
 
@@ -85,6 +98,9 @@ class Args(Group):
     symmetric: bool
     dynamic: bool
     group_size: Positive | None
+    block_structure: Annotated[list[Positive], Field(min_length=2, max_length=2)] | None = Field(
+        None, description="[rows, columns] of a weight block sharing one scale, with strategy block (optional; "
+        "absent: none), e.g. [128, 128]: compressed-tensors' FP8_BLOCK")
     observer: Literal["minmax", "mse", "imatrix_mse"] = Field(
         "minmax", description="how weight scales are chosen (optional; absent: minmax): minmax (max |w|), mse "
         "(clipping ratio minimising the rounding error), imatrix_mse (the same error weighted by the calibration "
@@ -97,7 +113,8 @@ class Args(Group):
 
     def as_dict(self) -> dict:
         """The fields compressed-tensors and the spec share, without the observer (see `search`)."""
-        return self.model_dump(include={"num_bits", "type", "strategy", "symmetric", "dynamic", "group_size"})
+        shared = {"num_bits", "type", "strategy", "symmetric", "dynamic", "group_size", "block_structure"}
+        return self.model_dump(include=shared)
 
     @property
     def settings(self) -> dict:
@@ -122,11 +139,15 @@ class Args(Group):
             return 1
         if self.strategy == "group":
             return rows * -(-columns // self.group_size)
-        return rows  # channel (token and block are refused for weights)
+        if self.strategy == "block":  # partial blocks at the edges keep a scale of their own
+            block_rows, block_columns = self.block_structure
+            return -(-rows // block_rows) * -(-columns // block_columns)
+        return rows  # channel (token is refused for weights)
 
     def words(self) -> str:
         """In a few words, for people: fp8, channel, symmetric, dynamic scales."""
-        strategy = f"group {self.group_size}" if self.strategy == "group" else self.strategy
+        strategy = {"group": f"group {self.group_size}",
+                    "block": f"block {'x'.join(map(str, self.block_structure or ()))}"}.get(self.strategy, self.strategy)
         kind = "fp" if self.type == "float" else "int"
         return (f"{kind}{self.num_bits}, {strategy}, {'symmetric' if self.symmetric else 'asymmetric'}, "
                 f"{'dynamic' if self.dynamic else 'static'} scales")
@@ -167,7 +188,7 @@ class Smoothing(Group):
 class Quant(Group):
     """A named recipe: output format, dtype, algorithm, targets and quantization arguments."""
 
-    format: Literal[FORMATS] = Field(description="compressed-tensors, fp8 (the AutoFP8/vLLM legacy layout) or "
+    format: Format = Field(description="compressed-tensors, fp8 (the AutoFP8/vLLM legacy layout) or "
                                      "dense (Hugging Face safetensors); gguf (llama.cpp) or mlx (mlx-lm)")
     dtype: Literal["bfloat16", "float16", "float32"] = Field(
         description="dtype of unquantized tensors and of scales (GGUF block scales are always F16)")

@@ -82,7 +82,7 @@ class Recipe:
         acts = self.input_activations
         bits = f"w{self.weights.num_bits}a{acts.num_bits if acts else 16}"
         if self.weights.type == "float":
-            return f"{bits}-fp8"
+            return f"{bits}-fp8-block" if self.weights.strategy == "block" else f"{bits}-fp8"
         return f"{bits}-int8" if acts else f"{bits}-int"
 
     @property
@@ -111,7 +111,8 @@ class Recipe:
         found = [f"format.{self.format}"]
         for args in (self.weights, self.input_activations, self.kv_cache_scheme):
             if args is not None:
-                found.append(formats.of(self.format).QUANTIZER or f"quantize.{args.type}")
+                found.append(formats.of(self.format).QUANTIZER or ("quantize.fp8-block" if args.strategy == "block"
+                                                                    else f"quantize.{args.type}"))
         if self.algorithm in ("gptq", "imatrix"):
             found.append(self.algorithm)
         if self.weights is not None and self.weights.observer != "minmax":
@@ -185,19 +186,24 @@ def arithmetic_problems(recipe: Recipe) -> list:
                           "ggml_mix Q5_K_M); compressed-tensors recipes take 4 or 8"))
         elif args.type == "float" and args.num_bits != 8:
             found.append((("quant", key, "num_bits"), f"{args.num_bits}: float quantization is FP8 E4M3 (8)"))
-        if args.strategy == "block":
-            found.append((("quant", key, "strategy"), "block: compressed-tensors' 2-D weight blocks are not "
-                          "written by this builder; use tensor, channel, group or (activations) token"))
+        if args.strategy == "block" and key != "weights":
+            found.append((("quant", key, "strategy"), "block: 2-D blocks are for weights; use tensor, group "
+                          "or token"))
+        if (args.strategy == "block") != (args.block_structure is not None):
+            found.append((("quant", key, "block_structure"), f"{args.block_structure}: block_structure is "
+                          "required with strategy block and not allowed otherwise"))
         if (args.strategy == "group") != (args.group_size is not None):
             found.append((("quant", key, "group_size"), f"{args.group_size}: group_size is "
                           "required with strategy group and not allowed otherwise"))
     if weights.dynamic or weights.strategy == "token":
         found.append((("quant", "weights"), "weights are quantized once at build time: "
-                      "dynamic false and strategy tensor, channel or group"))
+                      "dynamic false and strategy tensor, channel, group or block"))
+    if weights.strategy == "block":
+        found += block_recipe_problems(recipe)
     if acts is not None:
         if acts.num_bits != 8:
             found.append((("quant", "input_activations", "num_bits"), f"{acts.num_bits}: activations are 8-bit"))
-        if acts.strategy not in (("token", "tensor") if acts.dynamic else ("tensor",)):
+        if weights.strategy != "block" and acts.strategy not in (("token", "tensor") if acts.dynamic else ("tensor",)):
             found.append((("quant", "input_activations", "strategy"), f"{acts.strategy}: dynamic activations "
                           "use token or tensor, static ones tensor (one calibrated scale)"))
         if weights.num_bits != 8:
@@ -224,3 +230,28 @@ def arithmetic_problems(recipe: Recipe) -> list:
                       f"observer {weights.observer} (allowed: {allowed})"))
     return found
 
+
+
+def block_recipe_problems(recipe: Recipe) -> list:
+    """Block-wise FP8 weights (compressed-tensors' FP8_BLOCK; builder/quant/blocks.py): FP8 E4M3, rounded
+    to nearest with max |w| per block (GPTQ's column loop and the scale searches work per row or group),
+    with activations quantized at run time per token in groups as wide as a block (what vLLM's block
+    kernels take; its legacy fp8 loader refuses static activations with blocks)."""
+    weights, acts = recipe.weights, recipe.input_activations
+    found = []
+    if weights.type != "float":
+        found.append((("quant", "weights", "type"), f"{weights.type}: block-wise weights are FP8 (type float)"))
+    if recipe.algorithm != "rtn":
+        found.append((("quant", "algorithm"), f"{recipe.algorithm}: block-wise FP8 weights are rounded to nearest "
+                      "(rtn); GPTQ is for tensor, channel and group scales"))
+    if weights.observer != "minmax":
+        found.append((("quant", "weights", "observer"), f"{weights.observer}: block scales are max |w| per block "
+                      "(minmax)"))
+    if recipe.smoothing is not None:
+        found.append((("quant", "smoothing"), "SmoothQuant is not run with block-wise FP8 weights"))
+    columns = (weights.block_structure or (None, None))[1]
+    if acts is None or (acts.type, acts.strategy, acts.dynamic, acts.group_size) != ("float", "group", True, columns):
+        found.append((("quant", "input_activations"), f"block-wise FP8 weights take FP8 activations quantized at "
+                      f"run time per token in groups of the block's columns: type float, strategy group, "
+                      f"group_size {columns}, dynamic true"))
+    return found

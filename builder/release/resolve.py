@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from builder.errors import BuilderError, Problem
 from builder.release import fit
+from builder.release.catalog import defaults
 from builder.release.models import GROUPS, Spec
 from builder.release.recipe import Recipe, problems as recipe_problems
 from builder.release.schema import validator as schema  # noqa: F401 (builder/source/importer.py reads it here)
@@ -64,7 +65,7 @@ def compose(root: Path, release: str, overrides: tuple) -> dict:
         message = hydra_message(error)
         culprit = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in message or o in message]
         where = f"override {culprit[0]!r}" if culprit else f"specs/release/{release}.yaml"
-        problem = unknown_override(culprit[0], message) if culprit else None
+        problem = unknown_override(root, release, culprit[0], message) if culprit else None
         raise BuilderError(problem or Problem(where, "", message)) from None
     finally:
         GlobalHydra.instance().clear()
@@ -72,17 +73,26 @@ def compose(root: Path, release: str, overrides: tuple) -> dict:
     return spec
 
 
-def unknown_override(override: str, message: str) -> Problem | None:
-    """Hydra's "Could not override 'a.b'. To append ... use +a.b=..." answered first with the keys the
-    spec allows there (its hint, +a.b, is right only for a key the chosen files leave out)."""
+def unknown_override(root: Path, release: str, override: str, message: str) -> Problem | None:
+    """Hydra's "Could not override 'a.b'. To append ... use +a.b=..." answered first with what the spec
+    has there: the groups, a group's keys (and the file that chose it), or that a.b is a value. Hydra's
+    hint, +a.b, is right only for a key the schema allows that the chosen files leave out."""
     found = re.match(r"Could not override '([^']+)'", message)
     if found is None:
         return None
     path, where = tuple(found.group(1).split(".")), f"override {override!r}"
+    chosen = defaults(root / "specs" / "config.yaml") | defaults(root / "specs" / "release" / f"{release}.yaml")
+    if path[0] in chosen:
+        where += f" (specs/{path[0]}/{chosen[path[0]]}.yaml)"
     for depth in range(len(path)):
-        allowed = sorted(schema_at(path[:depth], {}).get("properties", {}))
+        node = schema_at(path[:depth], {})
+        allowed = sorted(key for key in node.get("properties", {}) if depth or key != "choices")
+        if depth and not allowed and not node.get("additionalProperties", False):
+            return Problem(where, "", f"{'.'.join(path[:depth])} is a value, not a group: it has no key {path[depth]}")
         if allowed and path[depth] not in allowed:
-            return Problem(where, ".".join(path[:depth + 1]), f"unknown key; allowed keys: {', '.join(allowed)}")
+            owner = {0: "the spec", 1: f"group {path[0]}"}.get(depth, ".".join(path[:depth]))
+            noun = "group" if depth == 0 else "key"
+            return Problem(where, "", f"{owner} has no {noun} {path[depth]}; its {noun}s: {', '.join(allowed)}")
     return Problem(where, ".".join(path), f"allowed, but no chosen spec file sets it: add it with +{override}")
 
 

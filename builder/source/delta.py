@@ -27,9 +27,9 @@ def mismatches(base: dict, delta_header: dict, file: str) -> list:
     for name, info in sorted(delta_header.items()):
         if name not in base:
             found.append(Problem(file, name, "in the delta but not in the base"))
-        elif tuple(info["shape"]) != base[name][2]:
+        elif tuple(info["shape"]) != base[name].shape:
             found.append(Problem(file, name, f"delta shape {info['shape']} differs from the base's "
-                                 f"{list(base[name][2])}"))
+                                 f"{list(base[name].shape)}"))
     return found
 
 

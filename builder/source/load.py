@@ -6,7 +6,7 @@ from pathlib import Path
 from builder.canonical import file_entries, tree_digest
 from builder.errors import BuilderError, Problem
 from builder.paths import inside
-from builder.tensorfile import read_header
+from builder.tensorfile import index_of
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
@@ -81,12 +81,8 @@ def weight_files(path: Path) -> list:
 
 
 def tensor_index(path: Path) -> dict:
-    """tensor name -> (file, dtype code, shape) across every shard of the checkpoint."""
-    found = {}
-    for file in weight_files(path):
-        for name, info in read_header(file).items():
-            found[name] = (file, info["dtype"], tuple(info["shape"]))
-    return found
+    """tensor name -> tensorfile.StoredTensor (file, dtype code, shape) across every shard of the checkpoint."""
+    return index_of(weight_files(path))
 
 
 def architecture(config_dir: Path) -> dict:
@@ -132,11 +128,12 @@ def check_tensors(folder: str, tensors: dict, shapes: dict, tied: set) -> None:
     for name in sorted(set(tensors) - set(shapes)):
         problems.append(Problem(folder, name, "not a parameter of the model's architecture"))
     for name in sorted(set(tensors) & set(shapes)):
-        _, code, shape = tensors[name]
-        if shape != shapes[name]:
-            problems.append(Problem(folder, name, f"shape {list(shape)}, the architecture needs {list(shapes[name])}"))
-        if code not in SOURCE_DTYPES:
-            problems.append(Problem(folder, name, f"dtype {code}; source weights must be one of "
+        stored = tensors[name]
+        if stored.shape != shapes[name]:
+            problems.append(Problem(folder, name, f"shape {list(stored.shape)}, the architecture needs "
+                                    f"{list(shapes[name])}"))
+        if stored.dtype not in SOURCE_DTYPES:
+            problems.append(Problem(folder, name, f"dtype {stored.dtype}; source weights must be one of "
                                     f"{', '.join(SOURCE_DTYPES)} (not already quantized)"))
     if problems:
         raise BuilderError(problems)

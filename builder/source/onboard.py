@@ -13,10 +13,10 @@ from pathlib import Path
 import yaml
 
 from builder import atomic
-from builder.canonical import file_entries, tree_digest
+from builder.canonical import tree_digest
 from builder.console import progress
 from builder.errors import BuilderError, Problem
-from builder.source import load
+from builder.source import checks, load
 from builder.release import families
 
 # What a checkpoint folder may bring into weights/: weights as safetensors, configs, tokenizers, templates.
@@ -37,11 +37,13 @@ def add_model(root: Path, name: str, path: Path, model_id: str | None = None, li
         raise BuilderError(problems)
     facts = checked(source, str(path))
     destination = source if source.is_relative_to(root.resolve()) else root / "weights" / name
+    files = checkpoint_files(source, copied=destination != source)
+    entries = checks.digest_entries(source, files, str(path))  # one read: hashed, every weight checked finite
     if destination != source:
-        copy_checkpoint(root, source, destination, log)
+        copy_checkpoint(root, source, destination, files, log)
     spec = {"id": model_id or hub_id(source, name), "license": license_id or card_license(source) or "other",
             "source": {"kind": "local"}, "path": destination.relative_to(root.resolve()).as_posix(),
-            "digest": tree_digest(file_entries(destination)), "architecture": facts}
+            "digest": tree_digest(entries), "architecture": facts}
     atomic.write_text(spec_file, header(name, path, spec) + yaml.safe_dump(spec, sort_keys=False))
     log(f"wrote {relative}: {facts['class']}, digest {spec['digest']}")
     log(next_steps(name, spec))
@@ -60,12 +62,17 @@ def name_problems(root: Path, name: str, relative: str, force: bool) -> list:
 
 def checked(folder: Path, shown: str) -> dict:
     """Everything a build will check of a source, now: safetensors only, readable headers, floating
-    weights matching the architecture, a tokenizer, a supported family. Returns the architecture facts."""
+    weights matching the architecture, a tokenizer, a supported family; and more (builder/source/checks.py):
+    model_type agrees with architectures, the tokenizer loads and fits the embedding. Returns the
+    architecture facts. (Finite weights are checked with the digest, in add_model.)"""
     config = load.read_config(folder, shown)
     pickles = sorted(p.name for p in folder.rglob("*") if p.suffix in load.PICKLE_SUFFIXES)
     if pickles and not list(folder.glob("*.safetensors")):
         raise BuilderError(Problem(shown, "", f"only pickle weights ({', '.join(pickles[:3])}); convert them to "
                                    "safetensors first (they can run code when loaded, so the builder never reads them)"))
+    problems = checks.label_problems(config, shown)
+    if problems:
+        raise BuilderError(problems)
     cls = (config.get("architectures") or [None])[0]
     if families.of_class(cls) is None:
         raise BuilderError(Problem(f"{shown}/config.json", "architectures", f"{cls} is not a supported architecture; "
@@ -75,18 +82,28 @@ def checked(folder: Path, shown: str) -> dict:
     tensors = load.tensor_index(folder)
     architecture = load.architecture(folder)
     load.check_tensors(shown, tensors, architecture["shapes"], architecture["tied"])
+    problems = checks.tokenizer_problems(folder, config, shown)
+    if problems:
+        raise BuilderError(problems)
     return architecture["facts"]
 
 
-def copy_checkpoint(root: Path, source: Path, destination: Path, log) -> None:
-    """Copy the checkpoint's safe files (never pickles or code) into destination, atomically."""
-    files = sorted(p for p in source.rglob("*") if p.is_file() and
-                   any(fnmatch.fnmatch(p.name, pattern) for pattern in CHECKPOINT_FILES))
-    log(f"copying {len(files)} files ({sum(p.stat().st_size for p in files) / 1e9:.2f} GB) into "
+def checkpoint_files(source: Path, copied: bool) -> list:
+    """The relative paths of the files the model's folder will hold: every file when it is used in
+    place, the safe ones (never pickles or code) when it is copied into weights/."""
+    files = sorted(p for p in source.rglob("*") if p.is_file())
+    if copied:
+        files = [p for p in files if any(fnmatch.fnmatch(p.name, pattern) for pattern in CHECKPOINT_FILES)]
+    return [p.relative_to(source).as_posix() for p in files]
+
+
+def copy_checkpoint(root: Path, source: Path, destination: Path, files: list, log) -> None:
+    """Copy files (relative paths under source) into destination, atomically."""
+    log(f"copying {len(files)} files ({sum((source / f).stat().st_size for f in files) / 1e9:.2f} GB) into "
         f"{destination.relative_to(root).as_posix()}/")
     with atomic.staging(destination, root) as staging:
-        for path in progress(files, desc="copy", unit="file"):
-            target = staging / path.relative_to(source)
+        for relative in progress(files, desc="copy", unit="file"):
+            path, target = source / relative, staging / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, target)  # follows a snapshot's links to the cache's blobs
         atomic.publish(staging, destination)
