@@ -42,6 +42,7 @@ OUTPUT_VERSIONS = {
     "import.gguf": 1,                # builder import: GGUF -> BF16 safetensors
     "import.hf": 1,                  # builder import: files copied from a Hugging Face snapshot
     "import.delta": 1,               # builder import: base + delta
+    "import.quantized": 1,           # builder import: a quantized checkpoint dequantized (source/dequantize.py)
 }
 # Installed packages whose versions can change what a part writes (pinned exactly in pyproject.toml).
 PART_PACKAGES = {
@@ -65,6 +66,7 @@ PART_PACKAGES = {
     "evaluation": ("compressed-tensors", "safetensors", "torch", "transformers"),  # loads and runs both models
     "import.gguf": ("gguf", "safetensors", "tokenizers", "torch", "transformers"),
     "import.delta": ("torch",),
+    "import.quantized": ("torch",),
 }
 # Packages a build imports whose versions cannot change an artifact's bytes, and why. A package a
 # build imports must be here or in PART_PACKAGES (tests/test_identity.py runs a build and checks).

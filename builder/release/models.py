@@ -84,6 +84,15 @@ class GgufSource(Group):
     sha256: Digest
 
 
+class QuantizedSource(Group):
+    """A checkpoint published quantized (block FP8, compressed-tensors FP8/INT/NVFP4/MXFP4/MXFP8), kept as it
+    is under path and dequantized into model.path by `builder import` (builder/source/dequantize.py)."""
+
+    kind: Literal["quantized"]
+    path: RepoPath = Field(description="the quantized checkpoint, as published")
+    digest: Digest = Field(description="tree digest of the quantized checkpoint")
+
+
 class Moe(Group):
     """Mixture-of-experts layers (builder model add writes them): required for MoE families, not allowed
     for dense ones."""
@@ -139,7 +148,7 @@ class Model(Group):
     revision: Annotated[str, Field(pattern=r"^[0-9a-f]{40}$")] | None = Field(
         None, description="The Hugging Face commit the weights come from.")
     license: Annotated[str, Field(min_length=1)]
-    source: Annotated[Union[LocalSource, HfSource, DeltaSource, GgufSource], Field(discriminator="kind")]
+    source: Annotated[Union[LocalSource, HfSource, DeltaSource, GgufSource, QuantizedSource], Field(discriminator="kind")]
     path: RepoPath
     digest: Digest
     architecture: Architecture

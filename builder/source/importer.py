@@ -1,4 +1,5 @@
-"""Import a model's source into weights/<model>/ as the spec pins it: GGUF, HF snapshot, base + delta.
+"""Import a model's source into weights/<model>/ as the spec pins it: GGUF, HF snapshot, base + delta,
+a quantized checkpoint (dequantized).
 
     builder import smollm2-135m-instruct
 """
@@ -160,8 +161,23 @@ def convert_gguf(path: Path, out: Path) -> None:
         (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def quantized_folder(root: Path, spec: dict, file: str) -> Path:
+    """The quantized checkpoint a `quantized` source names, checked against its pinned digest."""
+    from builder.source.load import pinned_folder
+
+    source = spec["source"]
+    return pinned_folder(root, source["path"], source["digest"], file, "source.path", "source.digest",
+                         "put the quantized checkpoint there (builder model add does)")
+
+
+def dequantized(folder: Path, out: Path) -> None:
+    from builder.source.dequantize import dequantize_checkpoint
+
+    dequantize_checkpoint(folder, out)
+
+
 # kind -> (check(root, spec, file) -> origin, before anything is written; convert(origin, out))
 SOURCES = {"gguf": (gguf_path, convert_gguf), "hf": (hf_snapshot, copy_snapshot),
-           "delta": (delta_folders, merge_delta)}
+           "delta": (delta_folders, merge_delta), "quantized": (quantized_folder, dequantized)}
 # Files taken from a Hugging Face snapshot: weights as safetensors, configs, tokenizers, templates.
 HF_FILES = ("*.safetensors", "*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja")

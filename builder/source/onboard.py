@@ -3,6 +3,8 @@ then writes specs/model/NAME.yaml with its digest and the architecture facts of 
 
     builder model add qwen3-8b ~/downloads/Qwen3-8B      # copies it into weights/qwen3-8b/
     builder model add qwen3-8b weights/qwen3-8b           # already inside the repository: used in place
+    builder model add qwen3-8b-fp8 ~/downloads/Qwen3-8B-FP8  # quantized: kept in weights/qwen3-8b-fp8-quantized/,
+                                                          # dequantized into weights/qwen3-8b-fp8/
 """
 
 import fnmatch
@@ -16,7 +18,7 @@ from builder import atomic
 from builder.canonical import tree_digest
 from builder.console import progress
 from builder.errors import BuilderError, Problem
-from builder.source import checks, load
+from builder.source import checks, dequantize, load
 from builder.release import families
 
 # What a checkpoint folder may bring into weights/: weights as safetensors, configs, tokenizers, templates.
@@ -35,19 +37,58 @@ def add_model(root: Path, name: str, path: Path, model_id: str | None = None, li
         problems.append(Problem(str(path), "", "no such checkpoint folder"))
     if problems:
         raise BuilderError(problems)
-    facts = checked(source, str(path))
-    destination = source if source.is_relative_to(root.resolve()) else root / "weights" / name
-    files = checkpoint_files(source, copied=destination != source)
-    entries = checks.digest_entries(source, files, str(path))  # one read: hashed, every weight checked finite
-    if destination != source:
-        copy_checkpoint(root, source, destination, files, log)
+    config = load.read_config(source, str(path))
+    if dequantize.quantization(config):
+        found = add_quantized(root, name, source, str(path), config, log)
+    else:
+        found = add_plain(root, name, source, str(path), log)
     spec = {"id": model_id or hub_id(source, name), "license": license_id or card_license(source) or "other",
-            "source": {"kind": "local"}, "path": destination.relative_to(root.resolve()).as_posix(),
-            "digest": tree_digest(entries), "architecture": facts}
+            **found}
     atomic.write_text(spec_file, header(name, path, spec) + yaml.safe_dump(spec, sort_keys=False))
-    log(f"wrote {relative}: {facts['class']}, digest {spec['digest']}")
+    log(f"wrote {relative}: {spec['architecture']['class']}, digest {spec['digest']}")
     log(next_steps(name, spec))
     return spec_file
+
+
+def add_plain(root: Path, name: str, source: Path, shown: str, log) -> dict:
+    """A floating checkpoint: checked, hashed (weights checked finite on the way), copied into weights/NAME
+    unless it is in the repository already. Returns the spec's source, path, digest and architecture."""
+    facts = checked(source, shown)
+    destination = source if source.is_relative_to(root.resolve()) else root / "weights" / name
+    files = checkpoint_files(source, copied=destination != source)
+    entries = checks.digest_entries(source, files, shown)  # one read: hashed, every weight checked finite
+    if destination != source:
+        copy_checkpoint(root, source, destination, files, log)
+    return {"source": {"kind": "local"}, "path": destination.relative_to(root.resolve()).as_posix(),
+            "digest": tree_digest(entries), "architecture": facts}
+
+
+def add_quantized(root: Path, name: str, source: Path, shown: str, config: dict, log) -> dict:
+    """A checkpoint published quantized: kept as it is (weights/NAME-quantized/ unless it is in the repository
+    already), dequantized into weights/NAME/ (builder/source/dequantize.py), and the dequantized folder checked
+    as a plain source. Both digests are pinned; nothing is written when a check fails."""
+    problems = dequantize.unreadable(config, shown)
+    destination = root.resolve() / "weights" / name
+    kept = source if source.is_relative_to(root.resolve()) else destination.with_name(f"{name}-quantized")
+    if kept == destination:
+        problems.append(Problem(shown, "", f"weights/{name}/ is where the dequantized checkpoint goes; move the "
+                                f"quantized one to weights/{name}-quantized/ (or outside the repository) first"))
+    if problems:
+        raise BuilderError(problems)
+    files = checkpoint_files(source, copied=kept != source)
+    kept_digest = tree_digest(checks.digest_entries(source, files, shown))
+    log(f"{shown}: {dequantize.source_format(config)}; dequantizing into weights/{name}/")
+    with atomic.staging(destination, root) as staging:
+        dequantize.dequantize_checkpoint(source, staging)
+        facts = checked(staging, shown)
+        written = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
+        entries = checks.digest_entries(staging, written, f"weights/{name}")
+        if kept != source:
+            copy_checkpoint(root, source, kept, files, log)
+        atomic.publish(staging, destination)
+    return {"source": {"kind": "quantized", "path": kept.relative_to(root.resolve()).as_posix(),
+                       "digest": kept_digest},
+            "path": f"weights/{name}", "digest": tree_digest(entries), "architecture": facts}
 
 
 def name_problems(root: Path, name: str, relative: str, force: bool) -> list:
@@ -143,7 +184,8 @@ def header(name: str, path: Path, spec: dict) -> str:
 def next_steps(name: str, spec: dict) -> str:
     """The commands that take the new model to one built release, and build nothing else."""
     release = f"{name}-fp8-dynamic"
-    return (f"next:\n  dvc add {spec['path']} && git add {spec['path']}.dvc specs/model/{name}.yaml\n"
+    tracked = spec["source"].get("path", spec["path"])  # a quantized source is tracked; import remakes path
+    return (f"next:\n  dvc add {tracked} && git add {tracked}.dvc specs/model/{name}.yaml\n"
             f"  write specs/release/{release}.yaml (# @package _global_, defaults: override /model: {name}, "
             "override /quant: fp8-dynamic, ...; docs/models.md has one), then build only that release:\n"
             f"  builder lock && dvc repro build@{release}")
