@@ -37,7 +37,7 @@ QUANTS = {
     "mxfp4a16": ("vllm-b200", "MXFP4A16", "mxfp4-pack-quantized", 0.4),
     "mxfp4": ("vllm-b200", "MXFP4", "mxfp4-pack-quantized", 0.5),
     "mxfp8": ("vllm-b200", "MXFP8", "mxfp8-quantized", 0.18),
-    "w4afp8": ("vllm-h200", "W4AFP8", "pack-quantized", 0.5),
+    "w4afp8": ("vllm-gh200", "W4AFP8", "pack-quantized", 0.5),
 }
 CALIBRATION = "calibration:\n  samples: 4\n  sequence_length: 64\n"
 
@@ -262,7 +262,22 @@ def test_the_cli_refuses_nvfp4_on_hopper_with_exit_2(fp4_repo):
 def test_smollm2_fits_groups_of_16_and_32_but_not_w4afp8s_128():
     from builder.release.resolve import resolve
 
-    for quant, target in (("nvfp4a16", "vllm-b200"), ("mxfp8", "vllm-b200"), ("mxfp4a16", "vllm-h200")):
+    for quant, target in (("nvfp4a16", "vllm-b200"), ("mxfp8", "vllm-b200"), ("mxfp4a16", "vllm-gh200")):
         resolve(conftest.PROJECT, "smollm2-135m-instruct-fp8-dynamic", (f"quant={quant}", f"target={target}"))
     with pytest.raises(BuilderError, match="128 does not divide the 576 input features"):
-        resolve(conftest.PROJECT, "smollm2-135m-instruct-fp8-dynamic", ("quant=w4afp8", "target=vllm-h200"))
+        resolve(conftest.PROJECT, "smollm2-135m-instruct-fp8-dynamic", ("quant=w4afp8", "target=vllm-gh200"))
+
+
+def test_w4afp8_weights_take_gptq_as_w4a16_does(fp4_repo, built, tmp_path):
+    """W4AFP8's weights are the integer path, so GPTQ (on calibration text) rounds them; the layout is the same."""
+    overrides = ("quant.algorithm=gptq", "quant.gptq={block_size:128,dampening_frac:0.01,actorder:static}",
+                 "calibration=licenses", "calibration.samples=4", "calibration.sequence_length=64")
+    manifest = build.build(fp4_repo.root, "tiny-fp4-w4afp8", overrides, out=tmp_path / "gptq", log=lambda m: None)
+    assert manifest["inputs"]["versions"].keys() >= {"gptq", "calibration", "quantize.int"}
+    rtn, gptq = (tensors(folder / "model.safetensors") for folder in (built["w4afp8"][0], tmp_path / "gptq"))
+    assert rtn.keys() == gptq.keys()
+    module = "model.layers.0.mlp.down_proj"
+    assert not torch.equal(rtn[f"{module}.weight_packed"], gptq[f"{module}.weight_packed"])
+    config = json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "pack-quantized" and config["config_groups"]["group_0"]["weights"]["actorder"] == "static"
+    assert logits_difference(fp4_repo, tmp_path / "gptq") <= QUANTS["w4afp8"][3]

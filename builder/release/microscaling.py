@@ -2,7 +2,7 @@
 data, and the rules a recipe using them follows. Pure.
 
     preset(recipe)      # 'nvfp4', 'mxfp8a16', 'w4afp8', ... or None: the recipe's kernel family
-    problems(recipe)    # [(key path, message)] for a recipe whose arguments are none of them
+    preset_problems(recipe)    # [(key path, message)] for a recipe whose arguments are none of them
 
 A recipe's weights and activations must be one preset's exactly (the arithmetic behind each is
 builder/quant/fp4.py and mx.py); what a preset leaves open (None) is free.
@@ -53,7 +53,7 @@ def claims(recipe) -> bool:
                                     or (weights.num_bits == 4 and acts is not None and acts.type == "float"))
 
 
-def problems(recipe) -> list:
+def preset_problems(recipe) -> list:
     """A recipe these formats claim must be one preset, rounded to nearest with max |w| scales."""
     found = []
     if preset(recipe) is None:

@@ -216,7 +216,7 @@ def arithmetic_problems(recipe: Recipe) -> list:
         found += block_recipe_problems(recipe)
     presets = microscaling.claims(recipe)  # FP4, MX and W4AFP8: compressed-tensors' presets, their own rules
     if presets:
-        found += microscaling.problems(recipe)
+        found += microscaling.preset_problems(recipe)
     if acts is not None and not presets:
         if acts.num_bits != 8:
             found.append((("quant", "input_activations", "num_bits"), f"{acts.num_bits}: activations are 8-bit"))
