@@ -281,3 +281,40 @@ def test_w4afp8_weights_take_gptq_as_w4a16_does(fp4_repo, built, tmp_path):
     config = json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]
     assert config["format"] == "pack-quantized" and config["config_groups"]["group_0"]["weights"]["actorder"] == "static"
     assert logits_difference(fp4_repo, tmp_path / "gptq") <= QUANTS["w4afp8"][3]
+
+
+def test_fused_groups_follow_the_family_table():
+    from builder.quant.quantize import fused
+    from builder.release import families
+
+    llama, phi3, mixtral = (families.FAMILIES[name] for name in ("llama", "phi3", "mixtral"))
+    assert fused("model.layers.3.self_attn.k_proj", llama) == tuple(
+        f"model.layers.3.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj"))
+    assert fused("model.layers.3.mlp.up_proj", llama) == ("model.layers.3.mlp.gate_proj", "model.layers.3.mlp.up_proj")
+    assert fused("model.layers.3.self_attn.o_proj", llama) == ("model.layers.3.self_attn.o_proj",)
+    assert fused("model.layers.0.self_attn.qkv_proj", phi3) == ("model.layers.0.self_attn.qkv_proj",)  # fused on disk
+    assert fused("model.layers.0.block_sparse_moe.experts.5.w3", mixtral) == (
+        "model.layers.0.block_sparse_moe.experts.5.w1", "model.layers.0.block_sparse_moe.experts.5.w3")
+
+
+def test_zero_groups_and_tensors_get_the_scales_compressed_tensors_gives_them():
+    weight = torch.zeros(4, 32)
+    weight[0, :16] = torch.linspace(-3, 3, 16)
+    global_scale = fp4.global_scale(weight.abs().amax())
+    assert torch.equal(global_scale, torch.tensor([448 * 6 / 3.0]))
+    assert torch.equal(fp4.global_scale(torch.zeros(1)), torch.ones(1))  # an all-zero tensor: no global scaling
+    scale = fp4.group_scales(weight, global_scale, 16)
+    assert float(scale[0, 0].float()) == 448 and (scale[1:].float() == 0.125).all()  # 0 -> FP8's eps, 0.125
+    codes = fp4.quantize_weight(weight, scale, global_scale, 16)
+    assert (codes[1:] == 0).all() and float(fp4.decode(codes[0, :1])) == -6.0
+    assert (mx.group_exponents(torch.zeros(2, 32), 32, 4) == 127).all()  # scale 1
+
+
+def test_a_weight_with_nan_is_refused_naming_it():
+    from builder.quant.quantize import rounded
+
+    weight = torch.ones(4, 32)
+    weight[1, 3] = float("nan")
+    for quant in ("nvfp4a16", "mxfp8"):
+        with pytest.raises(BuilderError, match="model.layers.0.mlp.up_proj.weight: holds NaN"):
+            rounded("model.layers.0.mlp.up_proj.weight", weight, torch.bfloat16, Recipe.of(shipped(quant)))
