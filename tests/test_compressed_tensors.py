@@ -23,6 +23,8 @@ def compressed_tensors_dump(quant: dict) -> dict:
         observer, settings = values.pop("observer", "minmax"), values.pop("observer_kwargs", {})
         if observer != "minmax":  # minmax is compressed-tensors' default for static weights (memoryless_minmax)
             extra.update(observer=observer, observer_kwargs={**OBSERVERS[observer], **settings})
+        if values["dynamic"] == "local":  # NVFP4 activations: the preset's observer (its default would be minmax)
+            extra.update(observer="static_minmax")
         return QuantizationArgs(**values, **extra)
 
     order = {"actorder": quant["gptq"]["actorder"]} if quant["algorithm"] == "gptq" else {}

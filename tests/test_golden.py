@@ -70,6 +70,12 @@ RECIPES = {
     "gguf-q5_k_m-imatrix": ("gguf-q5_k_m", "licenses", "none", {**SMALL_CALIBRATION, **Q5_TARGET}),
     "fp8-block": ("fp8-block", "none", "none", BLOCKS_32),
     "fp8-block-legacy": ("fp8-block-legacy", "none", "none", BLOCKS_32),
+    "nvfp4a16": ("nvfp4a16", "none", "none", {}),
+    "nvfp4": ("nvfp4", "licenses", "none", SMALL_CALIBRATION),
+    "mxfp4a16": ("mxfp4a16", "none", "none", {}),
+    "mxfp4": ("mxfp4", "none", "none", {}),
+    "mxfp8": ("mxfp8", "none", "none", {}),
+    "w4afp8": ("w4afp8", "none", "none", {"quant": {"weights": {"group_size": 32}}}),
     "mlx-4bit": ("mlx-4bit", "none", "none", {}),
     "mlx-8bit-g32": ("mlx-4bit", "none", "none", {"quant": {"weights": {"num_bits": 8, "group_size": 32}}}),
     "mlx-4bit-evaluated": ("mlx-4bit", "none", "docstrings", {"eval": {
@@ -82,6 +88,9 @@ ON_DEVICE = {case: "llama-cpp" if case.startswith("gguf") else "mlx" for case in
              if case.startswith(("gguf", "mlx"))}
 # Cases for targets other than vllm-h100: block-wise FP8's kernel family (w8a8-fp8-block) is listed by vllm-h200.
 TARGETS = {case: "vllm-h200" for case in RECIPES if case.startswith("fp8-block")}
+# NVFP4 and MX (FP4 and MX tensor cores) build for the Blackwell target, W4AFP8 for Grace Hopper's.
+TARGETS.update({case: "vllm-b200" for case in RECIPES if case.startswith(("nvfp4", "mxfp"))})
+TARGETS.update({case: "vllm-gh200" for case in RECIPES if case.startswith("w4afp8")})
 CASES = tuple(f"golden-{arch}-{recipe}" for arch in ARCHITECTURES for recipe in RECIPES)
 # Which parts decide each kind of file (the diagnosis names those the failing case runs).
 FILE_PARTS = (
@@ -220,6 +229,6 @@ def test_a_changed_rounding_rule_fails_until_its_version_is_bumped_and_then_only
     monkeypatch.setitem(identity.OUTPUT_VERSIONS, "quantize.int", 2)
     after = {name: lock.lock_entry(golden_repo.root, name)["artifact_id"] for name in CASES}
     assert {name for name in CASES if before[name] != after[name]} == \
-        {name for name in CASES if "w8a8" in name or "w4a16" in name}  # exactly the integer recipes
+        {name for name in CASES if "w8a8" in name or "w4a16" in name or "w4afp8" in name}  # exactly the integer recipes
     problems = golden_problems(case, build_case(golden_repo, case, tmp_path / "bumped"), table)
     assert len(problems) == 1 and "quantize.int 1 -> 2" in problems[0] and "regenerate" in problems[0]

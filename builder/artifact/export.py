@@ -68,7 +68,7 @@ def write_weights(out: Path, tensors: dict, modules: dict, family, recipe: Recip
     calibration: builder.quant.calibrate's statistics and GPTQ weights, for recipes that calibrate.
     Returns the weight files' entries ({path, sha256, size}), for the manifest and provenance.
     """
-    fmt, arithmetic = formats.of(recipe.format), quantize.arithmetic(recipe, calibration)
+    fmt, arithmetic = formats.of(recipe.format), quantize.arithmetic(recipe, calibration, tensors, family)
     planned = plan_outputs(tensors, modules, family, recipe, tied)
     groups = list(planned.values())
     assigned = shards.assign(groups, max_shard_bytes)

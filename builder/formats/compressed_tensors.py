@@ -1,7 +1,10 @@
 """Format compressed-tensors: what llm-compressor writes and vLLM loads. Quantized Linears as `weight`
 (FP8 E4M3, per tensor, channel or 2-D block, or INT8) or `weight_packed` (INT4/INT8 in int32 words, weight-only) with `weight_scale`,
 `input_scale` for calibrated activations and `k_scale`/`v_scale` for an FP8 KV cache; config.json's
-quantization_config as compressed-tensors' own models dump it.
+quantization_config as compressed-tensors' own models dump it. FP4 weights (nvfp4-pack-quantized,
+mxfp4-pack-quantized) are `weight_packed` U8, two E2M1 codes a byte, with `weight_scale` F8_E4M3 (NVFP4,
+plus F32 `weight_global_scale` and, with FP4 activations, `input_global_scale`) or U8 E8M0 exponents
+(MX); MXFP8 (mxfp8-quantized) is `weight` F8_E4M3 with U8 exponents.
 
     builder build smollm2-135m-instruct-fp8-dynamic
 """
@@ -75,6 +78,8 @@ def outputs(name: str, dtype, shape: tuple, targeted: bool, recipe, kv: list, sc
         return [dense.stored(name, dtype, shape, recipe), *extra]
     args, module = recipe.weights, name[: -len(".weight")]
     rows, columns = shape
+    if args.type == "float" and (args.strategy == "tensor_group" or args.microscaled):
+        return fp4_outputs(module, recipe, rows, columns) + extra
     if recipe.packed:
         words = -(-columns // (PACK_BITS // args.num_bits))
         found = [Output(f"{module}.weight_packed", torch.int32, (rows, words)),
@@ -94,6 +99,25 @@ def outputs(name: str, dtype, shape: tuple, targeted: bool, recipe, kv: list, sc
     if recipe.static_inputs:
         found.append(Output(f"{module}.input_scale", scale_dtype, scalar))
     return found + extra
+
+
+def fp4_outputs(module: str, recipe, rows: int, columns: int) -> list:
+    """A targeted Linear's tensors under NVFP4 and MX: packed E2M1 codes (or MXFP8's values), group scales
+    (FP8 or E8M0 exponents), NVFP4's FP32 global scales."""
+    import torch
+
+    args = recipe.weights
+    groups = (rows, columns // args.group_size)
+    if args.num_bits == 4:
+        found = [Output(f"{module}.weight_packed", torch.uint8, (rows, columns // 2))]
+    else:
+        found = [Output(f"{module}.weight", torch.float8_e4m3fn, (rows, columns))]
+    found.append(Output(f"{module}.weight_scale", torch.uint8 if args.microscaled else torch.float8_e4m3fn, groups))
+    if args.strategy == "tensor_group":
+        found.append(Output(f"{module}.weight_global_scale", torch.float32, (1,)))
+    if recipe.global_inputs:
+        found.append(Output(f"{module}.input_global_scale", torch.float32, (1,)))
+    return found
 
 
 def known(name: str, shape: tuple, targeted: bool, recipe, calibration, kv: list, arithmetic) -> dict:
@@ -120,6 +144,9 @@ def known_outputs(name: str, shape: tuple, targeted: bool, recipe, calibration, 
     if recipe.static_inputs:
         amax = calibration.input_amax[module]
         found[f"{module}.input_scale"] = arithmetic.scale(amax, recipe.input_activations, scale_dtype).reshape(scalar)
+    if recipe.global_inputs:  # q/k/v and gate/up read one input: their maxima, so their global scales, agree
+        amax = calibration.input_amax[module]
+        found[f"{module}.input_global_scale"] = arithmetic.scale(amax, recipe.input_activations, scale_dtype)
     return found
 
 
@@ -132,9 +159,14 @@ def computed(name: str, tensor, recipe, arithmetic, scales: tuple) -> dict:
     (GPTQ's values and searched scales where calibration has them), packed when weight-only integer."""
     scale_dtype, scalar = scales
     args, module = recipe.weights, name[: -len(".weight")]
-    values, scale = arithmetic.weight(name, tensor, scale_dtype)
-    found = {f"{module}.weight_packed": pack(values, args.num_bits)} if recipe.packed else {name: values}
+    values, scale, *global_scale = arithmetic.weight(name, tensor, scale_dtype)  # NVFP4: and its global scale
+    if args.type == "float" and args.num_bits == 4:  # E2M1 codes, two a byte, the first in the low nibble
+        found = {f"{module}.weight_packed": values[:, 0::2] | (values[:, 1::2] << 4)}
+    else:
+        found = {f"{module}.weight_packed": pack(values, args.num_bits)} if recipe.packed else {name: values}
     found[f"{module}.weight_scale"] = scale.reshape(scalar) if args.strategy == "tensor" else scale
+    if global_scale:
+        found[f"{module}.weight_global_scale"] = global_scale[0]
     return found
 
 
@@ -179,7 +211,10 @@ def quantization_config(recipe, routers: list = ()) -> dict:
     weights = quantization_args(recipe.weights)
     if recipe.algorithm == "gptq":  # compressed-tensors records GPTQ's column order with the weights
         weights["actorder"] = recipe.gptq.actorder
-    scheme = {"format": None, "input_activations": quantization_args(recipe.input_activations),
+    # W4AFP8: compressed-tensors infers int-quantized for integer weights with activations unless the
+    # scheme names its format (vLLM's W4A8 kernels read pack-quantized weights)
+    scheme = {"format": recipe.compression_format if recipe.preset == "w4afp8" else None,
+              "input_activations": quantization_args(recipe.input_activations),
               "output_activations": None, "targets": list(recipe.targets), "weights": weights}
     return {"config_groups": {"group_0": scheme}, "format": recipe.compression_format,
             "global_compression_ratio": None, "ignore": [*recipe.ignore, *routers],
@@ -196,7 +231,8 @@ def quantization_args(args) -> dict | None:
     if args.observer != "minmax":
         return {**QUANTIZATION_ARGS_DEFAULTS, **args.as_dict(), "observer": args.observer,
                 "observer_kwargs": args.search}
-    return {**QUANTIZATION_ARGS_DEFAULTS, **args.as_dict(), "observer": None if args.dynamic else "memoryless_minmax"}
+    observer = "static_minmax" if args.dynamic == "local" else None if args.dynamic else "memoryless_minmax"
+    return {**QUANTIZATION_ARGS_DEFAULTS, **args.as_dict(), "observer": observer}
 
 
 def config(source: dict, recipe, routers: list = ()) -> dict:

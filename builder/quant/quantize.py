@@ -9,7 +9,7 @@ import torch
 
 from builder import formats
 from builder.errors import BuilderError, Problem
-from builder.quant import affine, blocks, kquants
+from builder.quant import affine, blocks, fp4, kquants, mx
 from builder.quant.results import Calibration
 from builder.release import families
 from builder.release.recipe import Args, Recipe
@@ -61,12 +61,25 @@ def unquantized(name: str, tensor: torch.Tensor, recipe: Recipe) -> torch.Tensor
 
 
 def rounded(name: str, tensor: torch.Tensor, scale_dtype: torch.dtype, recipe: Recipe,
-            calibration: Calibration | None = None) -> tuple:
+            calibration: Calibration | None = None, fused_amax: Callable | None = None) -> tuple:
     """(values, scale) of a targeted weight with compressed-tensors' arithmetic: FP8 blocks
     (quant/blocks.py), GPTQ's integer weights where calibration has them, else round to nearest with
-    the searched scale (observe.searched_scales) or the max |w| one. Raises BuilderError on NaN or infinity.
+    the searched scale (observe.searched_scales) or the max |w| one; NVFP4 (quant/fp4.py: E2M1 codes, FP8
+    group scales and the global scale, a third item, from fused_amax(name, tensor): max |w| over the
+    Linears vLLM fuses with it) and MX (quant/mx.py: values or E2M1 codes, E8M0 exponents).
+    Raises BuilderError on NaN or infinity.
     """
     args = recipe.weights
+    if args.strategy == "tensor_group":
+        amax = fused_amax(name, tensor) if fused_amax else tensor.abs().amax().to(torch.float32).reshape(1)
+        require_finite(name, amax)
+        global_scale = fp4.global_scale(amax)
+        scale = fp4.group_scales(tensor, global_scale, args.group_size)
+        return fp4.quantize_weight(tensor, scale, global_scale, args.group_size), scale, global_scale
+    if args.microscaled:
+        require_finite(name, tensor)
+        exponents = mx.group_exponents(tensor, args.group_size, args.num_bits)
+        return mx.quantize_weight(tensor, exponents, args.group_size, args.num_bits), exponents
     if args.strategy == "block":  # rtn with max |w| per block (recipe.block_recipe_problems refuses the rest)
         amax = blocks.block_amax(tensor, args.block_structure)
         require_finite(name, amax)
@@ -105,13 +118,62 @@ class Arithmetic:
 RUNTIME_ARITHMETIC = {"quantize.ggml": (kquants.blocks, None), "quantize.affine": (affine.quantize, affine.dequantize)}
 
 
-def arithmetic(recipe: Recipe, calibration: Calibration | None = None) -> Arithmetic:
+def arithmetic(recipe: Recipe, calibration: Calibration | None = None, tensors: dict | None = None,
+               family=None) -> Arithmetic:
     """The arithmetic the recipe's format rounds with; compressed-tensors' uses calibration's GPTQ
-    weights and searched scales."""
+    weights and searched scales, and NVFP4's the source tensor index (tensors) and family to share
+    global scales between the Linears vLLM fuses."""
     part = formats.of(recipe.format).QUANTIZER
     if part is not None:
         return runtime_arithmetic(part)
-    return Arithmetic(partial(rounded, recipe=recipe, calibration=calibration), scale_from_amax, require_finite, None)
+    shared = fused_maxima(tensors, family) if tensors is not None and recipe.weights is not None \
+        and recipe.weights.strategy == "tensor_group" else None
+    return Arithmetic(partial(rounded, recipe=recipe, calibration=calibration, fused_amax=shared),
+                      scale_from_amax, require_finite, None)
+
+
+def fused(module: str, family) -> tuple:
+    """The modules vLLM fuses module with into one Linear (q/k/v, gate/up, an expert's gate/up), from the
+    family table (builder/release/families.py); (module,) when it fuses none."""
+    groups = []
+    if family is None or family.attention == "separate":
+        groups.append(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))
+    if family is None or family.mlp == "gated":
+        groups.append(("mlp.gate_proj", "mlp.up_proj"))
+    if family is not None and family.moe is not None:
+        gate, up, _ = family.moe.experts
+        groups.append((f"experts.{gate}", f"experts.{up}"))
+    for group in groups:
+        for member in group:
+            head, _, leaf = member.rpartition(".")
+            parts = module.split(".")
+            if parts[-1] == leaf and (parts[-2] == head or (head == "experts" and parts[-3] == head)):
+                stem = module[: -len(leaf)]
+                return tuple(stem + other.rpartition(".")[2] for other in group)
+    return (module,)
+
+
+def fused_maxima(tensors: dict, family) -> Callable:
+    """(name, tensor) -> max |w| over the weights fused with it (FP32 [1]): the fused siblings present in
+    tensors are read (max only) when the first of them is quantized, and remembered."""
+    from builder.tensorfile import reader
+
+    found = {}
+
+    def amax(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if name not in found:
+            names = [sibling + ".weight" for sibling in fused(name[: -len(".weight")], family)]
+            names = [other for other in names if other in tensors or other == name]
+            maxima = []
+            with reader({other: tensors[other] for other in names if other != name}) as read:
+                for other in names:
+                    weight = tensor if other == name else read(other)
+                    maxima.append(weight.abs().amax().to(torch.float32).reshape(1))
+            shared = torch.stack(maxima).amax(dim=0)
+            found.update({other: shared for other in names})
+        return found.pop(name)
+
+    return amax
 
 
 def runtime_arithmetic(part: str | None) -> Arithmetic:
@@ -180,7 +242,10 @@ def scale_from_amax(amax: torch.Tensor, args: Args, dtype: torch.dtype) -> torch
     A scale that is zero in dtype (amax 0, or so small that it underflows, e.g. 1e-5 / 448 in FP16)
     becomes dtype's machine epsilon, as compressed-tensors does: guarding before the cast would
     store 0 and turn every weight of the row into NaN or ±448.
+    NVFP4's (tensor_group) is its FP32 global scale, 448 * 6 / amax, whatever dtype (quant/fp4.py).
     """
+    if args.strategy == "tensor_group":
+        return fp4.global_scale(amax)
     q_min, q_max = args.value_range
     scale = (amax.to(torch.float32) / ((q_max - q_min) / 2)).to(dtype)
     return torch.where(scale == 0, torch.tensor(torch.finfo(dtype).eps, dtype=dtype, device=scale.device), scale)

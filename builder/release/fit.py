@@ -95,7 +95,7 @@ def parallelism_problems(spec: dict, recipe: Recipe) -> list:
 def grouped_layers(arch: dict, recipe: Recipe) -> list:
     """(layer path with * for layer and expert numbers, in_features) of every group-quantized Linear."""
     args = recipe.weights
-    if args is None or args.strategy != "group":
+    if args is None or args.strategy not in ("group", "tensor_group"):
         return []
     return sorted({(re.sub(r"\.experts\.\d+\.", ".experts.*.", re.sub(r"^model\.layers\.\d+\.", "model.layers.*.", module)),
                     columns) for module, _, columns in memory.linear_layers(arch) if recipe.quantizes(module)})

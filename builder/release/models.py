@@ -175,7 +175,8 @@ class Target(Group):
     runtime_versions: Annotated[str, Field(min_length=1, description="PEP 440 range, e.g. >=0.32.0,<0.33")]
     device: TargetDevice
     memory_utilization: number("share of device memory the runtime may take", gt=0, le=1)
-    schemes: unique_list(Literal["w16a16", "w8a8-fp8", "w8a8-fp8-block", "w8a16-fp8", "w8a8-int8", "w8a16-int", "w5a16-int", "w4a16-int"], 1)
+    schemes: unique_list(Literal["w16a16", "w8a8-fp8", "w8a8-fp8-block", "w8a16-fp8", "w8a8-int8", "w8a16-int", "w5a16-int",
+                              "w4a16-int", "nvfp4", "nvfp4a16", "mxfp4", "mxfp4a16", "mxfp8", "mxfp8a16", "w4afp8"], 1)
     activation_scales: unique_list(Literal["dynamic", "static"])
     kv_cache_dtypes: unique_list(Literal["auto", "fp8"], 1)
     formats: unique_list(Format, 1, "output formats (quant.format) the runtime loads; absent: the "

@@ -16,6 +16,7 @@ from builder import formats
 from builder.formats.kmix import PRESETS as GGML_MIXES
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn value
+FP4_MAX = 6.0    # largest FP4 E2M1 value
 # Weight scale search (builder/quant/observe.py), compressed-tensors' `observer` names, with the
 # observer_kwargs each takes and their defaults. minmax is the plain max |w| (no search).
 OBSERVERS = {
@@ -94,10 +95,15 @@ class Args(Group):
 
     num_bits: Literal[4, 5, 8]  # 5: llama.cpp's Q5_K (format gguf, ggml_mix Q5_K_M) only
     type: Literal["int", "float"]
-    strategy: Literal["tensor", "channel", "group", "block", "token"]
+    strategy: Literal["tensor", "channel", "group", "tensor_group", "block", "token"]
     symmetric: bool
-    dynamic: bool
+    dynamic: bool | Literal["local"] = Field(description="true: scales computed at run time; false: at build "
+                                             "time; local (NVFP4 activations): group scales at run time under a "
+                                             "calibrated global scale")
     group_size: Positive | None
+    scale_dtype: Literal["float8_e4m3fn", "uint8"] | None = Field(
+        None, description="dtype scales are stored in (optional; absent: the recipe's dtype): float8_e4m3fn "
+        "(NVFP4's group scales, with strategy tensor_group) or uint8 (E8M0 power-of-two exponents: MXFP4, MXFP8)")
     block_structure: Annotated[list[Positive], Field(min_length=2, max_length=2)] | None = Field(
         None, description="[rows, columns] of a weight block sharing one scale, with strategy block (optional; "
         "absent: none), e.g. [128, 128]: compressed-tensors' FP8_BLOCK")
@@ -114,7 +120,26 @@ class Args(Group):
     def as_dict(self) -> dict:
         """The fields compressed-tensors and the spec share, without the observer (see `search`)."""
         shared = {"num_bits", "type", "strategy", "symmetric", "dynamic", "group_size", "block_structure"}
-        return self.model_dump(include=shared)
+        found = self.model_dump(include=shared)
+        if self.scale_dtype is not None:  # compressed-tensors writes torch dtypes by their torch name
+            found["scale_dtype"] = f"torch.{self.scale_dtype}"
+        return found
+
+    @property
+    def microscaled(self) -> bool:
+        """Power-of-two group scales stored as E8M0 exponents (OCP MX: MXFP4, MXFP8)."""
+        return self.scale_dtype == "uint8"
+
+    @property
+    def part(self) -> str:
+        """The part of the builder (identity.OUTPUT_VERSIONS) whose arithmetic rounds these arguments."""
+        if self.strategy == "block":
+            return "quantize.fp8-block"
+        if self.strategy == "tensor_group":
+            return "quantize.nvfp4"
+        if self.microscaled:
+            return "quantize.mx"
+        return f"quantize.{self.type}"
 
     @property
     def settings(self) -> dict:
@@ -130,14 +155,14 @@ class Args(Group):
     def value_range(self) -> tuple:
         """(q_min, q_max) of the quantized type."""
         if self.type == "float":
-            return -FP8_MAX, FP8_MAX
+            return (-FP4_MAX, FP4_MAX) if self.num_bits == 4 else (-FP8_MAX, FP8_MAX)
         return -(2 ** (self.num_bits - 1)), 2 ** (self.num_bits - 1) - 1
 
     def scale_count(self, rows: int, columns: int) -> int:
         """Number of scales a [rows, columns] weight carries under this strategy."""
         if self.strategy == "tensor":
             return 1
-        if self.strategy == "group":
+        if self.strategy in ("group", "tensor_group"):
             return rows * -(-columns // self.group_size)
         if self.strategy == "block":  # partial blocks at the edges keep a scale of their own
             block_rows, block_columns = self.block_structure
@@ -146,11 +171,12 @@ class Args(Group):
 
     def words(self) -> str:
         """In a few words, for people: fp8, channel, symmetric, dynamic scales."""
-        strategy = {"group": f"group {self.group_size}",
+        strategy = {"group": f"group {self.group_size}", "tensor_group": f"group {self.group_size} + tensor",
                     "block": f"block {'x'.join(map(str, self.block_structure or ()))}"}.get(self.strategy, self.strategy)
         kind = "fp" if self.type == "float" else "int"
+        timing = "run-time group" if self.dynamic == "local" else "dynamic" if self.dynamic else "static"
         return (f"{kind}{self.num_bits}, {strategy}, {'symmetric' if self.symmetric else 'asymmetric'}, "
-                f"{'dynamic' if self.dynamic else 'static'} scales")
+                f"{timing} scales")
 
 
 QuantizationArgs = Args

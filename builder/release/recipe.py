@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 
 from builder import formats
+from builder.release import microscaling
 from builder.release.quantization import FP8_MAX, GPTQ, OBSERVERS, Args, Quant  # noqa: F401 (stages import them here)
 
 
@@ -64,21 +65,33 @@ class Recipe:
         """Whether the recipe reads calibration data: static activation or KV-cache scales, GPTQ, or
         weight scales searched with the inputs' second moments (imatrix_mse), the input importance
         of imatrix rounding, SmoothQuant's per-channel input maxima, or AWQ's input second moments."""
-        return self.static_inputs or self.kv_cache_scheme is not None or self.algorithm in ("gptq", "imatrix") \
+        return self.static_inputs or self.global_inputs or self.kv_cache_scheme is not None or self.algorithm in ("gptq", "imatrix") \
             or (self.weights is not None and self.weights.observer == "imatrix_mse") or self.smoothing is not None \
             or self.awq is not None
 
     @property
+    def global_inputs(self) -> bool:
+        """Activations in run-time groups under a calibrated global scale (NVFP4's input_global_scale)."""
+        return self.input_activations is not None and self.input_activations.dynamic == "local"
+
+    @property
+    def preset(self) -> str | None:
+        """compressed-tensors' FP4 / MX / W4AFP8 preset the recipe is (builder/release/microscaling.py), or None."""
+        return microscaling.preset(self) if self.weights is not None else None
+
+    @property
     def packed(self) -> bool:
-        """Weights stored packed in int32 words: integer, weight-only (compressed-tensors pack-quantized)."""
+        """Weights stored packed in int32 words: integer, weight-only or W4AFP8 (compressed-tensors pack-quantized)."""
         return self.format == "compressed-tensors" and self.weights is not None \
-            and self.weights.type == "int" and self.input_activations is None
+            and self.weights.type == "int" and (self.input_activations is None or self.preset == "w4afp8")
 
     @property
     def scheme_class(self) -> str:
         """The runtime kernel family the recipe needs, as targets name them: w8a8-fp8, w4a16-int, ..."""
         if self.weights is None:
             return "w16a16"
+        if self.preset is not None:
+            return self.preset
         acts = self.input_activations
         bits = f"w{self.weights.num_bits}a{acts.num_bits if acts else 16}"
         if self.weights.type == "float":
@@ -90,6 +103,8 @@ class Recipe:
         """compressed-tensors' format name for the weights (None unless format is compressed-tensors)."""
         if self.format != "compressed-tensors":
             return None
+        if self.preset is not None and self.preset != "w4afp8":
+            return microscaling.FORMATS[self.preset]
         if self.weights.type == "float":
             return "float-quantized"
         return "pack-quantized" if self.packed else "int-quantized"
@@ -111,8 +126,7 @@ class Recipe:
         found = [f"format.{self.format}"]
         for args in (self.weights, self.input_activations, self.kv_cache_scheme):
             if args is not None:
-                found.append(formats.of(self.format).QUANTIZER or ("quantize.fp8-block" if args.strategy == "block"
-                                                                    else f"quantize.{args.type}"))
+                found.append(formats.of(self.format).QUANTIZER or args.part)
         if self.algorithm in ("gptq", "imatrix"):
             found.append(self.algorithm)
         if self.weights is not None and self.weights.observer != "minmax":
@@ -184,7 +198,7 @@ def arithmetic_problems(recipe: Recipe) -> list:
         if args.num_bits == 5:
             found.append((("quant", key, "num_bits"), "5: 5-bit weights are llama.cpp's Q5_K (format gguf, "
                           "ggml_mix Q5_K_M); compressed-tensors recipes take 4 or 8"))
-        elif args.type == "float" and args.num_bits != 8:
+        elif args.type == "float" and args.num_bits != 8 and not microscaling.claims(recipe):
             found.append((("quant", key, "num_bits"), f"{args.num_bits}: float quantization is FP8 E4M3 (8)"))
         if args.strategy == "block" and key != "weights":
             found.append((("quant", key, "strategy"), "block: 2-D blocks are for weights; use tensor, group "
@@ -192,7 +206,7 @@ def arithmetic_problems(recipe: Recipe) -> list:
         if (args.strategy == "block") != (args.block_structure is not None):
             found.append((("quant", key, "block_structure"), f"{args.block_structure}: block_structure is "
                           "required with strategy block and not allowed otherwise"))
-        if (args.strategy == "group") != (args.group_size is not None):
+        if (args.strategy in ("group", "tensor_group")) != (args.group_size is not None):
             found.append((("quant", key, "group_size"), f"{args.group_size}: group_size is "
                           "required with strategy group and not allowed otherwise"))
     if weights.dynamic or weights.strategy == "token":
@@ -200,7 +214,10 @@ def arithmetic_problems(recipe: Recipe) -> list:
                       "dynamic false and strategy tensor, channel, group or block"))
     if weights.strategy == "block":
         found += block_recipe_problems(recipe)
-    if acts is not None:
+    presets = microscaling.claims(recipe)  # FP4, MX and W4AFP8: compressed-tensors' presets, their own rules
+    if presets:
+        found += microscaling.preset_problems(recipe)
+    if acts is not None and not presets:
         if acts.num_bits != 8:
             found.append((("quant", "input_activations", "num_bits"), f"{acts.num_bits}: activations are 8-bit"))
         if weights.strategy != "block" and acts.strategy not in (("token", "tensor") if acts.dynamic else ("tensor",)):
