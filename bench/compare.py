@@ -33,11 +33,13 @@ FORMATS = {
                   ("w8a8-int8", "w8a8-int8-smoothquant", "w8a8-int8-gptq-imatrix")),
     "w4a16": (("w4a16", "w4a16-gptq", "w4a16-gptq-imatrix", "w4a16-awq-gptq-imatrix"),
               ("w4a16", "w4a16-gptq", "w4a16-gptq-mse", "w4a16-gptq-imatrix")),
+    "nvfp4a16": (("nvfp4a16",), ("nvfp4a16", "nvfp4a16-gptq")),
+    "nvfp4": (("nvfp4",), ("nvfp4",)),
 }
 REFERENCE = {"fp8-dynamic": "fp8-dynamic", "fp8-static": "fp8-static", "w8a8-int8": "w8a8-int8",
-             "w4a16": "w4a16-gptq"}  # llm-compressor's default the targets are measured against
+             "w4a16": "w4a16-gptq", "nvfp4a16": "nvfp4a16", "nvfp4": "nvfp4"}  # llm-compressor's default the targets are measured against
 CALIBRATED = ("fp8-static", "w4a16-gptq")  # llm-compressor recipes that read calibration data (memory_scale)
-TARGET_KL_CUT = {"fp8-dynamic": 10, "fp8-static": 10, "w8a8-int8": 10, "w4a16": 30}  # % lower mean KL
+TARGET_KL_CUT = {"fp8-dynamic": 10, "fp8-static": 10, "w8a8-int8": 10, "w4a16": 30, "nvfp4a16": 10, "nvfp4": 10}  # % lower mean KL
 # Evaluation texts: the shipped eval option, and a second text of another kind (data/README.md).
 TEXTS = {"docstrings": "data/eval.txt", "code": "data/eval-code.txt"}
 GNU_TIME = "/usr/bin/time"

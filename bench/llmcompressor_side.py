@@ -15,10 +15,10 @@ W4_G64 = {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 64, "
 # only searches channel and group scales (per-tensor weights fall back to plain mse), so FP8-static
 # gets mse.
 SCHEMES = {"fp8-dynamic": {"scheme": "FP8_DYNAMIC"}, "fp8-static": {"scheme": "FP8", "kv_cache_scheme": KV_FP8},
-           "w8a8-int8": {"scheme": "W8A8"}}
+           "w8a8-int8": {"scheme": "W8A8"}, "nvfp4a16": {"scheme": "NVFP4A16"}, "nvfp4": {"scheme": "NVFP4"}}
 BEST = {"fp8-dynamic-gptq-imatrix": ("fp8-dynamic", "imatrix_mse"), "fp8-static-gptq-mse": ("fp8-static", "mse"),
         "w8a8-int8-gptq-imatrix": ("w8a8-int8", "imatrix_mse"), "w4a16-gptq-imatrix": ("w4a16", "imatrix_mse"),
-        "w4a16-gptq-mse": ("w4a16", "mse")}
+        "w4a16-gptq-mse": ("w4a16", "mse"), "nvfp4a16-gptq": ("nvfp4a16", None)}
 # SmoothQuant (its default strength, 0.5, and its default Llama mappings: input_layernorm -> q/k/v,
 # post_attention_layernorm -> gate/up) before round to nearest: the same recipe as ours.
 SMOOTHED = {"w8a8-int8-smoothquant": ("w8a8-int8", 0.5)}
@@ -50,7 +50,8 @@ def modifier(recipe: str, group_size: int = 64):
         if base == "w4a16":
             groups = {"group_0": {"targets": ["Linear"], "weights": {**w4, "observer": observer}}}
             return GPTQModifier(config_groups=groups, ignore=["lm_head"], **gptq)
-        return GPTQModifier(**SCHEMES[base], **common, weight_observer=observer, **gptq)
+        observed = {"weight_observer": observer} if observer else {}  # None: the preset's own observer
+        return GPTQModifier(**SCHEMES[base], **common, **observed, **gptq)
     raise SystemExit(f"unknown recipe {recipe}; known: {', '.join(RECIPES)}")
 
 
