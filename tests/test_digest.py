@@ -17,7 +17,8 @@ from builder.release import lock
 from builder.source.load import refusal
 
 RELEASE = "tiny-llama-fp8-dynamic"
-REFUSED = "model.digest: weights/tiny-llama has digest .* but the spec pins .*refusing a source that is not the pinned one"
+REFUSED = ("model.digest: weights/tiny-llama has digest .* but the spec pins .*"
+           "refusing a source that is not the pinned one")
 
 
 def built(repo, release, **kwargs):
