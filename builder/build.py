@@ -54,10 +54,22 @@ def build(root: Path, release: str, overrides: tuple = (), out: Path | None = No
 
 
 def prepare(root: Path, release: Release) -> BuildInputs:
-    """Check the source against the spec and index it; reads only, so bad input writes nothing."""
+    """Check the source against the spec and index it; reads only, so bad input writes nothing.
+
+    The pinned digest is checked as the weights are read (build_into), not by a read of its own; an
+    error here is the digest's refusal when the source is not the pinned one (inputs.digest)."""
+    path, digest = load.source_folder(root, release.spec.data())
+    try:
+        return checked_inputs(root, release, path, digest)
+    except Exception as error:
+        digest.refuse_if_differs(error)
+        raise
+
+
+def checked_inputs(root: Path, release: Release, path: Path, digest) -> BuildInputs:
+    """prepare()'s checks and index of the source folder at path."""
     spec, model = release.spec.data(), release.spec.model
     model_file = f"specs/model/{release.spec.choices.model}.yaml"
-    path = load.source_dir(root, spec)
     config = load.read_config(path, model_file)
     load.check_tokenizer(path, model.path)
     tensors = load.tensor_index(path)
@@ -74,7 +86,7 @@ def prepare(root: Path, release: Release) -> BuildInputs:
     return BuildInputs(path=path, config=config, tensors=tensors, modules=architecture["modules"],
                        family=families.of_class(architecture["facts"]["class"]), facts=architecture["facts"],
                        recipe=recipe, devices=devices, calibration_ids=calibration_ids, eval_ids=eval_ids,
-                       layout=layout)
+                       layout=layout, digest=digest)
 
 
 def data_samples(root: Path, spec: dict, tokenizer_dir: Path, group: str):
@@ -87,10 +99,22 @@ def data_samples(root: Path, spec: dict, tokenizer_dir: Path, group: str):
 
 def build_into(release: Release, source: BuildInputs, staging: Path, root: Path | None = None, log=print,
                calibration_dump: Path | None = None) -> dict:
-    """The verbs of a build, top to bottom, writing only into staging.
+    """The verbs of a build, top to bottom, writing only into staging; the source's digest checked
+    (as its weights were read) before the artifact is evaluated and described.
 
     root (the repository) is needed by releases that calibrate or evaluate (their data lives there).
+    A source that is not the pinned one fails with the digest's refusal, whatever broke first.
     """
+    try:
+        return build_steps(release, source, staging, root, log, calibration_dump)
+    except Exception as error:
+        source.digest.refuse_if_differs(error)
+        raise
+
+
+def build_steps(release: Release, source: BuildInputs, staging: Path, root: Path | None, log,
+                calibration_dump: Path | None) -> dict:
+    """build_into()'s verbs."""
     from builder import allocator
     from builder.quant import calibrate, observe
 
@@ -103,6 +127,7 @@ def build_into(release: Release, source: BuildInputs, staging: Path, root: Path 
                                           Path(scratch))
         calibration = observe.searched_scales(recipe, source.tensors, source.modules, calibration)
         weights = write_model(staging, spec, source, calibration)  # entries of files hashed as written
+    source.digest.check()  # the source read (and hashed) by now: refused here if it is not the pinned one
     evaluate_staged(root, spec, source, staging, log)  # before the card, which shows eval.json
     write_release_files(staging, release)
     smoke.check(staging, release.artifact_name, log, parameters=source.parameters)  # a failure publishes nothing

@@ -27,7 +27,8 @@ def write_model(staging: Path, spec: dict, source: BuildInputs, calibration: Cal
         return fmt.write(staging, spec, source, targeted, calibration, quantize.arithmetic(recipe, calibration))
     weights = write_weights(staging, source.tensors, source.modules, source.family, recipe,
                             spec["target"]["max_shard_bytes"], calibration,
-                            tied=bool(source.config.get("tie_word_embeddings")))  # hashed as written
+                            tied=bool(source.config.get("tie_word_embeddings")),  # hashed as written
+                            seen=source.digest.reader(source.tensors))  # the source hashed as read
     write_config(source.config, staging, recipe, routers(source.facts, source.family))
     copy_side_files(source.path, staging)
     return weights
@@ -60,12 +61,13 @@ def plan_outputs(tensors: dict, modules: dict, family, recipe: Recipe, tied: boo
 
 
 def write_weights(out: Path, tensors: dict, modules: dict, family, recipe: Recipe, max_shard_bytes: int,
-                  calibration: Calibration | None = None, tied: bool = False) -> list:
+                  calibration: Calibration | None = None, tied: bool = False, seen=None) -> list:
     """Quantize and write every tensor in the recipe's safetensors format: each source read and
     quantized once, each output written at its planned offset, each file hashed once as it fills
     (builder.artifact.stream).
 
     calibration: builder.quant.calibrate's statistics and GPTQ weights, for recipes that calibrate.
+    seen(name, tensor): each source tensor as read (builder.artifact.stream.write_shards).
     Returns the weight files' entries ({path, sha256, size}), for the manifest and provenance.
     """
     fmt, arithmetic = formats.of(recipe.format), quantize.arithmetic(recipe, calibration, tensors, family)
@@ -90,7 +92,7 @@ def write_weights(out: Path, tensors: dict, modules: dict, family, recipe: Recip
         return fmt.known(name, tensors[name].shape, targeted[name], recipe, calibration, kv, arithmetic)
 
     with tensorfile.reader(tensors) as read:
-        entries = stream.write_shards(out, sources, groups, assigned, names, read, compute, known)
+        entries = stream.write_shards(out, sources, groups, assigned, names, read, compute, known, seen)
     if len(names) > 1:
         (out / WEIGHT_FILES[1]).write_text(pretty_json(shards.index(assigned, names)), encoding="utf-8")
         entries.append(file_entry(out, WEIGHT_FILES[1]))

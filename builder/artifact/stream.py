@@ -2,6 +2,7 @@
 each output at its planned offset, hash each file once as it fills.
 
     reader thread   reads sources in name order, hands each to the quantizers   (bounded by bytes)
+    digest thread   when asked (seen): each source's bytes hashed as read, before it is quantized
     quantizers      the format's compute, as many threads as the build's torch threads (each torch op
                     on one thread: many small ops on two threads stall on a loaded machine)
     caller          takes results in source order, writes them (os.pwrite)
@@ -28,13 +29,15 @@ SPARE_BYTES = 256 << 20  # memory kept for the next source tensors of the same s
 
 
 def write_shards(out: Path, sources: list, groups: list, assigned: list, names: list, read, compute,
-                 known) -> list:
+                 known, seen=None) -> list:
     """Write the shards; returns their entries {path, sha256, size}, in shard order.
 
     sources: (name, bytes) of each source tensor, in name order; groups: the planned outputs of each
     (same order); assigned, names: each shard's outputs and file name (shards.assign keeps a source's
     outputs in one shard); read(name) -> tensor; compute(name, tensor) and known(name) ->
     {output name: tensor}: the outputs that need the source's values, and those that do not.
+    seen(name, tensor): called with each source as read, in order, on a thread of its own, before the
+    source is quantized (the source digest, builder.source.digest: the one read of the source serves both).
     """
     import torch
 
@@ -50,7 +53,14 @@ def write_shards(out: Path, sources: list, groups: list, assigned: list, names: 
             budget = crew.budget(IN_FLIGHT_BYTES)
             results, written = crew.channel(workers * AHEAD_PER_WORKER), crew.channel(workers * AHEAD_PER_WORKER)
             spares = Spares(SPARE_BYTES)
-            crew.start(read_all, work, read, compute, pool, budget, spares, results)
+            quantize = lambda item: hand_over(item, compute, pool, results)  # noqa: E731
+            if seen is None:
+                crew.start(read_all, work, read, quantize, budget, spares)
+            else:  # one more stage between reading and quantizing
+                fresh = crew.channel(workers * AHEAD_PER_WORKER)
+                crew.start(read_all, work, read, lambda item: fresh.close() if item is None else fresh.put(item),
+                           budget, spares)
+                crew.start(digest_all, fresh, seen, quantize)
             crew.start(hash_all, written, budget, spares, entries)
             write_all(out, work, assigned, names, known, results, written, files)
     finally:
@@ -61,22 +71,44 @@ def write_shards(out: Path, sources: list, groups: list, assigned: list, names: 
     return entries
 
 
-def read_all(work: list, read, compute, pool, budget, spares, results) -> None:
-    """Reader thread: each source read once and handed to a quantizer, in order. A read that fails
-    is passed on as the failed result in its place, so the caller raises it in order."""
+def read_all(work: list, read, forward, budget, spares) -> None:
+    """Reader thread: each source read once, in order, and forwarded as (source, tensor or the
+    error of its read, shard, cost, memory); a failed read is the last, raised by the caller in order."""
     for source, shard, cost, size in work:
         budget.take(cost)
         memory = spares.take(size)
         try:
             tensor = read(source, into=memory)
         except Exception as error:  # noqa: BLE001 - raised by the caller, in source order
-            failed = Future()
-            failed.set_exception(error)
-            results.put((failed, shard, cost, None))
+            forward((source, error, shard, cost, None))
             break
+        forward((source, tensor, shard, cost, memory))
+        del tensor, memory  # the next stage holds it now: not kept while waiting for budget
+    forward(None)
+
+
+def digest_all(fresh, seen, forward) -> None:
+    """Digest thread: each source read seen (hashed) once, in order, then forwarded to a quantizer."""
+    for item in fresh:
+        if not isinstance(item[1], Exception):
+            seen(item[0], item[1])
+        forward(item)
+        del item
+    forward(None)
+
+
+def hand_over(item, compute, pool, results) -> None:
+    """A source read (or its error) to a quantizer, its future to the caller's results; None: the end."""
+    if item is None:
+        results.close()
+        return
+    source, tensor, shard, cost, memory = item
+    if isinstance(tensor, Exception):
+        failed = Future()
+        failed.set_exception(tensor)
+        results.put((failed, shard, cost, None))
+    else:
         results.put((pool.submit(compute, source, tensor), shard, cost, memory))
-        del tensor, memory  # the quantizer holds it now: not kept while waiting for budget
-    results.close()
 
 
 class Spares:

@@ -17,7 +17,7 @@ from builder.release.recipe import Recipe
 class BuildInputs:
     """The source checkpoint, indexed and checked against the spec, and what the recipe will need of it."""
 
-    path: Path              # the source checkpoint folder (its digest checked against the spec's)
+    path: Path              # the source checkpoint folder (inside the repository, no pickles)
     config: dict            # its config.json
     tensors: dict           # tensor index: name -> tensorfile.StoredTensor (file, dtype code, shape)
     modules: dict           # module name (as the checkpoint names it) -> class name
@@ -28,6 +28,8 @@ class BuildInputs:
     calibration_ids: object  # torch LongTensor [samples, length] of calibration tokens; None: no calibration
     eval_ids: object        # the same for evaluation; None when the release has no eval dataset
     layout: dict            # what the output format read from the source first (formats' prepare())
+    digest: object          # builder.source.digest.StreamedDigest: the pinned digest, checked as the weights
+                            # are read (digest.check() before anything is published)
 
     @property
     def parameters(self) -> int:

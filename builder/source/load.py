@@ -16,14 +16,36 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 def source_dir(root: Path, spec: dict) -> Path:
     """The source checkpoint folder, checked against the spec's pinned digest before any work."""
+    path, digest = source_folder(root, spec)
+    digest.check()
+    return path
+
+
+def source_folder(root: Path, spec: dict) -> tuple:
+    """(the source checkpoint folder, its StreamedDigest): the folder checked (inside the repository,
+    no pickles) but not yet read; the digest is checked as the build reads it (digest.check())."""
+    from builder.source.digest import StreamedDigest
+
     model_file = f"specs/model/{spec['choices']['model']}.yaml"
-    return pinned_folder(root, spec["model"]["path"], spec["model"]["digest"], model_file, "model.path",
-                         "model.digest", f"import it first: builder import {spec['choices']['model']}")
+    relative, pinned = spec["model"]["path"], spec["model"]["digest"]
+    path = checked_folder(root, relative, model_file, "model.path",
+                          f"import it first: builder import {spec['choices']['model']}")
+    return path, StreamedDigest(path, pinned, lambda actual: refusal(model_file, "model.digest", relative,
+                                                                     actual, pinned))
 
 
 def pinned_folder(root: Path, relative: str, digest: str, file: str, path_key: str, digest_key: str,
                   missing_hint: str) -> Path:
     """A folder inside the repository, without pickles, whose tree digest is the pinned one."""
+    path = checked_folder(root, relative, file, path_key, missing_hint)
+    actual = tree_digest(file_entries(path))
+    if actual != digest:
+        raise BuilderError(refusal(file, digest_key, relative, actual, digest))
+    return path
+
+
+def checked_folder(root: Path, relative: str, file: str, path_key: str, missing_hint: str) -> Path:
+    """A folder inside the repository (links included) without pickle files; its bytes are not read."""
     path = inside(root, relative, file=file, key=path_key)
     if not path.is_dir():
         raise BuilderError(Problem(file, path_key, f"{relative!r} does not exist; {missing_hint}"))
@@ -33,11 +55,13 @@ def pinned_folder(root: Path, relative: str, digest: str, file: str, path_key: s
     if pickles:
         raise BuilderError(Problem(file, path_key, f"pickle weight files are refused "
                                    f"(they can run code when loaded): {', '.join(pickles)}"))
-    actual = tree_digest(file_entries(path))
-    if actual != digest:
-        raise BuilderError(Problem(file, digest_key, f"{relative} has digest {actual}, but the spec pins "
-                                   f"{digest}; refusing a source that is not the pinned one"))
     return path
+
+
+def refusal(file: str, key: str, relative: str, actual: str, pinned: str) -> Problem:
+    """The error of a source folder whose digest is not the pinned one."""
+    return Problem(file, key, f"{relative} has digest {actual}, but the spec pins {pinned}; "
+                   "refusing a source that is not the pinned one")
 
 
 def read_config(path: Path, model_file: str) -> dict:
