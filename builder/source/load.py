@@ -100,7 +100,6 @@ def architecture(config_dir: Path) -> dict:
 def meta_architecture(config_dir: Path) -> dict:
     """The model built on the meta device (no memory), as JSON data (see architecture())."""
     from builder.source import skeleton
-    from builder.release import families
 
     config, family, model = skeleton.build(config_dir)
     named = dict(model.named_parameters(remove_duplicate=False))
@@ -112,7 +111,7 @@ def meta_architecture(config_dir: Path) -> dict:
     return {"modules": {disk(name): type(module).__name__ for name, module in model.named_modules() if name},
             "shapes": {disk(name): list(parameter.shape) for name, parameter in named.items()},
             "tied": sorted(disk(name) for name in set(named) - untied),
-            "facts": families.facts(config.to_dict()), "supported": family is not None}
+            "facts": skeleton.facts(config, family, model), "supported": family is not None}
 
 
 def check_tensors(folder: str, tensors: dict, shapes: dict, tied: set) -> None:

@@ -1,0 +1,96 @@
+"""Families without a planned checkpoint (builder/release/families.py derives it from the model
+transformers builds): each onboarded by `builder model add` and built with bf16, fp8-dynamic,
+fp8-static (KV-cache scales) and w4a16-gptq, held to what every planned family is held to
+(tests/test_families.py): same bytes twice, every targeted weight quantized (every expert), loadable by
+transformers with nothing missing or unexpected, logits within the same bounds, calibration exact
+against the model's own forward."""
+
+import json
+
+import pytest
+
+from builder.release import families, memory
+from builder.source import onboard
+from conftest import DERIVED, Repo, make_checkpoint, release_text, save_byte_tokenizer
+from test_families import (IDS, builds_alike_quantizes_every_target_and_loads, calibration_equals_a_full_forward,
+                           logits)
+
+RECIPES = {  # recipe -> extra release keys (small calibration; group 32 divides every tiny width)
+    "bf16": "", "fp8-dynamic": "",
+    "fp8-static": "calibration:\n  samples: 4\n  sequence_length: 32\n",
+    "w4a16-gptq": "calibration:\n  samples: 4\n  sequence_length: 32\nquant:\n  weights:\n    group_size: 32\n",
+}
+MOE = {"tiny-qwen2-moe", "tiny-ernie-moe"}
+
+
+@pytest.fixture(scope="session")
+def derived_repo(tmp_path_factory) -> Repo:
+    """A repository where every derived family was onboarded by `builder model add` from a folder outside it."""
+    base = tmp_path_factory.mktemp("derived")
+    repo = Repo.fresh(base / "repo")
+    for kind in DERIVED:
+        download = base / "downloads" / kind
+        make_checkpoint(kind, download)
+        save_byte_tokenizer(download)
+        onboard.add_model(repo.root, kind, download, log=lambda m: None)
+        for recipe, extra in RECIPES.items():
+            name = f"{kind}-all-{recipe}"
+            text = release_text(name, kind, recipe, "vllm-h100")
+            if "calibration" in extra:
+                text = text.replace("\n\nrelease:", "\n  - override /calibration: licenses\n\nrelease:")
+            (repo.root / "specs" / "release" / f"{name}.yaml").write_text(text + extra)
+    return repo
+
+
+@pytest.fixture(scope="session")
+def derived_logits(derived_repo):
+    found = {}
+
+    def get(repo: Repo, kind: str):
+        if kind not in found:
+            found[kind] = logits(repo.root / "weights" / kind, IDS, quantized=False)[0]
+        return found[kind]
+    return get
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+@pytest.mark.parametrize("kind", sorted(DERIVED))
+def test_every_derived_family_builds_every_recipe_twice_alike_quantizes_every_target_and_loads(
+        derived_repo, derived_logits, kind, recipe, tmp_path):
+    from builder import build
+
+    name = f"{kind}-all-{recipe}"
+    build.build(derived_repo.root, name, out=tmp_path / name, log=lambda m: None)
+    builds_alike_quantizes_every_target_and_loads(derived_repo, tmp_path / name, derived_logits, kind, recipe,
+                                                  tmp_path, kind in MOE)
+
+
+@pytest.mark.parametrize("kind", sorted(DERIVED))
+def test_model_add_derives_every_tensor_on_disk_and_its_experts(derived_repo, kind):
+    """The architecture block `builder model add` wrote plans exactly the checkpoint's tensors, by name
+    and shape, and counts every expert (shared experts as dense Linears)."""
+    from builder.source import load
+
+    spec = yaml_load(derived_repo.root / "specs" / "model" / f"{kind}.yaml")
+    arch, path = spec["architecture"], derived_repo.root / "weights" / kind
+    planned = {t.name: t.shape for t in memory.checkpoint(arch)}
+    assert planned == {name: tuple(stored.shape) for name, stored in load.tensor_index(path).items()}
+    assert arch["model_type"] == DERIVED[kind][0]
+    if kind in MOE:
+        experts = [t for t in memory.checkpoint(arch) if t.expert]
+        assert len(experts) == 3 * 4 * (arch["num_hidden_layers"] - len(arch["moe"]["mlp_only_layers"]))
+        routers = [t.name for t in memory.checkpoint(arch) if t.cls == "router"]
+        assert routers and all(name.endswith(("mlp.gate.weight", "shared_expert_gate.weight")) for name in routers)
+    else:
+        assert "moe" not in arch
+
+
+@pytest.mark.parametrize("kind", sorted(DERIVED))
+def test_calibration_maxima_equal_a_full_model_forward_for_every_derived_family(derived_repo, kind):
+    calibration_equals_a_full_forward(derived_repo.root / "weights" / kind, kind)
+
+
+def yaml_load(path):
+    import yaml
+
+    return yaml.safe_load(path.read_text())
