@@ -70,6 +70,18 @@ DERIVED = {
     "tiny-qwen2-moe": ("qwen2_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
                                          shared_expert_intermediate_size=64)),
     "tiny-ernie-moe": ("ernie4_5_moe", dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=64)),
+    "tiny-glm4-moe": ("glm4_moe", dict(head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                                       first_k_dense_replace=1, n_group=1, topk_group=1)),
+    "tiny-deepseek-v3": ("deepseek_v3", dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                                             first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=32,
+                                             kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                                             v_head_dim=16)),
+    "tiny-qwen3-next": ("qwen3_next", dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                                           linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                                           linear_value_head_dim=16,
+                                           layer_types=["linear_attention", "full_attention"])),
+    "tiny-minimax": ("minimax", dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                                     layer_types=["linear_attention", "full_attention"])),
 }
 RECIPES = ("bf16", "fp8-dynamic")
 

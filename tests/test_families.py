@@ -130,8 +130,8 @@ def builds_alike_quantizes_every_target_and_loads(family_repo, artifact, source_
     config = json.loads((artifact / "config.json").read_text())
     if recipe != "bf16":  # ... and are named in ignore, as vLLM needs for Qwen-MoE's quantizable gate
         assert set(r[: -len(".weight")] for r in routers) <= set(config["quantization_config"]["ignore"])
-    if recipe == "fp8-static":  # every layer's KV-cache scales, Phi-3's fused qkv_proj included
-        for layer in range(arch["num_hidden_layers"]):
+    if recipe == "fp8-static" and recipe_.kv_cache_scheme is not None:  # every layer's KV-cache scales,
+        for layer in range(arch["num_hidden_layers"]):  # Phi-3's fused qkv_proj included
             assert {f"model.layers.{layer}.self_attn.k_scale", f"model.layers.{layer}.self_attn.v_scale"} <= set(header)
 
     if moe and recipe == "w8a8-int8":

@@ -96,6 +96,13 @@ FAMILIES = {family.model_type: family for family in (
            runtime_config=("logit_scale", "layer_types", "sliding_window")),
     Family("qwen2_moe", ("Qwen2MoeForCausalLM",), unquantized=("mlp.shared_expert_gate",), experts_on_disk=True),
     Family("ernie4_5_moe", ("Ernie4_5_MoeForCausalLM",), experts_on_disk=True),
+    Family("glm4_moe", ("Glm4MoeForCausalLM",), experts_on_disk=True),
+    # MLA caches a latent, not per-head keys and values: no k/v scales from k_proj/v_proj (attention None)
+    Family("deepseek_v3", ("DeepseekV3ForCausalLM",), attention=None, experts_on_disk=True),
+    # hybrid: linear-attention layers hold no KV cache; scales for the full-attention layers only are not written
+    Family("qwen3_next", ("Qwen3NextForCausalLM",), attention=None, experts_on_disk=True,
+           unquantized=("mlp.shared_expert_gate",)),
+    Family("minimax", ("MiniMaxForCausalLM",), attention=None, experts_on_disk=True),
 )}
 BY_CLASS = {cls: family for family in FAMILIES.values() for cls in family.classes}
 # The norms SmoothQuant folds its factors into: each feeds Linears only (attention's q/k/v or qkv_proj,

@@ -85,12 +85,23 @@ def build(config_dir: Path, attention=None):
             for name, module in layer.named_modules():
                 if name.endswith(family.unquantized) and type(module) is nn.Linear:
                     module.__class__ = KeptLinear
+                if not family.planned:
+                    persistent_buffers_as_parameters(module)
     model.eval()  # from_config leaves training mode on: dropout, and random routing in some MoE families
     if not isinstance(getattr(getattr(model, "model", None), "layers", None), nn.ModuleList):
         family = None  # calibration walks model.model.layers: not a decoder this builder can run
     if family is not None:
         family = dataclasses.replace(family, renames=renames, expert_names=experts)
     return config, family, model
+
+
+def persistent_buffers_as_parameters(module: nn.Module) -> None:
+    """A layer's persistent buffers (DeepSeek-V3's expert-score bias, MiniMax's decay rates), which
+    save_pretrained writes, as frozen parameters: tensors of the checkpoint like the others (planned,
+    checked, read back by calibration)."""
+    for name in [n for n, b in module._buffers.items() if b is not None and n not in module._non_persistent_buffers_set]:
+        value = module._buffers.pop(name)
+        module.register_parameter(name, nn.Parameter(value, requires_grad=False))
 
 
 def conversions(model) -> tuple:
