@@ -6,10 +6,13 @@ transformers with nothing missing or unexpected, logits within the same bounds, 
 against the model's own forward."""
 
 import json
+import math
 
 import pytest
 
 from builder.release import families, memory
+from builder.release.recipe import Recipe
+from builder.tensorfile import read_header
 from builder.source import onboard
 from conftest import DERIVED, Repo, make_checkpoint, release_text, save_byte_tokenizer
 from test_families import (IDS, builds_alike_quantizes_every_target_and_loads, calibration_equals_a_full_forward,
@@ -68,6 +71,13 @@ def test_every_derived_family_builds_every_recipe_twice_alike_quantizes_every_ta
     build.build(derived_repo.root, name, out=tmp_path / name, log=lambda m: None)
     builds_alike_quantizes_every_target_and_loads(derived_repo, tmp_path / name, derived_logits, kind, recipe,
                                                   tmp_path, kind in MOE)
+    if recipe == "fp8-static":  # per-tensor scales: the estimate counts them, the sum below leaves them out
+        return
+    spec = json.loads((tmp_path / name / "release.json").read_text())
+    written = sum(info["data_offsets"][1] - info["data_offsets"][0] for info in
+                  read_header(tmp_path / name / "model.safetensors").values()
+                  if info["shape"] not in ([1], [2]))  # per-tensor scalars aside, as the estimate says
+    assert memory.weight_bytes(spec["model"]["architecture"], Recipe.of(spec["quant"])) == written
 
 
 @pytest.mark.parametrize("kind", sorted(DERIVED))
@@ -81,9 +91,13 @@ def test_model_add_derives_every_tensor_on_disk_and_its_experts(derived_repo, ki
     planned = {t.name: t.shape for t in memory.checkpoint(arch)}
     assert planned == {name: tuple(stored.shape) for name, stored in load.tensor_index(path).items()}
     assert arch["model_type"] == DERIVED[kind][0]
+    counted, stored = memory.parameters(arch), sum(math.prod(s.shape) for s in load.tensor_index(path).values())
+    assert counted["total"] == stored
     if kind in MOE:
         experts = [t for t in memory.checkpoint(arch) if t.expert]
         assert len(experts) == 3 * 4 * (arch["num_hidden_layers"] - len(arch["moe"]["mlp_only_layers"]))
+        idle = 1 - arch["moe"]["num_experts_per_tok"] / arch["moe"]["num_experts"]  # shared experts always run
+        assert counted["active"] == round(stored - idle * sum(math.prod(t.shape) for t in experts))
         routers = [t.name for t in memory.checkpoint(arch) if t.cls == "router"]
         assert routers and all(name.endswith((".gate.weight", "shared_expert_gate.weight")) for name in routers)
     else:

@@ -85,3 +85,41 @@ def test_a_recipe_that_needs_a_fact_the_family_lacks_is_refused_alone_naming_fac
     generic_repo.run("resolve", "tiny-starcoder2-fp8-dynamic", check=0)
     smooth = generic_repo.run("resolve", "tiny-starcoder2-fp8-static", "quant=w8a8-int8-smoothquant", check=2)
     assert "norms_absorb" in smooth.stderr and "docs/models.md" in smooth.stderr
+
+
+# Families whose experts stay fused on disk (their model's own layout; no converter gives per-expert
+# names): onboarded, built in BF16, and every quantizing recipe refused naming the fact.
+FUSED = {
+    "llama4_text": dict(head_dim=16, num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=128,
+                        intermediate_size=64, interleave_moe_layer_step=2, no_rope_layers=[1, 0],
+                        attention_chunk_size=8),
+    "gpt_oss": dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2, intermediate_size=64, sliding_window=8),
+    "granitemoehybrid": dict(num_local_experts=4, num_experts_per_tok=2, layer_types=["mamba", "attention"],
+                             mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16, mamba_n_groups=1,
+                             shared_intermediate_size=64),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(FUSED))
+def test_fused_experts_build_in_bf16_and_refuse_quantizing_recipes_naming_the_fact(model_type, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from test_families import IDS, logits
+
+    repo, download = Repo.fresh(tmp_path / "repo"), tmp_path / "downloads" / model_type
+    config = {**CONFIG, "sliding_window": None, **FUSED[model_type]}
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config)).to(torch.bfloat16).save_pretrained(
+        download)
+    save_byte_tokenizer(download)
+    onboard.add_model(repo.root, "tiny", download, log=lambda m: None)
+    for recipe in ("bf16", "fp8-dynamic"):
+        (repo.root / "specs" / "release" / f"tiny-{recipe}.yaml").write_text(
+            release_text(f"tiny-{recipe}", "tiny", recipe, "vllm-h100"))
+    build.build(repo.root, "tiny-bf16", out=tmp_path / "bf16", log=lambda m: None)
+    result, info = logits(tmp_path / "bf16", IDS, quantized=False)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert torch.equal(result, logits(download, IDS, quantized=False)[0])
+    refused = repo.run("resolve", "tiny-fp8-dynamic", check=2)
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and "fact 'expert layout'" in lines[0] and "docs/models.md" in lines[0], refused.stderr

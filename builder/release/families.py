@@ -261,7 +261,8 @@ def facts(config: dict) -> dict:
 def derived_tensors(entries: list) -> list:
     """The tensors of an architecture block's `checkpoint`: each entry a name with {layer} and {expert}
     for the layer and expert numbers, its shape, its role (linear, expert, router, other), the layers
-    it is in (null: outside the decoder layers) and the experts per layer (null: not an expert)."""
+    it is in (null: outside the decoder layers) and the experts per layer (null: not an expert). Fused
+    experts count as experts (active for top-k of the tokens only), not as Linears."""
     found = []
     for entry in entries:
         role = entry["role"]
@@ -269,7 +270,7 @@ def derived_tensors(entries: list) -> list:
             for expert in range(entry["experts"]) if entry.get("experts") else [None]:
                 name = entry["name"].replace("{layer}", str(layer)).replace("{expert}", str(expert))
                 found.append(Tensor(name, tuple(entry["shape"]), linear=role in ("linear", "expert"),
-                                    expert=role == "expert", cls="router" if role == "router" else "Linear"))
+                                    expert=role in ("expert", "fused"), cls="router" if role == "router" else "Linear"))
     return found
 
 
@@ -279,6 +280,11 @@ def fact_problems(arch: dict, recipe) -> list:
     family = of_class(arch["class"])
     how = "docs/models.md, \"Adding a family\", says how to add it"
     found = []
+    fused = [entry["name"] for entry in arch.get("checkpoint") or () if entry["role"] == "fused"]
+    if recipe.weights is not None and fused:
+        found.append((("quant", "weights"), f"{arch['class']} stores its experts fused ({fused[0]}); the builder "
+                      "quantizes one Linear per expert and knows no converter for this layout (the fact 'expert "
+                      f"layout' in builder/release/families.py); {how}, or build bf16"))
     if recipe.kv_cache_scheme is not None and not kv_sources(family):
         found.append((("quant", "kv_cache_scheme"), f"KV-cache scales need the fact 'attention' (which projections "
                       f"make keys and values) of {arch['class']}, which has no row in builder/release/families.py; "

@@ -116,7 +116,8 @@ def meta_architecture(config_dir: Path) -> dict:
 
 def check_tensors(folder: str, tensors: dict, shapes: dict, tied: set) -> None:
     """Every parameter present with its shape and a floating dtype; nothing the model lacks."""
-    fused = sorted(name for name in tensors if name.endswith((".experts.gate_up_proj", ".experts.down_proj")))
+    fused = sorted(name for name in tensors if name.endswith((".experts.gate_up_proj", ".experts.down_proj"))
+                   and name not in shapes)  # the model's own layout (Llama 4, gpt-oss) is no refusal
     if fused:  # transformers' in-memory layout: vLLM, llm-compressor and we read one tensor per expert
         raise BuilderError(Problem(folder, fused[0], f"experts stored fused ({len(fused)} tensors like this); "
                                    "save the checkpoint with one tensor per expert, as transformers' "

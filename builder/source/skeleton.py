@@ -191,11 +191,14 @@ def parameters(model):
 
 def tensor_role(owner: str, module, family, parameter) -> str:
     """expert, linear (a Linear's weight: what a recipe may quantize), router (a gate that stays in the
-    output dtype and is named in ignore: transformers' routers, the row's unquantized Linears), other."""
+    output dtype and is named in ignore: transformers' routers, the row's unquantized Linears), fused
+    (experts stored as one 3-D tensor, which no recipe can quantize yet), other."""
+    if type(module).__name__.endswith("Router") and parameter is getattr(module, "weight", None):
+        return "router"  # Llama 4's router is an nn.Linear subclass: a router all the same
     if isinstance(module, nn.Linear) and parameter is module.weight:
         if owner.endswith(family.unquantized):
             return "router"
         return "expert" if ".experts." in owner else "linear"
-    if type(module).__name__.endswith("Router") and parameter is getattr(module, "weight", None):
-        return "router"
+    if parameter.dim() == 3 and owner.endswith(".experts"):
+        return "fused"  # experts kept fused on disk (Llama 4, gpt-oss, Granite 4): no per-expert Linears
     return "other"
