@@ -194,11 +194,12 @@ def calibration_equals_a_full_forward(path, kind: str) -> None:
     from builder.source import load, skeleton
 
     ids = torch.randint(1, 255, (6, 24), generator=torch.Generator().manual_seed(1))
+    tensors, architecture = load.tensor_index(path), load.architecture(path)
+    kv = ARGS if families.kv_sources(families.of_class(architecture["facts"]["class"])) else None  # none: hybrid
     recipe = Recipe.of({"format": "compressed-tensors", "dtype": "bfloat16", "algorithm": "imatrix", "gptq": None,
                         "targets": ["Linear"], "ignore": [], "weights": {**ARGS, "observer": "imatrix_mse"},
                         "input_activations": {
-                            **ARGS, "strategy": "tensor"}, "kv_cache_scheme": ARGS})
-    tensors, architecture = load.tensor_index(path), load.architecture(path)
+                            **ARGS, "strategy": "tensor"}, "kv_cache_scheme": kv})
     found = calibrate.calibrate(path, tensors, architecture["modules"], recipe, ids, log=lambda m: None)
     family = skeleton.build(path)[1]
     if family.moe:
@@ -231,7 +232,7 @@ def calibration_equals_a_full_forward(path, kind: str) -> None:
             hooks.append(module.register_forward_pre_hook(  # for E[x²] per input column
                 lambda m, args, disk=disk: expected["inputs"].setdefault(disk, []).append(
                     args[0].reshape(-1, args[0].shape[-1]).clone())))
-        if module_name.endswith("self_attn"):
+        if module_name.endswith("self_attn") and kv is not None:
             def observe(key, value, stem=module_name):
                 for kind_, tensor in (("k_scale", key), ("v_scale", value)):
                     name_ = f"{stem}.{kind_}"

@@ -71,6 +71,11 @@ def test_every_derived_family_builds_every_recipe_twice_alike_quantizes_every_ta
     build.build(derived_repo.root, name, out=tmp_path / name, log=lambda m: None)
     builds_alike_quantizes_every_target_and_loads(derived_repo, tmp_path / name, derived_logits, kind, recipe,
                                                   tmp_path, kind in MOE)
+    source = json.loads((derived_repo.root / "weights" / kind / "config.json").read_text())
+    config = json.loads((tmp_path / name / "config.json").read_text())
+    for key in families.FAMILIES[DERIVED[kind][0]].runtime_config:  # Granite's multipliers, Cohere's logit scale
+        assert config[key] == source[key], key
+    assert config["model_type"] == source["model_type"] and config["architectures"] == source["architectures"]
     if recipe == "fp8-static":  # per-tensor scales: the estimate counts them, the sum below leaves them out
         return
     spec = json.loads((tmp_path / name / "release.json").read_text())
