@@ -15,8 +15,8 @@ from builder.release.recipe import Recipe
 from builder.tensorfile import read_header
 from builder.source import onboard
 from conftest import DERIVED, Repo, make_checkpoint, release_text, save_byte_tokenizer
-from test_families import (IDS, builds_alike_quantizes_every_target_and_loads, calibration_equals_a_full_forward,
-                           logits)
+from test_families import (builds_alike_quantizes_every_target_and_loads, calibration_equals_a_full_forward,
+                           source_logits)  # noqa: F401 (a fixture: the source's logits, once per kind)
 
 RECIPES = {  # recipe -> extra release keys (small calibration; group 32 divides every tiny width)
     "bf16": "", "fp8-dynamic": "",
@@ -50,26 +50,15 @@ def derived_repo(tmp_path_factory) -> Repo:
     return repo
 
 
-@pytest.fixture(scope="session")
-def derived_logits(derived_repo):
-    found = {}
-
-    def get(repo: Repo, kind: str):
-        if kind not in found:
-            found[kind] = logits(repo.root / "weights" / kind, IDS, quantized=False)[0]
-        return found[kind]
-    return get
-
-
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 @pytest.mark.parametrize("kind", sorted(DERIVED))
 def test_every_derived_family_builds_every_recipe_twice_alike_quantizes_every_target_and_loads(
-        derived_repo, derived_logits, kind, recipe, tmp_path):
+        derived_repo, source_logits, kind, recipe, tmp_path):
     from builder import build
 
     name = f"{kind}-all-{recipe}"
     build.build(derived_repo.root, name, out=tmp_path / name, log=lambda m: None)
-    builds_alike_quantizes_every_target_and_loads(derived_repo, tmp_path / name, derived_logits, kind, recipe,
+    builds_alike_quantizes_every_target_and_loads(derived_repo, tmp_path / name, source_logits, kind, recipe,
                                                   tmp_path, kind in MOE)
     source = json.loads((derived_repo.root / "weights" / kind / "config.json").read_text())
     config = json.loads((tmp_path / name / "config.json").read_text())
