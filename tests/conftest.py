@@ -57,6 +57,32 @@ FAMILIES = {
                                          mlp_only_layers=[1], norm_topk_prob=True)),
     "tiny-olmoe": ("olmoe", dict(num_experts=4, num_experts_per_tok=2, intermediate_size=64)),
 }
+# Families without a planned checkpoint (builder/release/families.py derives it from the model): the same
+# small shape, sliding windows shorter than the calibration windows, experts small enough for group 32.
+DERIVED = {
+    "tiny-granite": ("granite", dict(head_dim=16, embedding_multiplier=2.0, residual_multiplier=0.5,
+                                     attention_multiplier=0.2, logits_scaling=4.0)),
+    "tiny-olmo2": ("olmo2", dict()),
+    "tiny-smollm3": ("smollm3", dict(no_rope_layer_interval=2)),
+    "tiny-exaone4": ("exaone4", dict(sliding_window=8, sliding_window_pattern=2)),
+    "tiny-cohere2": ("cohere2", dict(sliding_window=8, logit_scale=0.25,
+                                     layer_types=["sliding_attention", "full_attention"])),
+    "tiny-qwen2-moe": ("qwen2_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                                         shared_expert_intermediate_size=64)),
+    "tiny-ernie-moe": ("ernie4_5_moe", dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=64)),
+    "tiny-glm4-moe": ("glm4_moe", dict(head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                                       first_k_dense_replace=1, n_group=1, topk_group=1)),
+    "tiny-deepseek-v3": ("deepseek_v3", dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                                             first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=32,
+                                             kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                                             v_head_dim=16)),
+    "tiny-qwen3-next": ("qwen3_next", dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                                           linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                                           linear_value_head_dim=16,
+                                           layer_types=["linear_attention", "full_attention"])),
+    "tiny-minimax": ("minimax", dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                                     layer_types=["linear_attention", "full_attention"])),
+}
 RECIPES = ("bf16", "fp8-dynamic")
 
 
@@ -71,7 +97,7 @@ def make_checkpoint(kind: str, path: Path, seed: int = 0) -> dict:
         config_class, values = TINY[kind]
         config = getattr(transformers, config_class)(**values)
     else:
-        model_type, extra = FAMILIES[kind]
+        model_type, extra = FAMILIES.get(kind) or DERIVED[kind]
         values = {**SHAPE, **extra}
         config = transformers.AutoConfig.for_model(model_type, **values)
     torch.manual_seed(seed)

@@ -136,7 +136,7 @@ def families_table() -> str:
     rows = []
     for family in families.FAMILIES.values():
         differs = [f"`{key}: {getattr(family, key)}`" for key, value in base.items()
-                   if key not in ("moe", "vllm") and getattr(family, key) != value]
+                   if key not in ("moe", "vllm", "planned", "renames", "expert_names") and getattr(family, key) != value]
         if family.moe:
             differs.append(f"experts: `{family.moe.block}.experts.N.{{{','.join(family.moe.experts)}}}`")
         rows.append((f"`{family.model_type}`", ", ".join(f"`{c}`" for c in family.classes),
@@ -155,7 +155,32 @@ def observers_table() -> str:
                     [(f"`{key}`", *(kwargs.get(key, "—") for kwargs in searched.values())) for key in keys])
 
 
-TABLES = {"observers": observers_table, "verbs": verbs_table, "parts": parts_table, "recipes": recipes_table, "formats": formats_table,
+def supported_models_table() -> str:
+    """Family x recipe x runtime (builder/release/families.py, the formats' FAMILIES): which runtime loads
+    each family's release of each kind of recipe, and which fact refuses it where none does."""
+    from builder import formats
+    from builder.release import families
+
+    def cell(family, kind: str) -> str:
+        moe = family.moe is not None or family.experts_on_disk
+        if kind in ("gguf", "mlx"):
+            return {"gguf": "llama.cpp", "mlx": "MLX"}[kind] if family.model_type in formats.of(kind).FAMILIES else "—"
+        if kind == "fp8-static" and not families.kv_sources(family):
+            return "without KV-cache scales (no `attention` fact)"
+        if kind == "smoothquant" and not families.smoothable(family):
+            return "refused (no norms absorb the factors)"
+        vllm = "vLLM" if family.model_type else "vLLM where it has the class"
+        return vllm if kind == "w8a8-int8" and moe else f"{vllm}, transformers"
+
+    kinds = ("bf16", "fp8-dynamic", "fp8-static", "w8a8-int8", "w4a16", "smoothquant", "gguf", "mlx")
+    rows = [(f"`{f.model_type}` ({', '.join(f.classes)})", *(cell(f, kind) for kind in kinds))
+            for f in families.FAMILIES.values()]
+    rows.append(("any other decoder-only `*ForCausalLM`", *(cell(families.generic("Other"), kind) for kind in kinds)))
+    return markdown(("family", "bf16", "fp8-dynamic, fp8-block", "fp8-static", "w8a8-int8", "w4a16, -gptq",
+                     "SmoothQuant, AWQ", "GGUF", "MLX"), rows)
+
+
+TABLES = {"supported-models": supported_models_table, "observers": observers_table, "verbs": verbs_table, "parts": parts_table, "recipes": recipes_table, "formats": formats_table,
           "targets": targets_table, "families": families_table}
 
 

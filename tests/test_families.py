@@ -102,7 +102,13 @@ def logits(path, ids, quantized: bool):
 def test_every_family_builds_every_recipe_twice_alike_quantizes_every_target_and_loads(family_repo, built,
                                                                                         source_logits, kind, recipe,
                                                                                         tmp_path):
-    artifact = built(kind, recipe)
+    builds_alike_quantizes_every_target_and_loads(family_repo, built(kind, recipe), source_logits, kind, recipe,
+                                                  tmp_path, kind in MOE)
+
+
+def builds_alike_quantizes_every_target_and_loads(family_repo, artifact, source_logits, kind, recipe, tmp_path,
+                                                  moe: bool) -> None:
+    """The checks every family's build of a recipe passes (tests/test_families_derived.py shares them)."""
     second = build.build(family_repo.root, artifact.name, out=tmp_path / "again", log=lambda m: None)
     assert record.read(artifact).manifest["content_digest"] == second["content_digest"]
 
@@ -112,8 +118,7 @@ def test_every_family_builds_every_recipe_twice_alike_quantizes_every_target_and
     targets = [t.name[: -len(".weight")] for t in memory.checkpoint(arch) if t.linear and recipe_.quantizes(
         t.name[: -len(".weight")], t.cls)]
     assert bool(targets) == (recipe != "bf16")
-    if any(".experts." in name for name in targets):
-        assert kind in MOE
+    assert any(".experts." in name for name in targets) == (moe and recipe != "bf16")
     for module in targets:  # every weight the recipe targets is written quantized, experts included
         if recipe.startswith("w4a16"):
             assert header[f"{module}.weight_packed"]["dtype"] == "I32" and f"{module}.weight" not in header
@@ -125,11 +130,11 @@ def test_every_family_builds_every_recipe_twice_alike_quantizes_every_target_and
     config = json.loads((artifact / "config.json").read_text())
     if recipe != "bf16":  # ... and are named in ignore, as vLLM needs for Qwen-MoE's quantizable gate
         assert set(r[: -len(".weight")] for r in routers) <= set(config["quantization_config"]["ignore"])
-    if recipe == "fp8-static":  # every layer's KV-cache scales, Phi-3's fused qkv_proj included
-        for layer in range(arch["num_hidden_layers"]):
+    if recipe == "fp8-static" and recipe_.kv_cache_scheme is not None:  # every layer's KV-cache scales,
+        for layer in range(arch["num_hidden_layers"]):  # Phi-3's fused qkv_proj included
             assert {f"model.layers.{layer}.self_attn.k_scale", f"model.layers.{layer}.self_attn.v_scale"} <= set(header)
 
-    if kind in MOE and recipe == "w8a8-int8":
+    if moe and recipe == "w8a8-int8":
         # transformers 5.17 (and 5.24) cannot load int-quantized experts with dequantize=True: its MoE weight
         # converter expects weight_packed for every non-FP8 scheme (llm-compressor's own W8A8 MoE artifacts
         # fail the same way); vLLM loads these names. The layout is checked above.
@@ -140,7 +145,7 @@ def test_every_family_builds_every_recipe_twice_alike_quantizes_every_target_and
     result, info = logits(artifact, IDS, quantized=recipe != "bf16")
     assert not info["missing_keys"] and not info["mismatched_keys"]
     unexpected = set(info["unexpected_keys"])
-    if kind in MOE and recipe == "fp8-static":  # transformers' fused-expert loader has no input scales
+    if moe and recipe == "fp8-static":  # transformers' fused-expert loader has no input scales
         unexpected = {key for key in unexpected if not (".experts." in key and key.endswith(".input_scale"))}
     assert not unexpected, sorted(unexpected)
     if recipe == "bf16":
@@ -176,75 +181,82 @@ def test_calibration_maxima_equal_a_full_model_forward_for_every_family(family_r
     per-expert Linears (itself checked against transformers' fused experts), with hooks on every
     Linear's input and on the keys and values entering attention: maxima bit for bit, both E[x²]
     (imatrix_mse's FP32 sums, llama.cpp's FP64 importance) to rounding."""
+    for kind in KINDS:
+        calibration_equals_a_full_forward(family_repo.root / "weights" / kind, kind)
+
+
+def calibration_equals_a_full_forward(path, kind: str) -> None:
+    """The oracle for one model (tests/test_families_derived.py shares it): experts unfused with the
+    names derived from transformers' converters (equal to the planned families' rows)."""
     from transformers import AutoModelForCausalLM
 
     from builder.quant import calibrate, layerwise
     from builder.source import load, skeleton
 
     ids = torch.randint(1, 255, (6, 24), generator=torch.Generator().manual_seed(1))
+    tensors, architecture = load.tensor_index(path), load.architecture(path)
+    kv = ARGS if families.kv_sources(families.of_class(architecture["facts"]["class"])) else None  # none: hybrid
     recipe = Recipe.of({"format": "compressed-tensors", "dtype": "bfloat16", "algorithm": "imatrix", "gptq": None,
                         "targets": ["Linear"], "ignore": [], "weights": {**ARGS, "observer": "imatrix_mse"},
                         "input_activations": {
-                            **ARGS, "strategy": "tensor"}, "kv_cache_scheme": ARGS})
-    for kind in KINDS:
-        path = family_repo.root / "weights" / kind
-        tensors, architecture = load.tensor_index(path), load.architecture(path)
-        found = calibrate.calibrate(path, tensors, architecture["modules"], recipe, ids, log=lambda m: None)
-        family = families.of_class(architecture["facts"]["class"])
-        name = layerwise.register(family.calibrate_with)
-        options = {"experts_implementation": "eager"} if family.moe else {}
-        full = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=name,
-                                                    **options).eval()
-        with torch.no_grad():
-            fused = full(ids).logits
-            if family.moe:
-                for layer in full.model.layers:
-                    if hasattr(getattr(layer, "mlp", None), "experts"):
-                        unfused = skeleton.Experts(layer.mlp.experts, family.moe.experts)
-                        for index, expert in enumerate(unfused):
-                            gate, up, down = (getattr(expert, n) for n in family.moe.experts)
-                            size = gate.weight.shape[0]
-                            gate.weight.copy_(layer.mlp.experts.gate_up_proj[index, :size])
-                            up.weight.copy_(layer.mlp.experts.gate_up_proj[index, size:])
-                            down.weight.copy_(layer.mlp.experts.down_proj[index])
-                        layer.mlp.experts = unfused
-                assert torch.equal(full(ids).logits, fused), kind  # the per-expert view computes the same
-        expected = {"input_amax": {}, "kv_amax": {}, "inputs": {}}
-        hooks = []
-        for module_name, module in full.named_modules():
-            disk = skeleton.checkpoint_name(module_name, family)
-            if isinstance(module, torch.nn.Linear) and disk in found.input_amax:
-                hooks.append(module.register_forward_pre_hook(
-                    lambda m, args, disk=disk: expected["input_amax"].__setitem__(disk, torch.maximum(
-                        expected["input_amax"].get(disk, torch.zeros(1)), args[0].abs().amax().reshape(1)))))
-                hooks.append(module.register_forward_pre_hook(  # for E[x²] per input column
-                    lambda m, args, disk=disk: expected["inputs"].setdefault(disk, []).append(
-                        args[0].reshape(-1, args[0].shape[-1]).clone())))
-            if module_name.endswith("self_attn"):
-                def observe(key, value, stem=module_name):
-                    for kind_, tensor in (("k_scale", key), ("v_scale", value)):
-                        name_ = f"{stem}.{kind_}"
-                        expected["kv_amax"][name_] = torch.maximum(expected["kv_amax"].get(name_, torch.zeros(1)),
-                                                                   tensor.abs().amax().reshape(1))
-                module.builder_observe = observe
-        with torch.no_grad():
-            full(ids)
-        for hook in hooks:
-            hook.remove()
-        seen = {name_ for name_ in found.input_amax if name_ in expected["input_amax"]}
-        assert seen and set(found.input_amax) - seen <= {n for n in found.input_amax if ".experts." in n}
-        for statistic in ("input_amax", "kv_amax"):
-            for name_, value in expected[statistic].items():
-                got = getattr(found, statistic)[name_]
-                assert torch.equal(got, value), (kind, name_, got, value)
-        assert set(found.kv_amax) == set(expected["kv_amax"])
-        assert set(found.imatrix) == seen
-        assert set(found.importance) == seen
-        for name_ in seen:  # sums in another order (batches of 4 against one pass): equal to rounding
-            mean = torch.cat(expected["inputs"][name_]).double().square().mean(dim=0)
-            for statistic in ("imatrix", "importance"):  # FP32 sums, FP64 sums
-                got = getattr(found, statistic)[name_].double()
-                assert torch.allclose(got, mean, rtol=1e-5, atol=1e-7), (kind, name_)
+                            **ARGS, "strategy": "tensor"}, "kv_cache_scheme": kv})
+    found = calibrate.calibrate(path, tensors, architecture["modules"], recipe, ids, log=lambda m: None)
+    family = skeleton.build(path)[1]
+    if family.moe:
+        assert family.expert_names == family.moe.experts, kind
+    name = layerwise.register(family.calibrate_with)
+    full = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=name,
+                                                experts_implementation="eager").eval()
+    with torch.no_grad():
+        fused = full(ids).logits
+        if family.expert_names:
+            for layer in full.model.layers:
+                if skeleton.unfusable(getattr(getattr(layer, "mlp", None), "experts", None)):
+                    unfused = skeleton.Experts(layer.mlp.experts, family.expert_names)
+                    for index, expert in enumerate(unfused):
+                        gate, up, down = (getattr(expert, n) for n in family.expert_names)
+                        size = gate.weight.shape[0]
+                        gate.weight.copy_(layer.mlp.experts.gate_up_proj[index, :size])
+                        up.weight.copy_(layer.mlp.experts.gate_up_proj[index, size:])
+                        down.weight.copy_(layer.mlp.experts.down_proj[index])
+                    layer.mlp.experts = unfused
+            assert torch.equal(full(ids).logits, fused), kind  # the per-expert view computes the same
+    expected = {"input_amax": {}, "kv_amax": {}, "inputs": {}}
+    hooks = []
+    for module_name, module in full.named_modules():
+        disk = skeleton.checkpoint_name(module_name, family)
+        if isinstance(module, torch.nn.Linear) and disk in found.input_amax:
+            hooks.append(module.register_forward_pre_hook(
+                lambda m, args, disk=disk: expected["input_amax"].__setitem__(disk, torch.maximum(
+                    expected["input_amax"].get(disk, torch.zeros(1)), args[0].abs().amax().reshape(1)))))
+            hooks.append(module.register_forward_pre_hook(  # for E[x²] per input column
+                lambda m, args, disk=disk: expected["inputs"].setdefault(disk, []).append(
+                    args[0].reshape(-1, args[0].shape[-1]).clone())))
+        if module_name.endswith("self_attn") and kv is not None:
+            def observe(key, value, stem=module_name):
+                for kind_, tensor in (("k_scale", key), ("v_scale", value)):
+                    name_ = f"{stem}.{kind_}"
+                    expected["kv_amax"][name_] = torch.maximum(expected["kv_amax"].get(name_, torch.zeros(1)),
+                                                               tensor.abs().amax().reshape(1))
+            module.builder_observe = observe
+    with torch.no_grad():
+        full(ids)
+    for hook in hooks:
+        hook.remove()
+    seen = {name_ for name_ in found.input_amax if name_ in expected["input_amax"]}
+    assert seen and set(found.input_amax) - seen <= {n for n in found.input_amax if ".experts." in n}
+    for statistic in ("input_amax", "kv_amax"):
+        for name_, value in expected[statistic].items():
+            got = getattr(found, statistic)[name_]
+            assert torch.equal(got, value), (kind, name_, got, value)
+    assert set(found.kv_amax) == set(expected["kv_amax"])
+    assert set(found.imatrix) == seen
+    assert set(found.importance) == seen
+    for name_ in seen:  # sums in another order (batches of 4 against one pass): equal to rounding
+        mean = torch.cat(expected["inputs"][name_]).double().square().mean(dim=0)
+        for statistic in ("imatrix", "importance"):  # FP32 sums, FP64 sums
+            got = getattr(found, statistic)[name_].double()
+            assert torch.allclose(got, mean, rtol=1e-5, atol=1e-7), (kind, name_)
 
 
 ARGS = {"num_bits": 8, "type": "float", "strategy": "tensor", "symmetric": True, "dynamic": False, "group_size": None}

@@ -102,7 +102,7 @@ def relabelled(folder):
 REFUSALS = {  # name -> (how the folder is spoiled, what the one error says)
     "no tokenizer": (without_tokenizer, "missing tokenizer files"),
     "pickle weights only": (pickles_only, "only pickle weights"),
-    "unsupported family": (unsupported, "GPTNeoXForCausalLM is not a supported architecture; supported: Gemma2ForCausalLM"),
+    "unsupported family": (unsupported, "GPTNeoXForCausalLM is not a supported architecture (its model has no decoder layers"),
     "experts stored fused": (fused_experts, "experts stored fused"),
     "a NaN weight": (spoil_weight(float("nan")),
                      "snapshot/model.safetensors: model.layers.1.self_attn.o_proj.weight: holds NaN"),

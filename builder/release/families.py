@@ -6,9 +6,15 @@
 What a family's own forward computes exactly (its embedding scale, per-layer-type rotary embeddings,
 sliding-window masks, softcapping, q/k norms) the builder does not restate: calibration runs the
 model's own code for it (builder/quant/calibrate.py). The table holds what the builder reads itself:
-checkpoint names (fused projections, MoE experts on disk), where k/v scales attach, which attention
-kernel calibration must use, what vLLM refuses, and the tensors a checkpoint holds (memory estimates).
-Adding a family: docs/architecture.md, "Adding a model family".
+where k/v scales attach, which norms absorb SmoothQuant/AWQ factors, which gates stay unquantized,
+which attention kernel calibration must use, what vLLM refuses. Everything else is derived from the
+model transformers builds (builder/source/skeleton.py): every Linear of the decoder layers a target
+(experts included), the names on disk (transformers' own renamings and expert converters), and the
+tensors a checkpoint holds (the architecture block's `checkpoint`, written by `builder model add`).
+Any other decoder-only *ForCausalLM gets a row of defaults (generic()): a fact it lacks refuses only
+the recipe that needs it. The eleven first families keep their hand-planned checkpoint (planned=True),
+so their specs and locks keep every byte.
+Adding a family: docs/models.md, "Adding a family".
 """
 
 from dataclasses import dataclass, field
@@ -49,6 +55,14 @@ class Family:
     tied_only: bool = False           # vLLM loads only tied lm_head checkpoints
     moe: MoE | None = None
     vllm: str = ""                    # what vLLM's CPU build on AVX2 does with it, for the README
+    planned: bool = False             # tensors() plans the checkpoint from the block (the first eleven)
+    norms_absorb: bool = False        # SMOOTHED_NORMS scale by their weight and feed only Linears (derived rows)
+    unquantized: tuple = ()           # Linears in a layer that stay BF16 (gates vLLM builds unquantized)
+    runtime_config: tuple = ()        # config.json keys vLLM's model code reads beyond the usual (kept as is)
+    experts_on_disk: bool = False     # derived rows: one tensor per expert on disk, as vLLM's MoE loaders read
+    # derived from transformers when the model is built (builder/source/skeleton.py), not written in rows
+    renames: tuple = field(default=(), compare=False, repr=False)
+    expert_names: tuple = field(default=(), compare=False)
 
 
 MIXTRAL_MOE = MoE(block="block_sparse_moe", experts=("w1", "w3", "w2"), count=("num_local_experts",),
@@ -59,19 +73,36 @@ OLMOE_MOE = MoE(block="mlp", experts=("gate_proj", "up_proj", "down_proj"),
                 count=("num_experts", "num_local_experts"), size="intermediate_size")
 
 FAMILIES = {family.model_type: family for family in (
-    Family("llama", ("LlamaForCausalLM",)),
-    Family("mistral", ("MistralForCausalLM",), qkv_bias="never"),
-    Family("qwen2", ("Qwen2ForCausalLM",), qkv_bias="always"),
-    Family("qwen3", ("Qwen3ForCausalLM",), qk_norm="head_dim"),
-    Family("phi3", ("Phi3ForCausalLM",), attention="fused", mlp="fused", qkv_bias="never"),
-    Family("gemma", ("GemmaForCausalLM",), embedding_scale=True, norm_offset=True, tied_only=True),
+    Family("llama", ("LlamaForCausalLM",), planned=True),
+    Family("mistral", ("MistralForCausalLM",), qkv_bias="never", planned=True),
+    Family("qwen2", ("Qwen2ForCausalLM",), qkv_bias="always", planned=True),
+    Family("qwen3", ("Qwen3ForCausalLM",), qk_norm="head_dim", planned=True),
+    Family("phi3", ("Phi3ForCausalLM",), attention="fused", mlp="fused", qkv_bias="never", planned=True),
+    Family("gemma", ("GemmaForCausalLM",), embedding_scale=True, norm_offset=True, tied_only=True, planned=True),
     Family("gemma2", ("Gemma2ForCausalLM",), layer_norms=4, calibrate_with="eager", embedding_scale=True,
-           norm_offset=True, tied_only=True),
+           norm_offset=True, tied_only=True, planned=True),
     Family("gemma3_text", ("Gemma3ForCausalLM",), layer_norms=4, qk_norm="head_dim", embedding_scale=True,
-           norm_offset=True, tied_only=True),
-    Family("mixtral", ("MixtralForCausalLM",), qkv_bias="never", moe=MIXTRAL_MOE),
-    Family("qwen3_moe", ("Qwen3MoeForCausalLM",), qk_norm="head_dim", moe=QWEN_MOE),
-    Family("olmoe", ("OlmoeForCausalLM",), qk_norm="full", moe=OLMOE_MOE),
+           norm_offset=True, tied_only=True, planned=True),
+    Family("mixtral", ("MixtralForCausalLM",), qkv_bias="never", moe=MIXTRAL_MOE, planned=True),
+    Family("qwen3_moe", ("Qwen3MoeForCausalLM",), qk_norm="head_dim", moe=QWEN_MOE, planned=True),
+    Family("olmoe", ("OlmoeForCausalLM",), qk_norm="full", moe=OLMOE_MOE, planned=True),
+    # Derived families: their checkpoint, experts and names come from the model transformers builds.
+    Family("granite", ("GraniteForCausalLM",), norms_absorb=True,
+           runtime_config=("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling")),
+    Family("olmo2", ("Olmo2ForCausalLM",)),  # norms after attention and MLP: nothing to fold into
+    Family("smollm3", ("SmolLM3ForCausalLM",), norms_absorb=True, runtime_config=("no_rope_layers",)),
+    Family("exaone4", ("Exaone4ForCausalLM",), runtime_config=("layer_types", "sliding_window")),
+    Family("cohere2", ("Cohere2ForCausalLM",), tied_only=True,  # one LayerNorm feeds attention and MLP
+           runtime_config=("logit_scale", "layer_types", "sliding_window")),
+    Family("qwen2_moe", ("Qwen2MoeForCausalLM",), unquantized=("mlp.shared_expert_gate",), experts_on_disk=True),
+    Family("ernie4_5_moe", ("Ernie4_5_MoeForCausalLM",), experts_on_disk=True),
+    Family("glm4_moe", ("Glm4MoeForCausalLM",), experts_on_disk=True),
+    # MLA caches a latent, not per-head keys and values: no k/v scales from k_proj/v_proj (attention None)
+    Family("deepseek_v3", ("DeepseekV3ForCausalLM",), attention=None, experts_on_disk=True),
+    # hybrid: linear-attention layers hold no KV cache; scales for the full-attention layers only are not written
+    Family("qwen3_next", ("Qwen3NextForCausalLM",), attention=None, experts_on_disk=True,
+           unquantized=("mlp.shared_expert_gate",)),
+    Family("minimax", ("MiniMaxForCausalLM",), attention=None, experts_on_disk=True),
 )}
 BY_CLASS = {cls: family for family in FAMILIES.values() for cls in family.classes}
 # The norms SmoothQuant folds its factors into: each feeds Linears only (attention's q/k/v or qkv_proj,
@@ -81,7 +112,10 @@ SMOOTHED_NORMS = ("input_layernorm", "post_attention_layernorm")
 
 def smoothable(family: Family) -> bool:
     """Whether SmoothQuant can fold into the family's layers: dense, two norms per layer, each
-    multiplying by its weight (Gemma's 1 + weight, its extra norms, and MoE routers are not handled)."""
+    multiplying by its weight (Gemma's 1 + weight, its extra norms, and MoE routers are not handled);
+    a derived row says so itself (norms_absorb)."""
+    if not family.planned:
+        return family.norms_absorb
     return family.moe is None and family.layer_norms == 2 and not family.norm_offset
 
 
@@ -89,17 +123,28 @@ def smoothable(family: Family) -> bool:
 ROW_PARALLEL = ("self_attn.o_proj", "down_proj", "w2")
 
 
-def of_class(cls: str) -> Family | None:
-    return BY_CLASS.get(cls)
+def of_class(cls: str | None) -> Family | None:
+    """The family's row; a row of defaults (generic()) for any other *ForCausalLM; None otherwise."""
+    if cls in BY_CLASS:
+        return BY_CLASS[cls]
+    return generic(cls) if isinstance(cls, str) and cls.endswith("ForCausalLM") else None
+
+
+def generic(cls: str) -> Family:
+    """A decoder-only model without a row: calibrated and quantized from what its model derives; the
+    facts only a row gives are unknown (KV projections: attention None), so their recipes are refused."""
+    return Family("", (cls,), attention=None)
 
 
 def supported() -> str:
-    """The supported classes, for error messages."""
+    """The classes with a row, for error messages."""
     return ", ".join(sorted(BY_CLASS))
 
 
 def kv_sources(family: Family) -> dict:
     """Attention weight (path in a layer) -> the KV-cache scales its layer's k/v scales attach to."""
+    if family.attention is None:
+        return {}
     if family.attention == "fused":
         return {"self_attn.qkv_proj": ("self_attn.k_scale", "self_attn.v_scale")}
     return {"self_attn.k_proj": ("self_attn.k_scale",), "self_attn.v_proj": ("self_attn.v_scale",)}
@@ -135,7 +180,10 @@ class Tensor:
 
 
 def tensors(arch: dict, family: Family) -> list:
-    """Every tensor the checkpoint holds, by name and shape, from the architecture block alone."""
+    """Every tensor the checkpoint holds, by name and shape, from the architecture block alone: its
+    derived `checkpoint` (builder model add wrote it from the model), or planned for the first families."""
+    if arch.get("checkpoint") is not None:
+        return derived_tensors(arch["checkpoint"])
     hidden, heads, kv_heads = arch["hidden_size"], arch["num_attention_heads"], arch["num_key_value_heads"]
     dim = head_dim(arch)
     q, kv = heads * dim, kv_heads * dim
@@ -208,6 +256,40 @@ def facts(config: dict) -> dict:
                         "decoder_sparse_step": config.get("decoder_sparse_step") or 1,
                         "mlp_only_layers": list(config.get("mlp_only_layers") or [])}
     return block
+
+
+def derived_tensors(entries: list) -> list:
+    """The tensors of an architecture block's `checkpoint`: each entry a name with {layer} and {expert}
+    for the layer and expert numbers, its shape, its role (linear, expert, router, other), the layers
+    it is in (null: outside the decoder layers) and the experts per layer (null: not an expert). Fused
+    experts count as experts (active for top-k of the tokens only), not as Linears."""
+    found = []
+    for entry in entries:
+        role = entry["role"]
+        for layer in entry["layers"] if entry.get("layers") is not None else [None]:
+            for expert in range(entry["experts"]) if entry.get("experts") else [None]:
+                name = entry["name"].replace("{layer}", str(layer)).replace("{expert}", str(expert))
+                found.append(Tensor(name, tuple(entry["shape"]), linear=role in ("linear", "expert"),
+                                    expert=role in ("expert", "fused"), cls="router" if role == "router" else "Linear"))
+    return found
+
+
+def fact_problems(arch: dict, recipe) -> list:
+    """What a recipe needs of the family that its row does not give, as (key path, message): each refuses
+    that recipe only (the fact, and the doc that says how to add it)."""
+    family = of_class(arch["class"])
+    how = "docs/models.md, \"Adding a family\", says how to add it"
+    found = []
+    fused = [entry["name"] for entry in arch.get("checkpoint") or () if entry["role"] == "fused"]
+    if recipe.weights is not None and fused:
+        found.append((("quant", "weights"), f"{arch['class']} stores its experts fused ({fused[0]}); the builder "
+                      "quantizes one Linear per expert and knows no converter for this layout (the fact 'expert "
+                      f"layout' in builder/release/families.py); {how}, or build bf16"))
+    if recipe.kv_cache_scheme is not None and not kv_sources(family):
+        found.append((("quant", "kv_cache_scheme"), f"KV-cache scales need the fact 'attention' (which projections "
+                      f"make keys and values) of {arch['class']}, which has no row in builder/release/families.py; "
+                      f"{how}, or set quant.kv_cache_scheme=null"))
+    return found
 
 
 ROPE_KEYS = ("rope_type", "rope_theta", "factor", "original_max_position_embeddings", "low_freq_factor",

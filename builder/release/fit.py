@@ -150,11 +150,12 @@ def model_problems(spec: dict) -> list:
     """The architecture is one the builder supports, declared as its family needs it."""
     arch = spec["model"]["architecture"]
     family = families.of_class(arch["class"])
-    if family is None:
+    if family is None or not family.planned and arch.get("checkpoint") is None:
         return [(("model", "architecture", "class"), f"{arch['class']} is not a supported architecture; "
-                 f"supported: {families.supported()} (docs/architecture.md says how to add a family)")]
+                 "supported: a decoder-only *ForCausalLM onboarded by `builder model add` (which derives its "
+                 f"checkpoint), or one of {families.supported()} (docs/models.md says how to add a family)")]
     found = []
-    if (family.moe is None) != (arch.get("moe") is None):
+    if family.planned and (family.moe is None) != (arch.get("moe") is None):
         found.append((("model", "architecture", "moe"), f"{arch['class']} is "
                       f"{'a mixture of experts: declare moe' if family.moe else 'dense: moe is not allowed'} "
                       "(builder model add writes it from config.json)"))
@@ -165,16 +166,19 @@ def model_problems(spec: dict) -> list:
 
 
 def scaling_family_problems(arch: dict, recipe: Recipe) -> list:
-    """SmoothQuant or AWQ-style scaling asked of a family they cannot fold into (families.smoothable)."""
+    """SmoothQuant or AWQ-style scaling asked of a family they cannot fold into (families.smoothable), and
+    any other fact of the family a recipe needs and its row lacks (families.fact_problems)."""
     family = families.of_class(arch["class"])
     asked = [(key, name) for key, name, value in (("smoothing", "SmoothQuant", recipe.smoothing),
                                                  ("awq", "AWQ-style scaling", recipe.awq)) if value is not None]
     if not asked or families.smoothable(family):
-        return []
+        return families.fact_problems(arch, recipe)
     supported = ", ".join(f.model_type for f in families.FAMILIES.values() if families.smoothable(f))
+    why = "experts" if family.moe or arch.get("moe") else "other norms" if family.planned or family.model_type \
+        else "no row saying which norms absorb them (fact norms_absorb; docs/models.md says how to add it)"
     return [(("quant", key), f"{name} folds into two norms per layer that scale by their weight; "
-             f"{arch['class']} has {'experts' if family.moe else 'other norms'}: supported for {supported}")
-            for key, name in asked]
+             f"{arch['class']} has {why}: supported for {supported}")
+            for key, name in asked] + families.fact_problems(arch, recipe)
 
 
 def target_problems(spec: dict, recipe: Recipe, recipes: dict | None = None) -> list:

@@ -118,10 +118,20 @@ class Rope(Group):
     attention_factor: number() | None = None
 
 
+class CheckpointTensor(Group):
+    """Tensors of a checkpoint alike but for their layer and expert numbers ({layer}, {expert} in name)."""
+
+    name: Annotated[str, Field(min_length=1)]
+    shape: list[Positive]
+    role: Literal["linear", "expert", "router", "fused", "other"]
+    layers: list[Annotated[int, Field(ge=0)]] | None = None
+    experts: Positive | None = None
+
+
 class Architecture(Group):
     """The config.json facts resolution needs (heads, sizes, positions), so it needs no weights."""
 
-    cls: Annotated[str, Field(alias="class", pattern=r"^[A-Za-z0-9]+ForCausalLM$")]
+    cls: Annotated[str, Field(alias="class", pattern=r"^[A-Za-z0-9_]+ForCausalLM$")]
     hidden_size: Positive
     intermediate_size: Positive
     num_hidden_layers: Positive
@@ -136,6 +146,11 @@ class Architecture(Group):
     mlp_bias: bool | None = Field(None, description="MLP projections carry biases (config.json mlp_bias)")
     moe: Moe | None = None
     rope_parameters: Rope | None = None
+    model_type: Annotated[str, Field(min_length=1)] | None = Field(
+        None, description="config.json model_type (families without a planned checkpoint)")
+    checkpoint: list[CheckpointTensor] | None = Field(
+        None, description="every tensor on disk, derived from the model by builder model add (families "
+        "without a planned checkpoint): memory estimates and checks read it")
 
 
 class Model(Group):

@@ -124,7 +124,6 @@ def architecture(config_dir: Path) -> dict:
 def meta_architecture(config_dir: Path) -> dict:
     """The model built on the meta device (no memory), as JSON data (see architecture())."""
     from builder.source import skeleton
-    from builder.release import families
 
     config, family, model = skeleton.build(config_dir)
     named = dict(model.named_parameters(remove_duplicate=False))
@@ -136,12 +135,13 @@ def meta_architecture(config_dir: Path) -> dict:
     return {"modules": {disk(name): type(module).__name__ for name, module in model.named_modules() if name},
             "shapes": {disk(name): list(parameter.shape) for name, parameter in named.items()},
             "tied": sorted(disk(name) for name in set(named) - untied),
-            "facts": families.facts(config.to_dict()), "supported": family is not None}
+            "facts": skeleton.facts(config, family, model), "supported": family is not None}
 
 
 def check_tensors(folder: str, tensors: dict, shapes: dict, tied: set) -> None:
     """Every parameter present with its shape and a floating dtype; nothing the model lacks."""
-    fused = sorted(name for name in tensors if name.endswith((".experts.gate_up_proj", ".experts.down_proj")))
+    fused = sorted(name for name in tensors if name.endswith((".experts.gate_up_proj", ".experts.down_proj"))
+                   and name not in shapes)  # the model's own layout (Llama 4, gpt-oss) is no refusal
     if fused:  # transformers' in-memory layout: vLLM, llm-compressor and we read one tensor per expert
         raise BuilderError(Problem(folder, fused[0], f"experts stored fused ({len(fused)} tensors like this); "
                                    "save the checkpoint with one tensor per expert, as transformers' "

@@ -116,17 +116,27 @@ def checked(folder: Path, shown: str) -> dict:
         raise BuilderError(problems)
     cls = (config.get("architectures") or [None])[0]
     if families.of_class(cls) is None:
-        raise BuilderError(Problem(f"{shown}/config.json", "architectures", f"{cls} is not a supported architecture; "
-                                   f"supported: {families.supported()}; docs/models.md, \"Adding a family\", "
-                                   "says how to add one"))
+        raise BuilderError(unsupported(shown, cls, "it is not a decoder-only *ForCausalLM"))
     load.check_tokenizer(folder, shown)
     tensors = load.tensor_index(folder)
-    architecture = load.architecture(folder)
+    try:
+        architecture = load.architecture(folder)
+    except (ValueError, KeyError, AttributeError, TypeError) as error:  # transformers cannot build it
+        raise BuilderError(unsupported(shown, cls, f"transformers cannot build it ({str(error).splitlines()[0]})"))
+    if not architecture["supported"]:
+        raise BuilderError(unsupported(shown, cls, "its model has no decoder layers (model.layers) to calibrate"))
     load.check_tensors(shown, tensors, architecture["shapes"], architecture["tied"])
     problems = checks.tokenizer_problems(folder, config, shown)
     if problems:
         raise BuilderError(problems)
     return architecture["facts"]
+
+
+def unsupported(shown: str, cls, why: str) -> Problem:
+    return Problem(f"{shown}/config.json", "architectures", f"{cls} is not a supported architecture ({why}); "
+                   f"supported: any decoder-only *ForCausalLM transformers builds, the families with a row "
+                   f"({families.supported()}) and the others; docs/models.md, \"Adding a family\", says how "
+                   "to add one")
 
 
 def checkpoint_files(source: Path, copied: bool) -> list:

@@ -1,14 +1,18 @@
 """The model transformers builds from a checkpoint's config.json, on the meta device (no memory), with
-its modules named as the checkpoint names its tensors.
+its modules named as the checkpoint names its tensors, and what a build derives from it.
 
-Dense families need nothing more. Mixture-of-experts families are built by transformers 5 with fused
-3-D expert parameters (mlp.experts.gate_up_proj [E, 2I, H], down_proj [E, H, I]) while checkpoints,
-vLLM and llm-compressor keep one 2-D weight per expert: the experts module is replaced by one
-nn.Linear per expert weight, named as on disk, computing exactly what transformers' eager experts
-forward computes (tests hold it equal), so that every expert is a Linear a recipe targets, a hook
-observes and GPTQ rounds.
+Names and expert layout are transformers' own: the renamings and expert converters it applies when it
+loads a checkpoint (transformers.conversion_mapping), reversed as its save_pretrained reverses them.
+Mixture-of-experts families are built by transformers 5 with fused 3-D expert parameters
+(mlp.experts.gate_up_proj [E, 2I, H], down_proj [E, H, I]) while checkpoints, vLLM and llm-compressor
+keep one 2-D weight per expert: the experts module is replaced by one nn.Linear per expert weight,
+named as the converter names it on disk, computing exactly what transformers' eager experts forward
+computes (tests hold it equal), so that every expert is a Linear a recipe targets, a hook observes and
+GPTQ rounds. Nothing here is written per family (builder/release/families.py holds what cannot be derived).
 """
 
+import dataclasses
+import re
 from pathlib import Path
 
 import torch
@@ -50,33 +54,151 @@ class Experts(nn.ModuleList):
         return out
 
 
+class KeptLinear(nn.Linear):
+    """A Linear the runtime builds unquantized (a gate the family's row names): its class is not a
+    recipe's Linear target, so it stays in the output dtype and is named in ignore with the routers."""
+
+
 def build(config_dir: Path, attention=None):
     """(config, family, model): the meta-device model, in eval mode, experts unfused.
 
     attention: attention(family) -> the name of an attention implementation registered with
     transformers (calibration's observer); None for transformers' default.
-    family is None for an architecture the builder does not support (the caller refuses it).
+    family: the family's row (builder/release/families.py), or a row of defaults for any other
+    decoder-only *ForCausalLM, with the checkpoint renamings derived from transformers; None for
+    anything else (the caller refuses it).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(config_dir, trust_remote_code=False)
     family = families.of_class((config.architectures or [None])[0])
     options = {"attn_implementation": attention(family)} if attention and family else {}
-    if family is not None and family.moe is not None:
-        options["experts_implementation"] = "eager"
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, **options)
-        if family is not None and family.moe is not None:
-            for layer in model.model.layers:
-                if hasattr(getattr(layer, "mlp", None), "experts"):
-                    layer.mlp.experts = Experts(layer.mlp.experts, family.moe.experts)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, experts_implementation="eager",
+                                                 **options)
+        renames, experts = conversions(model)
+        layers = getattr(getattr(model, "model", None), "layers", None)
+        for layer in layers if family is not None and isinstance(layers, nn.ModuleList) else ():
+            fused = getattr(getattr(layer, "mlp", None), "experts", None)
+            if experts and unfusable(fused):
+                layer.mlp.experts = Experts(fused, experts)
+            for name, module in layer.named_modules():
+                if name.endswith(family.unquantized) and type(module) is nn.Linear:
+                    module.__class__ = KeptLinear
+                if not family.planned:
+                    persistent_buffers_as_parameters(module)
     model.eval()  # from_config leaves training mode on: dropout, and random routing in some MoE families
+    if not isinstance(getattr(getattr(model, "model", None), "layers", None), nn.ModuleList):
+        family = None  # calibration walks model.model.layers: not a decoder this builder can run
+    if family is not None:
+        family = dataclasses.replace(family, renames=renames, expert_names=experts)
     return config, family, model
 
 
+def persistent_buffers_as_parameters(module: nn.Module) -> None:
+    """A layer's persistent buffers (DeepSeek-V3's expert-score bias, MiniMax's decay rates), which
+    save_pretrained writes, as frozen parameters: tensors of the checkpoint like the others (planned,
+    checked, read back by calibration)."""
+    for name in [n for n, b in module._buffers.items() if b is not None and n not in module._non_persistent_buffers_set]:
+        value = module._buffers.pop(name)
+        module.register_parameter(name, nn.Parameter(value, requires_grad=False))
+
+
+def conversions(model) -> tuple:
+    """(renamings, expert names): transformers' key renamings for this model reversed (memory -> disk,
+    in the order its save_pretrained applies them), and the on-disk (gate, up, down) names of one
+    expert from its expert converters (() when it has none: a dense model, or experts stored fused)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import PrefixChange, WeightConverter, WeightRenaming
+
+    found = [c for c in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(c, PrefixChange)]
+    renames = tuple(c.reverse_transform() for c in reversed(found) if isinstance(c, WeightRenaming))
+    named = {}
+    for converter in (c for c in found if isinstance(c, WeightConverter)):
+        sources = [re.fullmatch(r".*experts\.\*\.(\w+)\.weight", p) for p in converter.source_patterns]
+        targets = converter.target_patterns
+        if len(targets) == 1 and all(sources) and targets[0].endswith(("experts.gate_up_proj", "experts.down_proj")):
+            named[targets[0].rsplit(".", 1)[1]] = [m.group(1) for m in sources]
+    if len(named.get("gate_up_proj", ())) == 2 and len(named.get("down_proj", ())) == 1:
+        return renames, (*named["gate_up_proj"], *named["down_proj"])
+    return renames, ()
+
+
+def unfusable(fused) -> bool:
+    """Whether a module is transformers' plain fused experts (gate_up_proj [E, 2I, H], down_proj [E, H, I],
+    no biases, no transposed layout): what Experts computes exactly."""
+    if fused is None or getattr(fused, "is_transposed", False):
+        return False
+    params = dict(fused.named_parameters(recurse=False))
+    if set(params) != {"gate_up_proj", "down_proj"} or not hasattr(fused, "act_fn"):
+        return False
+    (count, double, hidden), down = params["gate_up_proj"].shape, params["down_proj"].shape
+    return tuple(down) == (count, hidden, double // 2)
+
+
 def checkpoint_name(name: str, family) -> str:
-    """A parameter or module name of the built model -> its name in the checkpoint (Mixtral keeps its
-    experts and router under block_sparse_moe on disk, transformers under mlp)."""
-    if family is None or family.moe is None or family.moe.block == "mlp":
+    """A parameter or module name of the built model -> its name in the checkpoint (transformers'
+    renamings reversed: Mixtral keeps its experts and router under block_sparse_moe on disk, ERNIE 4.5
+    its expert-score bias beside the router)."""
+    if family is None or not family.renames:
         return name
-    return name.replace(".mlp.", f".{family.moe.block}.", 1)
+    from transformers.core_model_loading import rename_source_key
+
+    return rename_source_key(name, list(family.renames), [], reverse=True)[0]
+
+
+def facts(config, family, model) -> dict:
+    """The architecture block `builder model add` writes (families.facts), and for a family without a
+    planned checkpoint what its model derives: model_type, every tensor on disk (the block's
+    `checkpoint`, grouped over layers and experts) and its experts (moe)."""
+    block = families.facts(config.to_dict())
+    if family is None or family.planned:
+        return block
+    entries, experts = {}, {}
+    for name, parameter, module in parameters(model):
+        disk = checkpoint_name(name, family)
+        owner = name.rsplit(".", 1)[0]
+        role = tensor_role(owner, module, family, parameter)
+        layer = re.match(r"model\.layers\.(\d+)\.", disk)
+        expert = re.search(r"\.experts\.(\d+)\.", disk)
+        template = re.sub(r"^model\.layers\.\d+\.", "model.layers.{layer}.", disk)
+        template = re.sub(r"\.experts\.\d+\.", ".experts.{expert}.", template)
+        key = (template, tuple(parameter.shape), role)
+        entry = entries.setdefault(key, {"name": template, "shape": list(parameter.shape), "role": role,
+                                         "layers": [] if layer else None, "experts": None})
+        if layer and int(layer.group(1)) not in entry["layers"]:
+            entry["layers"].append(int(layer.group(1)))
+        if expert:
+            experts.setdefault(int(layer.group(1)), set()).add(int(expert.group(1)))
+            entry["experts"] = max(entry["experts"] or 0, int(expert.group(1)) + 1)
+    block = {**block, "model_type": config.model_type,
+             "checkpoint": [{k: v for k, v in entry.items() if v is not None} for entry in entries.values()]}
+    if experts:
+        sizes = sorted({getattr(m, m.names[0]).weight.shape[0] for m in model.modules() if isinstance(m, Expert)})
+        layers = range(config.num_hidden_layers)
+        block["moe"] = {"num_experts": max(len(found) for found in experts.values()),
+                        "num_experts_per_tok": config.num_experts_per_tok, "expert_intermediate_size": sizes[0],
+                        "decoder_sparse_step": 1, "mlp_only_layers": [i for i in layers if i not in experts]}
+    return block
+
+
+def parameters(model):
+    """(name, parameter, owning module) of every tensor the checkpoint holds once (tied ones once)."""
+    modules = dict(model.named_modules())
+    for name, parameter in model.named_parameters():
+        yield name, parameter, modules[name.rsplit(".", 1)[0]] if "." in name else model
+
+
+def tensor_role(owner: str, module, family, parameter) -> str:
+    """expert, linear (a Linear's weight: what a recipe may quantize), router (a gate that stays in the
+    output dtype and is named in ignore: transformers' routers, the row's unquantized Linears), fused
+    (experts stored as one 3-D tensor, which no recipe can quantize yet), other."""
+    if type(module).__name__.endswith("Router") and parameter is getattr(module, "weight", None):
+        return "router"  # Llama 4's router is an nn.Linear subclass: a router all the same
+    if isinstance(module, nn.Linear) and parameter is module.weight:
+        if owner.endswith(family.unquantized):
+            return "router"
+        return "expert" if ".experts." in owner else "linear"
+    if parameter.dim() == 3 and owner.endswith(".experts"):
+        return "fused"  # experts kept fused on disk (Llama 4, gpt-oss, Granite 4): no per-expert Linears
+    return "other"

@@ -1,0 +1,109 @@
+"""Families without a planned checkpoint (builder/release/families.py derives it from the model
+transformers builds): each onboarded by `builder model add` and built with bf16, fp8-dynamic,
+fp8-static (KV-cache scales) and w4a16-gptq, held to what every planned family is held to
+(tests/test_families.py): same bytes twice, every targeted weight quantized (every expert), loadable by
+transformers with nothing missing or unexpected, logits within the same bounds, calibration exact
+against the model's own forward."""
+
+import json
+import math
+
+import pytest
+
+from builder.release import families, memory
+from builder.release.recipe import Recipe
+from builder.tensorfile import read_header
+from builder.source import onboard
+from conftest import DERIVED, Repo, make_checkpoint, release_text, save_byte_tokenizer
+from test_families import (builds_alike_quantizes_every_target_and_loads, calibration_equals_a_full_forward,
+                           source_logits)  # noqa: F401 (a fixture: the source's logits, once per kind)
+
+RECIPES = {  # recipe -> extra release keys (small calibration; group 32 divides every tiny width)
+    "bf16": "", "fp8-dynamic": "",
+    "fp8-static": "calibration:\n  samples: 4\n  sequence_length: 32\n",
+    "w4a16-gptq": "calibration:\n  samples: 4\n  sequence_length: 32\nquant:\n  weights:\n    group_size: 32\n",
+}
+MOE = {"tiny-qwen2-moe", "tiny-ernie-moe", "tiny-glm4-moe", "tiny-deepseek-v3", "tiny-qwen3-next", "tiny-minimax"}
+# Families whose row has no KV projections (MLA's latent cache, hybrid linear attention): fp8-static
+# builds without KV-cache scales, and with them is refused (test_generic.py holds the refusal's words).
+NO_KV = {kind for kind, (model_type, _) in DERIVED.items() if families.FAMILIES[model_type].attention is None}
+
+
+@pytest.fixture(scope="session")
+def derived_repo(tmp_path_factory) -> Repo:
+    """A repository where every derived family was onboarded by `builder model add` from a folder outside it."""
+    base = tmp_path_factory.mktemp("derived")
+    repo = Repo.fresh(base / "repo")
+    for kind in DERIVED:
+        download = base / "downloads" / kind
+        make_checkpoint(kind, download)
+        save_byte_tokenizer(download)
+        onboard.add_model(repo.root, kind, download, log=lambda m: None)
+        for recipe, extra in RECIPES.items():
+            name = f"{kind}-all-{recipe}"
+            text = release_text(name, kind, recipe, "vllm-h100")
+            if "calibration" in extra:
+                text = text.replace("\n\nrelease:", "\n  - override /calibration: licenses\n\nrelease:")
+            if recipe == "fp8-static" and kind in NO_KV:
+                extra = extra + "quant:\n  kv_cache_scheme: null\n"
+            (repo.root / "specs" / "release" / f"{name}.yaml").write_text(text + extra)
+    return repo
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+@pytest.mark.parametrize("kind", sorted(DERIVED))
+def test_every_derived_family_builds_every_recipe_twice_alike_quantizes_every_target_and_loads(
+        derived_repo, source_logits, kind, recipe, tmp_path):
+    from builder import build
+
+    name = f"{kind}-all-{recipe}"
+    build.build(derived_repo.root, name, out=tmp_path / name, log=lambda m: None)
+    builds_alike_quantizes_every_target_and_loads(derived_repo, tmp_path / name, source_logits, kind, recipe,
+                                                  tmp_path, kind in MOE)
+    source = json.loads((derived_repo.root / "weights" / kind / "config.json").read_text())
+    config = json.loads((tmp_path / name / "config.json").read_text())
+    for key in families.FAMILIES[DERIVED[kind][0]].runtime_config:  # Granite's multipliers, Cohere's logit scale
+        assert config[key] == source[key], key
+    assert config["model_type"] == source["model_type"] and config["architectures"] == source["architectures"]
+    if recipe == "fp8-static":  # per-tensor scales: the estimate counts them, the sum below leaves them out
+        return
+    spec = json.loads((tmp_path / name / "release.json").read_text())
+    written = sum(info["data_offsets"][1] - info["data_offsets"][0] for info in
+                  read_header(tmp_path / name / "model.safetensors").values()
+                  if info["shape"] not in ([1], [2]))  # per-tensor scalars aside, as the estimate says
+    assert memory.weight_bytes(spec["model"]["architecture"], Recipe.of(spec["quant"])) == written
+
+
+@pytest.mark.parametrize("kind", sorted(DERIVED))
+def test_model_add_derives_every_tensor_on_disk_and_its_experts(derived_repo, kind):
+    """The architecture block `builder model add` wrote plans exactly the checkpoint's tensors, by name
+    and shape, and counts every expert (shared experts as dense Linears)."""
+    from builder.source import load
+
+    spec = yaml_load(derived_repo.root / "specs" / "model" / f"{kind}.yaml")
+    arch, path = spec["architecture"], derived_repo.root / "weights" / kind
+    planned = {t.name: t.shape for t in memory.checkpoint(arch)}
+    assert planned == {name: tuple(stored.shape) for name, stored in load.tensor_index(path).items()}
+    assert arch["model_type"] == DERIVED[kind][0]
+    counted, stored = memory.parameters(arch), sum(math.prod(s.shape) for s in load.tensor_index(path).values())
+    assert counted["total"] == stored
+    if kind in MOE:
+        experts = [t for t in memory.checkpoint(arch) if t.expert]
+        assert len(experts) == 3 * 4 * (arch["num_hidden_layers"] - len(arch["moe"]["mlp_only_layers"]))
+        idle = 1 - arch["moe"]["num_experts_per_tok"] / arch["moe"]["num_experts"]  # shared experts always run
+        assert counted["active"] == round(stored - idle * sum(math.prod(t.shape) for t in experts))
+        routers = [t.name for t in memory.checkpoint(arch) if t.cls == "router"]
+        assert routers and all(name.endswith((".gate.weight", "shared_expert_gate.weight")) for name in routers)
+    else:
+        assert "moe" not in arch
+
+
+@pytest.mark.parametrize("kind", sorted(DERIVED))
+def test_calibration_maxima_equal_a_full_model_forward_for_every_derived_family(derived_repo, kind):
+    calibration_equals_a_full_forward(derived_repo.root / "weights" / kind, kind)
+
+
+def yaml_load(path):
+    import yaml
+
+    return yaml.safe_load(path.read_text())
