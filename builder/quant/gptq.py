@@ -95,7 +95,8 @@ def round_weight(weight: torch.Tensor, factor: Factor, recipe: Recipe,
             torch.set_num_threads(threads)
         weight[:, start:end] = chunk.T
         del chunk, product
-        weight[:, end:] -= errors.T.contiguous() @ inverse[start:end, end:]
+        # in place (beta 1, alpha -1): each value minus the same product, no [rows, columns] temporary
+        weight[:, end:].addmm_(errors.T.contiguous(), inverse[start:end, end:], alpha=-1)
     if recipe.gptq.actorder is not None:
         permute_columns_(weight, torch.argsort(order))  # back to storage order: scales and layout are unchanged
     return quantize_weight(weight, scale.to(torch.float32), args), scale
