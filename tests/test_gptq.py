@@ -102,3 +102,15 @@ def test_linears_reading_one_input_share_one_factor_and_each_gets_what_it_would_
         assert torch.equal(found[name][0], values) and torch.equal(found[name][1], scale)
         assert torch.equal(linears[name].weight.data, gptq.dequantize(values, scale, recipe.weights))
     assert all(entry[0] is None for entry in sums.values())  # the Hessians' memory went with their factors
+
+
+def test_batches_kept_while_fewer_than_their_features_sum_to_the_bits_of_the_running_sum():
+    """gather keeps the inputs (less memory than x xᵀ while tokens <= features), switches to the sum
+    once they would not be, and summed gives the very Hessian add_outer accumulates batch by batch."""
+    batches = [torch.randn(tokens, 48, generator=torch.Generator().manual_seed(tokens)) for tokens in (20, 20, 30, 7)]
+    running, kept, states = None, None, []
+    for x in batches:
+        running, kept = gptq.add_outer(running, x), gptq.gather(kept, x)
+        states.append(isinstance(kept, gptq.Inputs))
+        assert torch.equal(gptq.summed(kept), running)
+    assert states == [True, True, False, False]  # 20, 40 tokens kept; 70 > 48 features: summed from then on

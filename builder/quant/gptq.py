@@ -207,15 +207,52 @@ def add_outer(total: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     return x.T @ x if total is None else total.addmm_(x.T, x)
 
 
+class Inputs(list):
+    """The batches a shared input entry keeps instead of their sum while they are the smaller."""
+
+
+def gather(total, x: torch.Tensor):
+    """HESSIAN's running value for one input: the batches themselves while their tokens are no more
+    than their features (they then take less memory than x xᵀ), else the sum add_outer makes;
+    summed(value) is the Hessian either way, with the same operations in the same order."""
+    if total is None:
+        total = Inputs()
+    if isinstance(total, Inputs):
+        if sum(batch.shape[0] for batch in total) + x.shape[0] <= x.shape[1]:
+            total.append(x.clone())  # the layer's own tensor may be reused after the hook
+            return total
+        total = summed(total)
+    return add_outer(total, x)
+
+
+def summed(total):
+    """The Hessian (sum of xᵀ x) of a value gather returned: batches kept are summed now, in order."""
+    if not isinstance(total, Inputs):
+        return total
+    found = None
+    for x in total:
+        found = add_outer(found, x)
+    return found
+
+
+def sums_for_awq(layer: Layer, recipe: Recipe, seen: dict) -> dict:
+    """HESSIAN's finish: AWQ reads and rescales the sums themselves, so they are summed for it; GPTQ
+    alone sums each one when it rounds its Linears (the layer then never holds them all)."""
+    if getattr(recipe, "awq", None) is not None:
+        for entry in seen["hessian"].values():
+            entry[0] = summed(entry[0])
+    return {}
+
+
 def finish(layer: Layer, recipe: Recipe, seen: dict) -> dict:
     """Round each Linear of the layer with its Hessian (and the imatrix_mse observer's E[x²] when the
     recipe searches scales with it), leaving its rounded weights in the layer: {"gptq": {module:
     (values, scale)}}. A Linear no token reached (an expert) has no Hessian: it is rounded to nearest.
 
-    Memory: Linears that read the same input share one Hessian, factorised once in its own memory
-    and freed after the last of them; each Linear's FP32 weight is rounded in place and leaves the
-    layer while the others are rounded (its integers stay): the layer gets its rounded weights back
-    at the end, for the run that hands its outputs on.
+    Memory: Linears that read the same input share one Hessian, summed when they are rounded (see
+    gather), factorised once in its own memory and freed after the last of them; each Linear's FP32
+    weight is rounded in place and leaves the layer while the others are rounded (its integers
+    stay): the layer gets its rounded weights back at the end, for the run that hands them on.
     """
     hessians = seen["hessian"]
     importance = means(seen["mean_squares"]) if "mean_squares" in seen else {}  # E[x²], builder/quant/imatrix.py
@@ -227,7 +264,7 @@ def finish(layer: Layer, recipe: Recipe, seen: dict) -> dict:
     for name in rounded:
         entry, module = hessians[name], layer.linears[name]
         if id(entry) not in factors:
-            factors[id(entry)] = factorise(entry[0].to(torch.float32), recipe.gptq, name)
+            factors[id(entry)] = factorise(summed(entry[0]).to(torch.float32), recipe.gptq, name)
             entry[0] = None  # its memory is the factor now
         weight = module.weight.data.to(torch.float32)
         module.weight.data = torch.empty(0, device=weight.device)  # the one FP32 copy is rounded in place
@@ -241,6 +278,6 @@ def finish(layer: Layer, recipe: Recipe, seen: dict) -> dict:
     return {"gptq": results}
 
 
-HESSIAN = Step("hessian", (), {}, observe=lambda layer, recipe: shared_sums(layer, add_outer))
+HESSIAN = Step("hessian", (), {}, observe=lambda layer, recipe: shared_sums(layer, gather), finish=sums_for_awq)
 GPTQ = Step("gptq", ("gptq",), {"algorithm": "gptq"}, needs=("hessian",), finish=finish, rewrites=True,
             spilled=True)
