@@ -8,6 +8,8 @@ layer by layer (builder/spill.py).
     found["gptq"][module] -> (values, scale)
 """
 
+from dataclasses import dataclass
+
 import torch
 
 from builder.errors import BuilderError, Problem
@@ -24,36 +26,115 @@ def quantize(weight: torch.Tensor, hessian: torch.Tensor, recipe: Recipe, module
     Scales come from the original weights (as round-to-nearest would choose them with the recipe's
     observer, cast to the stored dtype; importance: the inputs' E[x^2] per column, for imatrix_mse);
     GPTQ then picks each column's values so that the error on the calibration inputs' second moments
-    (hessian = sum of x xᵀ) is compensated on the columns not yet rounded.
+    (hessian = sum of x xᵀ) is compensated on the columns not yet rounded. Neither input is changed.
     """
-    args, settings = recipe.weights, recipe.gptq
-    weight = weight.to(torch.float32).clone()
-    hessian = hessian.to(torch.float32).clone()
+    factor = factorise(hessian.to(torch.float32).clone(), recipe.gptq, module)
+    return round_weight(weight.to(torch.float32).clone(), factor, recipe, importance)
+
+
+@dataclass(frozen=True)
+class Factor:
+    """What GPTQ needs of a Hessian, shared by the Linears that read the same input: the order columns
+    are rounded in, the inputs never seen (in that order), and the upper Cholesky factor of the
+    dampened inverse Hessian (permuted), held in the Hessian's own memory."""
+
+    order: torch.Tensor
+    dead: torch.Tensor
+    inverse: torch.Tensor
+
+
+def factorise(hessian: torch.Tensor, settings, module: str) -> Factor:
+    """The Factor of a Hessian (FP32, [columns, columns]), computed in its memory: the Hessian is
+    consumed. The same values meet the same operations as H[order][:, order], then cholesky,
+    cholesky_inverse and an upper cholesky on fresh tensors would: only no copy is made."""
+    order = column_order(hessian, settings.actorder)
+    if settings.actorder is not None:
+        permute_(hessian, order)
+    dead = torch.diag(hessian) == 0
+    hessian[dead, dead] = 1
+    # the eye's off-diagonal zeros added nothing: the dampening goes on the diagonal alone
+    hessian.diagonal().add_(settings.dampening_frac * torch.mean(torch.diag(hessian)))
+    return Factor(order, dead, inverse_hessian(hessian, settings.dampening_frac, module))
+
+
+def round_weight(weight: torch.Tensor, factor: Factor, recipe: Recipe,
+                 importance: torch.Tensor | None = None) -> tuple:
+    """GPTQ's column loop on one Linear's FP32 weight (consumed: rounded in its own memory) with the
+    Factor of its Hessian: (values, scale) as quantize returns them."""
+    args, block = recipe.weights, recipe.gptq.block_size
     scale_dtype, _ = scale_format(recipe)
     scale = observe.weight_scale(weight, args, scale_dtype, importance)
-    column_scale = expand(scale.to(torch.float32), args, weight.shape[1]).expand(weight.shape[0], -1)
-    order = column_order(hessian, settings.actorder)
-    weight, hessian, column_scale = weight[:, order], hessian[order][:, order], column_scale[:, order]
-    inverse = inverse_hessian(weight, hessian, settings.dampening_frac, module)
+    steps_of = column_steps(scale.to(torch.float32), args, weight.shape[0])
+    order, inverse = factor.order, factor.inverse
+    if recipe.gptq.actorder is not None:
+        permute_columns_(weight, order)
+    weight[:, factor.dead] = 0
     q_min, q_max = args.value_range
-    columns, block = weight.shape[1], settings.block_size
+    columns = weight.shape[1]
+    single = weight.device.type == "cpu"
+    threads = torch.get_num_threads()
     for start in range(0, columns, block):
         end = min(start + block, columns)
         # the block's columns as contiguous rows (and its scales): each step reads and updates
         # contiguous memory; the same values meet the same operations, so the bytes are unchanged
-        chunk, steps = weight[:, start:end].T.contiguous(), column_scale[:, start:end].T.contiguous()
-        errors, local = torch.zeros_like(chunk), inverse[start:end, start:end]
-        for i in range(end - start):
-            column, step = chunk[i], steps[i]
-            rounded = round_column(column, step, args, q_min, q_max)
-            error = (column - rounded) / local[i, i]
-            chunk[i:] -= local[i, i:].unsqueeze(1) * error.unsqueeze(0)
-            chunk[i] = rounded
-            errors[i] = error
+        chunk, steps = weight[:, start:end].T.contiguous(), steps_of(order[start:end])
+        errors, local, product = torch.zeros_like(chunk), inverse[start:end, start:end], torch.empty_like(chunk)
+        if single:  # elementwise work on a few MB: one thread, no fork-join per column (same bytes)
+            torch.set_num_threads(1)
+        try:
+            for i in range(end - start):
+                column, step = chunk[i], steps[i]
+                rounded = round_column(column, step, args, q_min, q_max)
+                error = (column - rounded) / local[i, i]
+                update = product[: end - start - i]
+                torch.mul(local[i, i:].unsqueeze(1), error.unsqueeze(0), out=update)
+                chunk[i:] -= update
+                chunk[i] = rounded
+                errors[i] = error
+        finally:
+            torch.set_num_threads(threads)
         weight[:, start:end] = chunk.T
-        weight[:, end:] -= errors.T.contiguous() @ inverse[start:end, end:]
-    weight = weight[:, torch.argsort(order)]  # back to storage order: scales and layout are unchanged
+        del chunk, product
+        # in place (beta 1, alpha -1): each value minus the same product, no [rows, columns] temporary
+        weight[:, end:].addmm_(errors.T.contiguous(), inverse[start:end, end:], alpha=-1)
+    if recipe.gptq.actorder is not None:
+        permute_columns_(weight, torch.argsort(order))  # back to storage order: scales and layout are unchanged
     return quantize_weight(weight, scale.to(torch.float32), args), scale
+
+
+def column_steps(scale: torch.Tensor, args: Args, rows: int):
+    """index (storage-order columns) -> their scales as rows [len(index), rows], FP32: what the columns
+    of expand(scale) holds, gathered a block at a time instead of materialised whole."""
+    if args.strategy == "group":
+        return lambda index: scale[:, index // args.group_size].T.contiguous()
+    view = expand(scale, args, 1).expand(rows, 1)
+    return lambda index: view.expand(rows, len(index)).T.contiguous()
+
+
+ROW_BLOCK = 256  # rows moved at a time by the in-place permutations
+
+
+def permute_columns_(matrix: torch.Tensor, index: torch.Tensor) -> None:
+    """matrix[:, index] in place, a block of rows at a time (a block's copy is the only scratch)."""
+    for start in range(0, matrix.shape[0], ROW_BLOCK):
+        rows = matrix[start:start + ROW_BLOCK]
+        rows.copy_(rows[:, index])
+
+
+def permute_(square: torch.Tensor, order: torch.Tensor) -> None:
+    """square[order][:, order] in place: columns a block of rows at a time, then rows along the
+    permutation's cycles (one row of scratch). Values only move."""
+    permute_columns_(square, order)
+    targets, done = order.tolist(), [False] * len(order)
+    for first in range(len(targets)):
+        if done[first] or targets[first] == first:
+            continue
+        held, position = square[first].clone(), first
+        while targets[position] != first:
+            square[position] = square[targets[position]]
+            done[position], position = True, targets[position]
+        square[position] = held
+        done[position] = True
 
 
 def round_column(column: torch.Tensor, step: torch.Tensor, args: Args, q_min: float, q_max: float) -> torch.Tensor:
@@ -81,25 +162,44 @@ def expand(scale: torch.Tensor, args: Args, columns: int) -> torch.Tensor:
     return scale.expand(-1, columns) if scale.dim() == 2 else scale.reshape(1, 1).expand(1, columns)
 
 
-def inverse_hessian(weight: torch.Tensor, hessian: torch.Tensor, dampening: float, module: str) -> torch.Tensor:
-    """Upper Cholesky factor of the dampened inverse Hessian; inputs never seen zero their columns."""
-    dead = torch.diag(hessian) == 0
-    hessian[dead, dead] = 1
-    weight[:, dead] = 0
-    hessian += torch.eye(hessian.shape[0], device=hessian.device) * (dampening * torch.mean(torch.diag(hessian)))
+def inverse_hessian(hessian: torch.Tensor, dampening: float, module: str) -> torch.Tensor:
+    """Upper Cholesky factor of the inverse of a (dampened) Hessian, computed in the Hessian's memory:
+    the returned tensor is a column-major view of it. LAPACK reads one triangle: the lower one of
+    the Hessian, as torch.linalg.cholesky does, copied first onto the upper so either reads the same."""
+    symmetric_from_lower_(hessian)
+    factor = hessian.mT  # column-major: LAPACK's own layout, so torch copies nothing
     try:
-        lower = torch.linalg.cholesky(hessian)
-        return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
+        torch.linalg.cholesky(factor, out=factor)
+        torch.cholesky_inverse(factor, out=factor)
+        torch.linalg.cholesky(factor, upper=True, out=factor)
     except RuntimeError:
         raise BuilderError(Problem("quant", "gptq.dampening_frac", f"{dampening}: the Hessian of {module} "
                                    "is not positive definite; raise dampening_frac or calibrate on more "
                                    "samples")) from None
+    return factor
+
+
+def symmetric_from_lower_(square: torch.Tensor) -> None:
+    """Copy the lower triangle onto the upper one, in place, a block of rows at a time."""
+    columns = square.shape[0]
+    for start in range(0, columns, ROW_BLOCK):
+        end = min(start + ROW_BLOCK, columns)
+        square[start:end, end:] = square[end:, start:end].T
+        block = square[start:end, start:end]
+        lower = torch.ones_like(block, dtype=torch.bool).tril()
+        block.copy_(torch.where(lower, block, block.T))
 
 
 def dequantize(values: torch.Tensor, scale: torch.Tensor, args: Args) -> torch.Tensor:
-    """values * scale in FP32, scales broadcast per tensor, channel or group."""
-    return values.to(torch.float32) * expand(scale.to(torch.float32).reshape(-1, 1) if scale.dim() < 2
-                                             else scale.to(torch.float32), args, values.shape[1])
+    """values * scale in FP32, scales broadcast per tensor, channel or group (each value meets its own
+    scale once, in place: no [rows, columns] copy of the scales)."""
+    result = values.to(torch.float32)
+    scale = scale.to(torch.float32)
+    if args.strategy == "group":
+        rows, columns = result.shape
+        result.view(rows, columns // args.group_size, args.group_size).mul_(scale.unsqueeze(-1))
+        return result
+    return result.mul_(scale.reshape(-1, 1) if scale.dim() < 2 else scale)
 
 
 def add_outer(total: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
@@ -107,22 +207,77 @@ def add_outer(total: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     return x.T @ x if total is None else total.addmm_(x.T, x)
 
 
+class Inputs(list):
+    """The batches a shared input entry keeps instead of their sum while they are the smaller."""
+
+
+def gather(total, x: torch.Tensor):
+    """HESSIAN's running value for one input: the batches themselves while their tokens are no more
+    than their features (they then take less memory than x xᵀ), else the sum add_outer makes;
+    summed(value) is the Hessian either way, with the same operations in the same order."""
+    if total is None:
+        total = Inputs()
+    if isinstance(total, Inputs):
+        if sum(batch.shape[0] for batch in total) + x.shape[0] <= x.shape[1]:
+            total.append(x.clone())  # the layer's own tensor may be reused after the hook
+            return total
+        total = summed(total)
+    return add_outer(total, x)
+
+
+def summed(total):
+    """The Hessian (sum of xᵀ x) of a value gather returned: batches kept are summed now, in order."""
+    if not isinstance(total, Inputs):
+        return total
+    found = None
+    for x in total:
+        found = add_outer(found, x)
+    return found
+
+
+def sums_for_awq(layer: Layer, recipe: Recipe, seen: dict) -> dict:
+    """HESSIAN's finish: AWQ reads and rescales the sums themselves, so they are summed for it; GPTQ
+    alone sums each one when it rounds its Linears (the layer then never holds them all)."""
+    if getattr(recipe, "awq", None) is not None:
+        for entry in seen["hessian"].values():
+            entry[0] = summed(entry[0])
+    return {}
+
+
 def finish(layer: Layer, recipe: Recipe, seen: dict) -> dict:
     """Round each Linear of the layer with its Hessian (and the imatrix_mse observer's E[x²] when the
     recipe searches scales with it), leaving its rounded weights in the layer: {"gptq": {module:
-    (values, scale)}}. A Linear no token reached (an expert) has no Hessian: it is rounded to nearest."""
+    (values, scale)}}. A Linear no token reached (an expert) has no Hessian: it is rounded to nearest.
+
+    Memory: Linears that read the same input share one Hessian, summed when they are rounded (see
+    gather), factorised once in its own memory and freed after the last of them; each Linear's FP32
+    weight is rounded in place and leaves the layer while the others are rounded (its integers
+    stay): the layer gets its rounded weights back at the end, for the run that hands them on.
+    """
     hessians = seen["hessian"]
     importance = means(seen["mean_squares"]) if "mean_squares" in seen else {}  # E[x²], builder/quant/imatrix.py
-    results = {}
-    for name, module in layer.linears.items():
-        if name not in hessians:
-            continue
-        values, scale = quantize(module.weight.data, hessians[name][0], recipe, name, importance.get(name))
-        results[name] = (values, scale)
-        module.weight.data = dequantize(values, scale, recipe.weights)
+    rounded = [name for name in layer.linears if name in hessians]
+    readers = {}  # id of a shared Hessian entry -> how many Linears still need its factor
+    for name in rounded:
+        readers[id(hessians[name])] = readers.get(id(hessians[name]), 0) + 1
+    results, factors = {}, {}
+    for name in rounded:
+        entry, module = hessians[name], layer.linears[name]
+        if id(entry) not in factors:
+            factors[id(entry)] = factorise(summed(entry[0]).to(torch.float32), recipe.gptq, name)
+            entry[0] = None  # its memory is the factor now
+        weight = module.weight.data.to(torch.float32)
+        module.weight.data = torch.empty(0, device=weight.device)  # the one FP32 copy is rounded in place
+        results[name] = round_weight(weight, factors[id(entry)], recipe, importance.get(name))
+        del weight
+        readers[id(entry)] -= 1
+        if not readers[id(entry)]:
+            del factors[id(entry)]
+    for name, (values, scale) in results.items():
+        layer.linears[name].weight.data = dequantize(values, scale, recipe.weights)
     return {"gptq": results}
 
 
-HESSIAN = Step("hessian", (), {}, observe=lambda layer, recipe: shared_sums(layer, add_outer))
+HESSIAN = Step("hessian", (), {}, observe=lambda layer, recipe: shared_sums(layer, gather), finish=sums_for_awq)
 GPTQ = Step("gptq", ("gptq",), {"algorithm": "gptq"}, needs=("hessian",), finish=finish, rewrites=True,
             spilled=True)
