@@ -39,6 +39,7 @@ OUTPUT_VERSIONS = {
     "calibration": 1,                # layer-by-layer activation and KV maxima, GPTQ's and imatrix's input statistics
     "data": 1,                       # token windows drawn from calibration and evaluation text
     "evaluation": 1,                 # eval.json: perplexity and KL against the source
+    "tasks": 1,                      # eval.json's tasks: lm-eval scores of artifact and source, recovery
     "import.gguf": 1,                # builder import: GGUF -> BF16 safetensors
     "import.hf": 1,                  # builder import: files copied from a Hugging Face snapshot
     "import.delta": 1,               # builder import: base + delta
@@ -63,6 +64,7 @@ PART_PACKAGES = {
     "calibration": ("torch", "transformers"),  # the model's own decoder layers run
     "data": ("tokenizers", "transformers"),    # text -> token ids
     "evaluation": ("compressed-tensors", "safetensors", "torch", "transformers"),  # loads and runs both models
+    "tasks": ("datasets", "lm-eval", "torch", "transformers"),  # lm-eval's requests and scoring over local JSON
     "import.gguf": ("gguf", "safetensors", "tokenizers", "torch", "transformers"),
     "import.delta": ("torch",),
 }
@@ -98,6 +100,8 @@ def parts(spec: dict) -> tuple:
         found.add("data")
     if spec["eval"]["dataset"] is not None:
         found |= {"evaluation", "data"}
+    if spec["eval"].get("tasks"):
+        found.add("tasks")
     return tuple(sorted(found))
 
 
@@ -138,7 +142,32 @@ def data_digests(root: Path, spec: dict, release_file: str) -> dict:
             raise BuilderError(Problem(f"specs/{group}/{spec['choices'][group]}.yaml",
                                        f"{group}.dataset", f"{relative!r}: no such file"))
         digests[relative] = sha256_file(path)
+    for relative in task_files(root, spec["eval"].get("tasks") or [], f"specs/eval/{spec['choices']['eval']}.yaml"):
+        digests[relative] = sha256_file(inside(root, relative, file=release_file, key="eval.tasks.config"))
     return digests
+
+
+def task_data_files(config: dict) -> dict:
+    """split -> the data file a local lm-eval task config names, relative to the config's folder."""
+    named = (config.get("dataset_kwargs") or {}).get("data_files") or {}
+    return {"train": named} if isinstance(named, str) else dict(sorted(named.items()))
+
+
+def task_files(root: Path, tasks: list, file: str) -> list:
+    """Repository paths of every file the local tasks read (configs and their data), sorted."""
+    import yaml
+
+    found = set()
+    for task in tasks:
+        if task["config"] is None:  # lm-eval's own task: its data comes from the hub, pinned by lm-eval's version
+            continue
+        path = inside(root, task["config"], file=file, key="eval.tasks.config")
+        if not path.is_file():
+            raise BuilderError(Problem(file, "eval.tasks.config", f"{task['config']!r}: no such file"))
+        found.add(task["config"])
+        for relative in task_data_files(yaml.safe_load(path.read_text(encoding="utf-8")) or {}).values():
+            found.add((Path(task["config"]).parent / relative).as_posix())
+    return sorted(found)
 
 
 def inputs(root: Path, spec: dict) -> dict:
