@@ -111,6 +111,8 @@ def test_a_build_with_tasks_writes_both_scores_recovery_and_the_stack_to_eval_js
     assert result["measured_with"]["runtime"].startswith("transformers ") and result["measured_with"]["device"] == "cpu"
     card = (out / "README.md").read_text()
     assert "### Task accuracy" in card and "| world-capitals (0-shot) | acc | 8 |" in card
+    audited = task_repo.run("audit", str(out), check=0).stdout
+    assert "world-capitals" in audited and "measured with lm-eval 0.4" in audited
 
 
 def test_a_build_whose_task_recovery_misses_its_gate_exits_1_and_leaves_nothing(task_repo, tmp_path):
