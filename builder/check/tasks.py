@@ -114,6 +114,19 @@ def gate_problems(rows: list, file: str) -> list:
     return found
 
 
+def load_tokenizer(folder: Path, fmt):
+    """The folder's tokenizer as its runtime reads it (as the smoke check does; smoke.py imports evaluate.py,
+    which calls this module): a GGUF file's own vocabulary, else the tokenizer files beside the weights."""
+    from transformers import AutoTokenizer
+
+    from builder import formats
+
+    extra = {}
+    if fmt.CONTAINER != formats.SAFETENSORS:
+        extra["gguf_file"] = sorted(folder.glob(f"*{fmt.CONTAINER}"))[0].name
+    return AutoTokenizer.from_pretrained(folder, trust_remote_code=False, **extra)
+
+
 def stack(model, device: str) -> dict:
     """What measured the scores: harness and runtime with their versions, device and dtype."""
     from importlib import metadata
@@ -128,7 +141,6 @@ def measure(root: Path, spec: dict, source: Path, artifact: Path, load_model, lo
 
     load_model: path -> FP32 model, as evaluation loads each format (builder/check/evaluate.py).
     """
-    from builder.check.smoke import load_tokenizer, tokenizer_source
     from builder import formats
 
     file = f"specs/eval/{spec['choices']['eval']}.yaml"
@@ -138,7 +150,7 @@ def measure(root: Path, spec: dict, source: Path, artifact: Path, load_model, lo
     for role, folder in (("source", source), ("artifact", artifact)):
         fmt, _ = formats.found_in(folder)
         model = load_model(folder).to(device)
-        tokenizer = load_tokenizer(folder, tokenizer_source(folder, fmt)[1])
+        tokenizer = load_tokenizer(folder, fmt)
         found[role] = scores(model, tokenizer, tasks, configs, device)
         used = stack(model, device)
         del model

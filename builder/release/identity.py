@@ -115,13 +115,20 @@ def toolchain(names) -> dict:
     """package -> installed version, for the packages the parts named depend on."""
     table = {**PART_PACKAGES, **formats.packages()}
     packages = sorted({package for name in names for package in table.get(name, ())})
+    missing = [package for package in packages if installed(package) is None]
+    if missing:  # e.g. lm-eval for a release with tasks, where the `tasks` extra is not installed
+        raise BuilderError([Problem("pyproject.toml", package, "not installed, and a part this release runs depends on "
+                                    "it (pip install -e '.[tasks]' for lm-eval and datasets)") for package in missing])
     return {package: installed(package) for package in packages}
 
 
 @cache  # installed versions do not change under a running process; `lock` asks once per release
 def installed(package: str) -> str:
-    """A package's installed version, read from its metadata (no import)."""
-    return metadata.version(package)
+    """A package's installed version, read from its metadata (no import); None when it is not installed."""
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def import_inputs(kind: str) -> dict:
