@@ -50,11 +50,11 @@ def test_a_task_gate_fails_when_the_source_scores_zero_and_when_recovery_is_belo
     rows = tasks.compare([{**TASK, "min_recovery": 0.5}], {"world-capitals": found},
                          {"world-capitals": {**found, "acc,none": 0.25}}, "specs/eval/x.yaml")
     assert rows[0]["recovery"] is None and rows[0]["passed"] is False
-    problems = tasks.gate_problems(rows, "specs/eval/x.yaml")
+    problems = tasks.recovery_problems(rows, "specs/eval/x.yaml")
     assert [p.key for p in problems] == ["eval.tasks[0].min_recovery"] and "source scores 0" in problems[0].message
     halved = tasks.compare([{**TASK, "min_recovery": 0.9}], {"world-capitals": {**found, "acc,none": 0.5}},
                            {"world-capitals": {**found, "acc,none": 0.25}}, "specs/eval/x.yaml")
-    assert halved[0]["recovery"] == 0.5 and "0.5 is below the gate's 0.9" in tasks.gate_problems(halved, "x")[0].message
+    assert halved[0]["recovery"] == 0.5 and "0.5 is below the gate's 0.9" in tasks.recovery_problems(halved, "x")[0].message
     unchecked = tasks.compare([{**TASK, "min_recovery": None}], {"world-capitals": found},
                               {"world-capitals": found}, "specs/eval/x.yaml")
     assert unchecked[0]["passed"] is True
@@ -98,10 +98,13 @@ def test_a_local_task_config_reads_its_data_from_its_own_folder_whatever_the_wor
         tasks.config_of(task_repo.root, {**TASK, "name": "other"}, "specs/eval/x.yaml")
 
 
-def test_a_build_with_tasks_writes_both_scores_recovery_and_the_stack_to_eval_json_and_the_card(task_repo, tmp_path):
+def test_a_build_with_tasks_writes_scores_recovery_and_stack_to_eval_json_card_and_audit_importing_known_packages(task_repo, tmp_path):
     pytest.importorskip("lm_eval")
-    out = tmp_path / "built"
-    task_repo.run("build", "tiny-llama-fp8-dynamic", "eval=capitals-open", *EVAL, "--out", str(out), check=0)
+    from test_identity import assert_known_imports
+
+    # built in a fresh process that also lists what it imported: lm-eval's packages are in the toolchain or inert
+    assert_known_imports(task_repo, "tiny-llama-fp8-dynamic", ["eval=capitals-open", *EVAL], tmp_path)
+    out = tmp_path / "a"
     result = json.loads((out / "eval.json").read_text())["tasks"]
     row, = result["results"]
     assert row["task"] == "world-capitals" and row["metric"] == "acc" and row["samples"] == 8

@@ -122,7 +122,7 @@ def require_gate(result: dict, spec: dict) -> None:
     if "tasks" in result:
         from builder.check import tasks
 
-        problems += tasks.gate_problems(result["tasks"]["results"], eval_file)
+        problems += tasks.recovery_problems(result["tasks"]["results"], eval_file)
     if problems:
         raise CheckFailed(problems)
 

@@ -101,7 +101,7 @@ def compare(tasks: list, source: dict, artifact: dict, file: str) -> list:
     return rows
 
 
-def gate_problems(rows: list, file: str) -> list:
+def recovery_problems(rows: list, file: str) -> list:
     """A Problem for every task whose recovery misses its gate, naming both scores."""
     found = []
     for index, row in enumerate(rows):

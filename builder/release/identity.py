@@ -88,6 +88,17 @@ INERT_PACKAGES = {
     "accelerate": "how transformers places weights while loading, not their values",
     "regex": "imported by transformers; token ids come from the tokenizers package",
     "pillow": "imported by transformers when installed (image processors); text models never call it",
+    # Installed with the tasks extra; transformers imports scikit-learn (and so scipy, pandas, ...) whenever it
+    # is present. The scores the tasks part gates on are lm-eval's own means of per-item log-likelihood
+    # comparisons (acc, acc_norm); a gate on an sklearn-computed metric (f1, mcc) would need scikit-learn in
+    # PART_PACKAGES["tasks"].
+    **dict.fromkeys(("scikit-learn", "scipy", "joblib", "threadpoolctl", "narwhals", "pandas", "pyarrow",
+                     "python-dateutil", "pytz", "six", "cloudpickle", "dill", "multiprocess", "xxhash"),
+                    "imported by transformers, datasets or lm-eval when installed: file reading, caching, metric "
+                    "registries; no arithmetic on weights or on the gated task scores"),
+    **dict.fromkeys(("sacrebleu", "lxml", "portalocker", "tabulate", "chardet", "wcwidth"),
+                    "lm-eval's metric and table modules, imported when it loads: BLEU-type metrics no shipped task "
+                    "gates on, and printing"),
 }
 # What a release's lock (and so its id) records, besides the spec.
 INPUT_KEYS = ("weights", "data", "toolchain", "versions")
