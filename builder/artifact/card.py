@@ -46,6 +46,19 @@ def table(header: tuple, rows: list) -> list:
             *(f"| {' | '.join(str(cell) for cell in row)} |" for row in rows)]
 
 
+def task_lines(tasks: dict) -> list:
+    """eval.json's task results as a table (scores, recovery, gate), and the stack that measured them."""
+    rows = [(f"{row['task']} ({row['num_fewshot']}-shot)", row["metric"], row["samples"], row["score"]["source"],
+             row["score"]["artifact"], "undefined (source 0)" if row["recovery"] is None else row["recovery"],
+             "none" if row["min_recovery"] is None else f">= {row['min_recovery']}",
+             "passed" if row["passed"] else "failed") for row in tasks["results"]]
+    stack = tasks["measured_with"]
+    return ["", "### Task accuracy", "",
+            *table(("task", "metric", "samples", "source", "this artifact", "recovery", "gate", "verdict"), rows),
+            "", f"Recovery is this artifact's score over the source's. Both models measured the same way by "
+                f"{stack['harness']} on {stack['runtime']}, {stack['device']}, {stack['dtype']}."]
+
+
 def experts_row(arch: dict) -> list:
     """A mixture of experts' parameter counts: all of them, and those a token runs through."""
     moe = arch.get("moe")
@@ -96,6 +109,7 @@ def model_card(release: Release, evaluation: dict | None = None) -> str:
              "## Evaluation", ""]
     if evaluation:
         lines += table(("metric", "value"), eval_rows(evaluation))
+        lines += task_lines(evaluation["tasks"]) if "tasks" in evaluation else []
     else:
         lines.append(f"Not measured at build time (eval: `{spec['choices']['eval']}`).")
     environment = " ".join(f"{k}={v}" for k, v in sorted(serve["environment"].items()))

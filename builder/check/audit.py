@@ -47,10 +47,44 @@ def audit(artifact: Path, root: Path | None, public_key: Path | None = None,
     report["lock"] = lock_check(root, recorded.entry)
     report["signature"] = signature_check(artifact, signature or signing.signature_path(artifact), public_key)
     report["built_by"] = built_by(artifact)
+    report["quality"] = quality(artifact)
     checks = [report["verification"], report["provenance"], report["lock"], report["signature"],
               *report["inputs"], *report["toolchain"]]
     report["holds"] = all(check["status"] != FAILED for check in checks)
     return report
+
+
+def quality(artifact: Path) -> dict | None:
+    """What the build measured (eval.json, covered by the manifest's digests): the text's figures and each
+    task's scores, recovery and gate, with the stack that measured them; None when nothing was measured."""
+    path = artifact / "eval.json"
+    if not path.is_file():
+        return None
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None  # verification names the file
+    text = {key: found.get(key) for key in ("dataset", "perplexity_increase_pct", "mean_kl", "gate")}
+    return {"text": text, "tasks": found.get("tasks")}
+
+
+def quality_lines(measured: dict | None) -> list:
+    """The quality section of the rendered report."""
+    if measured is None:
+        return ["", "quality       not measured at build time (no eval.json)"]
+    text, gate = measured["text"], measured["text"].get("gate") or {}
+    lines = ["", f"quality       {text['dataset']}: perplexity increase {text['perplexity_increase_pct']} %, mean KL "
+                 f"{text['mean_kl']} (gate {'passed' if gate.get('passed') else 'FAILED'})"]
+    tasks = measured["tasks"]
+    for row in (tasks or {}).get("results", []):
+        gate_text = "unchecked" if row["min_recovery"] is None else f">= {row['min_recovery']}"
+        lines.append(f"  {'passed' if row['passed'] else 'FAILED':<12} {row['task']:<24} {row['metric']} "
+                     f"{row['score']['artifact']} (source {row['score']['source']}), recovery {row['recovery']} "
+                     f"{gate_text}, {row['samples']} samples, {row['num_fewshot']}-shot")
+    if tasks:
+        stack = tasks["measured_with"]
+        lines.append(f"  measured with {stack['harness']} on {stack['runtime']}, {stack['device']}, {stack['dtype']}")
+    return lines
 
 
 def provenance_check(artifact: Path, document: dict | None) -> dict:
@@ -236,6 +270,7 @@ def render(report: dict) -> str:
         if isinstance(detail, list):
             detail = "\n" + "\n".join(f"                - {line}" for line in detail)
         lines.append(f"{key:<13} {report[key]['status']}: {detail}")
+    lines += quality_lines(report.get("quality"))
     lines += ["", "RESULT: holds" if report["holds"] else "RESULT: DOES NOT HOLD"]
     return "\n".join(lines) + "\n"
 

@@ -1,5 +1,6 @@
 """Quality of an artifact against its source model: perplexity and mean next-token KL divergence on
 the evaluation text, on CPU through plain transformers loading (FP32); and the release's quality gate.
+Tasks the eval group names run through lm-evaluation-harness beside it (builder/check/tasks.py).
 
     builder eval artifacts/smollm2-135m-instruct-fp8-static [--eval docstrings] [--out eval.json]
 """
@@ -107,12 +108,21 @@ def evaluate(root: Path, spec: dict, source: Path, artifact: Path, log=print, id
     result["gate"] = {**spec["eval"]["gate"], "passed": not problems}
     log(f"eval: perplexity {result['perplexity']['artifact']} (source {result['perplexity']['source']}, "
         f"{result['perplexity_increase_pct']:+.3f} %), mean KL {result['mean_kl']}")
+    if spec["eval"].get("tasks"):  # absent from releases without tasks: their eval.json keeps its bytes
+        from builder.check import tasks
+
+        result["tasks"] = tasks.measure(root, spec, source, artifact, load_model, log)
     return result
 
 
 def require_gate(result: dict, spec: dict) -> None:
-    """Raise CheckFailed (exit 1) naming each figure that misses the release's gate."""
-    problems = gate_problems(result, spec["eval"]["gate"], f"specs/eval/{spec['choices']['eval']}.yaml")
+    """Raise CheckFailed (exit 1) naming each figure, and each task's recovery, that misses the release's gate."""
+    eval_file = f"specs/eval/{spec['choices']['eval']}.yaml"
+    problems = gate_problems(result, spec["eval"]["gate"], eval_file)
+    if "tasks" in result:
+        from builder.check import tasks
+
+        problems += tasks.recovery_problems(result["tasks"]["results"], eval_file)
     if problems:
         raise CheckFailed(problems)
 

@@ -41,6 +41,7 @@ OUTPUT_VERSIONS = {
     "calibration": 1,                # layer-by-layer activation and KV maxima, GPTQ's and imatrix's input statistics
     "data": 1,                       # token windows drawn from calibration and evaluation text
     "evaluation": 1,                 # eval.json: perplexity and KL against the source
+    "tasks": 1,                      # eval.json's tasks: lm-eval scores of artifact and source, recovery
     "import.gguf": 1,                # builder import: GGUF -> BF16 safetensors
     "import.hf": 1,                  # builder import: files copied from a Hugging Face snapshot
     "import.delta": 1,               # builder import: base + delta
@@ -68,6 +69,7 @@ PART_PACKAGES = {
     "calibration": ("torch", "transformers"),  # the model's own decoder layers run
     "data": ("tokenizers", "transformers"),    # text -> token ids
     "evaluation": ("compressed-tensors", "safetensors", "torch", "transformers"),  # loads and runs both models
+    "tasks": ("datasets", "lm-eval", "torch", "transformers"),  # lm-eval's requests and scoring over local JSON
     "import.gguf": ("gguf", "safetensors", "tokenizers", "torch", "transformers"),
     "import.delta": ("torch",),
     "import.quantized": ("torch",),
@@ -92,6 +94,17 @@ INERT_PACKAGES = {
     "accelerate": "how transformers places weights while loading, not their values",
     "regex": "imported by transformers; token ids come from the tokenizers package",
     "pillow": "imported by transformers when installed (image processors); text models never call it",
+    # Installed with the tasks extra; transformers imports scikit-learn (and so scipy, pandas, ...) whenever it
+    # is present. The scores the tasks part gates on are lm-eval's own means of per-item log-likelihood
+    # comparisons (acc, acc_norm); a gate on an sklearn-computed metric (f1, mcc) would need scikit-learn in
+    # PART_PACKAGES["tasks"].
+    **dict.fromkeys(("scikit-learn", "scipy", "joblib", "threadpoolctl", "narwhals", "pandas", "pyarrow",
+                     "python-dateutil", "pytz", "six", "cloudpickle", "dill", "multiprocess", "xxhash"),
+                    "imported by transformers, datasets or lm-eval when installed: file reading, caching, metric "
+                    "registries; no arithmetic on weights or on the gated task scores"),
+    **dict.fromkeys(("sacrebleu", "lxml", "portalocker", "tabulate", "chardet", "wcwidth"),
+                    "lm-eval's metric and table modules, imported when it loads: BLEU-type metrics no shipped task "
+                    "gates on, and printing"),
 }
 # What a release's lock (and so its id) records, besides the spec.
 INPUT_KEYS = ("weights", "data", "toolchain", "versions")
@@ -104,6 +117,8 @@ def parts(spec: dict) -> tuple:
         found.add("data")
     if spec["eval"]["dataset"] is not None:
         found |= {"evaluation", "data"}
+    if spec["eval"].get("tasks"):
+        found.add("tasks")
     return tuple(sorted(found))
 
 
@@ -117,13 +132,20 @@ def toolchain(names) -> dict:
     """package -> installed version, for the packages the parts named depend on."""
     table = {**PART_PACKAGES, **formats.packages()}
     packages = sorted({package for name in names for package in table.get(name, ())})
+    missing = [package for package in packages if installed(package) is None]
+    if missing:  # e.g. lm-eval for a release with tasks, where the `tasks` extra is not installed
+        raise BuilderError([Problem("pyproject.toml", package, "not installed, and a part this release runs depends on "
+                                    "it (pip install -e '.[tasks]' for lm-eval and datasets)") for package in missing])
     return {package: installed(package) for package in packages}
 
 
 @cache  # installed versions do not change under a running process; `lock` asks once per release
 def installed(package: str) -> str:
-    """A package's installed version, read from its metadata (no import)."""
-    return metadata.version(package)
+    """A package's installed version, read from its metadata (no import); None when it is not installed."""
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def import_inputs(kind: str) -> dict:
@@ -144,7 +166,32 @@ def data_digests(root: Path, spec: dict, release_file: str) -> dict:
             raise BuilderError(Problem(f"specs/{group}/{spec['choices'][group]}.yaml",
                                        f"{group}.dataset", f"{relative!r}: no such file"))
         digests[relative] = sha256_file(path)
+    for relative in task_files(root, spec["eval"].get("tasks") or [], f"specs/eval/{spec['choices']['eval']}.yaml"):
+        digests[relative] = sha256_file(inside(root, relative, file=release_file, key="eval.tasks.config"))
     return digests
+
+
+def task_data_files(config: dict) -> dict:
+    """split -> the data file a local lm-eval task config names, relative to the config's folder."""
+    named = (config.get("dataset_kwargs") or {}).get("data_files") or {}
+    return {"train": named} if isinstance(named, str) else dict(sorted(named.items()))
+
+
+def task_files(root: Path, tasks: list, file: str) -> list:
+    """Repository paths of every file the local tasks read (configs and their data), sorted."""
+    import yaml
+
+    found = set()
+    for task in tasks:
+        if task["config"] is None:  # lm-eval's own task: its data comes from the hub, pinned by lm-eval's version
+            continue
+        path = inside(root, task["config"], file=file, key="eval.tasks.config")
+        if not path.is_file():
+            raise BuilderError(Problem(file, "eval.tasks.config", f"{task['config']!r}: no such file"))
+        found.add(task["config"])
+        for relative in task_data_files(yaml.safe_load(path.read_text(encoding="utf-8")) or {}).values():
+            found.add((Path(task["config"]).parent / relative).as_posix())
+    return sorted(found)
 
 
 def inputs(root: Path, spec: dict) -> dict:

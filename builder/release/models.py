@@ -254,13 +254,35 @@ class Gate(Group):
     max_mean_kl: number(ge=0) | None
 
 
+class Task(Group):
+    """An lm-evaluation-harness task the artifact and its source both run, and its recovery gate."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="the task's name in lm-eval")]
+    config: RepoPath | None = Field(description="a local lm-eval task config (YAML; its data_files relative to its "
+                                    "folder, pinned by digest); null: lm-eval's own task of that name (network)")
+    metric: Annotated[str, Field(min_length=1)] = Field(description="the lm-eval metric gated, e.g. acc, acc_norm")
+    num_fewshot: Annotated[int, Field(ge=0)] = 0
+    limit: Positive | None = Field(None, description="the first N documents only (optional; absent: all)")
+    min_recovery: number("artifact score / source score (inverted for lower-is-better metrics) must reach "
+                         "this; null: recorded, unchecked", ge=0) | None
+
+
 class Eval(Calibration):
-    """Evaluation text and the quality gate a build must pass; dataset null for none."""
+    """Evaluation text and the quality gate a build must pass; dataset null for none. Optional tasks run
+    through lm-evaluation-harness (the `tasks` extra), each gated on recovery."""
 
     model_config = {"json_schema_extra": {"if": {"properties": {"dataset": {"type": "string"}}},
                                           "then": {"required": [*SAMPLED, "gate"]}}}
 
     gate: Gate | None = None
+    tasks: unique_list(Task, min_length=1) | None = Field(
+        None, description="lm-eval tasks, measured besides the text's perplexity and KL (optional; absent: none)")
+
+    @model_validator(mode="after")
+    def tasks_beside_text(self):
+        if self.tasks is not None and self.dataset is None:
+            raise PydanticCustomError("tasks_need_dataset", "tasks are measured beside the eval text: give a dataset")
+        return self
     needs: ClassVar[tuple] = ("gate",)
 
 
