@@ -1,7 +1,7 @@
 """llama.cpp loads the SmolLM2 GGUF releases, generates greedily and scores the eval text: one table of
 release, file bytes, bits per weight, perplexity in llama.cpp beside the build's eval.json, greedy text.
 
-    python bench/llamacpp_check.py [ARTIFACT_DIR ...] [--llama /tmp/llamacpp/bin/python] [--windows N] [--json OUT]
+    python bench/llamacpp_check.py [ARTIFACT_DIR ...] [--llama PYTHON] [--windows N] [--json OUT]
 
 Without artifacts it checks the four SmolLM2 GGUF releases (Q4_0, Q4_K_M, Q5_K_M, Q8_0) under artifacts/
 (build them first: `python -m builder build smollm2-135m-instruct-gguf-q4_k_m`, ...). llama.cpp runs in its
@@ -49,7 +49,8 @@ def weights(path: Path) -> dict:
 
 def eval_windows(release: str) -> list:
     """The token ids the shipped release's eval group selects (the windows its build scores for eval.json),
-    as lists; resolved from specs/, so an artifact built with overrides (eval=none) is scored on them too."""
+    as lists; resolved once from specs/ (the four SmolLM2 GGUF releases share the eval group docstrings), so
+    an artifact built with overrides (eval=none) is scored on the same windows."""
     from builder.release.resolve import resolve
     from builder.source import data
 
@@ -59,9 +60,9 @@ def eval_windows(release: str) -> list:
     return ids.tolist()
 
 
-def check(python: str, artifact: Path, work: Path, count: int | None) -> dict:
-    """One row: the file's sizes, llama.cpp's load, greedy texts and perplexity on the first count eval
-    windows (all: None), and eval.json's figures."""
+def check(python: str, artifact: Path, work: Path, windows: list) -> dict:
+    """One row: the file's sizes, llama.cpp's load, greedy texts and perplexity on the windows, and
+    eval.json's figures."""
     path = next(artifact.glob("*.gguf"))
     spec = json.loads((artifact / "release.json").read_text())
     row = {"release": artifact.name, "rounding": spec["quant"]["algorithm"], "file_bytes": path.stat().st_size,
@@ -69,14 +70,14 @@ def check(python: str, artifact: Path, work: Path, count: int | None) -> dict:
     recorded = json.loads((artifact / "eval.json").read_text()) if (artifact / "eval.json").is_file() else {}
     row["eval_json"] = {key: recorded.get(key) for key in ("perplexity", "perplexity_increase_pct", "mean_kl",
                                                            "windows", "sequence_length")}
-    windows = eval_windows(spec["release"]["name"])[:count]
     try:
         result = run(python, "llama", artifact, {"windows": windows, "prompts": PROMPTS}, work)
     except Exception as error:  # a file llama.cpp refuses is a row that says so; the other rows still run
         return {**row, "loads": False, "error": f"{type(error).__name__}: {error}"}
     completion = result.get("completion", {}).get("text", "")
     return {**row, "loads": True, "load_s": result["load_s"], "perplexity": result["perplexity"],
-            "windows": len(windows), "tokens": sum(w["tokens"] for w in result["windows"]),
+            "windows": len(windows), "window_tokens": len(windows[0]),
+            "tokens": sum(w["tokens"] for w in result["windows"]),
             "completion": completion, "paris": completion.startswith(EXPECTED_START),
             "chat": result.get("chat", {}).get("text", ""), "runtime": result.get("runtime", {})}
 
@@ -118,21 +119,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("artifacts", nargs="*", type=Path, default=[ROOT / "artifacts" / name for name in RELEASES])
     parser.add_argument("--llama", default="/tmp/llamacpp/bin/python", help="python of llama-cpp-python's venv")
+    parser.add_argument("--eval-release", default=RELEASES[0], help="the release whose eval windows are scored")
     parser.add_argument("--windows", type=int, default=None, help="score only the first N eval windows")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     missing = [str(a) for a in args.artifacts if not a.is_dir()]
     if missing:
         sys.exit(f"not built: {', '.join(missing)} (python -m builder build RELEASE)")
+    windows = eval_windows(args.eval_release)[:args.windows]
     with tempfile.TemporaryDirectory(prefix="llamacpp-") as work:
         rows = []
         for artifact in args.artifacts:
-            rows.append(check(args.llama, artifact, Path(work), args.windows))
+            rows.append(check(args.llama, artifact, Path(work), windows))
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "runtime"}), file=sys.stderr, flush=True)
     runtime = next((row["runtime"] for row in rows if row.get("runtime")), {})
     print(f"llama.cpp: {json.dumps(runtime, sort_keys=True)}")
     first = rows[0]
-    print(f"windows: {first.get('windows')} x {first['eval_json'].get('sequence_length')} tokens of the eval text "
+    print(f"windows: {first.get('windows')} x {first.get('window_tokens')} tokens of the eval text "
           f"per release, {first.get('tokens')} scored\n")
     print(table(rows))
     if args.json:
