@@ -5,7 +5,7 @@ windows; run inside the runtime's own venv (it imports nothing from the builder)
     /work/venvs/mlx/bin/python bench/ondevice_runtime.py mlx ARTIFACT_DIR JOB.json OUT.json
 
 JOB.json: {"windows": [[token ids], ...], "logits": false, "prompts": {"completion": str, "chat": str}}.
-OUT.json: load seconds, the greedy completions, per-window summed NLL (nats) and token counts, and
+OUT.json: load seconds, the runtime's version (llama.cpp), the greedy completions, per-window summed NLL (nats) and token counts, and
 (with "logits") every window's logits. bench/ondevice.py writes the jobs and reads the results.
 """
 
@@ -28,6 +28,25 @@ def nll(logits: np.ndarray, ids: list) -> float:
     return float((log_norm - logits[np.arange(len(ids) - 1), ids[1:]]).sum())
 
 
+def llama_version() -> dict:
+    """llama-cpp-python's version, and the version and commit its ggml library was built from (as ggml
+    reports them: "unknown" when the build did not see llama.cpp's git history), and the CPU features used."""
+    import ctypes
+
+    import llama_cpp
+
+    found = {"llama_cpp_python": llama_cpp.__version__,
+             "system_info": llama_cpp.llama_print_system_info().decode().strip()}
+    for library in sorted((Path(llama_cpp.__file__).parent / "lib").glob("libggml-base.*")):
+        ggml = ctypes.CDLL(str(library))
+        for name in ("ggml_version", "ggml_commit"):
+            if hasattr(ggml, name):
+                function = getattr(ggml, name)
+                function.restype = ctypes.c_char_p
+                found[name] = function().decode()
+    return found
+
+
 def llama(artifact: Path, job: dict) -> dict:
     from llama_cpp import Llama
 
@@ -35,7 +54,7 @@ def llama(artifact: Path, job: dict) -> dict:
     start = time.perf_counter()
     model = Llama(model_path=str(next(artifact.glob("*.gguf"))), n_ctx=max(512, longest + 8), n_batch=512,
                   n_threads=2, logits_all=True, verbose=False, seed=0)
-    found = {"load_s": time.perf_counter() - start, "windows": []}
+    found = {"load_s": time.perf_counter() - start, "windows": [], "runtime": llama_version()}
     for window in job["windows"]:
         model.reset()
         model.eval(window)

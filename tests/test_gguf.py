@@ -293,3 +293,33 @@ def test_a_k_quant_mix_gives_each_tensor_llama_quantizes_type_with_kquants_bytes
     ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(1))
     p, q = logits(reference, ids).log_softmax(-1), logits(model, ids).log_softmax(-1)
     assert float((p.exp() * (p - q)).sum(-1).mean()) < 5e-4  # measured at most 6.5e-5
+
+
+@pytest.mark.parametrize("quant", ["gguf-q4_k_m", "gguf-q5_k_m"])
+def test_a_k_quant_mix_lays_its_tensors_out_where_llama_cpps_loader_looks_for_them(gguf_repo, tmp_path, quant):
+    """Blocks of 144, 176, 210, 22, 24 and 34 bytes side by side: llama.cpp's loader refuses a tensor whose
+    offset is not a multiple of general.alignment or whose bytes run past the file; each row must hold whole
+    blocks of its type; and the tensors must tile the data section in order, each holding exactly the bytes
+    its type and shape take (a gap of padding only), or the decoders read the neighbour's blocks."""
+    import gguf
+
+    extra = {"quant": {"algorithm": "rtn"}}
+    if quant == "gguf-q5_k_m":  # the shipped target lists the schemes of its first releases (see the release)
+        extra["target"] = {"schemes": ["w16a16", "w8a16-int", "w5a16-int", "w4a16-int"]}
+    name = release(gguf_repo, f"tiny-llama-wide-{quant}-layout", "tiny-llama-wide", quant, extra)
+    build.build(gguf_repo.root, name, out=tmp_path / name, log=lambda message: None)
+    path = tmp_path / name / f"{name}.gguf"
+    reader = gguf.GGUFReader(path)
+    field = reader.fields.get("general.alignment")
+    alignment = field.contents() if field is not None else gguf.GGUF_DEFAULT_ALIGNMENT
+    tensors = sorted(reader.tensors, key=lambda tensor: tensor.data_offset)
+    assert {t.tensor_type.name for t in tensors} >= {"Q6_K", "Q8_0", "F32", "BF16"} | (
+        {"Q4_K", "Q5_0"} if quant == "gguf-q4_k_m" else {"Q5_K", "Q5_1"})
+    end = tensors[0].data_offset
+    for tensor in tensors:
+        block, block_bytes = gguf.GGML_QUANT_SIZES[tensor.tensor_type]
+        columns = int(tensor.shape[0])  # ggml's ne0: the values of one row
+        assert columns % block == 0, tensor.name
+        assert tensor.data_offset % alignment == 0 and 0 <= tensor.data_offset - end < alignment, tensor.name
+        end = tensor.data_offset + tensor.n_elements // columns * (columns // block) * block_bytes
+    assert end <= path.stat().st_size < end + alignment  # the last tensor ends the file, padding aside
