@@ -172,12 +172,12 @@ def supported_models_table() -> str:
         vllm = "vLLM" if family.model_type else "vLLM where it has the class"
         return vllm if kind == "w8a8-int8" and moe else f"{vllm}, transformers"
 
-    kinds = ("bf16", "fp8-dynamic", "fp8-static", "w8a8-int8", "w4a16", "smoothquant", "gguf", "mlx")
+    kinds = ("bf16", "fp8-dynamic", "fp8-static", "w8a8-int8", "w4a16", "fp4", "smoothquant", "gguf", "mlx")
     rows = [(f"`{f.model_type}` ({', '.join(f.classes)})", *(cell(f, kind) for kind in kinds))
             for f in families.FAMILIES.values()]
     rows.append(("any other decoder-only `*ForCausalLM`", *(cell(families.generic("Other"), kind) for kind in kinds)))
     return markdown(("family", "bf16", "fp8-dynamic, fp8-block", "fp8-static", "w8a8-int8", "w4a16, -gptq",
-                     "SmoothQuant, AWQ", "GGUF", "MLX"), rows)
+                     "NVFP4, MXFP4/8, W4AFP8", "SmoothQuant, AWQ", "GGUF", "MLX"), rows)
 
 
 TABLES = {"supported-models": supported_models_table, "observers": observers_table, "verbs": verbs_table, "parts": parts_table, "recipes": recipes_table, "formats": formats_table,

@@ -41,7 +41,12 @@ ABSENT = ("hydra-core", "omegaconf", "antlr4-python3-runtime", "jsonschema", "js
 # inductor's terminal colours, accelerate's optional protobuf check): a build runs without them.
 OPTIONAL = {"pydot": "torch.fx's graph drawer, imported when installed",
             "colorama": "torch._inductor's terminal colours, imported when installed",
-            "protobuf": "accelerate checks whether it is installed"}
+            "protobuf": "accelerate checks whether it is installed",
+            # the tasks extra's dependencies: transformers imports scikit-learn (and these with it) whenever it is
+            # installed; the kit's releases name no tasks and never call them
+            **dict.fromkeys(("scikit-learn", "scipy", "joblib", "threadpoolctl", "narwhals", "pyarrow", "cloudpickle",
+                             "dill", "multiprocess", "xxhash", "python-dateutil", "pytz", "six", "pandas", "charset-normalizer"),
+                            "imported by transformers or datasets when installed (the tasks extra)")}
 BUILDER = {
     "hydra-core": "1.3.8", "omegaconf": "2.3.1", "antlr4-python3-runtime": "4.9.3", "attrs": "26.1.0",
     "compressed-tensors": "0.17.0",  # its version goes into config.json; transformers loads it for the smoke check

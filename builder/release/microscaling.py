@@ -58,8 +58,12 @@ def preset_problems(recipe) -> list:
     found = []
     if preset(recipe) is None:
         names = ", ".join(PRESETS)
-        found.append((("quant", "weights"), f"FP4, microscaled and W4AFP8 weights are compressed-tensors' presets "
-                      f"({names}), with exactly their arguments: {describe()}"))
+        closest = max(PRESETS, key=lambda name: likeness(recipe, name))
+        weights, acts = PRESETS[closest]
+        found.append((("quant", "weights"), f"{words(recipe.weights)} is no weight format the builder writes: float "
+                      "weights are FP8 E4M3 (num_bits 8) or one of compressed-tensors' FP4/MX presets with exactly "
+                      f"their arguments, and INT4 weights with FP8 activations its W4AFP8 ({names}; docs/recipes.md "
+                      f"lists them). Closest, {closest}: weights ({words(weights)}), activations ({words(acts)})"))
     weights = recipe.weights
     float_weights = weights.type == "float"
     if float_weights and recipe.algorithm != "rtn":
@@ -76,11 +80,21 @@ def preset_problems(recipe) -> list:
     return found
 
 
-def describe() -> str:
-    """The presets' arguments in a line each, for messages."""
-    def words(args):
-        return "16-bit" if args is None else ", ".join(f"{key} {args[key]}" for key in FIELDS if args[key] is not None)
-    return "; ".join(f"{name}: weights ({words(w)}), activations ({words(a)})" for name, (w, a) in PRESETS.items())
+def likeness(recipe, name: str) -> int:
+    """How many of a preset's weight and activation arguments the recipe shares (the closest one is shown)."""
+    weights, acts = PRESETS[name]
+    shared = sum(getattr(recipe.weights, key) == weights[key] for key in FIELDS)
+    if acts is None or recipe.input_activations is None:
+        return shared + (acts is None and recipe.input_activations is None)
+    return shared + sum(getattr(recipe.input_activations, key) == acts[key] for key in FIELDS)
+
+
+def words(args) -> str:
+    """A quantization argument set (Args or a preset's dict) in a few words, for messages."""
+    if args is None:
+        return "16-bit"
+    value = args.get if isinstance(args, dict) else lambda key: getattr(args, key)
+    return ", ".join(f"{key} {value(key)}" for key in FIELDS if value(key) is not None)
 
 
 # compressed-tensors' format name (config.json's quantization_config.format) of each preset
