@@ -1,6 +1,6 @@
 """Dequantize a checkpoint published quantized into plain floating safetensors, one tensor at a time: what
 `builder model add` and `builder import` (source kind `quantized`) make of DeepSeek-V3/Kimi K2/Qwen3-FP8
-block FP8, compressed-tensors FP8/INT/NVFP4/MXFP4/MXFP8 releases.
+block FP8, gpt-oss's MXFP4 experts, compressed-tensors FP8/INT/NVFP4/MXFP4/MXFP8 releases.
 
     builder model add deepseek-v3 ~/ckpt/DeepSeek-V3   # quantized: kept in weights/deepseek-v3-quantized/,
                                                        # dequantized into weights/deepseek-v3/
@@ -10,7 +10,10 @@ Where: once, at import. weights/<model>/ then holds the checkpoint in its config
 removed; every recipe, BF16 included, builds from it as from any other source. The values are a function
 of the source bytes alone: each weight is dequantized with compressed-tensors' own arithmetic in the
 dtypes it uses (codes cast to the scale's dtype, minus the zero point, times the scale, then cast), so the
-result equals what compressed-tensors' decompressors and transformers' FP8 dequantization give.
+result equals what compressed-tensors' decompressors and transformers' FP8 dequantization give. gpt-oss
+(`quant_method: mxfp4`) stores each fused expert projection as `<name>_blocks` (E2M1 pairs [E, rows, G, 16])
+and `<name>_scales` (E8M0 [E, rows, G]); it is written back as `<name>` [E, G * 32, rows], the orientation
+of the BF16 checkpoint, with transformers' arithmetic (E2M1 value times 2^(scale - 127) in FP32, one rounding).
 Scales of activations and the KV cache (input_scale, k_scale, ...) are dropped: a recipe calibrates anew.
 """
 
@@ -27,8 +30,8 @@ from builder.tensorfile import Output, index_of, read_header, torch_dtype
 # compressed-tensors formats read (a config group's `format`, or the config's own)
 FORMATS = ("float-quantized", "int-quantized", "naive-quantized", "pack-quantized", "nvfp4-pack-quantized",
            "mxfp4-pack-quantized", "mxfp8-quantized")
-SUPPORTED = ("legacy FP8 (quant_method: fp8, per-tensor or weight_block_size), and compressed-tensors "
-             + ", ".join(FORMATS))
+SUPPORTED = ("legacy FP8 (quant_method: fp8, per-tensor or weight_block_size), gpt-oss MXFP4 (quant_method: "
+             "mxfp4), and compressed-tensors " + ", ".join(FORMATS))
 DROPPED = ("input_scale", "input_zero_point", "input_global_scale", "output_scale", "output_zero_point",
            "k_scale", "v_scale", "q_scale", "kv_scale")   # activation and KV-cache scales
 COMPANIONS = ("weight_scale", "weight_scale_inv", "weight_zero_point", "weight_global_scale", "weight_shape",
@@ -48,7 +51,7 @@ def unreadable(config: dict, shown: str) -> list:
     scheme = quantization(config)
     method = scheme.get("quant_method")
     file = f"{shown}/config.json"
-    if method == "fp8":
+    if method in ("fp8", "mxfp4"):
         return []
     if method != "compressed-tensors":
         return [Problem(file, "quantization_config.quant_method", f"{method!r}: quantized sources are read "
@@ -64,6 +67,8 @@ def source_format(config: dict) -> str:
     scheme = quantization(config)
     if scheme["quant_method"] == "fp8":
         return "fp8-block" if scheme.get("weight_block_size") else "fp8"
+    if scheme["quant_method"] == "mxfp4":
+        return "mxfp4 (gpt-oss experts)"
     found = {scheme.get("format")} | {g.get("format") for g in (scheme.get("config_groups") or {}).values()}
     return "compressed-tensors/" + "+".join(sorted(str(name) for name in found - {None, "mixed-precision"}))
 
@@ -81,13 +86,18 @@ def block_structure(config: dict) -> tuple | None:
 
 def plan(names, config: dict) -> dict:
     """output tensor name -> (module, kind): kind "plain" (copied), or how a quantized weight is stored
-    ("weight" for an FP8/INT8 value tensor, "packed" for weight_packed). Companion and activation tensors
-    have no output."""
+    ("weight" for an FP8/INT8 value tensor, "packed" for weight_packed, "blocks" for gpt-oss's fused MXFP4
+    `<name>_blocks`, whose module is the output name). Companion and activation tensors have no output."""
     stored = set(names)
     outputs = {}
+    mxfp4 = quantization(config).get("quant_method") == "mxfp4"
     for name in sorted(stored):
         module, _, leaf = name.rpartition(".")
-        if leaf == "weight_packed":
+        fused = name.removesuffix("_blocks") if name.endswith("_blocks") else name.removesuffix("_scales")
+        if mxfp4 and {f"{fused}_blocks", f"{fused}_scales"} <= stored:
+            if name.endswith("_blocks"):
+                outputs[fused] = (fused, "blocks")
+        elif leaf == "weight_packed":
             outputs[f"{module}.weight"] = (module, "packed")
         elif leaf == "weight" and ({f"{module}.weight_scale", f"{module}.weight_scale_inv"} & stored):
             outputs[name] = (module, "weight")
@@ -139,9 +149,24 @@ def e8m0(scale):
     return 2.0 ** (scale.to(torch.int32) - 127).to(torch.bfloat16)
 
 
-def weight(read, module: str, kind: str, stored: set, config: dict, dtype):
-    """One quantized weight of the source, dequantized to dtype [rows, columns]."""
+def fused_mxfp4(blocks, scales, dtype):
+    """gpt-oss's MXFP4 experts (blocks [E, rows, G, 16] uint8, scales [E, rows, G] E8M0) as dtype
+    [E, G * 32, rows]: E2M1 value times 2^(scale - 127), in FP32 (exact), rounded once to dtype."""
     import torch
+
+    experts, rows, groups, width = blocks.shape
+    values = fp4_values(blocks.reshape(-1, width), width * 2).reshape(experts, rows, groups, width * 2)
+    powers = torch.pow(2.0, scales.to(torch.int32) - 127).unsqueeze(-1)  # FP32: 2^-127 is exact (subnormal)
+    return (values * powers).to(dtype).reshape(experts, rows, groups * width * 2).transpose(1, 2).contiguous()
+
+
+def weight(read, module: str, kind: str, stored: set, config: dict, dtype):
+    """One quantized weight of the source, dequantized to dtype [rows, columns] (gpt-oss's fused
+    experts: [experts, columns, rows])."""
+    import torch
+
+    if kind == "blocks":
+        return fused_mxfp4(read(f"{module}_blocks"), read(f"{module}_scales"), dtype)
 
     def get(leaf):
         return read(f"{module}.{leaf}") if f"{module}.{leaf}" in stored else None
@@ -221,7 +246,15 @@ def dequantize_checkpoint(source: Path, out: Path) -> None:
 
 
 def shape_of(read, tensors: dict, module: str, kind: str) -> tuple:
-    """The [rows, columns] a quantized weight dequantizes to."""
+    """The [rows, columns] a quantized weight dequantizes to ([experts, columns, rows] for fused MXFP4)."""
+    if kind == "blocks":
+        blocks, scales = tensors[f"{module}_blocks"], tensors[f"{module}_scales"]
+        if len(blocks.shape) != 4 or list(blocks.shape[:-1]) != list(scales.shape) or blocks.dtype != "U8":
+            raise BuilderError(Problem(blocks.file.name, f"{module}_blocks", f"MXFP4 blocks {list(blocks.shape)} "
+                                       f"({blocks.dtype}) with scales {list(scales.shape)}: expected U8 [experts, "
+                                       "rows, groups, 16] and scales [experts, rows, groups]"))
+        experts, rows, groups, width = blocks.shape
+        return (experts, groups * width * 2, rows)
     stored = tensors[f"{module}.weight" if kind == "weight" else f"{module}.weight_packed"]
     if len(stored.shape) != 2:
         raise BuilderError(Problem(stored.file.name, f"{module}.weight", f"a quantized weight of shape "

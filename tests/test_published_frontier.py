@@ -1,0 +1,214 @@
+"""Frontier models as their makers publish them: a tiny DeepSeek-V3 in block FP8 (`quant_method: fp8`,
+`weight_block_size`, F8_E4M3 weights with F32 `weight_scale_inv`) and a tiny gpt-oss with MXFP4 experts
+(`quant_method: mxfp4`, `<name>_blocks` / `<name>_scales`). Each is onboarded by `builder model add`, its
+dequantized weights equal transformers' own dequantizing loaders (FineGrainedFP8Config, Mxfp4Config) bit for
+bit, and it builds like any source: bf16 and w4a16-gptq (DeepSeek-V3), bf16 (gpt-oss), twice to the same bytes."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from builder import build
+from builder.canonical import file_entries, tree_digest
+from builder.source import onboard
+from builder.tensorfile import read_header
+from conftest import Repo, make_checkpoint, release_text, save_byte_tokenizer
+from test_families import (builds_alike_quantizes_every_target_and_loads,  # noqa: F401 (source_logits: a fixture)
+                           IDS, logits, source_logits)
+
+BLOCK = 8  # DeepSeek publishes [128, 128]; 8 divides every tiny DeepSeek-V3 Linear (kv_a_proj_with_mqa: 40 rows)
+# gpt-oss: tiny sizes of the same shape as tests/test_generic.py's; 64 = 2 MXFP4 groups of 32
+GPT_OSS = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16, vocab_size=256, max_position_embeddings=2048, sliding_window=8,
+               num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
+# what openai/gpt-oss-20b's config.json says stays BF16
+GPT_OSS_KEPT = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+GPTQ = "calibration:\n  samples: 4\n  sequence_length: 32\nquant:\n  weights:\n    group_size: 32\n"
+
+
+def read_all(folder) -> dict:
+    with safe_open(folder / "model.safetensors", "pt") as handle:
+        return {name: handle.get_tensor(name) for name in handle.keys()}
+
+
+def published_like(bf16, folder, tensors: dict, quantization_config: dict):
+    """folder = bf16's checkpoint with its weights replaced by tensors and config.json's quantization_config set."""
+    folder.mkdir(parents=True)
+    save_file(tensors, folder / "model.safetensors", {"format": "pt"})
+    for path in bf16.iterdir():
+        if path.suffix != ".safetensors":
+            shutil.copyfile(path, folder / path.name)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": quantization_config}, indent=2))
+    return folder
+
+
+def block_fp8(weight):
+    """DeepSeek's block FP8: E4M3 values and an F32 weight_scale_inv = max |w| / 448 per BLOCK x BLOCK block."""
+    rows, columns = weight.shape
+    blocks = weight.float().reshape(rows // BLOCK, BLOCK, columns // BLOCK, BLOCK)
+    scale = blocks.abs().amax(dim=(1, 3)) / 448
+    values = (blocks / scale[:, None, :, None]).clamp(-448, 448).to(torch.float8_e4m3fn)
+    return values.reshape(rows, columns), scale
+
+
+def mxfp4(weight):
+    """OCP MXFP4 of fused experts [E, rows, columns] as gpt-oss stores them: E2M1 codes two per byte (low nibble
+    first) [E, rows, columns / 32, 16], and E8M0 exponents floor(log2 max |w|) - 2 (+127) per 32 columns."""
+    experts, rows, columns = weight.shape
+    groups = weight.float().reshape(experts, rows, columns // 32, 32)
+    amax = groups.abs().amax(-1)
+    exponent = torch.where(amax > 0, torch.floor(torch.log2(amax)) - 2, torch.full_like(amax, -127)).clamp(-127, 127)
+    scaled = groups / torch.pow(2.0, exponent).unsqueeze(-1)
+    codes = torch.bucketize(scaled.abs().clamp(max=6).contiguous(), (E2M1[1:] + E2M1[:-1]) / 2)
+    codes = (codes | ((scaled < 0).long() << 3)).to(torch.uint8)
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).contiguous(), (exponent + 127).to(torch.uint8)
+
+
+def same_bits(ours, theirs) -> bool:
+    """The same dtype, shape and bytes (torch.equal would take -0.0 for 0.0)."""
+    return ours.dtype == theirs.dtype and ours.shape == theirs.shape and torch.equal(
+        ours.contiguous().view(torch.uint8), theirs.contiguous().view(torch.uint8))
+
+
+def is_linear(name: str) -> bool:
+    return ".layers." in name and name.endswith(("_proj.weight", "_mqa.weight"))
+
+
+@pytest.fixture(scope="module")
+def frontier(tmp_path_factory) -> tuple:
+    """(repo, downloads): a repository where the published-quantized DeepSeek-V3 (ds-fp8) and gpt-oss (oss-mxfp4)
+    were onboarded by `builder model add` from folders outside it, with their releases written."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    base = tmp_path_factory.mktemp("frontier")
+    repo, downloads = Repo.fresh(base / "repo"), base / "downloads"
+    make_checkpoint("tiny-deepseek-v3", downloads / "ds-bf16")
+    save_byte_tokenizer(downloads / "ds-bf16")
+    tensors = {}
+    for name, value in read_all(downloads / "ds-bf16").items():
+        if is_linear(name):  # attention, dense MLP, shared and routed experts; the router (mlp.gate) stays BF16
+            tensors[name], tensors[f"{name}_scale_inv"] = block_fp8(value)
+        else:
+            tensors[name] = value
+    published_like(downloads / "ds-bf16", downloads / "ds-fp8", tensors,
+                   {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                    "weight_block_size": [BLOCK, BLOCK]})
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt_oss", **GPT_OSS)).to(torch.bfloat16)
+    model.save_pretrained(downloads / "oss-bf16")
+    save_byte_tokenizer(downloads / "oss-bf16")
+    tensors = {}
+    for name, value in read_all(downloads / "oss-bf16").items():
+        if name.endswith((".experts.gate_up_proj", ".experts.down_proj")):  # [E, in, out] in the BF16 layout
+            tensors[f"{name}_blocks"], tensors[f"{name}_scales"] = mxfp4(value.transpose(1, 2))
+        else:
+            tensors[name] = value
+    published_like(downloads / "oss-bf16", downloads / "oss-mxfp4", tensors,
+                   {"modules_to_not_convert": GPT_OSS_KEPT, "quant_method": "mxfp4"})
+
+    for name in ("ds-fp8", "oss-mxfp4"):
+        onboard.add_model(repo.root, name, downloads / name, log=lambda m: None)
+    for name, model_name, recipe, extra in (("ds-fp8-bf16", "ds-fp8", "bf16", ""),
+                                            ("ds-fp8-w4a16-gptq", "ds-fp8", "w4a16-gptq", GPTQ),
+                                            ("oss-mxfp4-bf16", "oss-mxfp4", "bf16", "")):
+        text = release_text(name, model_name, recipe, "vllm-h100")
+        if extra:
+            text = text.replace("\n\nrelease:", "\n  - override /calibration: licenses\n\nrelease:")
+        (repo.root / "specs" / "release" / f"{name}.yaml").write_text(text + extra)
+    return repo, downloads
+
+
+def spec_of(repo: Repo, name: str) -> dict:
+    return yaml.safe_load((repo.root / "specs" / "model" / f"{name}.yaml").read_text())
+
+
+def test_deepseek_v3_in_block_fp8_dequantizes_to_transformers_own_values(frontier):
+    from transformers import AutoModelForCausalLM, FineGrainedFP8Config
+
+    repo, downloads = frontier
+    spec = spec_of(repo, "ds-fp8")
+    assert spec["source"] == {"kind": "quantized", "path": "weights/ds-fp8-quantized",
+                              "digest": spec["source"]["digest"]}
+    assert spec["architecture"]["class"] == "DeepseekV3ForCausalLM"
+    header = read_header(downloads / "ds-fp8" / "model.safetensors")
+    linears = [name for name in header if is_linear(name)]
+    assert len(linears) == 5 + 3 + 5 + 3 * (4 + 1)  # layer 0: MLA, dense MLP; layer 1: MLA, 4 experts, shared
+    assert all(header[name]["dtype"] == "F8_E4M3" and header[f"{name}_scale_inv"]["dtype"] == "F32"
+               for name in linears)
+    ours, original = read_all(repo.root / "weights" / "ds-fp8"), read_all(downloads / "ds-bf16")
+    assert set(ours) == set(original) and all(ours[n].dtype == original[n].dtype for n in ours)
+    for name in set(ours) - set(linears):  # embeddings, norms, the router and its bias: as published
+        assert torch.equal(ours[name], original[name]), name
+    model, info = AutoModelForCausalLM.from_pretrained(downloads / "ds-fp8", dtype=torch.bfloat16,
+                                                       output_loading_info=True,
+                                                       quantization_config=FineGrainedFP8Config(dequantize=True))
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    expected = model.state_dict()  # transformers fuses the experts: gate_up_proj [E, 2I, H] (gate rows first)
+    experts = "model.layers.1.mlp.experts"
+    fused = {f"{experts}.gate_up_proj": torch.stack([torch.cat([ours[f"{experts}.{e}.gate_proj.weight"],
+                                                                ours[f"{experts}.{e}.up_proj.weight"]]) for e in range(4)]),
+             f"{experts}.down_proj": torch.stack([ours[f"{experts}.{e}.down_proj.weight"] for e in range(4)])}
+    assert set(expected) == {n for n in ours if ".experts." not in n} | set(fused)
+    compared = [name for name in expected if name in fused or name in linears]
+    assert len(compared) == 5 + 3 + 5 + 2 + 3
+    for name in compared:  # (transformers keeps the router's bias in F32: the rest is compared above)
+        assert same_bits(fused[name] if name in fused else ours[name], expected[name]), name
+
+
+@pytest.mark.parametrize("recipe", ["bf16", "w4a16-gptq"])
+def test_deepseek_v3_from_block_fp8_builds_twice_alike_with_every_expert_quantized_and_loads(
+        frontier, source_logits, recipe, tmp_path):
+    repo, _ = frontier
+    artifact = tmp_path / f"ds-fp8-{recipe}"
+    build.build(repo.root, artifact.name, out=artifact, log=lambda m: None)
+    builds_alike_quantizes_every_target_and_loads(repo, artifact, source_logits, "ds-fp8", recipe, tmp_path, True)
+    if recipe == "bf16":  # the release's weights are the dequantized ones
+        assert read_all(artifact).keys() == read_all(repo.root / "weights" / "ds-fp8").keys()
+
+
+def test_gpt_oss_in_mxfp4_dequantizes_bit_for_bit_to_transformers_own_into_the_bf16_layout(frontier):
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+
+    repo, downloads = frontier
+    spec = spec_of(repo, "oss-mxfp4")
+    assert spec["source"]["kind"] == "quantized" and spec["architecture"]["class"] == "GptOssForCausalLM"
+    ours, original = read_all(repo.root / "weights" / "oss-mxfp4"), read_all(downloads / "oss-bf16")
+    assert {n: (v.dtype, v.shape) for n, v in ours.items()} == {n: (v.dtype, v.shape) for n, v in original.items()}
+    fused = [n for n in ours if n.endswith((".experts.gate_up_proj", ".experts.down_proj"))]
+    assert len(fused) == 4
+    for name in set(ours) - set(fused):  # attention, sinks, router, expert biases: as published
+        assert torch.equal(ours[name], original[name]), name
+    model, info = AutoModelForCausalLM.from_pretrained(downloads / "oss-mxfp4", dtype=torch.bfloat16,
+                                                       output_loading_info=True,
+                                                       quantization_config=Mxfp4Config(dequantize=True))
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    expected = model.state_dict()
+    assert set(expected) == set(ours)
+    for name, value in expected.items():
+        assert same_bits(ours[name], value), name
+    for name in fused:  # and MXFP4 of the BF16 weights: within the format's step
+        assert float((ours[name].float() - original[name].float()).abs().max()) <= \
+            float(original[name].float().abs().max()) / 4
+    result, info = logits(repo.root / "weights" / "oss-mxfp4", IDS, quantized=False)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+
+
+def test_gpt_oss_from_mxfp4_builds_bf16_twice_alike_and_import_remakes_it(frontier, source_logits, tmp_path):
+    repo, _ = frontier
+    artifact = tmp_path / "oss-mxfp4-bf16"
+    build.build(repo.root, artifact.name, out=artifact, log=lambda m: None)
+    builds_alike_quantizes_every_target_and_loads(repo, artifact, source_logits, "oss-mxfp4", "bf16", tmp_path, True)
+    weights = repo.root / "weights" / "oss-mxfp4"
+    before = tree_digest(file_entries(weights))
+    shutil.rmtree(weights)
+    result = repo.run("import", "oss-mxfp4", check=0)
+    assert "imported" in result.stderr
+    assert tree_digest(file_entries(weights)) == before == spec_of(repo, "oss-mxfp4")["digest"]
