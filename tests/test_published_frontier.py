@@ -153,9 +153,10 @@ def test_deepseek_v3_in_block_fp8_dequantizes_to_transformers_own_values(frontie
     assert not info["missing_keys"] and not info["unexpected_keys"]
     expected = model.state_dict()  # transformers fuses the experts: gate_up_proj [E, 2I, H] (gate rows first)
     experts = "model.layers.1.mlp.experts"
-    fused = {f"{experts}.gate_up_proj": torch.stack([torch.cat([ours[f"{experts}.{e}.gate_proj.weight"],
-                                                                ours[f"{experts}.{e}.up_proj.weight"]]) for e in range(4)]),
-             f"{experts}.down_proj": torch.stack([ours[f"{experts}.{e}.down_proj.weight"] for e in range(4)])}
+
+    def stacked(*projections):
+        return torch.stack([torch.cat([ours[f"{experts}.{e}.{p}.weight"] for p in projections]) for e in range(4)])
+    fused = {f"{experts}.gate_up_proj": stacked("gate_proj", "up_proj"), f"{experts}.down_proj": stacked("down_proj")}
     assert set(expected) == {n for n in ours if ".experts." not in n} | set(fused)
     compared = [name for name in expected if name in fused or name in linears]
     assert len(compared) == 5 + 3 + 5 + 2 + 3
@@ -212,3 +213,20 @@ def test_gpt_oss_from_mxfp4_builds_bf16_twice_alike_and_import_remakes_it(fronti
     result = repo.run("import", "oss-mxfp4", check=0)
     assert "imported" in result.stderr
     assert tree_digest(file_entries(weights)) == before == spec_of(repo, "oss-mxfp4")["digest"]
+
+
+def test_mxfp4_experts_whose_scales_do_not_fit_their_blocks_are_refused_and_nothing_is_written(frontier, tmp_path):
+    from builder.errors import BuilderError
+
+    repo, downloads = frontier
+    tensors = read_all(downloads / "oss-mxfp4")
+    name = "model.layers.1.mlp.experts.down_proj_scales"
+    tensors[name] = tensors[name][:, :, :1].contiguous()  # one group of 32 where the blocks hold two
+    config = json.loads((downloads / "oss-mxfp4" / "config.json").read_text())["quantization_config"]
+    folder = published_like(downloads / "oss-bf16", tmp_path / "broken", tensors, config)
+    with pytest.raises(BuilderError) as refused:
+        onboard.add_model(repo.root, "oss-broken", folder, log=lambda m: None)
+    assert "model.layers.1.mlp.experts.down_proj_blocks" in str(refused.value)
+    assert len(str(refused.value).splitlines()) == 1
+    assert not (repo.root / "specs" / "model" / "oss-broken.yaml").exists()
+    assert not [path for path in (repo.root / "weights").iterdir() if path.name.startswith("oss-broken")]
