@@ -230,3 +230,15 @@ def test_mxfp4_experts_whose_scales_do_not_fit_their_blocks_are_refused_and_noth
     assert len(str(refused.value).splitlines()) == 1
     assert not (repo.root / "specs" / "model" / "oss-broken.yaml").exists()
     assert not [path for path in (repo.root / "weights").iterdir() if path.name.startswith("oss-broken")]
+
+
+def test_every_mxfp4_code_and_e8m0_exponent_dequantizes_as_transformers_convert_moe_packed_tensors():
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from builder.source.dequantize import fused_mxfp4
+
+    every_byte = (torch.arange(16) + 16 * torch.arange(256).unsqueeze(1)) % 256  # [256 rows, 16 bytes]
+    blocks = every_byte.to(torch.uint8).reshape(1, 256, 1, 16).expand(2, 256, 4, 16).contiguous()
+    scales = torch.arange(256, dtype=torch.int32).repeat(8).reshape(2, 256, 4).to(torch.uint8)  # 0 ... 255 (NaN)
+    ours, theirs = fused_mxfp4(blocks, scales, torch.bfloat16), convert_moe_packed_tensors(blocks, scales)
+    assert same_bits(ours, theirs) and ours.shape == (2, 4 * 32, 256)

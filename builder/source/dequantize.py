@@ -151,13 +151,18 @@ def e8m0(scale):
 
 def fused_mxfp4(blocks, scales, dtype):
     """gpt-oss's MXFP4 experts (blocks [E, rows, G, 16] uint8, scales [E, rows, G] E8M0) as dtype
-    [E, G * 32, rows]: E2M1 value times 2^(scale - 127), in FP32 (exact), rounded once to dtype."""
+    [E, G * 32, rows]: the E2M1 value in dtype (exact), then torch.ldexp by scale - 127 in place, as
+    transformers' convert_moe_packed_tensors does (so E8M0 255, "NaN", gives what it gives). One expert's
+    temporaries at a time (gpt-oss-120b's gate_up_proj would be 8.5 GB of FP32 at once)."""
     import torch
 
     experts, rows, groups, width = blocks.shape
-    values = fp4_values(blocks.reshape(-1, width), width * 2).reshape(experts, rows, groups, width * 2)
-    powers = torch.pow(2.0, scales.to(torch.int32) - 127).unsqueeze(-1)  # FP32: 2^-127 is exact (subnormal)
-    return (values * powers).to(dtype).reshape(experts, rows, groups * width * 2).transpose(1, 2).contiguous()
+    out = torch.empty((experts, groups * width * 2, rows), dtype=dtype)
+    for expert in range(experts):
+        values = fp4_values(blocks[expert].reshape(-1, width), width * 2).to(dtype).reshape(rows, groups, -1)
+        torch.ldexp(values, scales[expert].to(torch.int32).unsqueeze(-1) - 127, out=values)
+        out[expert] = values.reshape(rows, groups * width * 2).t()
+    return out
 
 
 def weight(read, module: str, kind: str, stored: set, config: dict, dtype):
