@@ -46,7 +46,8 @@ GNU_TIME = "/usr/bin/time"
 
 
 def measured(command: list, env: dict | None = None) -> dict:
-    """Run a command; its wall time (s) and the peak RSS (bytes) of its process, as GNU time reports it.
+    """Run a command; its wall time (s), CPU time (user + system s: what varies less on a shared machine)
+    and the peak RSS (bytes) of its process, as GNU time reports them.
 
     Not wait4 on our own child: Linux carries the parent's high-water RSS into a forked child's ru_maxrss
     (exec records the copied address space's peak), so a child of this process, which holds two FP32
@@ -57,14 +58,15 @@ def measured(command: list, env: dict | None = None) -> dict:
         raise SystemExit(f"{GNU_TIME} not found: install GNU time (Debian: apt install time)")
     with tempfile.TemporaryFile() as log, tempfile.NamedTemporaryFile("r") as peak:
         start = time.perf_counter()  # a file, not a pipe, for the log: a chatty child never blocks on it
-        status = subprocess.run([GNU_TIME, "-q", "-f", "%M", "-o", peak.name, *command], cwd=ROOT,
+        status = subprocess.run([GNU_TIME, "-q", "-f", "%U %S %M", "-o", peak.name, *command], cwd=ROOT,
                                 env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=log).returncode
         seconds = time.perf_counter() - start
         if status != 0:
             log.seek(0)
             raise SystemExit(f"{' '.join(command)} failed:\n{log.read().decode(errors='replace')[-3000:]}")
-        kilobytes = int(peak.read().split()[-1])
-    return {"seconds": round(seconds, 1), "peak_rss_bytes": kilobytes * 1024}
+        user, system, kilobytes = peak.read().split()[-3:]
+    return {"seconds": round(seconds, 1), "cpu_seconds": round(float(user) + float(system), 1),
+            "peak_rss_bytes": int(kilobytes) * 1024}
 
 
 def calibrates(recipe: str) -> bool:

@@ -259,10 +259,12 @@ def measure_size(work: Path, size_gb: float, args) -> list:
     return rows
 
 
-def ratio(rows: list, row: dict, tool: str) -> str:
-    """Our wall time over another tool's for the same size and recipe ('' when there is none)."""
+def ratio(rows: list, row: dict, tool: str, key: str = "seconds") -> str:
+    """Our wall (or CPU) time over another tool's for the same size and recipe ('' when there is none)."""
     other = [r for r in rows if (r["tool"], r["size_gb"], r["recipe"]) == (tool, row["size_gb"], row["recipe"])]
-    return f"{row['seconds'] / other[0]['seconds']:.2f}x" if row["tool"] == "ours" and other else ""
+    if row["tool"] != "ours" or not other or key not in row or key not in other[0]:
+        return ""
+    return f"{row[key] / other[0][key]:.2f}x"
 
 
 def calibration_rate(rows: list, row: dict) -> str:
@@ -285,9 +287,11 @@ def table(rows: list) -> str:
         ("tool", "---", lambda r: r["tool"]), ("recipe", "---", lambda r: r["recipe"]),
         ("output (GB)", "---:", lambda r: f"{r['output_bytes'] / 1e9:.2f}" if "output_bytes" in r else ""),
         ("wall time (s)", "---:", lambda r: r["seconds"]),
+        ("CPU (s)", "---:", lambda r: r.get("cpu_seconds", "")),
         ("peak RSS (GB)", "---:", lambda r: f"{r['peak_rss_bytes'] / 1e9:.2f}"),
         ("vs floor", "---:", lambda r: ratio(rows, r, "I/O floor")),
         ("vs llm-compressor", "---:", lambda r: ratio(rows, r, "llm-compressor")),
+        ("vs llm-compressor (CPU)", "---:", lambda r: ratio(rows, r, "llm-compressor", "cpu_seconds")),
         ("calibration s / 1k tokens / B params", "---:", lambda r: calibration_rate(rows, r))))
 
 

@@ -28,25 +28,42 @@ def lopsided_hessian(columns=96, dead=(3, 40)):
 
 
 def plain_factor(hessian, dampening, actorder):
-    """The formulas on fresh tensors: permute by decreasing diagonal, dampen, invert through Cholesky."""
+    """The formulas on fresh tensors: permute by decreasing diagonal, dampen, then the upper Cholesky
+    factor of the inverse as J L⁻¹ J, L the Cholesky factor of the reversed Hessian (J H J)."""
     order = gptq.column_order(hessian, actorder)
     h = hessian[order][:, order].clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     h += torch.eye(h.shape[0]) * (dampening * torch.mean(torch.diag(h)))
-    upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    return order, dead, upper
+    lower = torch.linalg.cholesky(torch.tril(h).flip(0, 1) + torch.tril(h, -1).T.flip(0, 1))
+    gptq.invert_lower_(lower)
+    return order, dead, lower.flip(0, 1), h
 
 
 @pytest.mark.parametrize("actorder", ["static", None])
 def test_the_factor_is_computed_in_the_hessians_own_memory_with_the_bits_of_the_plain_formulas(actorder):
     hessian = lopsided_hessian()
-    order, dead, upper = plain_factor(hessian, 0.01, actorder)
+    order, dead, upper, dampened = plain_factor(hessian, 0.01, actorder)
     consumed = hessian.clone()
     factor = gptq.factorise(consumed, recipe_of(actorder=actorder).gptq, "m")
     assert factor.inverse.data_ptr() == consumed.data_ptr()  # no second Hessian-sized tensor is kept
     assert torch.equal(factor.order, order) and torch.equal(factor.dead, dead)
-    assert torch.equal(factor.inverse, upper) and factor.inverse.stride() == upper.stride()
+    assert torch.equal(factor.inverse, upper)
+    # and it is the classic one (Cholesky, its inverse, an upper Cholesky of that) up to FP32 rounding
+    symmetric = torch.tril(dampened) + torch.tril(dampened, -1).T
+    classic = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(symmetric)), upper=True)
+    assert torch.equal(factor.inverse, torch.triu(factor.inverse))
+    assert torch.allclose(factor.inverse, classic, rtol=0, atol=1e-5 * classic.abs().max())
+
+
+@pytest.mark.parametrize("size", [1, 127, 128, 300])
+def test_a_lower_triangular_matrix_is_inverted_in_its_own_memory_across_block_boundaries(size):
+    generator = torch.Generator().manual_seed(size)
+    lower = torch.tril(torch.randn(size, size, generator=generator)) + torch.eye(size) * size ** 0.5
+    expected = torch.linalg.inv(lower.double())
+    gptq.invert_lower_(inverted := lower.clone())
+    assert torch.equal(inverted, torch.tril(inverted))
+    assert torch.allclose(inverted.double(), expected, rtol=0, atol=1e-5 * expected.abs().max())
 
 
 def test_in_place_permutations_move_values_exactly_as_indexing_does():
@@ -58,11 +75,15 @@ def test_in_place_permutations_move_values_exactly_as_indexing_does():
     assert torch.equal(moved, expected) and torch.equal(only_columns, columns)
 
 
-def test_lower_triangle_is_copied_onto_the_upper_one_whatever_the_block_boundaries():
-    square = torch.randn(600, 600, generator=torch.Generator().manual_seed(4))
-    gptq.symmetric_from_lower_(copy := square.clone())
-    lower = torch.tril(square)
-    assert torch.equal(copy, lower + torch.tril(square, -1).T)
+@pytest.mark.parametrize("size", [299, 300, 600])
+def test_half_turns_move_values_exactly_as_flipping_does_whatever_the_block_boundaries(size):
+    square = torch.randn(size, size, generator=torch.Generator().manual_seed(4))
+    gptq.turned_lower_onto_upper_(upper := square.clone())
+    turned = square.flip(0, 1)
+    assert torch.equal(torch.triu(upper), torch.triu(turned))  # the lower triangle, turned half a turn
+    assert torch.equal(torch.tril(upper, -1), torch.tril(square, -1))  # and left where it was
+    gptq.turn_(whole := square.clone())
+    assert torch.equal(whole, turned)
 
 
 @pytest.mark.parametrize("weights", [GROUP, {**GROUP, "num_bits": 8, "strategy": "channel", "group_size": None},

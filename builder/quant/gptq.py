@@ -163,31 +163,74 @@ def expand(scale: torch.Tensor, args: Args, columns: int) -> torch.Tensor:
 
 
 def inverse_hessian(hessian: torch.Tensor, dampening: float, module: str) -> torch.Tensor:
-    """Upper Cholesky factor of the inverse of a (dampened) Hessian, computed in the Hessian's memory:
-    the returned tensor is a column-major view of it. LAPACK reads one triangle: the lower one of
-    the Hessian, as torch.linalg.cholesky does, copied first onto the upper so either reads the same."""
-    symmetric_from_lower_(hessian)
+    """Upper Cholesky factor U of the inverse of a (dampened) Hessian H (H⁻¹ = UᵀU), computed in the
+    Hessian's memory: the returned tensor is a column-major view of it.
+
+    With J the reversal (J H J reverses H's rows and columns) and L the lower Cholesky factor of J H J,
+    H⁻¹ = J L⁻ᵀ L⁻¹ J = (J L⁻¹ J)ᵀ (J L⁻¹ J), and J L⁻¹ J is upper triangular: U is one Cholesky and one
+    triangular inverse away, not a Cholesky, LAPACK's cholesky_inverse (slow here) and a second
+    Cholesky. LAPACK reads the lower triangle of the column-major view, which is the row-major upper
+    one: it is filled with H's lower triangle turned half a turn, which is J H J's."""
+    turned_lower_onto_upper_(hessian)
     factor = hessian.mT  # column-major: LAPACK's own layout, so torch copies nothing
     try:
         torch.linalg.cholesky(factor, out=factor)
-        torch.cholesky_inverse(factor, out=factor)
-        torch.linalg.cholesky(factor, upper=True, out=factor)
     except RuntimeError:
         raise BuilderError(Problem("quant", "gptq.dampening_frac", f"{dampening}: the Hessian of {module} "
                                    "is not positive definite; raise dampening_frac or calibrate on more "
                                    "samples")) from None
+    invert_lower_(factor)
+    turn_(hessian)  # J X J of X = L⁻¹ (a half turn of the square): upper triangular
     return factor
 
 
-def symmetric_from_lower_(square: torch.Tensor) -> None:
-    """Copy the lower triangle onto the upper one, in place, a block of rows at a time."""
-    columns = square.shape[0]
-    for start in range(0, columns, ROW_BLOCK):
-        end = min(start + ROW_BLOCK, columns)
-        square[start:end, end:] = square[end:, start:end].T
-        block = square[start:end, start:end]
-        lower = torch.ones_like(block, dtype=torch.bool).tril()
-        block.copy_(torch.where(lower, block, block.T))
+INVERT_BLOCK = 128  # columns of L⁻¹ made at a time by invert_lower_
+
+
+def invert_lower_(lower: torch.Tensor) -> None:
+    """L⁻¹ in L's memory, for a lower triangular L with zeros above its diagonal: LAPACK trtri's
+    blocked order, last column block first. With the columns right of block j already inverted
+    (X₂₂ = L₂₂⁻¹, lower triangular, zeros above), block j's rows below its diagonal block become
+    -X₂₂ L₂₁ L₁₁⁻¹ and the diagonal block L₁₁⁻¹. The only scratch is one block of columns."""
+    size = lower.shape[0]
+    for start in reversed(range(0, size, INVERT_BLOCK)):
+        end = min(start + INVERT_BLOCK, size)
+        diagonal = lower[start:end, start:end]
+        inverse = torch.linalg.solve_triangular(diagonal, torch.eye(end - start, dtype=lower.dtype,
+                                                                    device=lower.device), upper=False)
+        if end < size:
+            below = lower[end:, start:end]
+            below.copy_(torch.mm(torch.mm(lower[end:, end:], below), inverse).neg_())
+        diagonal.copy_(inverse)
+
+
+def turned_lower_onto_upper_(square: torch.Tensor) -> None:
+    """square[r, c] = square[n-1-r, n-1-c] for r <= c, in place a block of rows at a time: the upper
+    triangle (diagonal included) becomes the lower triangle turned half a turn. The lower triangle is
+    only read, the upper only written (the diagonal is read first)."""
+    size = square.shape[0]
+    diagonal = square.diagonal().flip(0).clone()
+    columns = torch.arange(size, device=square.device)
+    for start in range(0, size, ROW_BLOCK):
+        end = min(start + ROW_BLOCK, size)
+        rows = torch.arange(start, end, device=square.device).unsqueeze(1)
+        block = square[start:end]
+        block.copy_(torch.where(columns > rows, square[size - end:size - start].flip(0, 1), block))
+    square.diagonal().copy_(diagonal)
+
+
+def turn_(square: torch.Tensor) -> None:
+    """square[r, c] = square[n-1-r, n-1-c] everywhere, in place (the top rows swap with the bottom ones,
+    a block at a time; one block of scratch)."""
+    size = square.shape[0]
+    half = size // 2
+    for start in range(0, half, ROW_BLOCK):
+        end = min(start + ROW_BLOCK, half)
+        top = square[start:end].clone()
+        square[start:end] = square[size - end:size - start].flip(0, 1)
+        square[size - end:size - start] = top.flip(0, 1)
+    if size % 2:
+        square[half] = square[half].flip(0)
 
 
 def dequantize(values: torch.Tensor, scale: torch.Tensor, args: Args) -> torch.Tensor:

@@ -32,7 +32,7 @@ OUTPUT_VERSIONS = {
     "quantize.ggml": 1,              # llama.cpp's Q8_0 / Q4_0 blocks
     "quantize.kquant": 1,            # llama.cpp's Q4_K / Q5_K / Q6_K and Q5_0 / Q5_1 blocks (plain and imatrix-weighted)
     "quantize.affine": 1,            # MLX's affine groups: scales, biases, codes
-    "gptq": 2,                       # GPTQ's column loop (integer and FP8 weights); 2: under MKL_CBWR=AVX2,STRICT
+    "gptq": 3,                       # GPTQ's column loop (integer and FP8 weights); 2: under MKL_CBWR=AVX2,STRICT; 3: factor from one Cholesky and a triangular inverse
     "observer.mse": 1,               # weight scales searched for the least rounding error
     "observer.imatrix_mse": 1,       # the same, errors weighted by the inputs' E[x²] per column
     "smoothing": 1,                  # SmoothQuant: per-channel factors folded into each layer's norms and Linears
