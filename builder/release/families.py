@@ -119,6 +119,11 @@ def smoothable(family: Family) -> bool:
     return family.moe is None and family.layer_norms == 2 and not family.norm_offset
 
 
+# Multi-token-prediction layers on disk (DeepSeek-V3, Kimi K2, GLM-4.5; vLLM's deepseek_mtp.py and
+# glm4_moe_mtp.py read them so): transformers' MtpLayer names (memory prefix) -> the checkpoint's, in
+# model.layers.{num_hidden_layers + k}; enorm, hnorm and eh_proj keep their names.
+MTP_ON_DISK = (("mtp_block.", ""), ("post_norm.", "shared_head.norm."))
+
 # Tensor parallelism splits these layers along their input features (vLLM's RowParallelLinear).
 ROW_PARALLEL = ("self_attn.o_proj", "down_proj", "w2")
 
@@ -258,11 +263,16 @@ def facts(config: dict) -> dict:
     return block
 
 
+# Roles of a checkpoint entry that are not Linears a recipe may quantize: routers, and the multi-token-
+# prediction layers' tensors (passed through; their Linears and routers named in ignore, as mtp_linear).
+ROLE_CLASSES = {"router": "router", "mtp": "mtp", "mtp_linear": "mtp_linear"}
+
+
 def derived_tensors(entries: list) -> list:
     """The tensors of an architecture block's `checkpoint`: each entry a name with {layer} and {expert}
     for the layer and expert numbers, its shape, its role (linear, expert, router, other), the layers
-    it is in (null: outside the decoder layers) and the experts per layer (null: not an expert). Fused
-    experts count as experts (active for top-k of the tokens only), not as Linears."""
+    it is in (null: outside the decoder layers) and the experts per layer (null: not an expert); mtp and
+    mtp_linear: a multi-token-prediction layer's (source/load.py with_mtp). Fused experts count as experts (active for top-k of the tokens only), not as Linears."""
     found = []
     for entry in entries:
         role = entry["role"]
@@ -270,7 +280,7 @@ def derived_tensors(entries: list) -> list:
             for expert in range(entry["experts"]) if entry.get("experts") else [None]:
                 name = entry["name"].replace("{layer}", str(layer)).replace("{expert}", str(expert))
                 found.append(Tensor(name, tuple(entry["shape"]), linear=role in ("linear", "expert"),
-                                    expert=role in ("expert", "fused"), cls="router" if role == "router" else "Linear"))
+                                    expert=role in ("expert", "fused"), cls=ROLE_CLASSES.get(role, "Linear")))
     return found
 
 

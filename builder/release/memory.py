@@ -43,8 +43,10 @@ def weight_bytes(arch: dict, recipe: Recipe) -> int:
 
 
 def parameters(arch: dict) -> dict:
-    """{"total": parameters, "active": parameters a token runs through} (MoE: top-k of the experts)."""
-    total = active = 0
+    """{"total": parameters, "active": parameters a token runs through} (MoE: top-k of the experts), and
+    "mtp": those of the multi-token-prediction layers (in total, not active: only speculative decoding
+    runs them) when the checkpoint holds any."""
+    total = active = mtp = 0
     moe = arch.get("moe")
     share = moe["num_experts_per_tok"] / moe["num_experts"] if moe else 1
     for tensor in checkpoint(arch):
@@ -52,8 +54,11 @@ def parameters(arch: dict) -> dict:
         for size in tensor.shape:
             count *= size
         total += count
-        active += count * share if tensor.expert else count
-    return {"total": total, "active": round(active)}
+        if tensor.cls in ("mtp", "mtp_linear"):
+            mtp += count
+        else:
+            active += count * share if tensor.expert else count
+    return {"total": total, "active": round(active), **({"mtp": mtp} if mtp else {})}
 
 
 def estimate(spec: dict, recipe: Recipe) -> dict:
@@ -84,11 +89,12 @@ def arithmetic(spec: dict, figures: dict) -> str:
     arch, context = spec["model"]["architecture"], spec["context"]
     target = spec["target"]
     kv_name = figures["kv_cache_dtype"] if figures["kv_cache_dtype"] != "auto" else spec["quant"]["dtype"]
+    cache = (f"KV cache 2 (K, V) x {figures['layers_per_device']} layers"
+             f" x {figures['kv_heads_per_device']} KV heads x {head_dim(arch)} head_dim"
+             f" x {figures['kv_element_bytes']} B ({kv_name}) x {context['max_model_len']:,} tokens"
+             f" x {context['max_num_seqs']} sequences = {figures['kv_cache_per_device']:,} B")
     return (f"weights {figures['weights_bytes']:,} B / (TP {figures['tensor']} x PP {figures['pipeline']})"
-            f" = {figures['weights_per_device']:,} B; KV cache 2 (K, V) x {figures['layers_per_device']} layers"
-            f" x {figures['kv_heads_per_device']} KV heads x {head_dim(arch)} head_dim"
-            f" x {figures['kv_element_bytes']} B ({kv_name}) x {context['max_model_len']:,} tokens"
-            f" x {context['max_num_seqs']} sequences = {figures['kv_cache_per_device']:,} B;"
+            f" = {figures['weights_per_device']:,} B; {cache};"
             f" total {figures['per_device']:,} B ({figures['per_device'] / GIB:.2f} GiB) per device;"
             f" usable {target['memory_utilization']} x {target['device']['memory_bytes']:,} B"
             f" = {figures['usable_bytes']:,} B ({figures['usable_bytes'] / GIB:.2f} GiB)")

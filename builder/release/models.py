@@ -123,7 +123,7 @@ class CheckpointTensor(Group):
 
     name: Annotated[str, Field(min_length=1)]
     shape: list[Positive]
-    role: Literal["linear", "expert", "router", "fused", "other"]
+    role: Literal["linear", "expert", "router", "fused", "other", "mtp", "mtp_linear"]
     layers: list[Annotated[int, Field(ge=0)]] | None = None
     experts: Positive | None = None
 
