@@ -146,7 +146,9 @@ def test_multi_token_prediction_layers_pass_through_byte_identical_named_in_igno
     counted = memory.parameters(spec["model"]["architecture"])
     assert counted["mtp"] == sum(source[k].numel() for k in mtp)
     assert counted["total"] == sum(t.numel() for t in source.values())
-    assert f"{counted['mtp'] / 1e9:.3f} B of the total in multi-token-prediction layers" in (artifact / "README.md").read_text()
+    card = (artifact / "README.md").read_text()
+    assert f"{counted['mtp'] / 1e9:.3f} B of the total in multi-token-prediction layers" in card
+    assert "40 latent values (kv_lora_rank + qk_rope_head_dim)" in card  # MLA's cache (tests/test_memory.py)
     _, info = logits(artifact, torch.zeros(1, 4, dtype=torch.long), quantized=True)
     assert not info["missing_keys"] and not info["mismatched_keys"]
     unexpected = set(info["unexpected_keys"])  # transformers ignores DeepSeek-V3's at index 61 only
