@@ -209,7 +209,8 @@ def mtp_rows(config, family, model) -> list:
     (DeepSeek-V3's and GLM-4.5's `num_nextn_predict_layers`, transformers' `num_mtp_layers`), which the
     causal LM transformers builds leaves out: transformers' own MtpModel built on the meta device (its
     decoder block is the model's decoder layer, experts unfused as above), named as the checkpoint
-    names them (its load-time renamings reversed, the layer after the last decoder layer, N + k), plus
+    names them (families.MTP_ON_DISK, in model.layers.{N + k} after the N decoder layers; transformers'
+    own MtpModel renamings are ambiguous to reverse: they also read Inkling's layout), plus
     the embedding and head each layer repeats on disk. role: mtp_linear (a Linear's or a router's
     weight: named in ignore, so runtimes build them unquantized), mtp (the rest). [] without any."""
     count = getattr(config.get_text_config(), "num_mtp_layers", None) or 0
