@@ -73,7 +73,7 @@ def checked_inputs(root: Path, release: Release, path: Path, digest) -> BuildInp
     config = load.read_config(path, model_file)
     load.check_tokenizer(path, model.path)
     tensors = load.tensor_index(path)
-    architecture = load.architecture(path)
+    architecture = load.with_mtp(load.architecture(path), tensors, model.path)
     load.check_architecture(spec["model"]["architecture"], architecture["facts"], model_file)
     load.check_tensors(model.path, tensors, architecture["shapes"], architecture["tied"])
     recipe = release.recipe

@@ -84,6 +84,8 @@ DERIVED = {
                                      layer_types=["linear_attention", "full_attention"])),
 }
 RECIPES = ("bf16", "fp8-dynamic")
+# Kinds saved with their multi-token-prediction layer, as DeepSeek publishes it (transformers saves none).
+MTP = {"tiny-deepseek-v3"}
 
 
 def make_checkpoint(kind: str, path: Path, seed: int = 0) -> dict:
@@ -103,9 +105,31 @@ def make_checkpoint(kind: str, path: Path, seed: int = 0) -> dict:
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
     model.save_pretrained(path)
+    if kind in MTP:
+        add_mtp_layer(path, config)
     make_tokenizer(values["vocab_size"]).save_pretrained(path)
     (path / "generation_config.json").unlink(missing_ok=True)
     return json.loads((path / "config.json").read_text())
+
+
+def add_mtp_layer(path: Path, config) -> None:
+    """Append the multi-token-prediction layer DeepSeek-V3 publishes as model.layers.61 (here the layer after
+    the last one): its own embedding, enorm, hnorm, eh_proj [H, 2H], a decoder layer shaped as the last
+    (MoE) one, shared_head.norm and shared_head.head, random BF16 values, in the same safetensors file."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path / "model.safetensors")
+    last, mtp = f"model.layers.{config.num_hidden_layers - 1}.", f"model.layers.{config.num_hidden_layers}."
+    hidden, vocab = config.hidden_size, config.vocab_size
+    added = {mtp + name[len(last):]: tensor.shape for name, tensor in tensors.items() if name.startswith(last)}
+    added.update({f"{mtp}embed_tokens.weight": (vocab, hidden), f"{mtp}enorm.weight": (hidden,),
+                  f"{mtp}hnorm.weight": (hidden,), f"{mtp}eh_proj.weight": (hidden, 2 * hidden),
+                  f"{mtp}shared_head.norm.weight": (hidden,), f"{mtp}shared_head.head.weight": (vocab, hidden)})
+    generator = torch.Generator().manual_seed(61)
+    for name in sorted(added):
+        tensors[name] = (torch.randn(added[name], generator=generator) * 0.05).to(torch.bfloat16)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
 
 
 def make_tokenizer(vocab_size: int):

@@ -106,6 +106,9 @@ def test_every_family_builds_every_recipe_twice_alike_quantizes_every_target_and
                                                   tmp_path, kind in MOE)
 
 
+MTP_ROLES = ("mtp", "mtp_linear")
+
+
 def builds_alike_quantizes_every_target_and_loads(family_repo, artifact, source_logits, kind, recipe, tmp_path,
                                                   moe: bool) -> None:
     """The checks every family's build of a recipe passes (tests/test_families_derived.py shares them)."""
@@ -144,7 +147,9 @@ def builds_alike_quantizes_every_target_and_loads(family_repo, artifact, source_
     source = source_logits(family_repo, kind)
     result, info = logits(artifact, IDS, quantized=recipe != "bf16")
     assert not info["missing_keys"] and not info["mismatched_keys"]
-    unexpected = set(info["unexpected_keys"])
+    # transformers builds no multi-token-prediction layer and ignores DeepSeek-V3's only at index 61
+    mtp = tuple({".".join(t.name.split(".")[:3]) + "." for t in memory.checkpoint(arch) if t.cls in MTP_ROLES})
+    unexpected = {key for key in info["unexpected_keys"] if not key.startswith(mtp or "\0")}
     if moe and recipe == "fp8-static":  # transformers' fused-expert loader has no input scales
         unexpected = {key for key in unexpected if not (".experts." in key and key.endswith(".input_scale"))}
     assert not unexpected, sorted(unexpected)

@@ -14,7 +14,7 @@ from builder.release import families, memory
 from builder.release.recipe import Recipe
 from builder.tensorfile import read_header
 from builder.source import onboard
-from conftest import DERIVED, Repo, make_checkpoint, release_text, save_byte_tokenizer
+from conftest import DERIVED, MTP, Repo, make_checkpoint, release_text, save_byte_tokenizer
 from test_families import (builds_alike_quantizes_every_target_and_loads, calibration_equals_a_full_forward,
                            source_logits)  # noqa: F401 (a fixture: the source's logits, once per kind)
 
@@ -91,7 +91,9 @@ def test_model_add_derives_every_tensor_on_disk_and_its_experts(derived_repo, ki
         experts = [t for t in memory.checkpoint(arch) if t.expert]
         assert len(experts) == 3 * 4 * (arch["num_hidden_layers"] - len(arch["moe"]["mlp_only_layers"]))
         idle = 1 - arch["moe"]["num_experts_per_tok"] / arch["moe"]["num_experts"]  # shared experts always run
-        assert counted["active"] == round(stored - idle * sum(math.prod(t.shape) for t in experts))
+        mtp = counted.get("mtp", 0)  # multi-token-prediction layers: in the total, not active (tiny-deepseek-v3)
+        assert counted["active"] == round(stored - mtp - idle * sum(math.prod(t.shape) for t in experts))
+        assert bool(mtp) == (kind in MTP)
         routers = [t.name for t in memory.checkpoint(arch) if t.cls == "router"]
         assert routers and all(name.endswith((".gate.weight", "shared_expert_gate.weight")) for name in routers)
     else:
@@ -107,3 +109,70 @@ def yaml_load(path):
     import yaml
 
     return yaml.safe_load(path.read_text())
+
+
+@pytest.mark.parametrize("recipe", ["fp8-dynamic", "w4a16-gptq"])
+def test_multi_token_prediction_layers_pass_through_byte_identical_named_in_ignore_and_counted(
+        derived_repo, recipe, tmp_path):
+    """DeepSeek-V3's MTP layer (model.layers.{num_hidden_layers}.*, as published: embedding, enorm, hnorm,
+    eh_proj, a MoE decoder layer, shared_head) is onboarded, written byte for byte as the source holds it,
+    its Linears and router named in ignore (vLLM's MTP layer takes the model's quantization config), counted
+    in memory and on the card; transformers loads the artifact with nothing missing, only those unexpected."""
+    import torch
+    from safetensors.torch import load_file
+
+    from builder import build
+    from builder.source import load
+    from test_families import logits
+
+    kind, name = "tiny-deepseek-v3", f"tiny-deepseek-v3-all-{recipe}"
+    artifact = tmp_path / name
+    build.build(derived_repo.root, name, out=artifact, log=lambda m: None)
+    source = load_file(derived_repo.root / "weights" / kind / "model.safetensors")
+    written = {k: v for path in sorted(artifact.glob("*.safetensors")) for k, v in load_file(path).items()}
+    layer = f"model.layers.{DERIVED[kind][1].get('num_hidden_layers', 2)}."
+    mtp = sorted(k for k in source if k.startswith(layer))
+    expected = {f"{layer}{n}.weight" for n in ("embed_tokens", "enorm", "hnorm", "eh_proj", "shared_head.norm",
+                                               "shared_head.head", "mlp.experts.3.down_proj", "self_attn.kv_b_proj")}
+    assert expected <= set(mtp)
+    for key in mtp:  # the bytes as published: BF16, not quantized
+        assert written[key].dtype == torch.bfloat16 and torch.equal(written[key].view(torch.int16),
+                                                                    source[key].view(torch.int16)), key
+        assert f"{key[: -len('.weight')]}.weight_scale" not in written
+    ignore = set(json.loads((artifact / "config.json").read_text())["quantization_config"]["ignore"])
+    linears = {k[: -len(".weight")] for k in mtp if k.endswith(("_proj.weight", "_mqa.weight", "mlp.gate.weight"))}
+    assert len(linears) == 1 + 5 + 3 + 3 * 4 + 1 and linears <= ignore  # eh_proj, attention, shared, experts, router
+    spec = json.loads((artifact / "release.json").read_text())
+    counted = memory.parameters(spec["model"]["architecture"])
+    assert counted["mtp"] == sum(source[k].numel() for k in mtp)
+    assert counted["total"] == sum(t.numel() for t in source.values())
+    card = (artifact / "README.md").read_text()
+    assert f"{counted['mtp'] / 1e9:.3f} B of the total in multi-token-prediction layers" in card
+    assert "40 latent values (kv_lora_rank + qk_rope_head_dim)" in card  # MLA's cache (tests/test_memory.py)
+    _, info = logits(artifact, torch.zeros(1, 4, dtype=torch.long), quantized=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"]
+    unexpected = set(info["unexpected_keys"])  # transformers ignores DeepSeek-V3's at index 61 only
+    assert unexpected and all(key.startswith(layer) for key in unexpected)  # (its converter fuses the experts)
+    assert {key for key in mtp if ".experts." not in key} <= unexpected
+
+
+def test_a_multi_token_prediction_layer_held_in_part_is_refused_naming_what_is_missing(tmp_path):
+    """A checkpoint holding some of an MTP layer's tensors is refused at onboarding (kept whole or left out);
+    one that leaves the layer out, as transformers and llm-compressor save DeepSeek-V3, is accepted."""
+    from safetensors.torch import load_file, save_file
+
+    from builder.errors import BuilderError
+
+    repo, download = Repo.fresh(tmp_path / "repo"), tmp_path / "download"
+    make_checkpoint("tiny-deepseek-v3", download)
+    save_byte_tokenizer(download)
+    tensors = load_file(download / "model.safetensors")
+    save_file({k: v for k, v in tensors.items() if k != "model.layers.2.eh_proj.weight"},
+              download / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(BuilderError, match="model.layers.2.eh_proj.weight: missing from the checkpoint: a multi"):
+        onboard.add_model(repo.root, "partial", download, log=lambda m: None)
+    save_file({k: v for k, v in tensors.items() if not k.startswith("model.layers.2.")},
+              download / "model.safetensors", metadata={"format": "pt"})
+    onboard.add_model(repo.root, "without-mtp", download, log=lambda m: None)
+    arch = yaml_load(repo.root / "specs" / "model" / "without-mtp.yaml")["architecture"]
+    assert "mtp" not in memory.parameters(arch) and not [t for t in memory.checkpoint(arch) if ".layers.2." in t.name]

@@ -69,3 +69,76 @@ def test_int4_group_weights_count_packed_nibbles_and_one_scale_per_group():
     linears = [(256, 256)] * 4 + [(512, 256)] * 2 + [(256, 512)]
     expected = (100 + 3) * 256 * 2 + sum(rows * cols // 2 + rows * (cols // 64) * 2 for rows, cols in linears)
     assert memory.weight_bytes(arch, quant) == expected
+
+
+def tiny_spec(model_type: str, extra: dict, tensor: int = 1) -> dict:
+    """The shipped SmolLM2 bf16 spec with a tiny config's architecture block (what builder model add writes)."""
+    import transformers
+
+    from builder.release import families
+    from conftest import SHAPE
+
+    config = transformers.AutoConfig.for_model(model_type, **{**SHAPE, **extra}).to_dict()
+    config["architectures"] = ["TinyForCausalLM"]
+    spec = read(PROJECT, "smollm2-135m-instruct-bf16")["spec"]
+    spec["model"]["architecture"] = {**families.facts(config), "checkpoint": []}  # no weights: the cache only
+    spec["parallelism"]["tensor"] = tensor
+    return spec
+
+
+def test_mla_caches_one_latent_per_token_and_layer_whole_on_every_tensor_parallel_rank():
+    from conftest import DERIVED
+
+    for tensor in (1, 2):
+        spec = tiny_spec(*DERIVED["tiny-deepseek-v3"], tensor=tensor)
+        tokens, sequences = spec["context"]["max_model_len"], spec["context"]["max_num_seqs"]
+        figures = estimate(spec)
+        # kv_lora_rank 32 + qk_rope_head_dim 8 values, BF16, in each of the 2 layers, not split by TP
+        assert figures["kv_cache_per_device"] == (32 + 8) * 2 * 2 * tokens * sequences
+        assert "40 latent values (kv_lora_rank + qk_rope_head_dim)" in memory.arithmetic(spec, figures)
+
+
+def test_hybrid_layers_cache_keys_only_in_full_attention_and_hold_a_fixed_state_in_the_others():
+    from conftest import DERIVED
+
+    spec = tiny_spec(*DERIVED["tiny-qwen3-next"])  # layer_types: linear_attention, full_attention
+    tokens, sequences = spec["context"]["max_model_len"], spec["context"]["max_num_seqs"]
+    keys = 2 * 2 * 16 * 2  # K and V x 2 KV heads x head_dim 16 x 2 B
+    # Gated DeltaNet: conv state (2 x 2 key heads x 16 + 4 value heads x 16) x (kernel 4 - 1), recurrent 4 x 16 x 16
+    state = ((2 * 2 * 16 + 4 * 16) * 3 + 4 * 16 * 16) * 2
+    assert estimate(spec)["kv_cache_per_device"] == keys * 1 * tokens * sequences + 1 * state * sequences
+    halved = estimate(tiny_spec(*DERIVED["tiny-qwen3-next"], tensor=2))  # heads and state split over TP 2
+    assert halved["kv_cache_per_device"] == keys // 2 * tokens * sequences + state // 2 * sequences
+
+    spec = tiny_spec(*DERIVED["tiny-minimax"])  # lightning attention: a head_dim x head_dim state per head
+    assert estimate(spec)["kv_cache_per_device"] == keys * tokens * sequences + 4 * 16 * 16 * 2 * sequences
+
+    spec = tiny_spec("granitemoehybrid", dict(layer_types=["mamba", "attention"], mamba_n_heads=4, mamba_d_head=32,
+                                              mamba_d_state=16, mamba_n_groups=1, mamba_d_conv=4, mamba_expand=2))
+    # Mamba-2: conv state (2 x hidden 64 + 2 x 1 group x 16) x (4 - 1), SSM state 4 heads x 32 x 16
+    state = ((2 * 64 + 2 * 16) * 3 + 4 * 32 * 16) * 2
+    figures = estimate(spec)
+    assert figures["kv_cache_per_device"] == keys * tokens * sequences + state * sequences
+    assert "1 linear-attention/Mamba layers x 5,056 B of state" in memory.arithmetic(spec, figures)
+
+
+def test_sliding_window_layers_cache_at_most_the_window():
+    from conftest import FAMILIES
+
+    spec = tiny_spec(*FAMILIES["tiny-gemma2"])  # sliding_attention, full_attention; window 8
+    tokens, sequences = spec["context"]["max_model_len"], spec["context"]["max_num_seqs"]
+    figures = estimate(spec)
+    assert figures["kv_cache_per_device"] == 2 * 2 * 16 * 2 * (tokens + 8) * sequences
+    assert "1 sliding layers x 8 tokens" in memory.arithmetic(spec, figures)
+    mistral = tiny_spec("mistral", dict(sliding_window=16))  # no layer_types: every layer slides
+    assert estimate(mistral)["kv_cache_per_device"] == 2 * 2 * 16 * 2 * 2 * 16 * sequences
+
+
+def test_every_layer_caching_every_token_keeps_the_plain_estimate_and_no_kv_cache_block():
+    from conftest import DERIVED
+
+    for model_type, extra in (("llama", {}), ("qwen2", {}), DERIVED["tiny-qwen2-moe"], ("mistral", {"sliding_window": None})):
+        spec = tiny_spec(model_type, extra)
+        assert "kv_cache" not in spec["model"]["architecture"]
+        tokens, sequences = spec["context"]["max_model_len"], spec["context"]["max_num_seqs"]
+        assert estimate(spec)["kv_cache_per_device"] == 2 * 2 * 2 * 16 * 2 * tokens * sequences

@@ -65,8 +65,10 @@ def experts_row(arch: dict) -> list:
     if not moe:
         return []
     counted = memory.parameters(arch)
+    mtp = (f", {counted['mtp'] / 1e9:.3f} B of the total in multi-token-prediction layers (unquantized, for "
+           "speculative decoding)") if counted.get("mtp") else ""
     return [("parameters", f"{counted['total'] / 1e9:.3f} B total, {counted['active'] / 1e9:.3f} B active "
-                           f"(top-{moe['num_experts_per_tok']} of {moe['num_experts']} experts per token)")]
+                           f"(top-{moe['num_experts_per_tok']} of {moe['num_experts']} experts per token){mtp}")]
 
 
 def model_card(release: Release, evaluation: dict | None = None) -> str:

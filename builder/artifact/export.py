@@ -100,10 +100,14 @@ def write_weights(out: Path, tensors: dict, modules: dict, family, recipe: Recip
 
 
 def routers(facts: dict, family) -> list:
-    """The MoE router modules of a model (none for dense families), by checkpoint name."""
+    """The modules a quantized artifact names in ignore beside the recipe's, by checkpoint name: MoE routers
+    (none for dense families), and the Linears and routers of multi-token-prediction layers, which stay in
+    the output dtype (vLLM's MTP layer takes the model's quantization config and reads them unquantized
+    only when ignore names them)."""
     from builder.release import families
 
-    return [tensor.name[: -len(".weight")] for tensor in families.tensors(facts, family) if tensor.cls == "router"]
+    return [tensor.name[: -len(".weight")] for tensor in families.tensors(facts, family)
+            if tensor.cls in ("router", "mtp_linear") and tensor.name.endswith(".weight")]
 
 
 def write_config(source: dict, out: Path, recipe: Recipe, routers: list = ()) -> None:

@@ -119,6 +119,11 @@ def smoothable(family: Family) -> bool:
     return family.moe is None and family.layer_norms == 2 and not family.norm_offset
 
 
+# Multi-token-prediction layers on disk (DeepSeek-V3, Kimi K2, GLM-4.5; vLLM's deepseek_mtp.py and
+# glm4_moe_mtp.py read them so): transformers' MtpLayer names (memory prefix) -> the checkpoint's, in
+# model.layers.{num_hidden_layers + k}; enorm, hnorm and eh_proj keep their names.
+MTP_ON_DISK = (("mtp_block.", ""), ("post_norm.", "shared_head.norm."))
+
 # Tensor parallelism splits these layers along their input features (vLLM's RowParallelLinear).
 ROW_PARALLEL = ("self_attn.o_proj", "down_proj", "w2")
 
@@ -249,6 +254,9 @@ def facts(config: dict) -> dict:
         rope = rope["full_attention"]
     if isinstance(rope, dict) and rope.get("rope_type", "default") != "default":
         block["rope_parameters"] = {k: v for k, v in rope.items() if k in ROPE_KEYS and v is not None}
+    cache = kv_cache(config)
+    if cache is not None:
+        block["kv_cache"] = cache
     if family is not None and family.moe is not None:
         count = next(config[key] for key in family.moe.count if config.get(key))
         block["moe"] = {"num_experts": count, "num_experts_per_tok": config["num_experts_per_tok"],
@@ -258,11 +266,63 @@ def facts(config: dict) -> dict:
     return block
 
 
+# Roles of a checkpoint entry that are not Linears a recipe may quantize: routers, and the multi-token-
+# prediction layers' tensors (passed through; their Linears and routers named in ignore, as mtp_linear).
+ROLE_CLASSES = {"router": "router", "mtp": "mtp", "mtp_linear": "mtp_linear"}
+
+
+# Elements of one linear-attention or Mamba layer's state per sequence, by the config keys that size it
+# (vLLM's state shapes): Gated DeltaNet (Qwen3-Next) conv + recurrent state, Mamba-2 (Granite 4) conv +
+# SSM state, lightning attention (MiniMax) a head_dim x head_dim state per head. The first whose keys
+# the config has wins.
+STATE_ELEMENTS = (
+    (("linear_num_value_heads", "linear_num_key_heads", "linear_key_head_dim", "linear_value_head_dim",
+      "linear_conv_kernel_dim"),
+     lambda c: (2 * c["linear_num_key_heads"] * c["linear_key_head_dim"] + c["linear_num_value_heads"]
+                * c["linear_value_head_dim"]) * (c["linear_conv_kernel_dim"] - 1)
+     + c["linear_num_value_heads"] * c["linear_key_head_dim"] * c["linear_value_head_dim"]),
+    (("mamba_n_heads", "mamba_d_head", "mamba_d_state", "mamba_n_groups", "mamba_d_conv", "mamba_expand"),
+     lambda c: (c["mamba_expand"] * c["hidden_size"] + 2 * c["mamba_n_groups"] * c["mamba_d_state"])
+     * (c["mamba_d_conv"] - 1) + c["mamba_n_heads"] * c["mamba_d_head"] * c["mamba_d_state"]),
+    (("num_attention_heads", "head_dim"), lambda c: c["num_attention_heads"] * c["head_dim"] ** 2),
+)
+CACHED_LAYERS = {"full_attention": "full", "attention": "full", "chunked_attention": "full",
+                 "sliding_attention": "sliding", "linear_attention": "state", "mamba": "state"}
+
+
+def kv_cache(config: dict) -> dict | None:
+    """The architecture block's kv_cache (what vLLM allocates) from a full config, or None when every layer
+    caches every token's keys and values (the estimate's plain case: no existing spec changes). Layers by
+    layer_types (or layers_block_type); without them every layer is sliding when sliding_window is set
+    (Mistral) and use_sliding_window is not false (Qwen2); MLA caches kv_lora_rank + qk_rope_head_dim."""
+    layers = config["num_hidden_layers"]
+    types = config.get("layer_types") or config.get("layers_block_type")
+    window = config.get("sliding_window") or None
+    if isinstance(types, list) and len(types) == layers and all(t in CACHED_LAYERS for t in types):
+        kinds = [CACHED_LAYERS[t] for t in types]
+    elif window and config.get("use_sliding_window") is not False:
+        kinds = ["sliding"] * layers
+    else:
+        kinds = ["full"] * layers
+    if "sliding" in kinds and not window:
+        kinds = ["full" if kind == "sliding" else kind for kind in kinds]
+    block = {"full": kinds.count("full"), "sliding": kinds.count("sliding"), "state": kinds.count("state"),
+             "state_elements": 0}
+    if block["sliding"]:
+        block["window"] = window
+    if block["state"]:
+        block["state_elements"] = next(size(config) for keys, size in STATE_ELEMENTS
+                                       if all(config.get(key) for key in keys))
+    if config.get("kv_lora_rank"):
+        block["latent"] = config["kv_lora_rank"] + config["qk_rope_head_dim"]
+    return None if block["full"] == layers and "latent" not in block else block
+
+
 def derived_tensors(entries: list) -> list:
     """The tensors of an architecture block's `checkpoint`: each entry a name with {layer} and {expert}
     for the layer and expert numbers, its shape, its role (linear, expert, router, other), the layers
-    it is in (null: outside the decoder layers) and the experts per layer (null: not an expert). Fused
-    experts count as experts (active for top-k of the tokens only), not as Linears."""
+    it is in (null: outside the decoder layers) and the experts per layer (null: not an expert); mtp and
+    mtp_linear: a multi-token-prediction layer's (source/load.py with_mtp). Fused experts count as experts (active for top-k of the tokens only), not as Linears."""
     found = []
     for entry in entries:
         role = entry["role"]
@@ -270,7 +330,7 @@ def derived_tensors(entries: list) -> list:
             for expert in range(entry["experts"]) if entry.get("experts") else [None]:
                 name = entry["name"].replace("{layer}", str(layer)).replace("{expert}", str(expert))
                 found.append(Tensor(name, tuple(entry["shape"]), linear=role in ("linear", "expert"),
-                                    expert=role in ("expert", "fused"), cls="router" if role == "router" else "Linear"))
+                                    expert=role in ("expert", "fused"), cls=ROLE_CLASSES.get(role, "Linear")))
     return found
 
 

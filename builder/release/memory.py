@@ -43,8 +43,10 @@ def weight_bytes(arch: dict, recipe: Recipe) -> int:
 
 
 def parameters(arch: dict) -> dict:
-    """{"total": parameters, "active": parameters a token runs through} (MoE: top-k of the experts)."""
-    total = active = 0
+    """{"total": parameters, "active": parameters a token runs through} (MoE: top-k of the experts), and
+    "mtp": those of the multi-token-prediction layers (in total, not active: only speculative decoding
+    runs them) when the checkpoint holds any."""
+    total = active = mtp = 0
     moe = arch.get("moe")
     share = moe["num_experts_per_tok"] / moe["num_experts"] if moe else 1
     for tensor in checkpoint(arch):
@@ -52,8 +54,11 @@ def parameters(arch: dict) -> dict:
         for size in tensor.shape:
             count *= size
         total += count
-        active += count * share if tensor.expert else count
-    return {"total": total, "active": round(active)}
+        if tensor.cls in ("mtp", "mtp_linear"):
+            mtp += count
+        else:
+            active += count * share if tensor.expert else count
+    return {"total": total, "active": round(active), **({"mtp": mtp} if mtp else {})}
 
 
 def estimate(spec: dict, recipe: Recipe) -> dict:
@@ -73,10 +78,31 @@ def estimate(spec: dict, recipe: Recipe) -> dict:
           * context["max_model_len"] * context["max_num_seqs"])
     device = spec["target"]["device"]
     usable = int(device["memory_bytes"] * spec["target"]["memory_utilization"])
-    return {"weights_bytes": weights, "weights_per_device": weights_share, "kv_cache_per_device": kv,
-            "per_device": weights_share + kv, "usable_bytes": usable, "kv_cache_dtype": kv_dtype,
-            "kv_element_bytes": kv_element, "layers_per_device": layers, "kv_heads_per_device": kv_heads,
-            "tensor": tp, "pipeline": pp}
+    figures = {"weights_bytes": weights, "weights_per_device": weights_share, "kv_cache_per_device": kv,
+               "per_device": weights_share + kv, "usable_bytes": usable, "kv_cache_dtype": kv_dtype,
+               "kv_element_bytes": kv_element, "layers_per_device": layers, "kv_heads_per_device": kv_heads,
+               "tensor": tp, "pipeline": pp}
+    if arch.get("kv_cache"):
+        figures.update(layered_cache(arch, recipe, context, tp, pp, kv_element, kv_heads))
+        figures["per_device"] = weights_share + figures["kv_cache_per_device"]
+    return figures
+
+
+def layered_cache(arch: dict, recipe: Recipe, context: dict, tp: int, pp: int, kv_element: int,
+                  kv_heads: int) -> dict:
+    """The cache of an architecture whose layers differ (its kv_cache block): full-attention layers hold
+    max_model_len tokens, sliding ones at most the window, MLA one latent per token and layer (every head
+    reads it, so tensor parallelism does not split it: vLLM keeps it whole on each rank), linear-attention
+    and Mamba layers a fixed state per sequence (split over TP, in the model's dtype: an FP8 KV cache does
+    not quantize it), per sequence times max_num_seqs; the busiest pipeline stage holds ceil(n / PP) of each."""
+    block, tokens, seqs = arch["kv_cache"], context["max_model_len"], context["max_num_seqs"]
+    full, sliding, state = (-(-block[kind] // pp) for kind in ("full", "sliding", "state"))
+    per_token = block["latent"] * kv_element if block.get("latent") else 2 * kv_heads * head_dim(arch) * kv_element
+    window = min(block.get("window") or tokens, tokens)
+    state_bytes = -(-block["state_elements"] // tp) * DTYPE_BYTES[recipe.dtype]
+    kv = per_token * (full * tokens + sliding * window) * seqs + state * state_bytes * seqs
+    return {"kv_cache_per_device": kv, "cache_layers": (full, sliding, state), "cache_token_bytes": per_token,
+            "cache_window": window, "cache_state_bytes": state_bytes}
 
 
 def arithmetic(spec: dict, figures: dict) -> str:
@@ -84,11 +110,31 @@ def arithmetic(spec: dict, figures: dict) -> str:
     arch, context = spec["model"]["architecture"], spec["context"]
     target = spec["target"]
     kv_name = figures["kv_cache_dtype"] if figures["kv_cache_dtype"] != "auto" else spec["quant"]["dtype"]
+    if "cache_layers" in figures:
+        cache = layered_arithmetic(arch, context, figures, kv_name, spec["quant"]["dtype"])
+    else:
+        cache = (f"KV cache 2 (K, V) x {figures['layers_per_device']} layers"
+                 f" x {figures['kv_heads_per_device']} KV heads x {head_dim(arch)} head_dim"
+                 f" x {figures['kv_element_bytes']} B ({kv_name}) x {context['max_model_len']:,} tokens"
+                 f" x {context['max_num_seqs']} sequences = {figures['kv_cache_per_device']:,} B")
     return (f"weights {figures['weights_bytes']:,} B / (TP {figures['tensor']} x PP {figures['pipeline']})"
-            f" = {figures['weights_per_device']:,} B; KV cache 2 (K, V) x {figures['layers_per_device']} layers"
-            f" x {figures['kv_heads_per_device']} KV heads x {head_dim(arch)} head_dim"
-            f" x {figures['kv_element_bytes']} B ({kv_name}) x {context['max_model_len']:,} tokens"
-            f" x {context['max_num_seqs']} sequences = {figures['kv_cache_per_device']:,} B;"
+            f" = {figures['weights_per_device']:,} B; {cache};"
             f" total {figures['per_device']:,} B ({figures['per_device'] / GIB:.2f} GiB) per device;"
             f" usable {target['memory_utilization']} x {target['device']['memory_bytes']:,} B"
             f" = {figures['usable_bytes']:,} B ({figures['usable_bytes'] / GIB:.2f} GiB)")
+
+
+def layered_arithmetic(arch: dict, context: dict, figures: dict, kv_name: str, dtype: str) -> str:
+    """The cache of layered_cache() written out."""
+    full, sliding, state = figures["cache_layers"]
+    block, per_token = arch["kv_cache"], figures["cache_token_bytes"]
+    token = (f"{block['latent']} latent values (kv_lora_rank + qk_rope_head_dim)" if block.get("latent") else
+             f"2 (K, V) x {figures['kv_heads_per_device']} KV heads x {head_dim(arch)} head_dim")
+    parts = [f"({token} x {figures['kv_element_bytes']} B ({kv_name}) = {per_token:,} B per token and layer)"
+             f" x ({full} full-attention layers x {context['max_model_len']:,} tokens"
+             + (f" + {sliding} sliding layers x {figures['cache_window']:,} tokens" if sliding else "") + ")"]
+    if state:
+        parts.append(f"{state} linear-attention/Mamba layers x {figures['cache_state_bytes']:,} B of state"
+                     f" ({dtype}, per TP shard)")
+    return (f"KV cache [{' + '.join(parts)}] x {context['max_num_seqs']} sequences"
+            f" = {figures['kv_cache_per_device']:,} B")

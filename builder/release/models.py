@@ -123,9 +123,24 @@ class CheckpointTensor(Group):
 
     name: Annotated[str, Field(min_length=1)]
     shape: list[Positive]
-    role: Literal["linear", "expert", "router", "fused", "other"]
+    role: Literal["linear", "expert", "router", "fused", "other", "mtp", "mtp_linear"]
     layers: list[Annotated[int, Field(ge=0)]] | None = None
     experts: Positive | None = None
+
+
+class KvCache(Group):
+    """What vLLM caches when it is not every layer's full keys and values (builder model add derives it from
+    config.json: layer_types, sliding_window, kv_lora_rank, the linear-attention and Mamba state sizes)."""
+
+    full: Annotated[int, Field(ge=0)] = Field(description="layers caching keys and values of every token")
+    sliding: Annotated[int, Field(ge=0)] = Field(description="layers caching at most `window` tokens")
+    window: Positive | None = Field(None, description="the sliding window (config.json sliding_window)")
+    state: Annotated[int, Field(ge=0)] = Field(description="layers holding a fixed-size state per sequence "
+                                               "instead (linear attention, Mamba)")
+    state_elements: Annotated[int, Field(ge=0)] = Field(description="elements of one such layer's state per "
+                                                        "sequence, before tensor parallelism")
+    latent: Positive | None = Field(None, description="MLA: values cached per token and layer for every head "
+                                    "(kv_lora_rank + qk_rope_head_dim)")
 
 
 class Architecture(Group):
@@ -145,6 +160,7 @@ class Architecture(Group):
                                         "(config.json attention_bias)")
     mlp_bias: bool | None = Field(None, description="MLP projections carry biases (config.json mlp_bias)")
     moe: Moe | None = None
+    kv_cache: KvCache | None = None
     rope_parameters: Rope | None = None
     model_type: Annotated[str, Field(min_length=1)] | None = Field(
         None, description="config.json model_type (families without a planned checkpoint)")

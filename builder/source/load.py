@@ -1,6 +1,7 @@
 """Check and index a source checkpoint: pinned digest, safetensors only, the declared architecture."""
 
 import json
+import re
 from pathlib import Path
 
 from builder.canonical import file_entries, tree_digest
@@ -135,7 +136,46 @@ def meta_architecture(config_dir: Path) -> dict:
     return {"modules": {disk(name): type(module).__name__ for name, module in model.named_modules() if name},
             "shapes": {disk(name): list(parameter.shape) for name, parameter in named.items()},
             "tied": sorted(disk(name) for name in set(named) - untied),
-            "facts": skeleton.facts(config, family, model), "supported": family is not None}
+            "facts": skeleton.facts(config, family, model), "supported": family is not None,
+            "mtp": skeleton.mtp_rows(config, family, model)}
+
+
+def with_mtp(architecture: dict, tensors: dict, folder: str) -> dict:
+    """The architecture with the multi-token-prediction layers the checkpoint holds (architecture()'s `mtp`):
+    their shapes among those checked, and in the facts' checkpoint (role mtp: passed through in the output
+    dtype; mtp_linear: the same, named in ignore). A config may declare them while the files leave them
+    out (transformers and llm-compressor save none): then nothing changes. A layer held in part is refused."""
+    rows = architecture.get("mtp") or []
+    held = [row for row in rows if row[0] in tensors]
+    if not held:
+        return architecture
+    repeated = (".embed_tokens.weight", ".shared_head.head.weight")  # copies of the model's own (optional)
+    missing = sorted(name for name, _, _ in rows if name not in tensors and not name.endswith(repeated))
+    if missing:
+        raise BuilderError([Problem(folder, name, "missing from the checkpoint: a multi-token-prediction layer "
+                                    "is kept whole or left out (num_nextn_predict_layers)") for name in missing])
+    shapes = {**architecture["shapes"], **{name: tuple(shape) for name, shape, _ in held}}
+    facts = dict(architecture["facts"])
+    if facts.get("checkpoint") is not None:
+        facts["checkpoint"] = facts["checkpoint"] + grouped(held)
+    return {**architecture, "shapes": shapes, "facts": facts}
+
+
+def grouped(rows: list) -> list:
+    """[name, shape, role] rows as the architecture block's checkpoint entries: {layer} and {expert} for
+    the layer and expert numbers (builder/release/families.py derived_tensors reads them back)."""
+    entries = {}
+    for name, shape, role in rows:
+        layer, expert = re.match(r"model\.layers\.(\d+)\.", name), re.search(r"\.experts\.(\d+)\.", name)
+        template = re.sub(r"\.experts\.\d+\.", ".experts.{expert}.", re.sub(r"^model\.layers\.\d+\.",
+                                                                           "model.layers.{layer}.", name))
+        entry = entries.setdefault((template, tuple(shape), role), {"name": template, "shape": list(shape),
+                                                                     "role": role, "layers": []})
+        if layer and int(layer.group(1)) not in entry["layers"]:
+            entry["layers"].append(int(layer.group(1)))
+        if expert:
+            entry["experts"] = max(entry.get("experts", 0), int(expert.group(1)) + 1)
+    return list(entries.values())
 
 
 def check_tensors(folder: str, tensors: dict, shapes: dict, tied: set) -> None:

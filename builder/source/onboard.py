@@ -125,6 +125,7 @@ def checked(folder: Path, shown: str) -> dict:
         raise BuilderError(unsupported(shown, cls, f"transformers cannot build it ({str(error).splitlines()[0]})"))
     if not architecture["supported"]:
         raise BuilderError(unsupported(shown, cls, "its model has no decoder layers (model.layers) to calibrate"))
+    architecture = load.with_mtp(architecture, tensors, shown)
     load.check_tensors(shown, tensors, architecture["shapes"], architecture["tied"])
     problems = checks.tokenizer_problems(folder, config, shown)
     if problems:

@@ -202,3 +202,41 @@ def tensor_role(owner: str, module, family, parameter) -> str:
     if parameter.dim() == 3 and owner.endswith(".experts"):
         return "fused"  # experts kept fused on disk (Llama 4, gpt-oss, Granite 4): no per-expert Linears
     return "other"
+
+
+def mtp_rows(config, family, model) -> list:
+    """[disk name, shape, role] of every tensor of the multi-token-prediction layers a config declares
+    (DeepSeek-V3's and GLM-4.5's `num_nextn_predict_layers`, transformers' `num_mtp_layers`), which the
+    causal LM transformers builds leaves out: transformers' own MtpModel built on the meta device (its
+    decoder block is the model's decoder layer, experts unfused as above), named as the checkpoint
+    names them (families.MTP_ON_DISK, in model.layers.{N + k} after the N decoder layers; transformers'
+    own MtpModel renamings are ambiguous to reverse: they also read Inkling's layout), plus
+    the embedding and head each layer repeats on disk. role: mtp_linear (a Linear's or a router's
+    weight: named in ignore, so runtimes build them unquantized), mtp (the rest). [] without any."""
+    count = getattr(config.get_text_config(), "num_mtp_layers", None) or 0
+    if family is None or count <= 0 or not getattr(model, "_keys_to_ignore_on_load_unexpected", None):
+        return []
+    from transformers.modeling_layers import MtpModel
+
+    first = config.get_text_config().num_hidden_layers
+    with torch.device("meta"):
+        mtp = MtpModel(model, count)
+        for layer in mtp.layers:
+            fused = getattr(getattr(layer.mtp_block, "mlp", None), "experts", None)
+            if family.expert_names and unfusable(fused):
+                layer.mtp_block.mlp.experts = Experts(fused, family.expert_names)
+            for module in layer.modules():
+                persistent_buffers_as_parameters(module)
+    modules, rows = dict(mtp.layers.named_modules()), []
+    for name, parameter in mtp.layers.named_parameters():
+        index, rest = name.split(".", 1)
+        for memory, disk in families.MTP_ON_DISK:
+            rest = rest.replace(memory, disk, 1) if rest.startswith(memory) else rest
+        disk = checkpoint_name(f"model.layers.{first + int(index)}.{rest}", family)
+        owner = modules[name.rsplit(".", 1)[0]]
+        kept = (isinstance(owner, nn.Linear) or type(owner).__name__.endswith("Router")) and parameter is owner.weight
+        rows.append([disk, list(parameter.shape), "mtp_linear" if kept else "mtp"])
+    vocab = list(model.get_output_embeddings().weight.shape)
+    for k in range(count):
+        rows += [[f"model.layers.{first + k}.{name}.weight", vocab, "mtp"] for name in ("embed_tokens", "shared_head.head")]
+    return sorted(rows)
