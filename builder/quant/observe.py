@@ -66,6 +66,18 @@ def fp4_scales(weight: torch.Tensor, args: Args, global_scale: torch.Tensor,
     best = fp4.scales_from_amax(amax, global_scale)
     if args.observer == "minmax":
         return best
+    threads = torch.get_num_threads()
+    if weight.device.type == "cpu":  # ~20 small elementwise passes per ratio: one thread, no fork-join each (same bytes)
+        torch.set_num_threads(1)
+    try:
+        return fp4_search(weight, args, global_scale, importance, amax, best)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def fp4_search(weight: torch.Tensor, args: Args, global_scale: torch.Tensor, importance: torch.Tensor | None,
+               amax: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
+    """fp4_scales' search from the max |w| scales (best) of the group maxima (amax)."""
     settings = args.search
     columns = column_weights(importance) if args.observer == "imatrix_mse" else None
     cells = weight.reshape(weight.shape[0], -1, args.group_size)
