@@ -158,7 +158,8 @@ def test_on_a_tiny_model_gptq_leaves_less_linear_output_error_than_round_to_near
     errors = {}
     for name, batches in inputs.items():
         x, weight = torch.cat(batches), model.get_submodule(name).weight.data
-        errors[name] = [float(((x @ (decoded(folder, name) - weight).T) ** 2).sum()) for folder in (rtn, tmp_path / "gptq")]
+        errors[name] = [float(((x @ (decoded(folder, name) - weight).T) ** 2).sum())
+                        for folder in (rtn, tmp_path / "gptq")]
     total_rtn, total_gptq = (sum(pair[i] for pair in errors.values()) for i in (0, 1))
     print(f"sum of squared Linear output errors: round to nearest {total_rtn:.4g}, GPTQ {total_gptq:.4g}")
     assert total_gptq < 0.9 * total_rtn

@@ -9,7 +9,8 @@ fuses (q/k/v, gate/up).
 A value is w / (scale / g) in FP32, clamped to ±6 and rounded to the nearest E2M1 value (0, 0.5, 1, 1.5,
 2, 3, 4, 6), ties to the even code, as compressed-tensors' cast_to_fp4 rounds; a negative value that
 rounds to zero keeps its sign bit (code 8), as its pack_fp4_to_uint8 writes it. The reader multiplies
-the E2M1 value by scale / g. Whole rows at a time: no temporary the size of the weight.
+the E2M1 value by scale / g. Whole rows at a time: no temporary the size of the weight. GPTQ
+(builder/quant/gptq.py) rounds its columns with rounded() and steps(), so its values are codes exactly.
 """
 
 import torch

@@ -5,7 +5,7 @@ next layer sees quantized outputs. Deterministic, FP32, on the weight's device; 
 layer by layer (builder/spill.py).
 
     values, scale = gptq.quantize(weight, hessian, Recipe.of(spec["quant"]))
-    found["gptq"][module] -> (values, scale)
+    found["gptq"][module] -> (values, scale)      (NVFP4: (E2M1 codes, FP8 group scales, FP32 global scale))
 """
 
 from dataclasses import dataclass
@@ -272,7 +272,8 @@ def sums_for_awq(layer: Layer, recipe: Recipe, seen: dict) -> dict:
 def finish(layer: Layer, recipe: Recipe, seen: dict) -> dict:
     """Round each Linear of the layer with its Hessian (and the imatrix_mse observer's E[x²] when the
     recipe searches scales with it), leaving its rounded weights in the layer: {"gptq": {module:
-    (values, scale)}} (NVFP4: (codes, scale, global), global scales shared as vLLM fuses the Linears). A Linear no token reached (an expert) has no Hessian: it is rounded to nearest.
+    (values, scale)}} (NVFP4: (codes, scale, global), global scales shared as vLLM fuses the Linears).
+    A Linear no token reached (an expert) has no Hessian: it is rounded to nearest.
 
     Memory: Linears that read the same input share one Hessian, summed when they are rounded (see
     gather), factorised once in its own memory and freed after the last of them; each Linear's FP32

@@ -67,7 +67,7 @@ def fp4_scales(weight: torch.Tensor, args: Args, global_scale: torch.Tensor,
     if args.observer == "minmax":
         return best
     threads = torch.get_num_threads()
-    if weight.device.type == "cpu":  # ~20 small elementwise passes per ratio: one thread, no fork-join each (same bytes)
+    if weight.device.type == "cpu":  # ~20 small elementwise passes a ratio: one thread, no fork-join (same bytes)
         torch.set_num_threads(1)
     try:
         return fp4_search(weight, args, global_scale, importance, amax, best)
