@@ -33,8 +33,8 @@ FORMATS = {
                   ("w8a8-int8", "w8a8-int8-smoothquant", "w8a8-int8-gptq-imatrix")),
     "w4a16": (("w4a16", "w4a16-gptq", "w4a16-gptq-imatrix", "w4a16-awq-gptq-imatrix"),
               ("w4a16", "w4a16-gptq", "w4a16-gptq-mse", "w4a16-gptq-imatrix")),
-    "nvfp4a16": (("nvfp4a16",), ("nvfp4a16", "nvfp4a16-gptq")),
-    "nvfp4": (("nvfp4",), ("nvfp4",)),
+    "nvfp4a16": (("nvfp4a16", "nvfp4a16-gptq-imatrix"), ("nvfp4a16", "nvfp4a16-gptq", "nvfp4a16-gptq-imatrix")),
+    "nvfp4": (("nvfp4", "nvfp4-gptq-imatrix"), ("nvfp4", "nvfp4-gptq", "nvfp4-gptq-imatrix")),
 }
 REFERENCE = {"fp8-dynamic": "fp8-dynamic", "fp8-static": "fp8-static", "w8a8-int8": "w8a8-int8",
              "w4a16": "w4a16-gptq", "nvfp4a16": "nvfp4a16", "nvfp4": "nvfp4"}  # llm-compressor's default the targets are measured against

@@ -13,12 +13,15 @@ W4_G64 = {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 64, "
 # Its defaults, one per format, and its best opt-in for each: GPTQ (block 128, dampening 0.01, static
 # activation order: its defaults) with a searched weight observer at its default settings. imatrix_mse
 # only searches channel and group scales (per-tensor weights fall back to plain mse), so FP8-static
-# gets mse.
+# gets mse. NVFP4 and NVFP4A16: GPTQ with the preset's own observer (its global scale from the fused
+# Linears' max |w|, then group scales, then GPTQ rounds against them), and with imatrix_mse group scales.
 SCHEMES = {"fp8-dynamic": {"scheme": "FP8_DYNAMIC"}, "fp8-static": {"scheme": "FP8", "kv_cache_scheme": KV_FP8},
            "w8a8-int8": {"scheme": "W8A8"}, "nvfp4a16": {"scheme": "NVFP4A16"}, "nvfp4": {"scheme": "NVFP4"}}
 BEST = {"fp8-dynamic-gptq-imatrix": ("fp8-dynamic", "imatrix_mse"), "fp8-static-gptq-mse": ("fp8-static", "mse"),
         "w8a8-int8-gptq-imatrix": ("w8a8-int8", "imatrix_mse"), "w4a16-gptq-imatrix": ("w4a16", "imatrix_mse"),
-        "w4a16-gptq-mse": ("w4a16", "mse"), "nvfp4a16-gptq": ("nvfp4a16", None)}
+        "w4a16-gptq-mse": ("w4a16", "mse"), "nvfp4a16-gptq": ("nvfp4a16", None),
+        "nvfp4a16-gptq-imatrix": ("nvfp4a16", "imatrix_mse"), "nvfp4-gptq": ("nvfp4", None),
+        "nvfp4-gptq-imatrix": ("nvfp4", "imatrix_mse")}
 # SmoothQuant (its default strength, 0.5, and its default Llama mappings: input_layernorm -> q/k/v,
 # post_attention_layernorm -> gate/up) before round to nearest: the same recipe as ours.
 SMOOTHED = {"w8a8-int8-smoothquant": ("w8a8-int8", 0.5)}

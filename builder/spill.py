@@ -2,12 +2,16 @@
 memory holds one layer's integer weights, whatever the number of layers.
 
     spill = Spill(folder); spill.put(layer, {module: (values, scale)}); spill.get(module) -> (values, scale)
+    (NVFP4: (codes, scale, global_scale) in and out)
 """
 
 from pathlib import Path
 
 from builder import tensorfile
 from builder.tensorfile import Output
+
+
+PARTS = ("values", "scale", "global_scale")  # NVFP4's results carry the third
 
 
 class Spill:
@@ -20,7 +24,7 @@ class Spill:
         if not results:
             return
         tensors = {f"{module}.{part}": tensor.detach().cpu().contiguous()
-                   for module, pair in results.items() for part, tensor in zip(("values", "scale"), pair)}
+                   for module, pair in results.items() for part, tensor in zip(PARTS, pair)}
         file = self.folder / f"gptq-{layer:05d}.safetensors"
         self.folder.mkdir(parents=True, exist_ok=True)
         tensorfile.write(file, [Output(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()], tensors.pop)
@@ -31,8 +35,9 @@ class Spill:
         file = self.index.get(module)
         if file is None:
             return default
-        with tensorfile.reader(tensorfile.index_of([file])) as read:
-            return read(f"{module}.values"), read(f"{module}.scale")
+        index = tensorfile.index_of([file])
+        with tensorfile.reader(index) as read:
+            return tuple(read(f"{module}.{part}") for part in PARTS if f"{module}.{part}" in index)
 
     def __contains__(self, module: str) -> bool:
         return module in self.index

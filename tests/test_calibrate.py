@@ -269,6 +269,8 @@ PLANS = {
     "fp8-static-gptq-imatrix": ("activations", "kv_cache", "hessian", "mean_squares", "gptq"),
     "w8a8-int8-gptq-imatrix": ("activations", "hessian", "mean_squares", "gptq"),
     "w4a16-gptq-imatrix": ("activations", "hessian", "mean_squares", "gptq"),
+    "nvfp4a16-gptq-imatrix": ("activations", "hessian", "mean_squares", "gptq"),
+    "nvfp4-gptq-imatrix": ("activations", "hessian", "mean_squares", "gptq"),
     "w4a16-awq-gptq-imatrix": ("activations", "hessian", "awq", "mean_squares", "gptq"),
     "w8a8-int8-smoothquant": ("smoothquant", "activations"),
     "w8a8-int8-smoothquant-gptq-imatrix": ("smoothquant", "activations", "hessian", "mean_squares", "gptq"),

@@ -34,21 +34,25 @@ FUSED = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gat
 QUANTS = {
     "nvfp4a16": ("vllm-b200", "NVFP4A16", "nvfp4-pack-quantized", 0.45),
     "nvfp4": ("vllm-b200", "NVFP4", "nvfp4-pack-quantized", 0.6),
+    "nvfp4a16-gptq-imatrix": ("vllm-b200", "NVFP4A16", "nvfp4-pack-quantized", 0.45),
+    "nvfp4-gptq-imatrix": ("vllm-b200", "NVFP4", "nvfp4-pack-quantized", 0.6),
     "mxfp4a16": ("vllm-b200", "MXFP4A16", "mxfp4-pack-quantized", 0.4),
     "mxfp4": ("vllm-b200", "MXFP4", "mxfp4-pack-quantized", 0.5),
     "mxfp8": ("vllm-b200", "MXFP8", "mxfp8-quantized", 0.18),
     "w4afp8": ("vllm-gh200", "W4AFP8", "pack-quantized", 0.5),
 }
 CALIBRATION = "calibration:\n  samples: 4\n  sequence_length: 64\n"
+CALIBRATED = ("nvfp4", "nvfp4a16-gptq-imatrix", "nvfp4-gptq-imatrix")  # the quants that read calibration text
+GPTQ = ("nvfp4a16-gptq-imatrix", "nvfp4-gptq-imatrix")
 
 
 def release_yaml(quant: str) -> str:
     target = QUANTS[quant][0]
-    calibration = "licenses" if quant == "nvfp4" else "none"
+    calibration = "licenses" if quant in CALIBRATED else "none"
     text = (f"# @package _global_\ndefaults:\n  - override /model: tiny-fp4\n  - override /quant: {quant}\n"
             f"  - override /target: {target}\n  - override /calibration: {calibration}\n\n"
             f"release:\n  name: tiny-fp4-{quant}\n  version: 0.0.1\n")
-    return text + (CALIBRATION if quant == "nvfp4" else "")
+    return text + (CALIBRATION if quant in CALIBRATED else "")
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +93,7 @@ def scheme_of(folder: Path):
 def shipped(quant: str, **changes) -> dict:
     data = yaml.safe_load((conftest.PROJECT / "specs" / "quant" / f"{quant}.yaml").read_text())
     for key, value in changes.items():
-        data[key] = {**data[key], **value} if isinstance(value, dict) and isinstance(data[key], dict) else value
+        data[key] = {**data[key], **value} if isinstance(value, dict) and isinstance(data.get(key), dict) else value
     return data
 
 
@@ -121,8 +125,14 @@ def test_config_is_the_compressed_tensors_preset(fp4_repo, built, quant):
     config, scheme = scheme_of(built[quant][0])
     preset = preset_name_to_scheme(QUANTS[quant][1], ["Linear"])
     assert config["format"] == QUANTS[quant][2]
+    found, expected = scheme.model_dump(mode="json"), preset.model_dump(mode="json")
+    if quant in GPTQ:  # what chose the weights is recorded as llm-compressor records it; the arithmetic is the preset's
+        assert (found["weights"].pop("observer"), found["weights"].pop("actorder")) == ("imatrix_mse", "static")
+        found["weights"].pop("observer_kwargs")
+        for key in ("observer", "actorder", "observer_kwargs"):
+            expected["weights"].pop(key)
     for key in ("weights", "input_activations"):  # as compressed-tensors dumps them (its symmetric zp_dtype is dropped)
-        assert scheme.model_dump(mode="json")[key] == preset.model_dump(mode="json")[key]
+        assert found[key] == expected[key]
 
 
 @pytest.mark.parametrize("quant", QUANTS)
@@ -143,15 +153,25 @@ def test_compressed_tensors_decompressor_returns_exactly_the_values_our_writer_q
             assert torch.equal(decompressed.float(), expected.to(decompressed.dtype).float()), module
 
 
+def unpacked(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 E2M1 codes of nvfp4-pack-quantized's weight_packed (two a byte, the first in the low nibble)."""
+    codes = torch.empty((packed.shape[0], packed.shape[1] * 2), dtype=torch.uint8)
+    codes[:, 0::2], codes[:, 1::2] = packed & 15, packed >> 4
+    return codes
+
+
 def reference(quant: str, weight: torch.Tensor, found: dict, weights: dict, module: str) -> torch.Tensor:
     """What our writer quantized to, decoded in FP32: codes or values times their scale, recomputed here from
-    the source with builder/quant's arithmetic (and checked against the stored scales)."""
+    the source with builder/quant's arithmetic (and checked against the stored scales); GPTQ's codes and
+    searched scales are read from the artifact (its global scale is still the fused max |w|'s)."""
     if quant.startswith("nvfp4"):
         linear = module.split(".", 3)[3]  # self_attn.q_proj
         members = [module[: -len(linear)] + member for member in next((g for g in FUSED if linear in g), (linear,))]
         amax = torch.stack([weights[f"{m}.weight"].abs().amax().float() for m in members]).amax().reshape(1)
         global_scale = fp4.global_scale(amax)
         assert torch.equal(found["weight_global_scale"], global_scale)
+        if quant in GPTQ:
+            return fp4.dequantize(unpacked(found["weight_packed"]), found["weight_scale"], global_scale, 16)
         scale = fp4.group_scales(weight, global_scale, 16)
         assert torch.equal(found["weight_scale"].view(torch.uint8), scale.view(torch.uint8))
         codes = fp4.quantize_weight(weight, scale, global_scale, 16)
@@ -172,11 +192,13 @@ def reference(quant: str, weight: torch.Tensor, found: dict, weights: dict, modu
 
 
 def test_nvfp4_global_scales_are_shared_by_the_linears_vllm_fuses(built):
-    for quant in ("nvfp4a16", "nvfp4"):
+    for quant in ("nvfp4a16", "nvfp4", *GPTQ):
         saved = tensors(built[quant][0] / "model.safetensors")
         for layer in range(2):
             for group in FUSED:
-                for kind in ("weight_global_scale", "input_global_scale")[: 2 if quant == "nvfp4" else 1]:
+                kinds = ("weight_global_scale", "input_global_scale") if quant in ("nvfp4", "nvfp4-gptq-imatrix") \
+                    else ("weight_global_scale",)
+                for kind in kinds:
                     scales = [saved[f"model.layers.{layer}.{member}.{kind}"] for member in group]
                     assert all(torch.equal(scales[0], other) for other in scales[1:]), (quant, group, kind)
 
@@ -214,7 +236,7 @@ def test_transformers_loads_the_artifact_within_the_logit_bound(fp4_repo, built,
 
 
 def test_a_second_build_writes_the_same_bytes(fp4_repo, built, tmp_path):
-    for quant in ("nvfp4", "mxfp4a16", "mxfp8"):
+    for quant in ("nvfp4", "mxfp4a16", "mxfp8", "nvfp4a16-gptq-imatrix"):
         again = build.build(fp4_repo.root, f"tiny-fp4-{quant}", out=tmp_path / quant, log=lambda m: None)
         assert again["content_digest"] == built[quant][1]["content_digest"]
     assert built["nvfp4"][1]["inputs"]["versions"]["quantize.nvfp4"] == 1
@@ -224,23 +246,27 @@ def test_a_second_build_writes_the_same_bytes(fp4_repo, built, tmp_path):
 @pytest.mark.parametrize("quant, scheme, part", [
     ("nvfp4a16", "nvfp4a16", "quantize.nvfp4"), ("nvfp4", "nvfp4", "quantize.nvfp4"),
     ("mxfp4a16", "mxfp4a16", "quantize.mx"), ("mxfp4", "mxfp4", "quantize.mx"), ("mxfp8", "mxfp8", "quantize.mx"),
-    ("w4afp8", "w4afp8", "quantize.int")])
+    ("w4afp8", "w4afp8", "quantize.int"), ("nvfp4a16-gptq-imatrix", "nvfp4a16", "quantize.nvfp4"),
+    ("nvfp4-gptq-imatrix", "nvfp4", "quantize.nvfp4")])
 def test_the_shipped_recipes_are_consistent_and_name_their_part(quant, scheme, part):
     recipe = Recipe.of(shipped(quant))
     assert problems(recipe) == [] and recipe.scheme_class == scheme and part in recipe.parts
-    assert recipe.needs_calibration == (quant == "nvfp4")
+    assert recipe.needs_calibration == (quant in CALIBRATED)
+    assert ({"gptq", "observer.imatrix_mse"} <= set(recipe.parts)) == (quant in GPTQ)
 
 
-@pytest.mark.parametrize("changes, key, words", [
-    ({"algorithm": "gptq", "gptq": {"block_size": 128, "dampening_frac": 0.01, "actorder": None}},
-     ("quant", "algorithm"), "rounded to nearest"),
-    ({"weights": {"observer": "mse"}}, ("quant", "weights", "observer"), "max |w|"),
-    ({"weights": {"group_size": 32}}, ("quant", "weights"), "nvfp4a16: weights"),
-    ({"weights": {"scale_dtype": None}}, ("quant", "weights"), "exactly their arguments"),
-    ({"format": "fp8"}, ("quant", "format"), "compressed-tensors formats"),
-], ids=["gptq", "mse", "group-32", "no-scale-dtype", "fp8-layout"])
-def test_resolve_refuses_fp4_recipes_it_does_not_round(changes, key, words):
-    found = problems(Recipe.of(shipped("nvfp4a16", **changes)))
+@pytest.mark.parametrize("quant, changes, key, words", [
+    ("mxfp4a16", {"algorithm": "gptq", "gptq": {"block_size": 128, "dampening_frac": 0.01, "actorder": None}},
+     ("quant", "algorithm"), "MX weights are rounded to nearest"),
+    ("nvfp4a16", {"weights": {"observer": "mse"}}, ("quant", "weights", "observer"), "with algorithm gptq"),
+    ("mxfp4a16", {"weights": {"observer": "mse"}}, ("quant", "weights", "observer"), "MX group scales"),
+    ("nvfp4a16-gptq-imatrix", {"awq": {"grid": 20}}, ("quant", "awq"), "not folded into FP4"),
+    ("nvfp4a16", {"weights": {"group_size": 32}}, ("quant", "weights"), "nvfp4a16: weights"),
+    ("nvfp4a16", {"weights": {"scale_dtype": None}}, ("quant", "weights"), "exactly their arguments"),
+    ("nvfp4a16", {"format": "fp8"}, ("quant", "format"), "compressed-tensors formats"),
+], ids=["mx-gptq", "nvfp4-rtn-mse", "mx-mse", "nvfp4-awq", "group-32", "no-scale-dtype", "fp8-layout"])
+def test_resolve_refuses_fp4_recipes_it_does_not_round(quant, changes, key, words):
+    found = problems(Recipe.of(shipped(quant, **changes)))
     assert any(path == key and words in message for path, message in found), found
 
 

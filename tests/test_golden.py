@@ -72,6 +72,8 @@ RECIPES = {
     "fp8-block-legacy": ("fp8-block-legacy", "none", "none", BLOCKS_32),
     "nvfp4a16": ("nvfp4a16", "none", "none", {}),
     "nvfp4": ("nvfp4", "licenses", "none", SMALL_CALIBRATION),
+    "nvfp4a16-gptq-imatrix": ("nvfp4a16-gptq-imatrix", "licenses", "none", SMALL_CALIBRATION),
+    "nvfp4-gptq-imatrix": ("nvfp4-gptq-imatrix", "licenses", "none", SMALL_CALIBRATION),
     "mxfp4a16": ("mxfp4a16", "none", "none", {}),
     "mxfp4": ("mxfp4", "none", "none", {}),
     "mxfp8": ("mxfp8", "none", "none", {}),

@@ -9,7 +9,8 @@ fuses (q/k/v, gate/up).
 A value is w / (scale / g) in FP32, clamped to ±6 and rounded to the nearest E2M1 value (0, 0.5, 1, 1.5,
 2, 3, 4, 6), ties to the even code, as compressed-tensors' cast_to_fp4 rounds; a negative value that
 rounds to zero keeps its sign bit (code 8), as its pack_fp4_to_uint8 writes it. The reader multiplies
-the E2M1 value by scale / g. Whole rows at a time: no temporary the size of the weight.
+the E2M1 value by scale / g. Whole rows at a time: no temporary the size of the weight. GPTQ
+(builder/quant/gptq.py) rounds its columns with rounded() and steps(), so its values are codes exactly.
 """
 
 import torch
@@ -47,15 +48,21 @@ def group_amax(weight: torch.Tensor, group: int) -> torch.Tensor:
 def group_scales(weight: torch.Tensor, global_scale: torch.Tensor, group: int) -> torch.Tensor:
     """FP8 E4M3 [rows, columns / group]: global * (max|group| / 6), in FP32, clamped to ±448 and cast;
     a scale that rounds to 0 is 0.125."""
-    local = group_amax(weight, group) / FP4_MAX * global_scale
+    return scales_from_amax(group_amax(weight, group), global_scale)
+
+
+def scales_from_amax(amax: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """FP8 E4M3 group scales of group maxima (FP32): global * (amax / 6), clamped to ±448 and cast; a
+    scale that rounds to 0 is 0.125 (group_scales, and the scale searches of builder/quant/observe.py)."""
+    local = amax / FP4_MAX * global_scale
     scale = local.clamp_(-FP8_MAX, FP8_MAX).to(FP8)
-    return torch.where(scale.to(torch.float32) == 0, torch.tensor(ZERO_SCALE, dtype=FP8), scale)
+    return torch.where(scale.to(torch.float32) == 0, torch.tensor(ZERO_SCALE, dtype=FP8, device=scale.device), scale)
 
 
 def encode(scaled: torch.Tensor) -> torch.Tensor:
     """uint8 E2M1 codes of FP32 values already divided by their scale: magnitude index | sign << 3."""
     magnitude = scaled.abs().clamp_(max=FP4_MAX)
-    index = torch.zeros(scaled.shape, dtype=torch.uint8)
+    index = torch.zeros(scaled.shape, dtype=torch.uint8, device=scaled.device)
     for midpoint, up in MIDPOINTS:
         index += (magnitude >= midpoint) if up else (magnitude > midpoint)
     return index | (torch.signbit(scaled).to(torch.uint8) << 3)
@@ -63,8 +70,26 @@ def encode(scaled: torch.Tensor) -> torch.Tensor:
 
 def decode(codes: torch.Tensor) -> torch.Tensor:
     """FP32 values of uint8 E2M1 codes."""
-    values = torch.tensor(E2M1, dtype=torch.float32)[(codes & 7).long()]
+    values = torch.tensor(E2M1, dtype=torch.float32, device=codes.device)[(codes & 7).long()]
     return torch.where((codes & 8).bool(), -values, values)
+
+
+def rounded(scaled: torch.Tensor) -> torch.Tensor:
+    """FP32 values already divided by their scale, rounded to E2M1 as encode rounds them (its value)."""
+    return decode(encode(scaled))
+
+
+def steps(scale: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """FP32 [rows, groups]: what one E2M1 unit of each group is worth, scale / global, as the writer
+    divides by it and compressed-tensors' decompressor multiplies by it."""
+    return scale.to(torch.float32) / global_scale
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor, group: int) -> torch.Tensor:
+    """FP32 [rows, columns]: each E2M1 value times its group's scale / global (what transformers loads)."""
+    rows, columns = codes.shape
+    values = decode(codes).view(rows, columns // group, group)
+    return values.mul_(steps(scale, global_scale).unsqueeze(-1)).view(rows, columns)
 
 
 def quantize_weight(weight: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor | None,
@@ -72,8 +97,8 @@ def quantize_weight(weight: torch.Tensor, scale: torch.Tensor, global_scale: tor
     """uint8 E2M1 codes [rows, columns]: w / (scale / global) per group, in FP32 (global None: w / scale,
     MXFP4's power-of-two scales)."""
     rows, columns = weight.shape
-    divisor = scale.to(torch.float32) if global_scale is None else scale.to(torch.float32) / global_scale
-    codes = torch.empty((rows, columns), dtype=torch.uint8)
+    divisor = scale.to(torch.float32) if global_scale is None else steps(scale, global_scale)
+    codes = torch.empty((rows, columns), dtype=torch.uint8, device=weight.device)
     for part in row_slices(rows, columns):
         count = part.stop - part.start
         cells = weight[part].to(torch.float32).reshape(count, columns // group, group)

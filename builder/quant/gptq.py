@@ -5,7 +5,7 @@ next layer sees quantized outputs. Deterministic, FP32, on the weight's device; 
 layer by layer (builder/spill.py).
 
     values, scale = gptq.quantize(weight, hessian, Recipe.of(spec["quant"]))
-    found["gptq"][module] -> (values, scale)
+    found["gptq"][module] -> (values, scale)      (NVFP4: (E2M1 codes, FP8 group scales, FP32 global scale))
 """
 
 from dataclasses import dataclass
@@ -13,15 +13,17 @@ from dataclasses import dataclass
 import torch
 
 from builder.errors import BuilderError, Problem
-from builder.quant import observe
-from builder.quant.quantize import FP8, quantize_weight, scale_format
+from builder.quant import fp4, observe
+from builder.quant.quantize import FP8, fused, quantize_weight, scale_format
 from builder.quant.step import Layer, Step, means, shared_sums
 from builder.release.recipe import Args, Recipe
 
 
 def quantize(weight: torch.Tensor, hessian: torch.Tensor, recipe: Recipe, module: str = "",
-             importance: torch.Tensor | None = None) -> tuple:
-    """Quantized weights (int8 or FP8 tensor) and their scales (output scale dtype) for one Linear.
+             importance: torch.Tensor | None = None, global_scale: torch.Tensor | None = None) -> tuple:
+    """Quantized weights (int8 or FP8 tensor) and their scales (output scale dtype) for one Linear;
+    NVFP4 (strategy tensor_group): (E2M1 codes, FP8 group scales, global_scale), the global scale
+    given (448 * 6 / max |w| of the Linears vLLM fuses) or the weight's own.
 
     Scales come from the original weights (as round-to-nearest would choose them with the recipe's
     observer, cast to the stored dtype; importance: the inputs' E[x^2] per column, for imatrix_mse);
@@ -29,7 +31,7 @@ def quantize(weight: torch.Tensor, hessian: torch.Tensor, recipe: Recipe, module
     (hessian = sum of x xᵀ) is compensated on the columns not yet rounded. Neither input is changed.
     """
     factor = factorise(hessian.to(torch.float32).clone(), recipe.gptq, module)
-    return round_weight(weight.to(torch.float32).clone(), factor, recipe, importance)
+    return round_weight(weight.to(torch.float32).clone(), factor, recipe, importance, global_scale)
 
 
 @dataclass(frozen=True)
@@ -58,13 +60,24 @@ def factorise(hessian: torch.Tensor, settings, module: str) -> Factor:
 
 
 def round_weight(weight: torch.Tensor, factor: Factor, recipe: Recipe,
-                 importance: torch.Tensor | None = None) -> tuple:
+                 importance: torch.Tensor | None = None, global_scale: torch.Tensor | None = None) -> tuple:
     """GPTQ's column loop on one Linear's FP32 weight (consumed: rounded in its own memory) with the
-    Factor of its Hessian: (values, scale) as quantize returns them."""
+    Factor of its Hessian: (values, scale) or NVFP4's (codes, scale, global) as quantize returns them.
+
+    NVFP4's group scales come from the original weight (as llm-compressor's GPTQ takes them from its
+    observer before rounding), under the global scale; each column is then rounded to E2M1 with its
+    group's scale / global, exactly as builder/quant/fp4.py rounds the written codes."""
     args, block = recipe.weights, recipe.gptq.block_size
-    scale_dtype, _ = scale_format(recipe)
-    scale = observe.weight_scale(weight, args, scale_dtype, importance)
-    steps_of = column_steps(scale.to(torch.float32), args, weight.shape[0])
+    fp4_groups = args.strategy == "tensor_group"
+    if fp4_groups:
+        if global_scale is None:
+            global_scale = fp4.global_scale(weight.abs().amax())
+        scale = observe.fp4_scales(weight, args, global_scale, importance)
+        steps_of = column_steps(fp4.steps(scale, global_scale), args, weight.shape[0])
+    else:
+        scale_dtype, _ = scale_format(recipe)
+        scale = observe.weight_scale(weight, args, scale_dtype, importance)
+        steps_of = column_steps(scale.to(torch.float32), args, weight.shape[0])
     order, inverse = factor.order, factor.inverse
     if recipe.gptq.actorder is not None:
         permute_columns_(weight, order)
@@ -99,13 +112,15 @@ def round_weight(weight: torch.Tensor, factor: Factor, recipe: Recipe,
         weight[:, end:].addmm_(errors.T.contiguous(), inverse[start:end, end:], alpha=-1)
     if recipe.gptq.actorder is not None:
         permute_columns_(weight, torch.argsort(order))  # back to storage order: scales and layout are unchanged
+    if fp4_groups:  # each value is an E2M1 value times its step already: the codes are those values'
+        return fp4.quantize_weight(weight, scale, global_scale, args.group_size), scale, global_scale
     return quantize_weight(weight, scale.to(torch.float32), args), scale
 
 
 def column_steps(scale: torch.Tensor, args: Args, rows: int):
     """index (storage-order columns) -> their scales as rows [len(index), rows], FP32: what the columns
     of expand(scale) holds, gathered a block at a time instead of materialised whole."""
-    if args.strategy == "group":
+    if args.strategy in ("group", "tensor_group"):
         return lambda index: scale[:, index // args.group_size].T.contiguous()
     view = expand(scale, args, 1).expand(rows, 1)
     return lambda index: view.expand(rows, len(index)).T.contiguous()
@@ -139,7 +154,10 @@ def permute_(square: torch.Tensor, order: torch.Tensor) -> None:
 
 def round_column(column: torch.Tensor, step: torch.Tensor, args: Args, q_min: float, q_max: float) -> torch.Tensor:
     """One column rounded to the grid and scaled back (FP32): integers round half to even; FP8
-    clamps to ±448 and casts to E4M3 (round to nearest even), as the artifact's values are made."""
+    clamps to ±448 and casts to E4M3 (round to nearest even); FP4 clamps to ±6 and rounds to E2M1
+    (builder/quant/fp4.py), as the artifact's values are made."""
+    if args.type == "float" and args.num_bits == 4:
+        return fp4.rounded(column / step) * step
     if args.type == "float":
         return (column / step).clamp(q_min, q_max).to(FP8).to(torch.float32) * step
     return torch.round(column / step).clamp(q_min, q_max) * step
@@ -245,6 +263,13 @@ def dequantize(values: torch.Tensor, scale: torch.Tensor, args: Args) -> torch.T
     return result.mul_(scale.reshape(-1, 1) if scale.dim() < 2 else scale)
 
 
+def restored(result: tuple, args: Args) -> torch.Tensor:
+    """FP32 weight of what round_weight returned: (values, scale), or NVFP4's (codes, scale, global)."""
+    if args.strategy == "tensor_group":
+        return fp4.dequantize(*result, args.group_size)
+    return dequantize(*result, args)
+
+
 def add_outer(total: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     """total + xᵀ x (x: [tokens, features]), in place after the first batch."""
     return x.T @ x if total is None else total.addmm_(x.T, x)
@@ -290,7 +315,8 @@ def sums_for_awq(layer: Layer, recipe: Recipe, seen: dict) -> dict:
 def finish(layer: Layer, recipe: Recipe, seen: dict) -> dict:
     """Round each Linear of the layer with its Hessian (and the imatrix_mse observer's E[x²] when the
     recipe searches scales with it), leaving its rounded weights in the layer: {"gptq": {module:
-    (values, scale)}}. A Linear no token reached (an expert) has no Hessian: it is rounded to nearest.
+    (values, scale)}} (NVFP4: (codes, scale, global), global scales shared as vLLM fuses the Linears).
+    A Linear no token reached (an expert) has no Hessian: it is rounded to nearest.
 
     Memory: Linears that read the same input share one Hessian, summed when they are rounded (see
     gather), factorised once in its own memory and freed after the last of them; each Linear's FP32
@@ -304,6 +330,7 @@ def finish(layer: Layer, recipe: Recipe, seen: dict) -> dict:
     for name in rounded:
         readers[id(hessians[name])] = readers.get(id(hessians[name]), 0) + 1
     results, factors = {}, {}
+    shared = global_scales(layer, rounded) if recipe.weights.strategy == "tensor_group" else {}
     for name in rounded:
         entry, module = hessians[name], layer.linears[name]
         if id(entry) not in factors:
@@ -311,14 +338,26 @@ def finish(layer: Layer, recipe: Recipe, seen: dict) -> dict:
             entry[0] = None  # its memory is the factor now
         weight = module.weight.data.to(torch.float32)
         module.weight.data = torch.empty(0, device=weight.device)  # the one FP32 copy is rounded in place
-        results[name] = round_weight(weight, factors[id(entry)], recipe, importance.get(name))
+        results[name] = round_weight(weight, factors[id(entry)], recipe, importance.get(name), shared.get(name))
         del weight
         readers[id(entry)] -= 1
         if not readers[id(entry)]:
             del factors[id(entry)]
-    for name, (values, scale) in results.items():
-        layer.linears[name].weight.data = dequantize(values, scale, recipe.weights)
+    for name, result in results.items():
+        layer.linears[name].weight.data = restored(result, recipe.weights)
     return {"gptq": results}
+
+
+def global_scales(layer: Layer, names: list) -> dict:
+    """NVFP4's FP32 global scale of each named Linear, from the original weights before any is rounded:
+    448 * 6 / max |w| over the targeted Linears of the layer vLLM fuses with it (quantize.fused), as
+    the writer's round to nearest computes it from the checkpoint."""
+    maxima = {name: layer.linears[name].weight.data.abs().amax().to(torch.float32).reshape(1) for name in names}
+    found = {}
+    for name in names:
+        members = [member for member in fused(name, layer.family) if member in maxima] or [name]
+        found[name] = fp4.global_scale(torch.stack([maxima[member] for member in members]).amax(dim=0))
+    return found
 
 
 HESSIAN = Step("hessian", (), {}, observe=lambda layer, recipe: shared_sums(layer, gather), finish=sums_for_awq)

@@ -14,7 +14,7 @@ from dataclasses import replace
 import torch
 
 from builder.console import progress
-from builder.quant import quantize
+from builder.quant import fp4, quantize
 from builder.quant.results import Calibration
 from builder.release.recipe import Args, Recipe
 from builder.tensorfile import reader
@@ -54,6 +54,61 @@ def weight_scale(weight: torch.Tensor, args: Args, dtype: torch.dtype, importanc
         if patience and bool((stale >= patience).all()):
             break
     return best
+
+
+def fp4_scales(weight: torch.Tensor, args: Args, global_scale: torch.Tensor,
+               importance: torch.Tensor | None = None) -> torch.Tensor:
+    """NVFP4's FP8 group scales (builder/quant/fp4.py) of an FP32 weight under its global scale, by args'
+    observer: minmax, global * max|group| / 6; mse and imatrix_mse search each group's ratio of max |w| as
+    weight_scale does, the global scale held (max |w| over the fused Linears: it only sets the FP8 scales'
+    range), the error that of the E2M1 values the writer would store."""
+    amax = fp4.group_amax(weight, args.group_size)
+    best = fp4.scales_from_amax(amax, global_scale)
+    if args.observer == "minmax":
+        return best
+    threads = torch.get_num_threads()
+    if weight.device.type == "cpu":  # ~20 small elementwise passes a ratio: one thread, no fork-join (same bytes)
+        torch.set_num_threads(1)
+    try:
+        return fp4_search(weight, args, global_scale, importance, amax, best)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def fp4_search(weight: torch.Tensor, args: Args, global_scale: torch.Tensor, importance: torch.Tensor | None,
+               amax: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
+    """fp4_scales' search from the max |w| scales (best) of the group maxima (amax)."""
+    settings = args.search
+    columns = column_weights(importance) if args.observer == "imatrix_mse" else None
+    cells = weight.reshape(weight.shape[0], -1, args.group_size)
+    weights = None if columns is None else columns.reshape(1, -1, args.group_size)
+    lowest = fp4_error(cells, best, global_scale, settings["norm"], weights)
+    stale = torch.zeros(lowest.shape, dtype=torch.int64, device=lowest.device)
+    patience = settings["patience"]
+    for step in range(1, round(settings["maxshrink"] * settings["grid"]) + 1):
+        scale = fp4.scales_from_amax(amax * (1 - step / settings["grid"]), global_scale)
+        error = fp4_error(cells, scale, global_scale, settings["norm"], weights)
+        better = error < lowest
+        if patience:
+            better &= stale < patience
+        lowest = torch.where(better, error, lowest)
+        best = torch.where(better, scale, best)
+        stale = torch.where(better, 0, stale + 1)
+        if patience and bool((stale >= patience).all()):
+            break
+    return best
+
+
+def fp4_error(cells: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor, norm: float,
+              weights: torch.Tensor | None) -> torch.Tensor:
+    """sum over each group of |w - Q(w)|^norm (times the column weights), FP32 [rows, groups]: Q rounds to
+    E2M1 with the group's scale / global, as fp4.quantize_weight does."""
+    step = fp4.steps(scale, global_scale).unsqueeze(-1)
+    error = fp4.rounded(cells / step).mul_(step).sub_(cells).abs_()
+    error = error.square_() if norm == 2 else error.pow_(norm)
+    if weights is not None:
+        error *= weights
+    return error.sum(dim=-1)
 
 
 def column_weights(importance: torch.Tensor | None) -> torch.Tensor | None:

@@ -66,11 +66,15 @@ def rounded(name: str, tensor: torch.Tensor, scale_dtype: torch.dtype, recipe: R
     (quant/blocks.py), GPTQ's integer weights where calibration has them, else round to nearest with
     the searched scale (observe.searched_scales) or the max |w| one; NVFP4 (quant/fp4.py: E2M1 codes, FP8
     group scales and the global scale, a third item, from fused_amax(name, tensor): max |w| over the
-    Linears vLLM fuses with it) and MX (quant/mx.py: values or E2M1 codes, E8M0 exponents).
+    Linears vLLM fuses with it; GPTQ's codes and scales where calibration has them) and MX (quant/mx.py: values or E2M1 codes, E8M0 exponents).
     Raises BuilderError on NaN or infinity.
     """
     args = recipe.weights
     if args.strategy == "tensor_group":
+        module = name[: -len(".weight")]
+        gptq = calibration.gptq.get(module) if calibration else None
+        if gptq is not None:  # (codes, scale, global): GPTQ's, global scales shared as below
+            return gptq
         amax = fused_amax(name, tensor) if fused_amax else tensor.abs().amax().to(torch.float32).reshape(1)
         require_finite(name, amax)
         global_scale = fp4.global_scale(amax)

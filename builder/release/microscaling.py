@@ -54,7 +54,8 @@ def claims(recipe) -> bool:
 
 
 def preset_problems(recipe) -> list:
-    """A recipe these formats claim must be one preset, rounded to nearest with max |w| scales."""
+    """A recipe these formats claim must be one preset, rounded to nearest with max |w| scales (NVFP4 also
+    by GPTQ, with any observer's group scales)."""
     found = []
     if preset(recipe) is None:
         names = ", ".join(PRESETS)
@@ -66,12 +67,13 @@ def preset_problems(recipe) -> list:
                       f"lists them). Closest, {closest}: weights ({words(weights)}), activations ({words(acts)})"))
     weights = recipe.weights
     float_weights = weights.type == "float"
-    if float_weights and recipe.algorithm != "rtn":
-        found.append((("quant", "algorithm"), f"{recipe.algorithm}: FP4 and MX weights are rounded to nearest "
-                      "(rtn); GPTQ runs on integer and FP8 weights"))
-    if float_weights and weights.observer != "minmax":
-        found.append((("quant", "weights", "observer"), f"{weights.observer}: FP4 and MX group scales are max |w| "
-                      "(minmax)"))
+    nvfp4 = weights.strategy == "tensor_group"  # GPTQ and the scale searches round NVFP4 groups (quant/gptq.py)
+    if float_weights and recipe.algorithm != "rtn" and not (nvfp4 and recipe.algorithm == "gptq"):
+        found.append((("quant", "algorithm"), f"{recipe.algorithm}: MX weights are rounded to nearest (rtn), NVFP4 "
+                      "weights to nearest or by GPTQ; GPTQ also runs on integer and FP8 weights"))
+    if float_weights and weights.observer != "minmax" and not (nvfp4 and recipe.algorithm == "gptq"):
+        found.append((("quant", "weights", "observer"), f"{weights.observer}: MX group scales, and NVFP4's rounded "
+                      "to nearest, are max |w| (minmax); NVFP4 with algorithm gptq searches them"))
     if float_weights and (recipe.smoothing is not None or recipe.awq is not None):
         found.append((("quant", "awq" if recipe.awq is not None else "smoothing"), "scaling factors are not "
                       "folded into FP4 or MX weights"))
