@@ -38,7 +38,12 @@ VARIANTS = {
     "mlx-f32": ("mlx-4bit", {"quant": {"weights": None, "algorithm": None, "dtype": "float32"}}),
     "mlx-8bit": ("mlx-4bit", {"quant": {"weights": {"num_bits": 8}}}),
     "mlx-4bit": ("mlx-4bit", {}),
+    "mlx-mxfp4": ("mlx-mxfp4", {}),
+    "mlx-nvfp4": ("mlx-nvfp4", {}),
+    "mlx-mxfp8": ("mlx-mxfp8", {}),
 }
+# the target that loads a recipe (mlx's float modes: mlx-fp)
+TARGETS = {"gguf-q8_0": "llama-cpp", "gguf-q4_0": "llama-cpp", "mlx-4bit": "mlx"}
 PROMPTS = {"completion": "The capital of France is", "chat": "What is the capital of France?"}
 
 
@@ -101,7 +106,7 @@ def families(args) -> None:
         source = transformers_logits(repo.root / "weights" / kind, windows)
         for variant, (quant, extra) in VARIANTS.items():
             name, runtime = f"{kind}-{variant}", "llama" if variant.startswith("gguf") else "mlx"
-            text = release_text(name, kind, quant, "llama-cpp" if runtime == "llama" else "mlx")
+            text = release_text(name, kind, quant, TARGETS.get(quant, "mlx-fp"))
             if "imatrix" in variant:
                 text = text.replace("\n\nrelease:", "\n  - override /calibration: licenses\n\nrelease:")
             (repo.root / "specs" / "release" / f"{name}.yaml").write_text(text + (yaml.safe_dump(extra) if extra else ""))
