@@ -4,7 +4,7 @@ text, next to the vLLM-target artifacts of the same recipe family. Results: BENC
 
     python bench/ondevice.py families [--llama /work/venvs/llama/bin/python] [--mlx /work/venvs/mlx/bin/python]
     python bench/ondevice.py smollm2 artifacts/smollm2-135m-instruct-gguf-q8_0 ... [--windows 8 --length 512]
-        [--mlx-windows 2 --mlx-length 128] [--vllm /work/venvs/vllm/bin/python] [--transformers-only NAME ...]
+        [--mlx-windows 2 --mlx-length 128] [--max-tokens 32] [--vllm /work/venvs/vllm/bin/python] [--transformers-only NAME ...]
 
 Each runtime runs in its own venv (bench/ondevice_runtime.py, bench/vllm_check.py --score); the same
 token ids go to every runtime and to transformers (FP32, the builder's evaluation loader), so the
@@ -38,7 +38,12 @@ VARIANTS = {
     "mlx-f32": ("mlx-4bit", {"quant": {"weights": None, "algorithm": None, "dtype": "float32"}}),
     "mlx-8bit": ("mlx-4bit", {"quant": {"weights": {"num_bits": 8}}}),
     "mlx-4bit": ("mlx-4bit", {}),
+    "mlx-mxfp4": ("mlx-mxfp4", {}),
+    "mlx-nvfp4": ("mlx-nvfp4", {}),
+    "mlx-mxfp8": ("mlx-mxfp8", {}),
 }
+# the target that loads a recipe (mlx's float modes: mlx-fp)
+TARGETS = {"gguf-q8_0": "llama-cpp", "gguf-q4_0": "llama-cpp", "mlx-4bit": "mlx"}
 PROMPTS = {"completion": "The capital of France is", "chat": "What is the capital of France?"}
 
 
@@ -101,7 +106,7 @@ def families(args) -> None:
         source = transformers_logits(repo.root / "weights" / kind, windows)
         for variant, (quant, extra) in VARIANTS.items():
             name, runtime = f"{kind}-{variant}", "llama" if variant.startswith("gguf") else "mlx"
-            text = release_text(name, kind, quant, "llama-cpp" if runtime == "llama" else "mlx")
+            text = release_text(name, kind, quant, TARGETS.get(quant, "mlx-fp"))
             if "imatrix" in variant:
                 text = text.replace("\n\nrelease:", "\n  - override /calibration: licenses\n\nrelease:")
             (repo.root / "specs" / "release" / f"{name}.yaml").write_text(text + (yaml.safe_dump(extra) if extra else ""))
@@ -139,7 +144,7 @@ def smollm2(args) -> None:
         runtime = runtime_of(artifact)
         python = getattr(args, runtime)
         chosen = short if runtime == "mlx" else windows
-        job = {"windows": chosen, "prompts": PROMPTS, "fp32": True}
+        job = {"windows": chosen, "prompts": PROMPTS, "fp32": True, "max_tokens": args.max_tokens}
         if python is None or artifact.name in args.transformers_only:  # e.g. W4A16: vLLM's AVX2 CPU build lacks its ops
             runtime, result = f"({runtime}: not run)", {"load_s": math.nan, "perplexity": math.nan}
         else:
@@ -185,6 +190,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--mlx-windows", type=int, default=2)
     parser.add_argument("--mlx-length", type=int, default=128)
+    parser.add_argument("--max-tokens", type=int, default=32, help="greedy tokens generated per prompt")
     parser.add_argument("--transformers-only", nargs="*", default=[], metavar="ARTIFACT_NAME",
                         help="artifacts measured with transformers only (their runtime cannot run here)")
     parser.add_argument("--keep", action="store_true")

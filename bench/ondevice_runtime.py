@@ -4,7 +4,8 @@ windows; run inside the runtime's own venv (it imports nothing from the builder)
     /work/venvs/llama/bin/python bench/ondevice_runtime.py llama ARTIFACT_DIR JOB.json OUT.json
     /work/venvs/mlx/bin/python bench/ondevice_runtime.py mlx ARTIFACT_DIR JOB.json OUT.json
 
-JOB.json: {"windows": [[token ids], ...], "logits": false, "prompts": {"completion": str, "chat": str}}.
+JOB.json: {"windows": [[token ids], ...], "logits": false, "prompts": {"completion": str, "chat": str},
+"max_tokens": 32}.
 OUT.json: load seconds, the runtime's version (llama.cpp), the greedy completions, per-window summed NLL (nats) and token counts, and
 (with "logits") every window's logits. bench/ondevice.py writes the jobs and reads the results.
 """
@@ -64,11 +65,13 @@ def llama(artifact: Path, job: dict) -> dict:
     prompts = job.get("prompts", {})
     if "completion" in prompts:
         start = time.perf_counter()
-        out = model.create_completion(prompts["completion"], max_tokens=MAX_TOKENS, temperature=0.0, top_k=1)
+        out = model.create_completion(prompts["completion"], max_tokens=job.get("max_tokens", MAX_TOKENS),
+                                      temperature=0.0, top_k=1)
         found["completion"] = {"text": out["choices"][0]["text"], "seconds": time.perf_counter() - start}
     if "chat" in prompts:
         start = time.perf_counter()
-        out = model.create_chat_completion([{"role": "user", "content": prompts["chat"]}], max_tokens=MAX_TOKENS,
+        out = model.create_chat_completion([{"role": "user", "content": prompts["chat"]}],
+                                           max_tokens=job.get("max_tokens", MAX_TOKENS),
                                            temperature=0.0, top_k=1)
         found["chat"] = {"text": out["choices"][0]["message"]["content"], "seconds": time.perf_counter() - start,
                          "finish": out["choices"][0]["finish_reason"]}
@@ -96,13 +99,13 @@ def mlx(artifact: Path, job: dict) -> dict:
     prompts = job.get("prompts", {})
     if "completion" in prompts:
         start = time.perf_counter()
-        text = generate(model, tokenizer, prompt=prompts["completion"], max_tokens=MAX_TOKENS)
+        text = generate(model, tokenizer, prompt=prompts["completion"], max_tokens=job.get("max_tokens", MAX_TOKENS))
         found["completion"] = {"text": text, "seconds": time.perf_counter() - start}
     if "chat" in prompts and getattr(tokenizer, "chat_template", None):  # tiny test models have none
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompts["chat"]}],
                                                add_generation_prompt=True)
         start = time.perf_counter()
-        found["chat"] = {"text": generate(model, tokenizer, prompt=prompt, max_tokens=MAX_TOKENS),
+        found["chat"] = {"text": generate(model, tokenizer, prompt=prompt, max_tokens=job.get("max_tokens", MAX_TOKENS)),
                          "seconds": time.perf_counter() - start}
     return found
 

@@ -1,10 +1,12 @@
 """Reference vectors for the on-device quantizers, from the runtimes' own code: tests/reference/*.json,
-which tests/test_ggml.py and tests/test_mlx.py hold builder/quant/ggml.py and affine.py to, bit for bit.
+which tests/test_ggml.py, tests/test_affine.py and tests/test_mlx_modes.py hold builder/quant/ggml.py,
+affine.py and mlxfp.py to, bit for bit.
 
     # llama.cpp's ggml-quants.c (from the llama-cpp-python sdist), built the way ggml-base is built:
     pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 && tar xzf llama_cpp_python-0.3.36.tar.gz
     python bench/reference_vectors.py ggml llama_cpp_python-0.3.36/vendor/llama.cpp      # numpy + gcc
     /work/venvs/mlx/bin/python bench/reference_vectors.py mlx                           # mlx 0.32.4
+    /work/venvs/mlx/bin/python bench/reference_vectors.py mlx-modes                     # mxfp4, nvfp4, mxfp8
 
 Needs only numpy (and mlx for `mlx`); inputs are seeded and stored with the expected bytes, so the
 tests need neither the runtimes nor the seed.
@@ -97,11 +99,56 @@ def mlx() -> dict:
     return found
 
 
+SWEEP = (0x3380, 0x4080)  # bfloat16 bit patterns of 2**-24 and 2**6
+
+
+def mode_weights() -> np.ndarray:
+    """weights() in groups of 16 and 32, with the groups mlx's float modes branch on: tiny ones (an NVFP4
+    scale that rounds to 0 or to an E4M3 subnormal), and maxima at, just under and just over 6 x 2**k
+    and 448 x 2**k (where the E8M0 exponent is rounded up)."""
+    x = weights(16, 128, seed=23)
+    x[6, :16] = np.float32(1e-4) * np.sign(x[6, :16])          # NVFP4 scale -> 0
+    x[6, 16:32] = np.float32(2e-3) * np.sign(x[6, 16:32])      # NVFP4 scale -> E4M3 subnormal
+    x[6, 32:48] = -x[6, 32:48]                                  # a negative maximum
+    x[6, 64:96] = np.float32(-0.0)                              # signed zeros
+    edges = [np.float32(base * 2.0 ** k) for base in (6.0, 448.0) for k in range(-12, -2)]
+    around = [np.nextafter(e, np.float32(0)) for e in edges] + edges + [np.nextafter(e, np.float32(1)) for e in edges]
+    flat = x[7:16].reshape(-1, 16)
+    for row, value in enumerate(around[: len(flat)]):
+        flat[row, 3] = value * (1 if row % 2 else -1)
+    x[7:16] = flat.reshape(9, 128)
+    return x
+
+
+def mlx_modes() -> dict:
+    """mx.quantize in modes mxfp4, nvfp4 and mxfp8 of one input in float32, bfloat16 and float16, and
+    the scales of every bfloat16 group maximum from 2**-24 to 2**6 (where rounding the scale decides)."""
+    import mlx.core as mx
+
+    x = mode_weights()
+    found = {"input": hexed(x), "shape": list(x.shape), "cases": [], "sweeps": [],
+             "source": f"mlx {mx.__version__} mx.quantize(mode=...) on the CPU"}
+    for mode, group_size, bits in (("mxfp4", 32, 4), ("nvfp4", 16, 4), ("mxfp8", 32, 8)):
+        for dtype in ("float32", "bfloat16", "float16"):
+            packed, scales = mx.quantize(mx.array(x).astype(getattr(mx, dtype)), group_size=group_size, bits=bits,
+                                         mode=mode)
+            found["cases"].append({"mode": mode, "dtype": dtype, "bits": bits, "group_size": group_size,
+                                   "packed": hexed(np.array(packed)), "scales": hexed(np.array(scales))})
+        # every bfloat16 value in [2**-24, 2**6) as a group's maximum
+        maxima = (np.arange(*SWEEP, dtype=np.uint32) << 16).view(np.float32)
+        sweep = np.zeros((len(maxima), group_size), np.float32)
+        sweep[:, 0] = maxima
+        _, scales = mx.quantize(mx.array(sweep).astype(mx.bfloat16), group_size=group_size, bits=bits, mode=mode)
+        found["sweeps"].append({"mode": mode, "dtype": "bfloat16", "bits": bits, "group_size": group_size,
+                                "bfloat16_bits": list(SWEEP), "scales": hexed(np.array(scales))})
+    return found
+
+
 def main(argv: list) -> None:
     kind = argv[0]
-    document = ggml(Path(argv[1])) if kind == "ggml" else mlx()
+    document = ggml(Path(argv[1])) if kind == "ggml" else mlx_modes() if kind == "mlx-modes" else mlx()
     OUT.mkdir(exist_ok=True)
-    path = OUT / f"{'ggml_blocks' if kind == 'ggml' else 'mlx_affine'}.json"
+    path = OUT / f"{ {'ggml': 'ggml_blocks', 'mlx-modes': 'mlx_modes'}.get(kind, 'mlx_affine')}.json"
     path.write_text(json.dumps(document, indent=1, sort_keys=True) + "\n")
     print(f"wrote {path.relative_to(OUT.parent.parent)}")
 

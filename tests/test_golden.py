@@ -83,11 +83,18 @@ RECIPES = {
     "mlx-4bit-evaluated": ("mlx-4bit", "none", "docstrings", {"eval": {
         "samples": 2, "sequence_length": 64,
         "gate": {"max_perplexity_increase_pct": None, "max_mean_kl": None}}}),
+    "mlx-mxfp4": ("mlx-mxfp4", "none", "none", {}),
+    "mlx-nvfp4": ("mlx-nvfp4", "none", "none", {}),
+    "mlx-mxfp8": ("mlx-mxfp8", "none", "none", {}),
+    "mlx-nvfp4-evaluated": ("mlx-nvfp4", "none", "docstrings", {"eval": {
+        "samples": 2, "sequence_length": 64,
+        "gate": {"max_perplexity_increase_pct": None, "max_mean_kl": None}}}),
 }
 # Cases for the on-device runtimes: their target, and the tiny model with a byte-level BPE vocabulary
 # (conftest.save_bpe_tokenizer: a GGUF vocabulary needs merges); the others build for vllm-h100.
-ON_DEVICE = {case: "llama-cpp" if case.startswith("gguf") else "mlx" for case in RECIPES
-             if case.startswith(("gguf", "mlx"))}
+# mlx's float modes build for mlx-fp.
+ON_DEVICE = {case: "llama-cpp" if case.startswith("gguf") else "mlx" if RECIPES[case][0] == "mlx-4bit" else "mlx-fp"
+             for case in RECIPES if case.startswith(("gguf", "mlx"))}
 # Cases for targets other than vllm-h100: block-wise FP8's kernel family (w8a8-fp8-block) is listed by vllm-h200.
 TARGETS = {case: "vllm-h200" for case in RECIPES if case.startswith("fp8-block")}
 # NVFP4 and MX (FP4 and MX tensor cores) build for the Blackwell target, W4AFP8 for Grace Hopper's.

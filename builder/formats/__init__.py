@@ -8,7 +8,8 @@ A format module holds everything about its format, as plain names (no classes, n
     VERSION      output version of the part `format.<name>` (builder/release/identity.py reads it)
     PACKAGES     installed packages whose versions can change its bytes (the part's toolchain)
     QUANTIZER    the part that rounds its quantized weights: None for compressed-tensors' arithmetic
-                 (quantize.float / quantize.int), else the runtime's own (quantize.ggml, quantize.affine)
+                 (quantize.float / quantize.int), else the runtime's own (quantize.ggml, quantize.affine);
+                 a format whose rounding depends on the recipe also has quantizer(recipe) (mlx's modes)
     FAMILIES     model_type -> the runtime's architecture name, for a format written for a few model
                  families (None: every family the builder supports)
     CONTAINER    the file suffix its weights are written in: ".safetensors" (the shared write path,
@@ -61,6 +62,12 @@ def of(name: str):
     if name not in FORMATS:
         raise BuilderError(Problem("quant", "format", f"{name}: unknown format; known: {', '.join(sorted(FORMATS))}"))
     return FORMATS[name]
+
+
+def quantizer(recipe) -> str | None:
+    """The part that rounds the recipe's weights in its format: its quantizer(recipe), else its QUANTIZER."""
+    module = of(recipe.format)
+    return module.quantizer(recipe) if hasattr(module, "quantizer") else module.QUANTIZER
 
 
 def versions() -> dict:

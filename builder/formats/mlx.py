@@ -1,11 +1,14 @@
 """Format mlx: mlx-lm's layout. Safetensors shards with each quantized Linear as packed uint32 `weight`,
-`scales` and `biases` (MLX's affine groups), config.json with mlx-lm's `quantization` block. Written
-by the builder's own safetensors path: mlx is not a dependency of the builder.
+`scales` and, in mode affine, `biases`; config.json with mlx-lm's `quantization` block. Written by the
+builder's own safetensors path: mlx is not a dependency of the builder.
 
     builder build smollm2-135m-instruct-mlx-4bit && mlx_lm.generate --model artifacts/smollm2-135m-instruct-mlx-4bit
 
-mlx-lm quantizes a module when the weights hold its `scales` (bits and group size follow from the
-shapes); everything else is read as it is stored, in the recipe's dtype.
+Modes (mlx-lm's --q-mode), said by the recipe's weight arguments (MODES): affine (integer codes, a scale
+and a bias per group in the recipe's dtype: quantize.affine) and the float modes mxfp4, nvfp4, mxfp8
+(uint8 scales, no biases: quantize.mlxfp). mlx-lm quantizes a module when the weights hold its `scales`
+and tells the mode from them (scales' dtype, bits and group size from the shapes); everything else is
+read as it is stored, in the recipe's dtype.
 """
 
 from pathlib import Path
@@ -16,7 +19,7 @@ from builder.tensorfile import Output, index_of, reader
 
 VERSION = 1            # mlx-lm's layout: tensor names, uint32 packing, config.json's quantization
 PACKAGES = ()
-QUANTIZER = "quantize.affine"
+QUANTIZER = "quantize.affine"  # mode affine's; the float modes round with quantize.mlxfp (quantizer(recipe))
 # transformers model_type -> mlx-lm's model module (it maps mistral to llama)
 FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 CONTAINER = ".safetensors"
@@ -25,30 +28,51 @@ VLLM = "mlx"
 SCALES = ("scales", "biases")
 BITS, GROUP_SIZES = (4, 8), (32, 64, 128)  # mlx-lm's affine modes this builder writes
 MODE = "affine"
+# mx.quantize's float modes: exactly these arguments each (mlx refuses other bits or group sizes)
+FLOAT = dict(type="float", strategy="group", symmetric=True)
+MODES = {"mxfp4": dict(FLOAT, num_bits=4, group_size=32, scale_dtype="uint8"),             # E2M1, E8M0 scales
+         "nvfp4": dict(FLOAT, num_bits=4, group_size=16, scale_dtype="float8_e4m3fn"),     # E2M1, E4M3 scales
+         "mxfp8": dict(FLOAT, num_bits=8, group_size=32, scale_dtype="uint8")}             # E4M3, E8M0 scales
+QUANTIZERS = {MODE: QUANTIZER, **{name: "quantize.mlxfp" for name in MODES}}
 WORD_BITS = 32
 
 
+def mode(args) -> str | None:
+    """The mlx mode weight arguments are (affine, mxfp4, nvfp4, mxfp8), or None."""
+    if args.type == "int" and args.strategy == "group" and not args.symmetric and args.num_bits in BITS \
+            and args.group_size in GROUP_SIZES and args.scale_dtype is None:
+        return MODE
+    return next((name for name, wanted in MODES.items()
+                 if all(getattr(args, key) == value for key, value in wanted.items())), None)
+
+
+def quantizer(recipe) -> str | None:
+    """The part that rounds the recipe's weights: the mode's (None when it quantizes nothing)."""
+    return None if recipe.weights is None else QUANTIZERS.get(mode(recipe.weights), QUANTIZER)
+
+
 def problems(recipe, rules) -> list:
-    """mlx-lm's affine groups (a scale and a bias per group: asymmetric), round to nearest."""
+    """mlx-lm's modes: affine groups (a scale and a bias per group: asymmetric) or mx.quantize's float
+    modes with exactly their arguments; round to nearest."""
     if recipe.weights is None:
         return checks.unquantized(recipe)
-
-    def fits(args):
-        return args.type == "int" and args.strategy == "group" and not args.symmetric and \
-            args.num_bits in BITS and args.group_size in GROUP_SIZES
+    floats = "; ".join(f"{name}: num_bits {args['num_bits']}, group_size {args['group_size']}, scale_dtype "
+                       f"{args['scale_dtype']}" for name, args in MODES.items())
     return checks.runtime_types(recipe, "mlx-lm's affine groups: type int, strategy group, symmetric false, "
                                 f"num_bits {' or '.join(map(str, BITS))}, group_size "
-                                f"{', '.join(map(str, GROUP_SIZES))}", fits, ("rtn",))
+                                f"{', '.join(map(str, GROUP_SIZES))}; or its float modes, type float, strategy "
+                                f"group, symmetric true, exactly ({floats})", lambda args: mode(args) is not None,
+                                ("rtn",))
 
 
 def recognizes(folder: Path, config: dict | None) -> bool:
-    return config is not None and config.get("quantization", {}).get("mode") == MODE
+    return config is not None and config.get("quantization", {}).get("mode") in QUANTIZERS
 
 
 def load(folder: Path, config: dict, decode):
     """An mlx-lm checkpoint as a transformers model in FP32: each quantized Linear's weight is
-    decode(weight, scales, biases, bits) = scale * q + bias (exact in FP32), every other tensor cast;
-    read one tensor at a time."""
+    decode(weight, scales, biases or None, bits) (affine: scale * q + bias; float modes: the value of the
+    code times the group's scale; exact in FP32), every other tensor cast; read one tensor at a time."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -64,7 +88,8 @@ def load(folder: Path, config: dict, decode):
         for name in sorted(n for n in tensors if not n.endswith((".scales", ".biases"))):
             module = name.rsplit(".", 1)[0]
             if name.endswith(".weight") and f"{module}.scales" in tensors:
-                value = decode(read(name), read(f"{module}.scales"), read(f"{module}.biases"), bits)
+                biases = read(f"{module}.biases") if f"{module}.biases" in tensors else None
+                value = decode(read(name), read(f"{module}.scales"), biases, bits)
             else:
                 value = read(name)
             parameters.pop(name).copy_(value)
@@ -79,8 +104,9 @@ def prepare(path: Path, config: dict, spec: dict) -> dict:
 
 
 def plan(name: str, dtype, shape: tuple, targeted: bool, recipe, kv: list = (), tied: bool = False) -> list:
-    """The tensors one source tensor becomes (weight, scales, biases for a quantized Linear); none for
-    a tied lm_head (mlx-lm's llama and qwen2 read embed_tokens.as_linear)."""
+    """The tensors one source tensor becomes (weight, scales and, affine, biases for a quantized Linear;
+    the float modes' scales are uint8); none for a tied lm_head (mlx-lm's llama and qwen2 read
+    embed_tokens.as_linear)."""
     import torch
 
     if tied and name == "lm_head.weight":
@@ -90,8 +116,10 @@ def plan(name: str, dtype, shape: tuple, targeted: bool, recipe, kv: list = (), 
     rows, columns = shape
     args, module, stored = recipe.weights, name[: -len(".weight")], getattr(torch, recipe.dtype)
     groups = (rows, columns // args.group_size)
-    return [Output(name, torch.uint32, (rows, columns * args.num_bits // WORD_BITS)),
-            Output(f"{module}.scales", stored, groups), Output(f"{module}.biases", stored, groups)]
+    packed = Output(name, torch.uint32, (rows, columns * args.num_bits // WORD_BITS))
+    if mode(args) != MODE:
+        return [packed, Output(f"{module}.scales", torch.uint8, groups)]
+    return [packed, Output(f"{module}.scales", stored, groups), Output(f"{module}.biases", stored, groups)]
 
 
 def known(name: str, shape: tuple, targeted: bool, recipe, calibration, kv: list, arithmetic) -> dict:
@@ -99,14 +127,16 @@ def known(name: str, shape: tuple, targeted: bool, recipe, calibration, kv: list
 
 
 def compute(name: str, tensor, recipe, arithmetic) -> dict:
-    """A targeted weight's packed codes, scales and biases (arithmetic.weight: MLX's affine quantize)."""
+    """A targeted weight's packed codes, scales and (affine) biases (arithmetic.weight: mx.quantize in the
+    recipe's mode, in the recipe's dtype)."""
     import torch
 
     arithmetic.finite(name, tensor)
     dtype, module = getattr(torch, recipe.dtype), name[: -len(".weight")]
     packed, scales, biases = arithmetic.weight(tensor.to(dtype), recipe.weights.num_bits,
                                                recipe.weights.group_size, dtype)
-    return {name: packed, f"{module}.scales": scales, f"{module}.biases": biases}
+    found = {name: packed, f"{module}.scales": scales}
+    return found if biases is None else {**found, f"{module}.biases": biases}
 
 
 def config(source: dict, recipe, routers: list = ()) -> dict:
@@ -118,6 +148,6 @@ def config(source: dict, recipe, routers: list = ()) -> dict:
     if theta is not None and "rope_theta" not in config:
         config["rope_theta"] = theta
     if recipe.weights is not None:
-        block = {"group_size": recipe.weights.group_size, "bits": recipe.weights.num_bits, "mode": MODE}
+        block = {"group_size": recipe.weights.group_size, "bits": recipe.weights.num_bits, "mode": mode(recipe.weights)}
         config["quantization"], config["quantization_config"] = block, dict(block)
     return config

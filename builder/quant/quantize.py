@@ -9,7 +9,7 @@ import torch
 
 from builder import formats
 from builder.errors import BuilderError, Problem
-from builder.quant import affine, blocks, fp4, kquants, mx
+from builder.quant import affine, blocks, fp4, kquants, mlxfp, mx
 from builder.quant.results import Calibration
 from builder.release import families
 from builder.release.recipe import Args, Recipe
@@ -107,9 +107,9 @@ class Arithmetic:
 
     weight: the rounding of the part the format names (its QUANTIZER), with that part's signature:
         this module's (name, tensor, scale dtype) -> (values, scale); ggml's (tensor, kind, importance)
-        -> blocks; affine's (tensor, bits, group size, dtype) -> (packed, scales, biases)
+        -> blocks; affine's and mlxfp's (tensor, bits, group size, dtype) -> (packed, scales, biases or None)
     scale: (amax, args, dtype) -> the stored scale; finite: (name, tensor) -> None or BuilderError
-    decode: the inverse of weight where evaluation needs it (affine's), else None
+    decode: the inverse of weight where evaluation needs it (mlx's, every mode), else None
     """
 
     weight: Callable
@@ -119,7 +119,9 @@ class Arithmetic:
 
 
 # Formats that round with a runtime's own arithmetic, by the part their QUANTIZER names: (weight, decode).
-RUNTIME_ARITHMETIC = {"quantize.ggml": (kquants.blocks, None), "quantize.affine": (affine.quantize, affine.dequantize)}
+# An mlx artifact is read with mlxfp.dequantize whatever its mode (affine groups decode as affine.dequantize).
+RUNTIME_ARITHMETIC = {"quantize.ggml": (kquants.blocks, None), "quantize.affine": (affine.quantize, mlxfp.dequantize),
+                      "quantize.mlxfp": (mlxfp.quantize, mlxfp.dequantize)}
 
 
 def arithmetic(recipe: Recipe, calibration: Calibration | None = None, tensors: dict | None = None,
@@ -127,7 +129,7 @@ def arithmetic(recipe: Recipe, calibration: Calibration | None = None, tensors: 
     """The arithmetic the recipe's format rounds with; compressed-tensors' uses calibration's GPTQ
     weights and searched scales, and NVFP4's the source tensor index (tensors) and family to share
     global scales between the Linears vLLM fuses."""
-    part = formats.of(recipe.format).QUANTIZER
+    part = formats.quantizer(recipe)
     if part is not None:
         return runtime_arithmetic(part)
     shared = fused_maxima(tensors, family) if tensors is not None and recipe.weights is not None \

@@ -32,6 +32,7 @@ OUTPUT_VERSIONS = {
     "quantize.ggml": 1,              # llama.cpp's Q8_0 / Q4_0 blocks
     "quantize.kquant": 1,            # llama.cpp's Q4_K / Q5_K / Q6_K and Q5_0 / Q5_1 blocks (plain and imatrix-weighted)
     "quantize.affine": 1,            # MLX's affine groups: scales, biases, codes
+    "quantize.mlxfp": 1,             # MLX's float modes mxfp4, nvfp4, mxfp8: uint8 scales, codes (quant/mlxfp.py)
     "gptq": 3,                       # GPTQ's column loop (integer and FP8 weights); 2: under MKL_CBWR=AVX2,STRICT; 3: factor from one Cholesky and a triangular inverse
     "observer.mse": 1,               # weight scales searched for the least rounding error
     "observer.imatrix_mse": 1,       # the same, errors weighted by the inputs' E[x²] per column
@@ -60,6 +61,7 @@ PART_PACKAGES = {
     "quantize.ggml": ("torch",),
     "quantize.kquant": ("torch",),
     "quantize.affine": ("torch",),
+    "quantize.mlxfp": ("torch",),
     "gptq": ("torch",),
     "observer.mse": ("torch",),
     "observer.imatrix_mse": ("torch",),

@@ -43,6 +43,21 @@ def preset(recipe) -> str | None:
     return None
 
 
+# NVFP4 groups without the global scale (mlx's nvfp4 on dense Linears): no compressed-tensors preset, the
+# same kernel family as NVFP4A16's weights
+GROUP_SCALES_ONLY = {"nvfp4a16": ({**NVFP4, "strategy": "group", "dynamic": False}, None)}
+
+
+def family(recipe) -> str | None:
+    """The kernel family (a preset's name) of the recipe's weights and activations: the preset it is, or the
+    one it is but for NVFP4's global scale; None for the integer and FP8 recipes."""
+    found = preset(recipe)
+    if found is None:
+        found = next((name for name, (weights, acts) in GROUP_SCALES_ONLY.items()
+                      if agrees(recipe.weights, weights) and agrees(recipe.input_activations, acts)), None)
+    return found
+
+
 def claims(recipe) -> bool:
     """Whether the recipe asks for these formats: FP4 or scale-dtype weights, or 4-bit weights with FP8
     activations (anything else follows the rules of the integer and FP8 recipes)."""

@@ -90,8 +90,9 @@ class Recipe:
         """The runtime kernel family the recipe needs, as targets name them: w8a8-fp8, w4a16-int, ..."""
         if self.weights is None:
             return "w16a16"
-        if self.preset is not None:
-            return self.preset
+        family = microscaling.family(self)
+        if family is not None:
+            return family
         acts = self.input_activations
         bits = f"w{self.weights.num_bits}a{acts.num_bits if acts else 16}"
         if self.weights.type == "float":
@@ -126,7 +127,7 @@ class Recipe:
         found = [f"format.{self.format}"]
         for args in (self.weights, self.input_activations, self.kv_cache_scheme):
             if args is not None:
-                found.append(formats.of(self.format).QUANTIZER or args.part)
+                found.append(formats.quantizer(self) or args.part)
         if self.algorithm in ("gptq", "imatrix"):
             found.append(self.algorithm)
         if self.weights is not None and self.weights.observer != "minmax":
