@@ -38,13 +38,20 @@ def weight_scale(weight: torch.Tensor, args: Args, dtype: torch.dtype, importanc
     settings = args.search
     columns = column_weights(importance) if args.observer == "imatrix_mse" else None
     cells, weights = cell_view(weight, args), None if columns is None else cell_view(columns, args, weight.shape[0])
-    lowest = cell_error(cells, best, args, settings["norm"], weights)
-    stale = torch.zeros(lowest.shape, dtype=torch.int64)  # ratios in a row without improvement, per cell
+    return shrink(amax, best, settings, lambda amax: quantize.scale_from_amax(amax, args, dtype),
+                  lambda scale: cell_error(cells, scale, args, settings["norm"], weights))
+
+
+def shrink(amax: torch.Tensor, best: torch.Tensor, settings: dict, scale_of, error_of) -> torch.Tensor:
+    """The ratio search of every searching observer: from the scales of max |w| (best), each cell takes
+    the scale_of(p * amax) of the ratio p (1 - 1/grid, ..., 1 - maxshrink) whose error_of is the least
+    (strict <: ties keep the larger ratio), and stops after `patience` ratios in a row without a lower one."""
+    lowest = error_of(best)
+    stale = torch.zeros(lowest.shape, dtype=torch.int64, device=lowest.device)  # ratios without improvement
     patience = settings["patience"]
     for step in range(1, round(settings["maxshrink"] * settings["grid"]) + 1):
-        ratio = 1 - step / settings["grid"]
-        scale = quantize.scale_from_amax(amax * ratio, args, dtype)
-        error = cell_error(cells, scale, args, settings["norm"], weights)
+        scale = scale_of(amax * (1 - step / settings["grid"]))
+        error = error_of(scale)
         better = error < lowest
         if patience:
             better &= stale < patience
@@ -82,21 +89,8 @@ def fp4_search(weight: torch.Tensor, args: Args, global_scale: torch.Tensor, imp
     columns = column_weights(importance) if args.observer == "imatrix_mse" else None
     cells = weight.reshape(weight.shape[0], -1, args.group_size)
     weights = None if columns is None else columns.reshape(1, -1, args.group_size)
-    lowest = fp4_error(cells, best, global_scale, settings["norm"], weights)
-    stale = torch.zeros(lowest.shape, dtype=torch.int64, device=lowest.device)
-    patience = settings["patience"]
-    for step in range(1, round(settings["maxshrink"] * settings["grid"]) + 1):
-        scale = fp4.scales_from_amax(amax * (1 - step / settings["grid"]), global_scale)
-        error = fp4_error(cells, scale, global_scale, settings["norm"], weights)
-        better = error < lowest
-        if patience:
-            better &= stale < patience
-        lowest = torch.where(better, error, lowest)
-        best = torch.where(better, scale, best)
-        stale = torch.where(better, 0, stale + 1)
-        if patience and bool((stale >= patience).all()):
-            break
-    return best
+    return shrink(amax, best, settings, lambda amax: fp4.scales_from_amax(amax, global_scale),
+                  lambda scale: fp4_error(cells, scale, global_scale, settings["norm"], weights))
 
 
 def fp4_error(cells: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor, norm: float,
