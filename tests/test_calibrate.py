@@ -261,6 +261,7 @@ def test_awq_scaling_lowers_the_rounding_error_an_activation_outlier_causes_and_
 # The steps each shipped recipe runs on every decoder layer, in order (calibrate.plan): what its fields ask for.
 PLANS = {
     "bf16": (), "fp8-dynamic": (), "w8a8-int8": (), "w4a16": (), "gguf-q8_0": (), "mlx-4bit": (),
+    "mlx-mxfp4": (), "mlx-nvfp4": (), "mlx-mxfp8": (),
     "fp8-block": (), "fp8-block-legacy": (),
     "nvfp4a16": (), "mxfp4a16": (), "mxfp4": (), "mxfp8": (), "w4afp8": (), "nvfp4": ("activations",),
     "fp8-static": ("activations", "kv_cache"),

@@ -274,7 +274,7 @@ def test_the_architecture_keys_the_models_guide_lists_are_those_model_add_writes
               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
               "vocab_size": 256, "max_position_embeddings": 2048, "tie_word_embeddings": False,
               "attention_bias": True, "mlp_bias": True, "rope_parameters": {"rope_type": "linear", "factor": 2.0},
-              "num_local_experts": 4, "num_experts_per_tok": 2}
+              "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 1024}  # kv_cache: sliding
     text = (PROJECT / "docs" / "models.md").read_text()
     table = text[text.index("| key | from config.json |"):].split("\n\n")[0].splitlines()[2:]
     listed = {key for row in table for key in re.findall(r"`(\w+)`", row.split(" | ")[0])}
