@@ -212,6 +212,23 @@ def byte_level_chars() -> list:
     return [chars[b] for b in range(256)]
 
 
+def published_like(bf16: Path, folder: Path, tensors: dict, quantization_config: dict) -> Path:
+    """folder = bf16's checkpoint with its weights replaced by tensors and config.json's quantization_config set
+    (a checkpoint as it would be published quantized)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    save_file(tensors, folder / "model.safetensors", {"format": "pt"})
+    for path in bf16.iterdir():
+        if path.suffix != ".safetensors":
+            shutil.copyfile(path, folder / path.name)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": quantization_config}, indent=2))
+    return folder
+
+
 def flip_last_byte(path: Path) -> None:
     """Tamper with a file the smallest way: flip one bit of its last byte."""
     data = bytearray(path.read_bytes())

@@ -11,13 +11,12 @@ import pytest
 import torch
 import yaml
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from builder import build
 from builder.canonical import file_entries, tree_digest
 from builder.source import onboard
 from builder.tensorfile import read_header
-from conftest import Repo, make_checkpoint, release_text, save_byte_tokenizer
+from conftest import Repo, make_checkpoint, published_like, release_text, save_byte_tokenizer
 from test_families import (builds_alike_quantizes_every_target_and_loads,  # noqa: F401 (source_logits: a fixture)
                            IDS, logits, source_logits)
 
@@ -35,18 +34,6 @@ GPTQ = "calibration:\n  samples: 4\n  sequence_length: 32\nquant:\n  weights:\n 
 def read_all(folder) -> dict:
     with safe_open(folder / "model.safetensors", "pt") as handle:
         return {name: handle.get_tensor(name) for name in handle.keys()}
-
-
-def published_like(bf16, folder, tensors: dict, quantization_config: dict):
-    """folder = bf16's checkpoint with its weights replaced by tensors and config.json's quantization_config set."""
-    folder.mkdir(parents=True)
-    save_file(tensors, folder / "model.safetensors", {"format": "pt"})
-    for path in bf16.iterdir():
-        if path.suffix != ".safetensors":
-            shutil.copyfile(path, folder / path.name)
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": quantization_config}, indent=2))
-    return folder
 
 
 def block_fp8(weight):

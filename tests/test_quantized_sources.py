@@ -11,11 +11,10 @@ import pytest
 import torch
 import yaml
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from builder import build
 from builder.canonical import file_entries, tree_digest
-from conftest import Repo, flip_last_byte, release_text
+from conftest import Repo, flip_last_byte, published_like, release_text
 
 BLOCKS_32 = "quant:\n  weights:\n    block_structure: [32, 32]\n  input_activations:\n    group_size: 32\n"
 # release recipe -> (target, extra release YAML): what our own builder publishes, read back as sources
@@ -75,16 +74,9 @@ def compressed_by_compressed_tensors(source, folder, preset: str):
             state["weight_scale"] = scale
             for leaf, tensor in compressor.compress(state, scheme).items():
                 tensors[f"{module}.{leaf}"] = tensor.contiguous()
-    folder.mkdir(parents=True)
-    save_file(tensors, folder / "model.safetensors", {"format": "pt"})
-    for path in source.iterdir():
-        if path.suffix != ".safetensors":
-            shutil.copyfile(path, folder / path.name)
-    config = json.loads((folder / "config.json").read_text())
-    config["quantization_config"] = QuantizationConfig(config_groups={"group_0": scheme}, format=form,
-                                                       quant_method="compressed-tensors", ignore=["lm_head"]).model_dump()
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    return folder
+    return published_like(source, folder, tensors, QuantizationConfig(
+        config_groups={"group_0": scheme}, format=form, quant_method="compressed-tensors",
+        ignore=["lm_head"]).model_dump())
 
 
 def reference(folder) -> dict:
