@@ -66,7 +66,8 @@ def rounded(name: str, tensor: torch.Tensor, scale_dtype: torch.dtype, recipe: R
     (quant/blocks.py), GPTQ's integer weights where calibration has them, else round to nearest with
     the searched scale (observe.searched_scales) or the max |w| one; NVFP4 (quant/fp4.py: E2M1 codes, FP8
     group scales and the global scale, a third item, from fused_amax(name, tensor): max |w| over the
-    Linears vLLM fuses with it; GPTQ's codes and scales where calibration has them) and MX (quant/mx.py: values or E2M1 codes, E8M0 exponents).
+    Linears vLLM fuses with it; GPTQ's codes and scales where calibration has them) and MX (quant/mx.py:
+    values or E2M1 codes, E8M0 exponents).
     Raises BuilderError on NaN or infinity.
     """
     args = recipe.weights

@@ -322,7 +322,8 @@ def derived_tensors(entries: list) -> list:
     """The tensors of an architecture block's `checkpoint`: each entry a name with {layer} and {expert}
     for the layer and expert numbers, its shape, its role (linear, expert, router, other), the layers
     it is in (null: outside the decoder layers) and the experts per layer (null: not an expert); mtp and
-    mtp_linear: a multi-token-prediction layer's (source/load.py with_mtp). Fused experts count as experts (active for top-k of the tokens only), not as Linears."""
+    mtp_linear: a multi-token-prediction layer's (source/load.py with_mtp). Fused experts count as experts
+    (active for top-k of the tokens only), not as Linears."""
     found = []
     for entry in entries:
         role = entry["role"]
