@@ -15,10 +15,11 @@ the E2M1 value by scale / g. Whole rows at a time: no temporary the size of the 
 
 import torch
 
+from builder import minifloat
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 FP4_MAX = 6.0
-E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # the magnitudes of codes 0..7
 # Midpoints between neighbouring magnitudes, and whether a value exactly on one rounds up (to the even code)
 MIDPOINTS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False), (3.5, True), (5.0, False))
 ZERO_SCALE = 0.125  # an FP8 group scale that rounds to 0 becomes this (compressed-tensors' FP8 "eps")
@@ -70,8 +71,7 @@ def encode(scaled: torch.Tensor) -> torch.Tensor:
 
 def decode(codes: torch.Tensor) -> torch.Tensor:
     """FP32 values of uint8 E2M1 codes."""
-    values = torch.tensor(E2M1, dtype=torch.float32, device=codes.device)[(codes & 7).long()]
-    return torch.where((codes & 8).bool(), -values, values)
+    return minifloat.e2m1(codes)
 
 
 def rounded(scaled: torch.Tensor) -> torch.Tensor:

@@ -13,10 +13,11 @@ two), clamped to the type's range and rounded (FP4 as builder/quant/fp4.py, FP8 
 
 import torch
 
+from builder import minifloat
 from builder.quant import fp4
 
 GROUP = 32
-BIAS = 127
+BIAS = minifloat.E8M0_BIAS
 ELEMENT_EXPONENT = {4: 2, 8: 8}  # floor(log2) of FP4's 6 and FP8's 448
 FP8_MAX = 448.0
 
@@ -32,7 +33,7 @@ def group_exponents(weight: torch.Tensor, group: int, bits: int) -> torch.Tensor
 
 def scales(exponents: torch.Tensor) -> torch.Tensor:
     """FP32 2 ** (e - 127) of E8M0 exponents."""
-    return torch.ldexp(torch.ones(exponents.shape, dtype=torch.float32), exponents.to(torch.int32) - BIAS)
+    return minifloat.e8m0(exponents)
 
 
 def quantize_weight(weight: torch.Tensor, exponents: torch.Tensor, group: int, bits: int) -> torch.Tensor:

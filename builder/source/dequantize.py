@@ -36,7 +36,6 @@ DROPPED = ("input_scale", "input_zero_point", "input_global_scale", "output_scal
            "k_scale", "v_scale", "q_scale", "kv_scale")   # activation and KV-cache scales
 COMPANIONS = ("weight_scale", "weight_scale_inv", "weight_zero_point", "weight_global_scale", "weight_shape",
               "weight_g_idx")
-E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # FP4 magnitudes by code; bit 3 is the sign
 OTHER_FILES = ("*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja")  # configs, tokenizers, templates
 OUTPUT_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
@@ -137,16 +136,19 @@ def fp4_values(packed, columns: int):
     """FP4 E2M1 codes, two per byte (low nibble first), as float32 values [rows, columns]."""
     import torch
 
-    nibbles = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(packed.shape[0], -1)[:, :columns].long()
-    magnitude = torch.tensor(E2M1, dtype=torch.float32)[nibbles & 7]
-    return torch.where((nibbles & 8).bool(), -magnitude, magnitude)
+    from builder import minifloat
+
+    nibbles = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(packed.shape[0], -1)[:, :columns]
+    return minifloat.e2m1(nibbles)
 
 
 def e8m0(scale):
     """OCP microscaling E8M0 exponents (uint8, bias 127) as the BF16 powers of two compressed-tensors uses."""
     import torch
 
-    return 2.0 ** (scale.to(torch.int32) - 127).to(torch.bfloat16)
+    from builder import minifloat
+
+    return minifloat.e8m0(scale, torch.bfloat16)
 
 
 def fused_mxfp4(blocks, scales, dtype):
