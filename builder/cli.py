@@ -308,6 +308,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     determinism.apply_environment()  # before anything imports torch
+    console.quiet_library_bars()  # before anything imports tqdm
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # over a file-size limit: an OSError, not a crash
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv:  # bare `builder`: what it can do, not "required: VERB"

@@ -1,5 +1,6 @@
 """Messages and progress for people: lines on stderr; progress bars only on a terminal (quiet in CI)."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -14,6 +15,15 @@ def progress(iterable=None, **kwargs):
     from tqdm import tqdm
 
     return tqdm(iterable, disable=None, leave=False, **kwargs)
+
+
+def quiet_library_bars() -> None:
+    """Off a terminal, keep the bars the libraries we call draw (compressed-tensors' per-module
+    compression, transformers' shard writing, lm-eval's requests) out of logs: tqdm reads TQDM_DISABLE
+    when it is first imported, so call this before anything imports it. Our own bars pass disable=None
+    and still follow the terminal; a TQDM_DISABLE the person set is left as it is."""
+    if not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 def table(rows: list, columns: tuple) -> str:

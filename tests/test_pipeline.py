@@ -144,3 +144,10 @@ def test_a_docstring_in_every_builder_module_then_repro_force_leaves_dvc_lock_an
     assert len(after) == 1 and after.isdisjoint(sources)
     changed = pipeline.git("status", "--porcelain").stdout.splitlines()
     assert changed and all(line[3:].startswith("builder/") for line in changed)  # the edit, nothing else
+
+
+def test_a_build_logged_to_a_file_carries_no_progress_bars_of_the_libraries_it_calls(pipeline):
+    result = builder(pipeline, "build", "tiny-llama-fp8-dynamic", "--force")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "artifacts/tiny-llama-fp8-dynamic\n" and "content digest:" in result.stderr
+    assert "it/s]" not in result.stderr and "%|" not in result.stderr, result.stderr
