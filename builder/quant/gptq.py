@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from builder.errors import BuilderError, Problem
-from builder.quant import fp4, observe
+from builder.quant import fp4, layerwise, observe
 from builder.quant.quantize import FP8, fused, quantize_weight, scale_format
 from builder.quant.step import Layer, Step, means, shared_sums
 from builder.release.recipe import Args, Recipe
@@ -314,18 +314,22 @@ def sums_for_awq(layer: Layer, recipe: Recipe, seen: dict) -> dict:
 
 def finish(layer: Layer, recipe: Recipe, seen: dict) -> dict:
     """Round each Linear of the layer with its Hessian (and the imatrix_mse observer's E[x²] when the
-    recipe searches scales with it), leaving its rounded weights in the layer: {"gptq": {module:
-    (values, scale)}} (NVFP4: (codes, scale, global), global scales shared as vLLM fuses the Linears).
-    A Linear no token reached (an expert) has no Hessian: it is rounded to nearest.
+    recipe searches scales with it); the layer then computes with its rounded weights: {"gptq":
+    {module: (values, scale)}} (NVFP4: (codes, scale, global), global scales shared as vLLM fuses the
+    Linears). A Linear no token reached (an expert) has no Hessian: it is rounded to nearest.
 
     Memory: Linears that read the same input share one Hessian, summed when they are rounded (see
-    gather), factorised once in its own memory and freed after the last of them; each Linear's FP32
-    weight is rounded in place and leaves the layer while the others are rounded (its integers
-    stay): the layer gets its rounded weights back at the end, for the run that hands them on.
+    gather), factorised once in its own memory and freed after the last of them; the narrowest
+    Hessians go first, so the widest (down_proj's) is made when the others' Linears hold only their
+    integers. Each Linear's weight is widened to FP32 (or taken, if FP32) before its Hessian is made,
+    rounded in place and leaves the layer (one FP32 copy at a time); its integers stay, and the
+    layer's run that hands them on makes each Linear's FP32 weight from them as it runs
+    (layerwise.compute_with).
     """
     hessians = seen["hessian"]
     importance = means(seen["mean_squares"]) if "mean_squares" in seen else {}  # E[x²], builder/quant/imatrix.py
-    rounded = [name for name in layer.linears if name in hessians]
+    rounded = sorted((name for name in layer.linears if name in hessians),
+                     key=lambda name: layer.linears[name].weight.shape[1])  # stable: storage order within a width
     readers = {}  # id of a shared Hessian entry -> how many Linears still need its factor
     for name in rounded:
         readers[id(hessians[name])] = readers.get(id(hessians[name]), 0) + 1
@@ -333,18 +337,17 @@ def finish(layer: Layer, recipe: Recipe, seen: dict) -> dict:
     shared = global_scales(layer, rounded) if recipe.weights.strategy == "tensor_group" else {}
     for name in rounded:
         entry, module = hessians[name], layer.linears[name]
+        weight = module.weight.data.to(torch.float32)  # before a Hessian is made: the stored copy goes first
+        module.weight.data = module.weight.data.new_empty(0)  # the one FP32 copy is rounded in place
         if id(entry) not in factors:
             factors[id(entry)] = factorise(summed(entry[0]).to(torch.float32), recipe.gptq, name)
             entry[0] = None  # its memory is the factor now
-        weight = module.weight.data.to(torch.float32)
-        module.weight.data = torch.empty(0, device=weight.device)  # the one FP32 copy is rounded in place
         results[name] = round_weight(weight, factors[id(entry)], recipe, importance.get(name), shared.get(name))
         del weight
+        layerwise.compute_with(module, lambda result=results[name]: restored(result, recipe.weights))
         readers[id(entry)] -= 1
         if not readers[id(entry)]:
             del factors[id(entry)]
-    for name, result in results.items():
-        layer.linears[name].weight.data = restored(result, recipe.weights)
     return {"gptq": results}
 
 
