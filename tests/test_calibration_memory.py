@@ -38,6 +38,7 @@ def allocations(run) -> list:
 
 
 def peak(events: list) -> int:
+    """The most bytes live at once of those allocations."""
     return max(live for *_, live in events)
 
 
