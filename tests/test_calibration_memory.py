@@ -24,17 +24,25 @@ RECIPE = Recipe.of({"format": "compressed-tensors", "dtype": "bfloat16", "algori
 
 def allocations(run) -> list:
     """(time ns, bytes: + allocated / - freed, address, bytes live) of every CPU tensor allocation
-    and free while run() runs, in order; live bytes count what was allocated while run() ran."""
+    while run() runs and of its frees, in order; live bytes count what was allocated while run() ran
+    (torch's own running total also keeps what earlier profiles allocated and freed after them)."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
         run()
-    found, nodes = [], list(profiler.profiler.kineto_results.experimental_event_tree())
+    events, nodes = [], list(profiler.profiler.kineto_results.experimental_event_tree())
     while nodes:
         node = nodes.pop()
         nodes.extend(node.children)
         if node.tag == _EventType.Allocation:
-            fields = node.extra_fields
-            found.append((node.start_time_ns, fields.alloc_size, fields.ptr, fields.total_allocated))
-    return sorted(found)
+            events.append((node.start_time_ns, node.extra_fields.alloc_size, node.extra_fields.ptr))
+    found, blocks, total = [], {}, 0
+    for time, size, address in sorted(events):
+        if size > 0:
+            blocks[address] = size
+        elif address not in blocks:
+            continue  # made before run() began
+        total += size if size > 0 else -blocks.pop(address)
+        found.append((time, size, address, total))
+    return found
 
 
 def peak(events: list) -> int:
