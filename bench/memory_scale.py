@@ -4,8 +4,8 @@ and llm-compressor's, against an I/O floor measured in the same run; as a table,
     pip install -e ".[bench]"      # matplotlib, for --plot
     python bench/memory_scale.py [--sizes 2,8] [--recipes fp8-dynamic,w8a8-int8,w4a16]
         [--llmc /work/venvs/llmc/bin/python] [--llmc-max-gb 2] [--samples 4 --length 128]
-        [--work DIR] [--keep] [--json rows.json] [--plot memory.png]
-    python bench/memory_scale.py write OUT_DIR SIZE_GB [--seed 0]     # one checkpoint only
+        [--work DIR] [--keep] [--json rows.json] [--plot memory.png] [--layers N]
+    python bench/memory_scale.py write OUT_DIR SIZE_GB [--seed 0] [--layers N]     # one checkpoint only
     python bench/memory_scale.py floor SOURCE_DIR OUT_DIR BYTES       # the I/O floor, alone
 
 For each size (GB of BF16 weights): writes a seeded random Llama-shaped checkpoint tensor by tensor
@@ -50,10 +50,11 @@ FLOOR_CHUNK = 8 << 20              # bytes the floor reads (and writes) at a tim
 Output = namedtuple("Output", "name dtype shape")
 
 
-def shape_for(size_gb: float) -> dict:
+def shape_for(size_gb: float, layers: int | None = None) -> dict:
     """A Llama config whose BF16 weights take about size_gb: the widest hidden size (head_dim 64, GQA 4:1,
     SwiGLU width ~8/3 hidden) whose embedding and lm_head take at most half the parameters and leave
-    room for MIN_LAYERS layers or more; then as many layers as fit."""
+    room for MIN_LAYERS layers or more; then as many layers as fit (or the first `layers` of them: the
+    same widths, a shorter model, to measure a size's per-layer peak without building every layer)."""
     params = size_gb * 1e9 / 2
 
     def config(hidden: int) -> dict:
@@ -67,7 +68,10 @@ def shape_for(size_gb: float) -> dict:
                 "vocab_size": VOCAB, "max_position_embeddings": 4096, "tie_word_embeddings": False}
 
     fitting = [h for h in HIDDEN if 2 * VOCAB * h <= params / 2 and config(h)["num_hidden_layers"] >= MIN_LAYERS]
-    return config(max(fitting, default=HIDDEN[0]))
+    found = config(max(fitting, default=HIDDEN[0]))
+    if layers is not None:
+        found["num_hidden_layers"] = min(layers, found["num_hidden_layers"])
+    return found
 
 
 def tensor_shapes(arch: dict) -> list:
@@ -101,15 +105,16 @@ def write_random(handle, name: str, shape: tuple, seed: int) -> None:
         handle.write(chunk.to(torch.bfloat16).view(torch.uint8).numpy())
 
 
-def write_checkpoint(out: Path, size_gb: float, seed: int = 0) -> dict:
-    """A seeded random Llama checkpoint of ~size_gb (BF16) with SmolLM2's tokenizer; returns its architecture."""
+def write_checkpoint(out: Path, size_gb: float, seed: int = 0, layers: int | None = None) -> dict:
+    """A seeded random Llama checkpoint of ~size_gb (BF16) with SmolLM2's tokenizer (its first `layers`
+    decoder layers only, when given); returns its architecture."""
     import torch
     from transformers import LlamaConfig
 
     from builder import tensorfile
     from builder.artifact import shards
 
-    arch = shape_for(size_gb)
+    arch = shape_for(size_gb, layers)
     out.mkdir(parents=True, exist_ok=True)
     outputs = [Output(name, torch.bfloat16, shape) for name, shape in tensor_shapes(arch)]
     groups = shards.assign([[o] for o in outputs], SHARD_BYTES)
@@ -151,9 +156,11 @@ def release_text(name: str, model: str, recipe: str, samples: int, length: int) 
     return text
 
 
-def release_repo(root: Path, size_gb: float, recipes: tuple, samples: int, length: int) -> tuple:
-    """A release repository (the shipped specs and data) with the synthetic model, pinned, and one
-    release per recipe. Returns (model name, its config.json, the writer's measurement)."""
+def release_repo(root: Path, size_gb: float, recipes: tuple, samples: int, length: int,
+                 layers: int | None = None) -> tuple:
+    """A release repository (the shipped specs and data) with the synthetic model (its first `layers`
+    layers, when given), pinned, and one release per recipe. Returns (model name, its config.json, the
+    writer's measurement)."""
     import yaml
 
     from builder.canonical import file_entries, tree_digest
@@ -162,9 +169,10 @@ def release_repo(root: Path, size_gb: float, recipes: tuple, samples: int, lengt
     shutil.copytree(ROOT / "data", root / "data")  # the calibration text
     for shipped in (root / "specs" / "release").glob("*.yaml"):
         shipped.unlink()
-    model = f"synthetic-llama-{size_gb:g}gb".replace(".", "p")
+    model = f"synthetic-llama-{size_gb:g}gb".replace(".", "p") + (f"-{layers}l" if layers is not None else "")
     weights = root / "weights" / model
-    writer = measured([sys.executable, str(Path(__file__).resolve()), "write", str(weights), str(size_gb)])
+    writer = measured([sys.executable, str(Path(__file__).resolve()), "write", str(weights), str(size_gb),
+                       *(["--layers", str(layers)] if layers is not None else [])])
     config = json.loads((weights / "config.json").read_text())
     spec = model_spec(model, config, tree_digest(file_entries(weights)))
     (root / "specs" / "model" / f"{model}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -218,7 +226,7 @@ def measure_size(work: Path, size_gb: float, args) -> list:
     from safetensors.torch import save_file
 
     root = work / f"size-{size_gb:g}" / "repo"
-    model, config, writer = release_repo(root, size_gb, args.recipes, args.samples, args.length)
+    model, config, writer = release_repo(root, size_gb, args.recipes, args.samples, args.length, args.layers)
     source = root / "weights" / model
     params = sum(math.prod(shape) for _, shape in tensor_shapes(config))
     base = {"size_gb": size_gb, "calibration_tokens": args.samples * args.length, "weight_bytes": sum(p.stat().st_size for p in weight_files(source)),
@@ -337,8 +345,9 @@ def main() -> None:
         if sys.argv[1] == "write":
             parser.add_argument("size_gb", type=float)
             parser.add_argument("--seed", type=int, default=0)
+            parser.add_argument("--layers", type=int, help="write only the first N decoder layers")
             args = parser.parse_args()
-            write_checkpoint(args.source_or_out, args.size_gb, args.seed)
+            write_checkpoint(args.source_or_out, args.size_gb, args.seed, args.layers)
         else:
             parser.add_argument("out", type=Path)
             parser.add_argument("bytes", type=int)
@@ -357,6 +366,8 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep checkpoints and artifacts")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
+    parser.add_argument("--layers", type=int, help="build only the first N decoder layers of each size "
+                        "(same widths: a size's per-layer peak RSS, quickly)")
     args = parser.parse_args()
     args.recipes = tuple(args.recipes.split(","))
     args.work.mkdir(parents=True, exist_ok=True)

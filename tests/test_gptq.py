@@ -99,7 +99,8 @@ def test_dequantize_scales_each_value_once_as_a_full_scale_matrix_would(weights)
 
 def test_linears_reading_one_input_share_one_factor_and_each_gets_what_it_would_get_alone():
     """q and k read the same input (one Hessian entry), o its own: finish rounds each as quantize
-    would on copies, frees every Hessian, and leaves the rounded weights in the layer."""
+    would on copies, frees every Hessian, and the layer then computes with the rounded weights
+    (made from the integers as each Linear runs: the Linear keeps no FP32 weight of its own)."""
     torch.manual_seed(0)
     linears = {"q": torch.nn.Linear(64, 32, bias=False), "k": torch.nn.Linear(64, 16, bias=False),
                "o": torch.nn.Linear(32, 64, bias=False)}
@@ -121,7 +122,10 @@ def test_linears_reading_one_input_share_one_factor_and_each_gets_what_it_would_
     found = gptq.finish(layer, recipe, {"hessian": sums})["gptq"]
     for name, (values, scale) in expected.items():
         assert torch.equal(found[name][0], values) and torch.equal(found[name][1], scale)
-        assert torch.equal(linears[name].weight.data, gptq.dequantize(values, scale, recipe.weights))
+        x = torch.randn(3, linears[name].in_features)
+        rounded = gptq.dequantize(values, scale, recipe.weights)
+        assert torch.equal(linears[name](x), torch.nn.functional.linear(x, rounded))
+        assert linears[name].weight.numel() == 0
     assert all(entry[0] is None for entry in sums.values())  # the Hessians' memory went with their factors
 
 

@@ -56,6 +56,7 @@ def calibrate(source: Path, tensors: dict, modules: dict, recipe: Recipe, ids: t
     config, family, model = skeleton.build(source, attention=lambda family: layerwise.register(family.calibrate_with))
     found = {key: spill if s.spilled and spill is not None else {} for s in STEPS for key in s.results}
     rewrites = any(s.rewrites for s in steps)
+    stored = not any(step.folds(s) for s in steps)  # Linears kept as stored unless factors go into them
     # steps that change what the others observe (own_pass) first, each in a pass of its own; then
     # one pass for the rest, whose outputs go to the next layer unless a step rewrites the weights
     passes = [*(([s], False) for s in steps if s.own_pass), ([s for s in steps if not s.own_pass], not rewrites)]
@@ -64,16 +65,15 @@ def calibrate(source: Path, tensors: dict, modules: dict, recipe: Recipe, ids: t
         layers = model.model.layers
         for index in progress(range(len(layers)), desc="calibrate", unit="layer"):
             prefix, module = f"model.layers.{index}.", layers[index]
-            layerwise.materialize(module, prefix, family, read, device)
+            layerwise.materialize(module, prefix, family, read, device, stored)
             layer = step.Layer(index, prefix, module, family, targeted(module, prefix, family, modules, recipe),
                                lambda replace, m=module, i=index: layerwise.run(m, i, hidden, arguments, replace),
                                log)
             for group, replace in passes:
-                for key, results in one_pass(layer, group, recipe, replace).items():
-                    keep(found[key], index, results)
+                keep(found, index, one_pass(layer, group, recipe, replace))
             if rewrites:
                 layer.run(True)  # the next layer sees this one's outputs as the steps left it (quantized)
-            module.to_empty(device="meta")  # free this layer's weights before the next is read
+            layerwise.release(module)  # free this layer's weights before the next is read
     log(f"calibrated {len(layers)} layers on {ids.shape[0]} x {ids.shape[1]} tokens")
     return Calibration.of(found)
 
@@ -104,12 +104,16 @@ def targeted(module: torch.nn.Module, prefix: str, family, modules: dict, recipe
     return found
 
 
-def keep(store, layer: int, results: dict) -> None:
-    """One layer's results of one kind, on the CPU: spilled to disk (a Spill: GPTQ's weights) or kept."""
-    if isinstance(store, Spill):
-        store.put(layer, results)
-    else:
-        store.update(layerwise.on(torch.device("cpu"), results))
+def keep(found: dict, layer: int, results: dict) -> None:
+    """One layer's results ({key: {name: value}}) on the CPU: spilled to disk where found holds a Spill
+    (GPTQ's weights), else kept. Nothing of them stays referenced here (a loop variable in the walk
+    would hold a layer's integers through the next layer's rounding)."""
+    for key, values in results.items():
+        store = found[key]
+        if isinstance(store, Spill):
+            store.put(layer, values)
+        else:
+            store.update(layerwise.on(torch.device("cpu"), values))
 
 
 def for_build(recipe: Recipe, source: BuildInputs, log, dump: Path | None = None, device: str = "cpu",

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from builder.errors import BuilderError, Problem
-from builder.quant import fp4, observe
+from builder.quant import fp4, layerwise, observe
 from builder.quant.quantize import FP8, fused, quantize_weight, scale_format
 from builder.quant.step import Layer, Step, means, shared_sums
 from builder.release.recipe import Args, Recipe
@@ -78,10 +78,23 @@ def round_weight(weight: torch.Tensor, factor: Factor, recipe: Recipe,
         scale_dtype, _ = scale_format(recipe)
         scale = observe.weight_scale(weight, args, scale_dtype, importance)
         steps_of = column_steps(scale.to(torch.float32), args, weight.shape[0])
-    order, inverse = factor.order, factor.inverse
+    order = factor.order
     if recipe.gptq.actorder is not None:
         permute_columns_(weight, order)
     weight[:, factor.dead] = 0
+    column_loop(weight, factor.inverse, order, steps_of, args, block)
+    del factor  # given the last reference (finish pops it), the Hessian's memory goes before the integers are made
+    if recipe.gptq.actorder is not None:
+        permute_columns_(weight, torch.argsort(order))  # back to storage order: scales and layout are unchanged
+    if fp4_groups:  # each value is an E2M1 value times its step already: the codes are those values'
+        return fp4.quantize_weight(weight, scale, global_scale, args.group_size), scale, global_scale
+    return quantize_weight(weight, scale.to(torch.float32), args), scale
+
+
+def column_loop(weight: torch.Tensor, inverse: torch.Tensor, order: torch.Tensor, steps_of, args: Args,
+                block: int) -> None:
+    """GPTQ's blocked column loop, in place on the FP32 weight (columns in order), with the upper
+    factor U of the permuted inverse Hessian; steps_of (column_steps) gives the columns' scales."""
     q_min, q_max = args.value_range
     columns = weight.shape[1]
     single = weight.device.type == "cpu"
@@ -110,11 +123,6 @@ def round_weight(weight: torch.Tensor, factor: Factor, recipe: Recipe,
         del chunk, product
         # in place (beta 1, alpha -1): each value minus the same product, no [rows, columns] temporary
         weight[:, end:].addmm_(errors.T.contiguous(), inverse[start:end, end:], alpha=-1)
-    if recipe.gptq.actorder is not None:
-        permute_columns_(weight, torch.argsort(order))  # back to storage order: scales and layout are unchanged
-    if fp4_groups:  # each value is an E2M1 value times its step already: the codes are those values'
-        return fp4.quantize_weight(weight, scale, global_scale, args.group_size), scale, global_scale
-    return quantize_weight(weight, scale.to(torch.float32), args), scale
 
 
 def column_steps(scale: torch.Tensor, args: Args, rows: int):
@@ -314,18 +322,23 @@ def sums_for_awq(layer: Layer, recipe: Recipe, seen: dict) -> dict:
 
 def finish(layer: Layer, recipe: Recipe, seen: dict) -> dict:
     """Round each Linear of the layer with its Hessian (and the imatrix_mse observer's E[x²] when the
-    recipe searches scales with it), leaving its rounded weights in the layer: {"gptq": {module:
-    (values, scale)}} (NVFP4: (codes, scale, global), global scales shared as vLLM fuses the Linears).
-    A Linear no token reached (an expert) has no Hessian: it is rounded to nearest.
+    recipe searches scales with it); the layer then computes with its rounded weights: {"gptq":
+    {module: (values, scale)}} (NVFP4: (codes, scale, global), global scales shared as vLLM fuses the
+    Linears). A Linear no token reached (an expert) has no Hessian: it is rounded to nearest.
 
     Memory: Linears that read the same input share one Hessian, summed when they are rounded (see
-    gather), factorised once in its own memory and freed after the last of them; each Linear's FP32
-    weight is rounded in place and leaves the layer while the others are rounded (its integers
-    stay): the layer gets its rounded weights back at the end, for the run that hands them on.
+    gather), factorised once in its own memory and freed after the column loop of the last of them
+    (before its integers are made: round_weight holds the last reference); the narrowest
+    Hessians go first, so the widest (down_proj's) is made when the others' Linears hold only their
+    integers. Each Linear's weight is widened to FP32 (or taken, if FP32) before its Hessian is made,
+    rounded in place and leaves the layer (one FP32 copy at a time); its integers stay, and the
+    layer's run that hands them on makes each Linear's FP32 weight from them as it runs
+    (layerwise.compute_with).
     """
     hessians = seen["hessian"]
     importance = means(seen["mean_squares"]) if "mean_squares" in seen else {}  # E[x²], builder/quant/imatrix.py
-    rounded = [name for name in layer.linears if name in hessians]
+    rounded = sorted((name for name in layer.linears if name in hessians),
+                     key=lambda name: layer.linears[name].weight.shape[1])  # stable: storage order within a width
     readers = {}  # id of a shared Hessian entry -> how many Linears still need its factor
     for name in rounded:
         readers[id(hessians[name])] = readers.get(id(hessians[name]), 0) + 1
@@ -333,18 +346,17 @@ def finish(layer: Layer, recipe: Recipe, seen: dict) -> dict:
     shared = global_scales(layer, rounded) if recipe.weights.strategy == "tensor_group" else {}
     for name in rounded:
         entry, module = hessians[name], layer.linears[name]
+        weight = module.weight.data.to(torch.float32)  # before a Hessian is made: the stored copy goes first
+        module.weight.data = module.weight.data.new_empty(0)  # the one FP32 copy is rounded in place
         if id(entry) not in factors:
-            factors[id(entry)] = factorise(summed(entry[0]).to(torch.float32), recipe.gptq, name)
-            entry[0] = None  # its memory is the factor now
-        weight = module.weight.data.to(torch.float32)
-        module.weight.data = torch.empty(0, device=weight.device)  # the one FP32 copy is rounded in place
-        results[name] = round_weight(weight, factors[id(entry)], recipe, importance.get(name), shared.get(name))
-        del weight
+            hessian, entry[0] = summed(entry[0]), None  # the batches kept go before the factorisation
+            factors[id(entry)] = factorise(hessian.to(torch.float32), recipe.gptq, name)
+            del hessian  # its memory is the factor now
         readers[id(entry)] -= 1
-        if not readers[id(entry)]:
-            del factors[id(entry)]
-    for name, result in results.items():
-        layer.linears[name].weight.data = restored(result, recipe.weights)
+        share = factors.get if readers[id(entry)] else factors.pop  # the last reader takes the factor along
+        results[name] = round_weight(weight, share(id(entry)), recipe, importance.get(name), shared.get(name))
+        del weight
+        layerwise.compute_with(module, lambda result=results[name]: restored(result, recipe.weights))
     return {"gptq": results}
 
 

@@ -9,6 +9,7 @@ each layer runs over every batch, its outputs replacing its inputs. calibrate.py
 
 import torch
 
+from builder.errors import BuilderError, Problem
 from builder.quant import quantize
 from builder.source import skeleton
 
@@ -98,17 +99,53 @@ def prepare_model_inputs(model, config, read, rows: torch.Tensor) -> None:
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config)  # its inv_freq buffers, on CPU
 
 
-def materialize(module: torch.nn.Module, prefix: str, family, read, device=torch.device("cpu")) -> None:
-    """Give a meta module real FP32 weights read from the checkpoint (names under prefix), one tensor
-    at a time: reading the whole layer first would hold it twice (BF16 as read, FP32 in place)."""
+def materialize(module: torch.nn.Module, prefix: str, family, read, device=torch.device("cpu"),
+                stored: bool = False) -> None:
+    """Give a meta module real weights read from the checkpoint (names under prefix), one tensor at a
+    time, in FP32: reading the whole layer first would hold it twice (as read, and FP32 in place).
+
+    stored: its Linears' weights keep the checkpoint's dtype and each Linear computes with an FP32 copy
+    made as it runs (compute_with): the layer holds its Linears at their stored size and one FP32
+    weight at a time. The forward's values are unchanged: the copy is the very tensor copying into
+    FP32 makes (BF16 and FP16 widen to FP32 exactly), met by torch.nn.Linear's own F.linear.
+    """
+    linears = {name + ".weight": linear for name, linear in module.named_modules()
+               if stored and type(linear) is torch.nn.Linear}  # a subclass may compute otherwise
+    names = list(module.state_dict())  # the order tensors are read in, as before
+    shapes = {name: tuple(linear.weight.shape) for name, linear in linears.items()}
+    for linear in linears.values():
+        del linear.weight  # no FP32 storage is made for it below
     module.to_empty(device=device)
     module.to(torch.float32)
+    tensors = module.state_dict()
     with torch.no_grad():
-        for name, tensor in module.state_dict().items():
+        for name in names:
             disk = skeleton.checkpoint_name(prefix + name, family)
             value = read(disk)
             quantize.require_finite(disk, value)
-            tensor.copy_(value)
+            if name not in linears:
+                tensors[name].copy_(value)
+                continue
+            if tuple(value.shape) != shapes[name]:  # copy_ into the FP32 tensor refused these
+                raise BuilderError(Problem("source weights", disk, f"shape {tuple(value.shape)}, the model's "
+                                           f"config makes it {shapes[name]}"))
+            linear = linears[name]
+            linear.weight = torch.nn.Parameter(value.to(device), requires_grad=False)
+            compute_with(linear, lambda linear=linear: linear.weight.to(torch.float32))
+
+
+def compute_with(linear: torch.nn.Linear, weight) -> None:
+    """linear's forward computes with weight() (an FP32 tensor made as it runs, dropped after) in place
+    of its own weight, as torch.nn.Linear does: F.linear(x, weight(), bias). release() undoes it."""
+    linear.forward = lambda x: torch.nn.functional.linear(x, weight(), linear.bias)
+
+
+def release(module: torch.nn.Module) -> None:
+    """Free a layer's weights (to meta) and give its modules back their own forwards (compute_with's
+    hold what they compute with)."""
+    for part in module.modules():
+        vars(part).pop("forward", None)
+    module.to_empty(device="meta")
 
 
 def first_inputs(model, config, read, ids: torch.Tensor, device: torch.device) -> tuple:

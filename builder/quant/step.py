@@ -49,6 +49,13 @@ class Step:
     spilled: bool = False
 
 
+def folds(step: Step) -> bool:
+    """Whether the step multiplies factors into the layer's weights (SmoothQuant, AWQ: their
+    "smoothing" results are those factors): the layer's Linears are then FP32 from the start, not
+    kept in the checkpoint's dtype until each runs or is rounded (layerwise.materialize)."""
+    return "smoothing" in step.results
+
+
 def runs(step: Step, recipe) -> bool:
     """Whether the recipe's fields turn the step on (Step.when)."""
     for path, wanted in step.when.items():
@@ -62,9 +69,11 @@ def runs(step: Step, recipe) -> bool:
 
 @dataclass
 class Layer:
-    """One decoder layer as the steps see it: on its device, FP32 weights, its targeted Linears by
-    checkpoint name; run(replace) runs it over every calibration batch (with replace, its outputs
-    become the next layer's inputs)."""
+    """One decoder layer as the steps see it: on its device, its targeted Linears by checkpoint name;
+    run(replace) runs it over every calibration batch in FP32 (with replace, its outputs become the
+    next layer's inputs). Weights are FP32, except plain Linears' when no step folds factors into
+    them (folds): those keep the checkpoint's dtype and are widened as each Linear runs
+    (layerwise.materialize); GPTQ reads them in FP32 with .to(torch.float32)."""
 
     index: int
     prefix: str                   # "model.layers.{index}."
