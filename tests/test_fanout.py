@@ -22,6 +22,9 @@ def test_releases_built_in_separate_local_jobs_match_serial_builds(repo, tmp_pat
         assert result["content_digest"] == serial["content_digest"]
         assert (repo.root / "artifacts" / result["release"] / "manifest.json").read_bytes() == \
             (tmp_path / result["release"] / "manifest.json").read_bytes()
+    logs = sorted((tmp_path / "jobs").rglob("*_log.err"))
+    assert len(logs) == 2 and not [log for log in logs if "it/s]" in log.read_text()]  # no library bars in job logs
+    assert "TQDM_DISABLE" not in os.environ  # set for the jobs only
 
 
 def test_build_many_refuses_unknown_releases_and_launchers_before_submitting(repo, tmp_path):

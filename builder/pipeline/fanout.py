@@ -7,6 +7,7 @@ a request no node can hold, or a cluster whose accounting does not answer, is re
 is submitted. docs/clusters.md says how to run it.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -217,11 +218,25 @@ def submit_and_wait(root: Path, releases: list, job, launcher: str, slurm: dict,
             executor.update_parameters(name="builder-build", **JOB, **dict(request), **extra)
         except NameError as error:  # submitit names the unknown parameter and lists the valid ones
             raise BuilderError(Problem("--slurm", "", str(error).splitlines()[0])) from None
-        submitted = executor.map_array(job, [str(root)] * len(group), group, [force] * len(group))
+        with quiet_job_bars():
+            submitted = executor.map_array(job, [str(root)] * len(group), group, [force] * len(group))
         jobs.update(zip(group, submitted))
         log(f"submitted {len(group)} {launcher} job(s), {dict(request)['cpus_per_task']} CPU(s) and "
             f"{dict(request)['mem_gb']:.2f} GiB each: " + ", ".join(f"{r} {j.job_id}" for r, j in zip(group, submitted)))
     return collect([(release, jobs[release]) for release in releases], log)
+
+
+@contextlib.contextmanager
+def quiet_job_bars():
+    """While jobs are submitted, TQDM_DISABLE=1 (unless set): a job's stderr is its log file, and local
+    processes and sbatch take the environment they are submitted in; this process's is put back."""
+    before = os.environ.get("TQDM_DISABLE")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TQDM_DISABLE", None)
 
 
 def collect(jobs: list, log) -> tuple:
