@@ -18,6 +18,7 @@ import yaml
 
 from builder import build
 from builder.canonical import file_entries
+from builder.pipeline import fanout
 from conftest import PROJECT
 
 pytestmark = pytest.mark.slurm
@@ -154,3 +155,31 @@ def test_stale_releases_built_on_the_cluster_are_recorded_in_dvc_lock_as_dvc_rep
     assert pipeline.repro() == set() and (pipeline.root / "dvc.lock").read_text() == recorded
     again = pipeline.sh(sys.executable, "-m", "builder", "build-many", "--stale", "--launcher", "slurm")
     assert "nothing is stale" in again.stderr and not again.stdout
+
+
+def test_a_job_cancelled_while_it_waits_in_its_array_ends_the_command_with_exit_1(repo, cluster):
+    # two 2-CPU jobs in one array on the 2-CPU node: the second waits inside the array's pending record,
+    # and cancelling it there leaves no queue entry and no accounting row (a wait without end before)
+    repo.add_model("tiny-llama")
+    environment = {**os.environ, "BUILDER_ROOT": "", "PYTHONPATH": str(PROJECT)}  # as Repo.run
+    command = subprocess.Popen([sys.executable, "-m", "builder", "build-many", "tiny-llama-bf16", "tiny-llama-fp8-dynamic",
+                                "--launcher", "slurm", "--slurm", "cpus_per_task=2", "--slurm", "mem_gb=2"],
+                               cwd=repo.root, env=environment, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen = ""
+    for line in command.stderr:
+        seen += line
+        if "submitted" in line:
+            break
+    jobs = job_ids(seen)
+    assert set(jobs) == {"tiny-llama-bf16", "tiny-llama-fp8-dynamic"}, seen
+    subprocess.run(["scancel", jobs["tiny-llama-fp8-dynamic"]], check=True)
+    try:
+        stdout, stderr = command.communicate(timeout=CANCEL_SECONDS + fanout.VANISHED_SECONDS)
+    except subprocess.TimeoutExpired:
+        command.kill()
+        pytest.fail(f"build-many still waits after its pending job {jobs['tiny-llama-fp8-dynamic']} was cancelled")
+    assert command.returncode == 1, stderr
+    assert re.search(rf"tiny-llama-fp8-dynamic\.yaml: job {re.escape(jobs['tiny-llama-fp8-dynamic'])} ended without "
+                     r"a result \(state (CANCELLED|UNKNOWN)", stderr), stderr
+    assert "tiny-llama-bf16: built" in stderr and (repo.root / "artifacts" / "tiny-llama-bf16").is_dir()
+    assert not (repo.root / "artifacts" / "tiny-llama-fp8-dynamic").exists()

@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from builder.artifact.stream import IN_FLIGHT_BYTES, SPARE_BYTES
@@ -37,6 +38,8 @@ MARGIN = 1.5
 MEM_STEP = 256 << 20  # requests are rounded up to a quarter GiB, so submitit writes whole MB
 MEM_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}  # sbatch --mem suffixes (default M)
 COMMAND_SECONDS = 60  # sinfo and sacct answer in seconds; more means a cluster that hangs
+VANISHED_SECONDS = 60  # a SLURM job neither queued nor in accounting this long has ended without a trace
+POLL_SECONDS = 5
 
 
 def build_memory(spec: dict) -> dict:
@@ -246,7 +249,7 @@ def collect(jobs: list, log) -> tuple:
     for release, submitted in jobs:
         where = f"specs/release/{release}.yaml"
         try:
-            result = submitted.result()
+            result = wait(submitted)
         except Exception as error:  # cancelled, killed, out of memory, a crash: submitit kept its output
             lines = [line for line in str(error).splitlines() if line.strip()]
             detail = lines[-1] if lines and "has not produced any output" not in str(error) else "no output"
@@ -259,6 +262,35 @@ def collect(jobs: list, log) -> tuple:
             log(f"{release}: built {result['content_digest']} in job {submitted.job_id}")
             results.append(result)
     return results, failed
+
+
+def wait(submitted):
+    """submitted.result(), but a SLURM job the scheduler no longer knows (no queue entry and no
+    accounting row for VANISHED_SECONDS: an array task cancelled while it waited in its array leaves
+    none) ends the wait with an error instead of holding it forever."""
+    from submitit.slurm.slurm import SlurmJob
+
+    unseen_since = None
+    while not submitted.done():
+        if not isinstance(submitted, SlurmJob) or job_state(submitted) != "UNKNOWN" or queued(submitted.job_id):
+            unseen_since = None
+        elif unseen_since is None:
+            unseen_since = time.monotonic()
+        elif time.monotonic() - unseen_since > VANISHED_SECONDS and not submitted.done(force_check=True):
+            raise RuntimeError(f"neither queued nor in accounting for {VANISHED_SECONDS} s "
+                               "(cancelled while pending?)")
+        time.sleep(POLL_SECONDS)
+    return submitted.result()
+
+
+def queued(job_id: str) -> bool:
+    """Whether squeue lists the job (pending, running or ending); an unknown id is not listed."""
+    try:
+        listed = subprocess.run(["squeue", "-h", "-o", "%i", "-j", job_id], capture_output=True, text=True,
+                                timeout=COMMAND_SECONDS)
+    except (OSError, subprocess.TimeoutExpired):
+        return True  # the scheduler does not answer: not evidence that the job is gone
+    return bool(listed.stdout.strip())
 
 
 def job_state(submitted) -> str:
