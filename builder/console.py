@@ -17,13 +17,16 @@ def progress(iterable=None, **kwargs):
     return tqdm(iterable, disable=None, leave=False, **kwargs)
 
 
+BARS_OFF = ("TQDM_DISABLE", "1")  # tqdm's default for disable, read from the environment when it is imported
+
+
 def quiet_library_bars() -> None:
     """Off a terminal, keep the bars the libraries we call draw (compressed-tensors' per-module
     compression, transformers' shard writing, lm-eval's requests) out of logs: tqdm reads TQDM_DISABLE
     when it is first imported, so call this before anything imports it. Our own bars pass disable=None
     and still follow the terminal; a TQDM_DISABLE the person set is left as it is."""
     if not sys.stderr.isatty():
-        os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault(*BARS_OFF)
 
 
 def table(rows: list, columns: tuple) -> str:

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from builder.artifact.stream import IN_FLIGHT_BYTES, SPARE_BYTES
+from builder.console import BARS_OFF
 from builder.determinism import TORCH_THREADS
 from builder.errors import BuilderError, CheckFailed, Problem
 from builder.release import cache, memory
@@ -231,15 +232,16 @@ def submit_and_wait(root: Path, releases: list, job, launcher: str, slurm: dict,
 
 @contextlib.contextmanager
 def quiet_job_bars():
-    """While jobs are submitted, TQDM_DISABLE=1 (unless set): a job's stderr is its log file, and local
+    """While jobs are submitted, console.BARS_OFF (TQDM_DISABLE=1, unless set): a job's stderr is its log file, and local
     processes and sbatch take the environment they are submitted in; this process's is put back."""
-    before = os.environ.get("TQDM_DISABLE")
-    os.environ.setdefault("TQDM_DISABLE", "1")
+    name, value = BARS_OFF
+    before = os.environ.get(name)
+    os.environ.setdefault(name, value)
     try:
         yield
     finally:
         if before is None:
-            os.environ.pop("TQDM_DISABLE", None)
+            os.environ.pop(name, None)
 
 
 def collect(jobs: list, log) -> tuple:
