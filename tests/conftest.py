@@ -28,6 +28,17 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
     shutil.rmtree(os.environ.get("XDG_CACHE_HOME", ""), ignore_errors=True)
 
+
+@pytest.fixture(autouse=True)
+def environment_restored():
+    """A test that runs the CLI in-process (cli.main turns library bars off through TQDM_DISABLE when
+    stderr is not a terminal) leaves the next test the environment it found."""
+    saved = dict(os.environ)
+    yield
+    if dict(os.environ) != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
 # Tiny configs of the architectures we promise to handle; every divisibility the specs check holds.
 TINY = {
     "tiny-llama": ("LlamaConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -11,7 +11,8 @@ from builder.errors import BuilderError
 RELEASES = ["tiny-llama-bf16", "tiny-llama-fp8-dynamic"]
 
 
-def test_releases_built_in_separate_local_jobs_match_serial_builds(repo, tmp_path):
+def test_releases_built_in_separate_local_jobs_match_serial_builds(repo, tmp_path, monkeypatch):
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)  # as a terminal session has it
     repo.add_model("tiny-llama")
     results = fanout.build_many(repo.root, RELEASES, build.job, "local", folder=tmp_path / "jobs", log=lambda m: None)
     assert [r["release"] for r in results] == RELEASES
