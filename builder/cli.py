@@ -104,13 +104,19 @@ def cmd_build(args) -> int:
 
 
 def serve_command(artifact: Path) -> str | None:
-    """The command line serve.json gives for the artifact's runtime, when it has one."""
+    """The command line serve.json gives for the artifact's runtime, when it has one, pointed at where
+    this artifact is (serve.json names its place in the repository, artifacts/<name>, whatever --out was)."""
+    import shlex
+
     from builder.paths import SERVE_FILE
 
     try:
-        return json.loads((artifact / SERVE_FILE).read_text(encoding="utf-8")).get("command")
-    except (OSError, ValueError, AttributeError):
+        serve = json.loads((artifact / SERVE_FILE).read_text(encoding="utf-8"))
+        command, model = serve["command"], serve["model"]
+    except (OSError, ValueError, TypeError, KeyError):
         return None
+    here = artifact.joinpath(*model.split("/", 2)[2:])  # artifacts/<name>[/<file>, for GGUF]
+    return command.replace(shlex.quote(model), shlex.quote(str(here)), 1)
 
 
 def cmd_build_many(args) -> int:
@@ -331,3 +337,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"builder {args.verb}: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:  # a bug in the builder, not in the input: one line, the traceback in a file
+        print(f"builder {args.verb}: internal error: {type(error).__name__}: {error}\n"
+              f"  this is a bug in the builder; the traceback is in {console.crash_report(argv)} "
+              "(please attach it to a report)", file=sys.stderr)
+        return 1

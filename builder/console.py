@@ -29,6 +29,17 @@ def quiet_library_bars() -> None:
         os.environ.setdefault(*BARS_OFF)
 
 
+def crash_report(argv: list) -> str:
+    """The traceback of the exception being handled, with the command line, in a new file under the
+    system's temporary folder; returns its path (the user sees one line, a report gets the whole story)."""
+    import tempfile
+    import traceback
+
+    with tempfile.NamedTemporaryFile("w", prefix="builder-crash-", suffix=".txt", delete=False) as handle:
+        handle.write(f"builder {' '.join(argv)}\n\n{traceback.format_exc()}")
+    return handle.name
+
+
 def table(rows: list, columns: tuple) -> str:
     """rows (dicts) as left-aligned text columns under a header; the last column is not padded."""
     lines = [dict(zip(columns, columns)), *rows]

@@ -48,6 +48,21 @@ def test_a_usage_error_shows_the_verbs_help_before_the_error(capsys, monkeypatch
     assert err.index("usage: builder build") < err.index("--force") < err.index("error: unrecognized arguments")
 
 
+def test_an_internal_error_is_one_line_with_the_traceback_in_a_file_and_exit_1(capsys, monkeypatch, tmp_path):
+    def broken(args):
+        raise RuntimeError("expected m1 and m2 to have the same dtype")
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)  # TMPDIR is read on first use
+    monkeypatch.setitem(VERBS, "list", (broken, VERBS["list"][1]))
+    code, out, err = run_main(capsys, monkeypatch, "list")
+    assert code == 1 and out == "" and "Traceback" not in err and len(err.splitlines()) == 2
+    assert err.startswith("builder list: internal error: RuntimeError: expected m1 and m2 to have the same dtype\n")
+    report = next(tmp_path.glob("builder-crash-*.txt"))
+    assert str(report) in err and report.read_text().startswith("builder list\n")
+    assert "Traceback" in report.read_text() and "in broken" in report.read_text()
+
+
 def test_resolve_without_a_release_names_release_as_what_is_missing(capsys, monkeypatch):
     code, _, err = run_main(capsys, monkeypatch, "resolve")
     assert code == 2
@@ -148,6 +163,17 @@ def test_build_json_and_an_overridden_build_show_the_folder_named_after_the_arti
                      "release": "tiny-llama-bf16", "artifact_id": manifest["artifact_id"],
                      "content_digest": manifest["content_digest"]}
     assert f"builder verify {shown['path']}" in result.stderr
+    assert f" serve {shown['path']} " in result.stderr  # serve.json says artifacts/tiny-llama-bf16
+
+
+def test_a_build_with_out_points_every_next_command_at_that_folder(repo, tmp_path):
+    repo.add_model("tiny-llama")
+    out = tmp_path / "elsewhere"
+    result = repo.run("build", "tiny-llama-fp8-dynamic", "--out", str(out), check=0)
+    assert result.stdout == f"{out}\n"
+    commands = summary(result.stderr).split("next:\n")[1].splitlines()
+    assert [c.split()[1:4] for c in commands] == [["verify", str(out)], ["eval", str(out)], ["vllm", "serve", str(out)]]
+    assert json.loads((out / "serve.json").read_text())["model"] == "artifacts/tiny-llama-fp8-dynamic"  # bytes as in place
 
 
 def test_python_dash_m_builder_lists_the_shipped_releases():

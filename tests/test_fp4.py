@@ -14,6 +14,7 @@ from safetensors import safe_open
 
 import conftest
 from builder import build
+from builder.check import evaluate
 from builder.errors import BuilderError
 from builder.quant import fp4, mx
 from builder.release.recipe import Recipe, problems
@@ -233,6 +234,15 @@ def test_transformers_loads_the_artifact_within_the_logit_bound(fp4_repo, built,
     difference = logits_difference(fp4_repo, built[quant][0])
     print(f"{quant}: max |logit difference| {difference:.4f}")
     assert 0 < difference <= QUANTS[quant][3]
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+def test_the_builds_own_evaluation_measures_the_artifact_of_a_bf16_source(fp4_repo, built, quant):
+    """builder build's quality gate and builder eval load it as transformers does, in FP32 (the FP4 and MX
+    decompressors hand back BF16 weights: SmolLM2's FP4/MX releases failed their own build on that)."""
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
+    result = evaluate.measure(fp4_repo.root / "weights" / "tiny-fp4", built[quant][0], ids)
+    assert 0 < result["mean_kl"] < 0.1 and result["perplexity"]["artifact"] > 1, result
 
 
 def test_a_second_build_writes_the_same_bytes(fp4_repo, built, tmp_path):
