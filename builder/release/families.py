@@ -335,6 +335,30 @@ def derived_tensors(entries: list) -> list:
     return found
 
 
+# Model classes whose fused experts a quantized build writes one Linear per expert (builder/formats/
+# experts.py: vLLM's per-expert names, fused back when transformers loads the artifact), and why the
+# others' quantizing recipes are refused (the fact 'expert layout').
+EXPERTS_SPLIT = ("Llama4ForCausalLM",)
+FUSED_WHY = {
+    "Llama4ForCausalLM": "the builder writes them one Linear per expert (vLLM's layout) for compressed-tensors "
+                         "recipes with FP8 or weight-only integer weights per tensor, channel or group, rounded "
+                         "to nearest with minmax scales and no calibration; not for this recipe",
+    "GptOssForCausalLM": "vLLM 0.32 reads no compressed-tensors per-expert layout of gpt-oss (its compressed-"
+                         "tensors loader takes experts fused in BF16 or under vLLM's own parameter names; "
+                         "docs/models.md, \"Fused experts\"), so its quantized release is the published MXFP4",
+    None: "the builder quantizes one Linear per expert and knows no converter for this layout",
+}
+
+
+def splits(recipe) -> bool:
+    """Whether a recipe's weights are written for experts split one Linear per expert (EXPERTS_SPLIT): what
+    the split writer and transformers' loading of it (compressed-tensors' expert decompression) hold."""
+    args = recipe.weights
+    return (recipe.format == "compressed-tensors" and recipe.preset is None and args.observer == "minmax"
+            and args.strategy in ("tensor", "channel", "group") and not recipe.needs_calibration
+            and ((args.type == "float" and args.num_bits == 8) or recipe.packed))
+
+
 def fact_problems(arch: dict, recipe) -> list:
     """What a recipe needs of the family that its row does not give, as (key path, message): each refuses
     that recipe only (the fact, and the doc that says how to add it)."""
@@ -342,10 +366,10 @@ def fact_problems(arch: dict, recipe) -> list:
     how = "docs/models.md, \"Adding a family\", says how to add it"
     found = []
     fused = [entry["name"] for entry in arch.get("checkpoint") or () if entry["role"] == "fused"]
-    if recipe.weights is not None and fused:
-        found.append((("quant", "weights"), f"{arch['class']} stores its experts fused ({fused[0]}); the builder "
-                      "quantizes one Linear per expert and knows no converter for this layout (the fact 'expert "
-                      f"layout' in builder/release/families.py); {how}, or build bf16"))
+    if recipe.weights is not None and fused and not (arch["class"] in EXPERTS_SPLIT and splits(recipe)):
+        found.append((("quant", "weights"), f"{arch['class']} stores its experts fused ({fused[0]}); "
+                      f"{FUSED_WHY.get(arch['class'], FUSED_WHY[None])} (the fact 'expert layout' in "
+                      f"builder/release/families.py); {how}, or build bf16"))
     if recipe.kv_cache_scheme is not None and not kv_sources(family):
         found.append((("quant", "kv_cache_scheme"), f"KV-cache scales need the fact 'attention' (which projections "
                       f"make keys and values) of {arch['class']}, which has no row in builder/release/families.py; "
