@@ -67,3 +67,33 @@ def expert_weight(name: str, read):
     held = PARTS[leaf]
     piece = read(f"{stem}.{leaf}")[expert].chunk(len(held), dim=-1)[held.index(part)]
     return piece.t().contiguous()
+
+
+def sliced(read):
+    """read(name) -> tensor (a tensor index's reader), also for the per-expert Linears' weights of fused
+    parameters (expert_weight): each fused parameter read once while its experts are read in a row (a
+    layer's), dropped at the next other name."""
+    kept = {}
+
+    def fused(name: str):
+        if name not in kept:
+            kept[name] = read(name)
+        return kept[name]
+
+    def reading(name: str, **kwargs):
+        found = expert_weight(name, fused)
+        if found is None:
+            kept.clear()
+            return read(name, **kwargs)
+        return found
+
+    return reading
+
+
+def expert_class(module: str, modules: dict) -> str | None:
+    """"Linear" for a per-expert Linear (`...experts.E.gate_proj`) of an experts module written split
+    (modules: name -> class name, as the checkpoint's model holds them); None for anything else."""
+    stem, _, part = module.rpartition(".")
+    stem, _, index = stem.rpartition(".")
+    held = {name for names in PARTS.values() for name in names}
+    return "Linear" if index.isdigit() and part in held and modules.get(stem) in SPLIT else None

@@ -30,8 +30,8 @@ def targeted(tensor_name: str, shape: tuple, modules: dict, recipe: Recipe) -> b
         return any(recipe.quantizes(module) for module, _ in experts.linears(tensor_name, tuple(shape)))
     if recipe.weights is None or not tensor_name.endswith(".weight") or len(shape) != 2:
         return False
-    module = tensor_name[: -len(".weight")]
-    return recipe.quantizes(module, modules.get(module))
+    module = tensor_name[: -len(".weight")]  # calibration's per-expert Linears of split experts: Linears
+    return recipe.quantizes(module, modules.get(module) or experts.expert_class(module, modules))
 
 
 def kv_scales(tensor_name: str, family, recipe: Recipe) -> list:

@@ -341,8 +341,8 @@ def derived_tensors(entries: list) -> list:
 EXPERTS_SPLIT = ("Llama4ForCausalLM",)
 FUSED_WHY = {
     "Llama4ForCausalLM": "the builder writes them one Linear per expert (vLLM's layout) for compressed-tensors "
-                         "recipes with FP8 or weight-only integer weights per tensor, channel or group, rounded "
-                         "to nearest with minmax scales and no calibration; not for this recipe",
+                         "recipes with FP8 or weight-only integer weights per tensor, channel or group and minmax "
+                         "scales (round to nearest or GPTQ); not for this recipe",
     "GptOssForCausalLM": "vLLM 0.32 reads no compressed-tensors per-expert layout of gpt-oss (its compressed-"
                          "tensors loader takes experts fused in BF16 or under vLLM's own parameter names; "
                          "docs/models.md, \"Fused experts\"), so its quantized release is the published MXFP4",
@@ -352,10 +352,10 @@ FUSED_WHY = {
 
 def splits(recipe) -> bool:
     """Whether a recipe's weights are written for experts split one Linear per expert (EXPERTS_SPLIT): what
-    the split writer and transformers' loading of it (compressed-tensors' expert decompression) hold."""
+    the split writer, calibration (skeleton.ScaledExperts) and transformers' loading of it hold (tested)."""
     args = recipe.weights
     return (recipe.format == "compressed-tensors" and recipe.preset is None and args.observer == "minmax"
-            and args.strategy in ("tensor", "channel", "group") and not recipe.needs_calibration
+            and args.strategy in ("tensor", "channel", "group")
             and ((args.type == "float" and args.num_bits == 8) or recipe.packed))
 
 
