@@ -1,9 +1,10 @@
 """Llama 4 (llama4_text) quantized with its experts written one Linear per expert (builder/formats/experts.py):
-the split computes what transformers' fused experts compute, each recipe builds twice alike with every
-expert quantized under vLLM's per-expert names and no fused tensor left, compressed-tensors' decompressor
-gives back the values, transformers loads the artifact through the builder's loader (one Linear per
-expert, its own SequentialLlama4TextExperts) with nothing missing or unexpected, logits within the bounds every family is held to; the names and
-quantization_config are those vLLM's Llama 4 loader reads."""
+the split computes what transformers' fused experts compute, calibration sees each expert's routed tokens
+times their score as a full forward does, each recipe builds twice alike with every expert quantized under
+vLLM's per-expert names and no fused tensor left, compressed-tensors' decompressor gives back the values,
+transformers loads the artifact through the builder's loader (one Linear per expert: its own
+SequentialLlama4TextExperts) with nothing missing or unexpected, logits within the bounds every family is
+held to; the names and quantization_config are those vLLM's Llama 4 loader reads."""
 
 import json
 
@@ -13,7 +14,7 @@ import torch
 from builder import build
 from builder.formats import experts
 from builder.quant import quantize
-from builder.release import memory
+from builder.release import identity, memory
 from builder.release.recipe import Recipe
 from builder.source import onboard
 from builder.tensorfile import read_header
@@ -33,6 +34,7 @@ RECIPES = {"fp8-dynamic": "", "w4a16": "quant:\n  weights:\n    group_size: 32\n
            "fp8-static": CALIBRATION + "quant:\n  kv_cache_scheme: null\n",
            "w4a16-gptq": CALIBRATION + "quant:\n  weights:\n    group_size: 32\n"}
 RELATIVE_RMS = {"fp8-dynamic": 0.15, "w4a16": 0.5, "fp8-static": 0.15, "w4a16-gptq": 0.6}  # tests/test_families.py's
+EVAL = "eval:\n  samples: 2\n  sequence_length: 32\n"
 IDS = torch.randint(1, 255, (2, 48), generator=torch.Generator().manual_seed(0))
 
 
@@ -58,8 +60,10 @@ def llama4_repo(tmp_path_factory) -> Repo:
     onboard.add_model(repo.root, "tiny-llama4", download, log=lambda m: None)
     for recipe, extra in RECIPES.items():
         text = release_text(f"tiny-llama4-{recipe}", "tiny-llama4", recipe, "vllm-h100")
+        groups = "  - override /eval: docstrings\n"  # the build measures its artifact (2 windows of 32 tokens)
         if extra.startswith("calibration"):
-            text = text.replace("\n\nrelease:", "\n  - override /calibration: licenses\n\nrelease:")
+            groups += "  - override /calibration: licenses\n"
+        text = text.replace("\n\nrelease:", f"\n{groups}\nrelease:") + EVAL
         (repo.root / "specs" / "release" / f"tiny-llama4-{recipe}.yaml").write_text(text + extra)
     return repo
 
@@ -109,10 +113,13 @@ def test_split_linears_compute_what_transformers_fused_experts_compute():
 def test_each_recipe_builds_twice_alike_with_every_expert_quantized_under_per_expert_names(built, recipe):
     folder, again = built[recipe]
     assert json.loads((folder / "manifest.json").read_text())["content_digest"] == again
+    measured = json.loads((folder / "eval.json").read_text())  # the build's own quality check ran and passed
+    assert 0 < measured["mean_kl"] < 0.05, measured
     header = read_header(folder / "model.safetensors")
     assert not [name for name in header if name.endswith(("experts.gate_up_proj", "experts.down_proj"))]
     spec = json.loads((folder / "release.json").read_text())
     arch, quant = spec["model"]["architecture"], Recipe.of(spec["quant"])
+    assert "experts.split" in identity.parts(spec)  # the part that splits them is in the release's id
     for layer in MOE_LAYERS:
         for expert in range(EXPERTS):
             for part in ("gate_proj", "up_proj", "down_proj"):
@@ -126,8 +133,13 @@ def test_each_recipe_builds_twice_alike_with_every_expert_quantized_under_per_ex
         assert router in config["ignore"]
     linears = [t.name[: -len(".weight")] for t in memory.checkpoint(arch) if t.linear and quant.quantizes(
         t.name[: -len(".weight")], t.cls)]
-    for module in linears:  # attention, dense MLPs and the shared expert as before
+    for module in linears:  # every Linear the estimate plans, experts one per expert, is written quantized
         assert f"{module}.weight_scale" in header, module
+    assert sum(".experts." in module for module in linears) == 3 * EXPERTS * len(MOE_LAYERS)
+    if recipe != "fp8-static":  # the memory estimate counts exactly the bytes written (per-tensor scalars aside)
+        written = sum(info["data_offsets"][1] - info["data_offsets"][0] for info in header.values()
+                      if info["shape"] not in ([1], [2]))
+        assert memory.weight_bytes(arch, quant) == written
 
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
@@ -303,7 +315,8 @@ def test_expert_names_and_quantization_config_are_what_vllms_llama4_loader_reads
             expert, part = name.removeprefix(f"{block}.experts.").split(".")[:2]
             weight_name = VLLM_WEIGHT_NAME.format(expert=expert, part=part)
             assert int(expert) < EXPERTS and weight_name in name, name
-            mapped.add(name.replace(weight_name, VLLM_PARAM_NAME[part]).removeprefix(f"{block}.experts.routed_experts."))
+            mapped.add(name.replace(weight_name, VLLM_PARAM_NAME[part]).removeprefix(f"{block}.experts."
+                                                                                     "routed_experts."))
         assert mapped == VLLM_PARAMETERS[recipe]
         for part in ("gate_proj", "up_proj", "down_proj"):  # not ignored: vLLM would build them unquantized
             assert not matches(f"{block}.experts.0.{part}", "Linear", config["ignore"])
