@@ -69,10 +69,10 @@ def expert_weight(name: str, read):
     return piece.t().contiguous()
 
 
-def sliced(read):
-    """read(name) -> tensor (a tensor index's reader), also for the per-expert Linears' weights of fused
-    parameters (expert_weight): each fused parameter read once while its experts are read in a row (a
-    layer's), dropped at the next other name."""
+def sliced(read, tensors: dict):
+    """read(name) -> tensor (the reader of the tensor index tensors), also for the per-expert Linears'
+    weights of fused parameters the index holds instead (expert_weight): each fused parameter read once
+    while its experts are read in a row (a layer's), dropped at the next other name."""
     kept = {}
 
     def fused(name: str):
@@ -81,7 +81,7 @@ def sliced(read):
         return kept[name]
 
     def reading(name: str, **kwargs):
-        found = expert_weight(name, fused)
+        found = None if name in tensors else expert_weight(name, fused)
         if found is None:
             kept.clear()
             return read(name, **kwargs)

@@ -63,7 +63,7 @@ def calibrate(source: Path, tensors: dict, modules: dict, recipe: Recipe, ids: t
     # one pass for the rest, whose outputs go to the next layer unless a step rewrites the weights
     passes = [*(([s], False) for s in steps if s.own_pass), ([s for s in steps if not s.own_pass], not rewrites)]
     with reader(tensors) as whole:
-        read = experts.sliced(whole)  # split experts' Linears sliced from their fused parameters
+        read = experts.sliced(whole, tensors)  # split experts' Linears sliced from their fused parameters
         hidden, arguments = layerwise.first_inputs(model, config, read, ids, device)
         layers = model.model.layers
         for index in progress(range(len(layers)), desc="calibrate", unit="layer"):

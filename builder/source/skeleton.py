@@ -8,7 +8,9 @@ Mixture-of-experts families are built by transformers 5 with fused 3-D expert pa
 keep one 2-D weight per expert: the experts module is replaced by one nn.Linear per expert weight,
 named as the converter names it on disk, computing exactly what transformers' eager experts forward
 computes (tests hold it equal), so that every expert is a Linear a recipe targets, a hook observes and
-GPTQ rounds. Nothing here is written per family (builder/release/families.py holds what cannot be derived).
+GPTQ rounds. Nothing here is written per family (builder/release/families.py holds what cannot be derived),
+but for experts kept fused on disk that a quantized build splits (formats/experts.py: Llama 4, whose MoE
+block scales each expert's input by its router score): ScaledExperts, for calibration.
 """
 
 import dataclasses
@@ -65,8 +67,8 @@ class ScaledExperts(nn.Module):
         super().__init__()
         count, hidden, double = block.experts.gate_up_proj.shape
         self.router, self.shared_expert, self.top_k = block.router, block.shared_expert, block.top_k
-        self.experts = nn.ModuleList(Expert(hidden, double // 2, ("gate_proj", "up_proj", "down_proj"),
-                                            block.experts.act_fn) for _ in range(count))
+        names = (*split_experts.PARTS["gate_up_proj"], *split_experts.PARTS["down_proj"])  # as written
+        self.experts = nn.ModuleList(Expert(hidden, double // 2, names, block.experts.act_fn) for _ in range(count))
 
     def forward(self, hidden_states):
         hidden_states = hidden_states.reshape(-1, hidden_states.shape[-1])
