@@ -4,14 +4,15 @@
 quantization_config as compressed-tensors' own models dump it. FP4 weights (nvfp4-pack-quantized,
 mxfp4-pack-quantized) are `weight_packed` U8, two E2M1 codes a byte, with `weight_scale` F8_E4M3 (NVFP4,
 plus F32 `weight_global_scale` and, with FP4 activations, `input_global_scale`) or U8 E8M0 exponents
-(MX); MXFP8 (mxfp8-quantized) is `weight` F8_E4M3 with U8 exponents.
+(MX); MXFP8 (mxfp8-quantized) is `weight` F8_E4M3 with U8 exponents. Experts the source keeps fused
+(Llama 4) are written one Linear per expert (formats/experts.py), each quantized as any Linear.
 
     builder build smollm2-135m-instruct-fp8-dynamic
 """
 
 from pathlib import Path
 
-from builder.formats import dense
+from builder.formats import dense, experts
 from builder.tensorfile import Output
 
 VERSION = 1            # tensor names, packing and quantization_config
@@ -83,6 +84,9 @@ def outputs(name: str, dtype, shape: tuple, targeted: bool, recipe, kv: list, sc
     extra = [Output(artifact_name, scale_dtype, scalar) for _, artifact_name in kv]
     if not targeted:
         return [dense.stored(name, dtype, shape, recipe), *extra]
+    if experts.fused(name, shape):  # one Linear per expert, each quantized unless the recipe leaves it out
+        return [found for module, linear in experts.linears(name, shape)
+                for found in outputs(f"{module}.weight", dtype, linear, recipe.quantizes(module), recipe, [], scales)]
     args, module = recipe.weights, name[: -len(".weight")]
     rows, columns = shape
     if args.type == "float" and (args.strategy == "tensor_group" or args.microscaled):
@@ -139,6 +143,10 @@ def known_outputs(name: str, shape: tuple, targeted: bool, recipe, calibration, 
     import torch
 
     scale_dtype, scalar = scales
+    if targeted and experts.fused(name, shape):
+        return {key: value for module, linear in experts.linears(name, shape) if recipe.quantizes(module)
+                for key, value in known_outputs(f"{module}.weight", linear, True, recipe, calibration, [],
+                                                arithmetic, scales).items()}
     found = {}
     for key, artifact_name in kv:
         found[artifact_name] = arithmetic.scale(calibration.kv_amax[key], recipe.kv_cache_scheme,
@@ -164,6 +172,17 @@ def compute(name: str, tensor, recipe, arithmetic) -> dict:
 def computed(name: str, tensor, recipe, arithmetic, scales: tuple) -> dict:
     """A targeted weight's tensors of outputs() (not known_outputs()): rounded by the arithmetic
     (GPTQ's values and searched scales where calibration has them), packed when weight-only integer."""
+    import torch
+
+    if experts.fused(name, tuple(tensor.shape)):  # each expert's Linears, as the Linears they are
+        found = {}
+        for module, weight in experts.split(name, tensor).items():
+            if recipe.quantizes(module):
+                found.update(computed(f"{module}.weight", weight, recipe, arithmetic, scales))
+            else:
+                arithmetic.finite(f"{module}.weight", weight)
+                found[f"{module}.weight"] = weight.to(getattr(torch, recipe.dtype))  # as dense.stored writes it
+        return found
     scale_dtype, scalar = scales
     args, module = recipe.weights, name[: -len(".weight")]
     values, scale, *global_scale = arithmetic.weight(name, tensor, scale_dtype)  # NVFP4: and its global scale

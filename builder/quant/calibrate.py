@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from builder.console import progress
+from builder.formats import experts
 from builder.quant import awq, gptq, imatrix, layerwise, quantize, smoothquant, statistics, step
 from builder.quant.results import Calibration
 from builder.release.recipe import Recipe
@@ -53,14 +54,16 @@ def calibrate(source: Path, tensors: dict, modules: dict, recipe: Recipe, ids: t
     too when they fit in half its free memory, else on the CPU, a batch at a time on the device.
     """
     steps, device = plan(recipe), torch.device(device)
-    config, family, model = skeleton.build(source, attention=lambda family: layerwise.register(family.calibrate_with))
+    config, family, model = skeleton.build(source, attention=lambda family: layerwise.register(family.calibrate_with),
+                                           split=True)  # Llama 4's fused experts one Linear per expert
     found = {key: spill if s.spilled and spill is not None else {} for s in STEPS for key in s.results}
     rewrites = any(s.rewrites for s in steps)
     stored = not any(step.folds(s) for s in steps)  # Linears kept as stored unless factors go into them
     # steps that change what the others observe (own_pass) first, each in a pass of its own; then
     # one pass for the rest, whose outputs go to the next layer unless a step rewrites the weights
     passes = [*(([s], False) for s in steps if s.own_pass), ([s for s in steps if not s.own_pass], not rewrites)]
-    with reader(tensors) as read:
+    with reader(tensors) as whole:
+        read = experts.sliced(whole, tensors)  # split experts' Linears sliced from their fused parameters
         hidden, arguments = layerwise.first_inputs(model, config, read, ids, device)
         layers = model.model.layers
         for index in progress(range(len(layers)), desc="calibrate", unit="layer"):

@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 
 from builder import formats
+from builder.formats import experts
 from builder.errors import BuilderError, Problem
 from builder.quant import affine, blocks, fp4, kquants, mlxfp, mx
 from builder.quant.results import Calibration
@@ -23,11 +24,14 @@ CHUNK_ELEMENTS = 1 << 18
 
 
 def targeted(tensor_name: str, shape: tuple, modules: dict, recipe: Recipe) -> bool:
-    """Whether a checkpoint tensor is the weight of a module the recipe quantizes."""
+    """Whether a checkpoint tensor is the weight of a module the recipe quantizes; a fused experts
+    parameter written one Linear per expert (formats/experts.py, Llama 4) when it quantizes any of them."""
+    if recipe.weights is not None and experts.splittable(tensor_name, tuple(shape), modules):
+        return any(recipe.quantizes(module) for module, _ in experts.linears(tensor_name, tuple(shape)))
     if recipe.weights is None or not tensor_name.endswith(".weight") or len(shape) != 2:
         return False
-    module = tensor_name[: -len(".weight")]
-    return recipe.quantizes(module, modules.get(module))
+    module = tensor_name[: -len(".weight")]  # calibration's per-expert Linears of split experts: Linears
+    return recipe.quantizes(module, modules.get(module) or experts.expert_class(module, modules))
 
 
 def kv_scales(tensor_name: str, family, recipe: Recipe) -> list:

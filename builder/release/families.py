@@ -20,6 +20,7 @@ Adding a family: docs/models.md, "Adding a family".
 from dataclasses import dataclass, field
 
 from builder import formats
+from builder.formats import experts as on_disk
 
 
 @dataclass(frozen=True)
@@ -188,7 +189,7 @@ def tensors(arch: dict, family: Family) -> list:
     """Every tensor the checkpoint holds, by name and shape, from the architecture block alone: its
     derived `checkpoint` (builder model add wrote it from the model), or planned for the first families."""
     if arch.get("checkpoint") is not None:
-        return derived_tensors(arch["checkpoint"])
+        return derived_tensors(arch["checkpoint"], split=arch["class"] in EXPERTS_SPLIT)
     hidden, heads, kv_heads = arch["hidden_size"], arch["num_attention_heads"], arch["num_key_value_heads"]
     dim = head_dim(arch)
     q, kv = heads * dim, kv_heads * dim
@@ -318,21 +319,46 @@ def kv_cache(config: dict) -> dict | None:
     return None if block["full"] == layers and "latent" not in block else block
 
 
-def derived_tensors(entries: list) -> list:
+def derived_tensors(entries: list, split: bool = False) -> list:
     """The tensors of an architecture block's `checkpoint`: each entry a name with {layer} and {expert}
     for the layer and expert numbers, its shape, its role (linear, expert, router, other), the layers
     it is in (null: outside the decoder layers) and the experts per layer (null: not an expert); mtp and
     mtp_linear: a multi-token-prediction layer's (source/load.py with_mtp). Fused experts count as experts
-    (active for top-k of the tokens only), not as Linears."""
+    (active for top-k of the tokens only), not as Linears; with split (EXPERTS_SPLIT), as the per-expert
+    Linears a quantized build writes (formats/experts.py: as many values, so a BF16 estimate is unchanged)."""
     found = []
     for entry in entries:
         role = entry["role"]
+        if split and role == "fused" and on_disk.fused(entry["name"], tuple(entry["shape"])):
+            found += [Tensor(f"{module}.weight", shape, linear=True, expert=True) for layer in entry["layers"]
+                      for module, shape in on_disk.linears(entry["name"].replace("{layer}", str(layer)),
+                                                           tuple(entry["shape"]))]
+            continue
         for layer in entry["layers"] if entry.get("layers") is not None else [None]:
             for expert in range(entry["experts"]) if entry.get("experts") else [None]:
                 name = entry["name"].replace("{layer}", str(layer)).replace("{expert}", str(expert))
                 found.append(Tensor(name, tuple(entry["shape"]), linear=role in ("linear", "expert"),
                                     expert=role in ("expert", "fused"), cls=ROLE_CLASSES.get(role, "Linear")))
     return found
+
+
+# Classes whose fused experts a quantized build writes one Linear per expert (formats/experts.py, vLLM's
+# names), and why quantizing recipes are refused (the fact 'expert layout'; docs/models.md, "Fused experts").
+EXPERTS_SPLIT = ("Llama4ForCausalLM",)
+FUSED_WHY = {"Llama4ForCausalLM": "the builder writes them one Linear per expert (vLLM's layout) for compressed-"
+             "tensors FP8 or weight-only integer weights per tensor, channel or group with minmax scales (round "
+             "to nearest or GPTQ); not for this recipe",
+             "GptOssForCausalLM": "vLLM 0.32 reads no compressed-tensors per-expert layout of gpt-oss (experts "
+             "fused in BF16 or under its own parameter names only): its quantized release is the published MXFP4",
+             None: "the builder quantizes one Linear per expert and knows no converter for this layout"}
+
+
+def splits(recipe) -> bool:
+    """Whether a recipe's weights are written for experts split one Linear per expert (EXPERTS_SPLIT, tested)."""
+    args = recipe.weights
+    return (recipe.format == "compressed-tensors" and recipe.preset is None and args.observer == "minmax"
+            and args.strategy in ("tensor", "channel", "group") and ((args.type == "float" and args.num_bits == 8)
+                                                                     or recipe.packed))
 
 
 def fact_problems(arch: dict, recipe) -> list:
@@ -342,10 +368,10 @@ def fact_problems(arch: dict, recipe) -> list:
     how = "docs/models.md, \"Adding a family\", says how to add it"
     found = []
     fused = [entry["name"] for entry in arch.get("checkpoint") or () if entry["role"] == "fused"]
-    if recipe.weights is not None and fused:
-        found.append((("quant", "weights"), f"{arch['class']} stores its experts fused ({fused[0]}); the builder "
-                      "quantizes one Linear per expert and knows no converter for this layout (the fact 'expert "
-                      f"layout' in builder/release/families.py); {how}, or build bf16"))
+    if recipe.weights is not None and fused and not (arch["class"] in EXPERTS_SPLIT and splits(recipe)):
+        found.append((("quant", "weights"), f"{arch['class']} stores its experts fused ({fused[0]}); "
+                      f"{FUSED_WHY.get(arch['class'], FUSED_WHY[None])} (the fact 'expert layout' in "
+                      f"builder/release/families.py); {how}, or build bf16"))
     if recipe.kv_cache_scheme is not None and not kv_sources(family):
         found.append((("quant", "kv_cache_scheme"), f"KV-cache scales need the fact 'attention' (which projections "
                       f"make keys and values) of {arch['class']}, which has no row in builder/release/families.py; "

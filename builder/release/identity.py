@@ -17,6 +17,7 @@ from builder import formats
 from builder.canonical import canonical_json, file_entries, sha256_bytes, sha256_file, tree_digest
 from builder.errors import BuilderError, Problem
 from builder.paths import PACKAGE_DIR, SCHEMAS_DIR, inside
+from builder.release import families
 from builder.release.recipe import Recipe
 
 # Bump a part's number in the change that alters what it writes (the golden test says which).
@@ -47,6 +48,7 @@ OUTPUT_VERSIONS = {
     "import.hf": 1,                  # builder import: files copied from a Hugging Face snapshot
     "import.delta": 1,               # builder import: base + delta
     "import.quantized": 1,           # builder import: a quantized checkpoint dequantized (source/dequantize.py)
+    "experts.split": 1,              # fused experts written one Linear per expert (formats/experts.py: Llama 4)
 }
 # Installed packages whose versions can change what a part writes (pinned exactly in pyproject.toml).
 PART_PACKAGES = {
@@ -75,6 +77,7 @@ PART_PACKAGES = {
     "import.gguf": ("gguf", "safetensors", "tokenizers", "torch", "transformers"),
     "import.delta": ("torch",),
     "import.quantized": ("torch",),
+    "experts.split": ("torch",),
 }
 # Packages a build imports whose versions cannot change an artifact's bytes, and why. A package a
 # build imports must be here or in PART_PACKAGES (tests/test_identity.py runs a build and checks).
@@ -115,6 +118,8 @@ INPUT_KEYS = ("weights", "data", "toolchain", "versions")
 def parts(spec: dict) -> tuple:
     """The parts of the builder a release runs, sorted."""
     found = {"layout", "release-files", *Recipe.of(spec["quant"]).parts}
+    if spec["model"]["architecture"]["class"] in families.EXPERTS_SPLIT and Recipe.of(spec["quant"]).weights:
+        found.add("experts.split")  # a quantized Llama 4: its experts split (no other release runs it)
     if spec["calibration"]["dataset"] is not None and "calibration" in found:
         found.add("data")
     if spec["eval"]["dataset"] is not None:

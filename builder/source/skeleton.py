@@ -8,7 +8,9 @@ Mixture-of-experts families are built by transformers 5 with fused 3-D expert pa
 keep one 2-D weight per expert: the experts module is replaced by one nn.Linear per expert weight,
 named as the converter names it on disk, computing exactly what transformers' eager experts forward
 computes (tests hold it equal), so that every expert is a Linear a recipe targets, a hook observes and
-GPTQ rounds. Nothing here is written per family (builder/release/families.py holds what cannot be derived).
+GPTQ rounds. Nothing here is written per family (builder/release/families.py holds what cannot be derived),
+but for experts kept fused on disk that a quantized build splits (formats/experts.py: Llama 4, whose MoE
+block scales each expert's input by its router score): ScaledExperts, for calibration.
 """
 
 import dataclasses
@@ -18,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from builder.formats import experts as split_experts
 from builder.release import families
 
 
@@ -54,12 +57,38 @@ class Experts(nn.ModuleList):
         return out
 
 
+class ScaledExperts(nn.Module):
+    """A mixture-of-experts block whose experts are kept fused on disk and scale their input by the router
+    score (Llama 4's Llama4TextMoe: formats/experts.py writes them one Linear per expert), with one Expert
+    per expert named as written: each runs on the tokens routed to it only, times their score, as the
+    fused experts compute it (their other rows are zeros: no input, no Hessian rows), plus the shared expert."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        count, hidden, double = block.experts.gate_up_proj.shape
+        self.router, self.shared_expert, self.top_k = block.router, block.shared_expert, block.top_k
+        names = (*split_experts.PARTS["gate_up_proj"], *split_experts.PARTS["down_proj"])  # as written
+        self.experts = nn.ModuleList(Expert(hidden, double // 2, names, block.experts.act_fn) for _ in range(count))
+
+    def forward(self, hidden_states):
+        hidden_states = hidden_states.reshape(-1, hidden_states.shape[-1])
+        scores, logits = self.router(hidden_states)
+        chosen = torch.topk(logits, self.top_k, dim=1).indices  # the router's own choice (Llama4Router)
+        out = self.shared_expert(hidden_states)
+        for expert in range(len(self.experts)):
+            tokens = torch.where((chosen == expert).any(dim=1))[0]
+            if len(tokens):
+                routed = hidden_states[tokens] * scores[tokens, expert, None]
+                out.index_add_(0, tokens, self.experts[expert](routed).to(out.dtype))
+        return out, logits
+
+
 class KeptLinear(nn.Linear):
     """A Linear the runtime builds unquantized (a gate the family's row names): its class is not a
     recipe's Linear target, so it stays in the output dtype and is named in ignore with the routers."""
 
 
-def build(config_dir: Path, attention=None):
+def build(config_dir: Path, attention=None, split: bool = False):
     """(config, family, model): the meta-device model, in eval mode, experts unfused.
 
     attention: attention(family) -> the name of an attention implementation registered with
@@ -67,6 +96,8 @@ def build(config_dir: Path, attention=None):
     family: the family's row (builder/release/families.py), or a row of defaults for any other
     decoder-only *ForCausalLM, with the checkpoint renamings derived from transformers; None for
     anything else (the caller refuses it).
+    split: experts kept fused on disk that a quantized build writes one Linear per expert (Llama 4) as
+    ScaledExperts, for calibration; without it they stay as the checkpoint holds them.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -82,6 +113,9 @@ def build(config_dir: Path, attention=None):
             fused = getattr(getattr(layer, "mlp", None), "experts", None)
             if experts and unfusable(fused):
                 layer.mlp.experts = Experts(fused, experts)
+            block = getattr(layer, "feed_forward", None)
+            if split and type(getattr(block, "experts", None)).__name__ in split_experts.SPLIT:
+                layer.feed_forward = ScaledExperts(block)
             for name, module in layer.named_modules():
                 if name.endswith(family.unquantized) and type(module) is nn.Linear:
                     module.__class__ = KeptLinear
