@@ -45,10 +45,14 @@ def load(folder: Path, config: dict | None, decode=None):
     """Dequantized by compressed-tensors while loading (activations still fake-quantized in forward), in
     FP32 like every loaded model: its FP4 and MX decompressors return BF16 weights and scales whatever
     the model's dtype, which FP32 activations cannot multiply; widening them is exact."""
+    import warnings
+
     import torch
     from transformers.utils.quantization_config import CompressedTensorsConfig
 
-    model = dense.load(folder, config, quantization_config=CompressedTensorsConfig(dequantize=True))
+    with warnings.catch_warnings():  # passing dequantize=True over the checkpoint's config is the point
+        warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+        model = dense.load(folder, config, quantization_config=CompressedTensorsConfig(dequantize=True))
     for tensor in [*model.parameters(), *model.buffers()]:
         if tensor.dtype in (torch.bfloat16, torch.float16):
             tensor.data = tensor.data.float()
