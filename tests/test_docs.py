@@ -155,6 +155,13 @@ def observers_table() -> str:
                     [(f"`{key}`", *(kwargs.get(key, "—") for kwargs in searched.values())) for key in keys])
 
 
+# The shipped recipes each column of the supported-models table stands for.
+QUANTS_OF_KIND = {"bf16": ("bf16",), "fp8-dynamic": ("fp8-dynamic", "fp8-block"), "fp8-static": ("fp8-static",),
+                  "w8a8-int8": ("w8a8-int8",), "w4a16": ("w4a16", "w4a16-gptq"),
+                  "fp4": ("nvfp4a16", "nvfp4", "mxfp4a16", "mxfp4", "mxfp8", "w4afp8"),
+                  "smoothquant": ("w8a8-int8-smoothquant", "w4a16-awq-gptq-imatrix")}
+
+
 def supported_models_table() -> str:
     """Family x recipe x runtime (builder/release/families.py, the formats' FAMILIES): which runtime loads
     each family's release of each kind of recipe, and which fact refuses it where none does."""
@@ -172,9 +179,29 @@ def supported_models_table() -> str:
         vllm = "vLLM" if family.model_type else "vLLM where it has the class"
         return vllm if kind == "w8a8-int8" and moe else f"{vllm}, transformers"
 
+    def fused_cell(cls: str, kind: str) -> str:
+        """A family with experts fused on disk: which of the kind's shipped recipes fact_problems lets through."""
+        from builder.release.recipe import Recipe
+
+        if kind in ("gguf", "mlx"):
+            return "—"
+        arch = {"class": cls, "checkpoint": [{"role": "fused", "name": "model.layers.{layer}.experts.down_proj"}]}
+        built = [quant for quant in QUANTS_OF_KIND[kind] if not [key for key, _ in families.fact_problems(
+            arch, Recipe.of(yaml.safe_load((PROJECT / "specs" / "quant" / f"{quant}.yaml").read_text())))
+            if key != ("quant", "kv_cache_scheme")]]
+        if kind == "bf16":
+            return "vLLM, transformers"
+        if not built:
+            return "refused (`expert layout`)"
+        split = "vLLM, transformers (experts split per expert)"
+        shown = split if kind != "fp8-static" else f"{split}, without KV-cache scales"
+        return shown if len(built) == len(QUANTS_OF_KIND[kind]) else f"{', '.join(built)}: {shown}; others refused"
+
     kinds = ("bf16", "fp8-dynamic", "fp8-static", "w8a8-int8", "w4a16", "fp4", "smoothquant", "gguf", "mlx")
     rows = [(f"`{f.model_type}` ({', '.join(f.classes)})", *(cell(f, kind) for kind in kinds))
             for f in families.FAMILIES.values()]
+    rows += [(f"`{model_type}` ({cls}), experts fused on disk", *(fused_cell(cls, kind) for kind in kinds))
+             for cls, model_type in families.FUSED_ON_DISK.items()]
     rows.append(("any other decoder-only `*ForCausalLM`", *(cell(families.generic("Other"), kind) for kind in kinds)))
     return markdown(("family", "bf16", "fp8-dynamic, fp8-block", "fp8-static", "w8a8-int8", "w4a16, -gptq",
                      "NVFP4, MXFP4/8, W4AFP8", "SmoothQuant, AWQ", "GGUF", "MLX"), rows)

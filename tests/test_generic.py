@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from builder import build
 from builder.release import families, memory
@@ -128,6 +129,8 @@ def test_fused_experts_build_in_bf16_and_refuse_the_recipes_they_cannot_be_writt
     result, info = logits(tmp_path / "bf16", IDS, quantized=False)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert torch.equal(result, logits(download, IDS, quantized=False)[0])
+    arch = yaml.safe_load((repo.root / "specs" / "model" / "tiny.yaml").read_text())["architecture"]
+    assert families.FUSED_ON_DISK[arch["class"]] == model_type  # the README's rows of fused families
     refused = repo.run("resolve", f"tiny-{quantized}", check=2)
     lines = refused.stderr.strip().splitlines()
     assert len(lines) == 1 and "fact 'expert layout'" in lines[0] and "docs/models.md" in lines[0], refused.stderr

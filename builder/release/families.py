@@ -342,6 +342,9 @@ def derived_tensors(entries: list, split: bool = False) -> list:
     return found
 
 
+# Families transformers keeps with experts fused on disk (no row: derived; docs/models.md, "Fused experts").
+FUSED_ON_DISK = {"Llama4ForCausalLM": "llama4_text", "GptOssForCausalLM": "gpt_oss",
+                 "GraniteMoeHybridForCausalLM": "granitemoehybrid"}
 # Classes whose fused experts a quantized build writes one Linear per expert (formats/experts.py, vLLM's
 # names), and why quantizing recipes are refused (the fact 'expert layout'; docs/models.md, "Fused experts").
 EXPERTS_SPLIT = ("Llama4ForCausalLM",)
