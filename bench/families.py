@@ -38,6 +38,32 @@ FAMILIES = {  # model_type, extra config: vLLM-sized
     "qwen3-moe": ("qwen3_moe", dict(intermediate_size=256, head_dim=64, moe_intermediate_size=128, num_experts=4,
                                     num_experts_per_tok=2, norm_topk_prob=True)),
     "olmoe": ("olmoe", dict(intermediate_size=128, num_experts=4, num_experts_per_tok=2)),
+    # Families the builder derives (no planned row; issue 24): dense first, then MoE and hybrid.
+    "granite": ("granite", dict(intermediate_size=512, embedding_multiplier=2.0, residual_multiplier=0.5,
+                                attention_multiplier=0.125, logits_scaling=4.0)),
+    "olmo2": ("olmo2", dict(intermediate_size=512)),
+    "smollm3": ("smollm3", dict(intermediate_size=512, no_rope_layer_interval=2)),
+    "exaone4": ("exaone4", dict(intermediate_size=512, head_dim=64, sliding_window=16, sliding_window_pattern=2)),
+    "cohere2": ("cohere2", dict(intermediate_size=512, sliding_window=16, logit_scale=0.25,
+                                layer_types=["sliding_attention", "full_attention"])),
+    "qwen2-moe": ("qwen2_moe", dict(intermediate_size=512, num_experts=4, num_experts_per_tok=2,
+                                    moe_intermediate_size=128, shared_expert_intermediate_size=128)),
+    "ernie-moe": ("ernie4_5_moe", dict(intermediate_size=512, moe_num_experts=4, moe_k=2, moe_intermediate_size=128)),
+    "glm4-moe": ("glm4_moe", dict(intermediate_size=512, head_dim=64, n_routed_experts=4, num_experts_per_tok=2,
+                                  moe_intermediate_size=128, first_k_dense_replace=1, n_group=1, topk_group=1)),
+    "deepseek-v3": ("deepseek_v3", dict(intermediate_size=512, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2,
+                                        moe_intermediate_size=128, first_k_dense_replace=1, n_group=1, topk_group=1,
+                                        q_lora_rank=64, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128,
+                                        v_head_dim=128, topk_method="noaux_tc")),  # MLA as DeepSeek-V3's (vLLM: 576 wide)
+    "qwen3-next": ("qwen3_next", dict(intermediate_size=512, head_dim=64, num_experts=4, num_experts_per_tok=2,
+                                      moe_intermediate_size=128, linear_num_key_heads=2, linear_num_value_heads=4,
+                                      linear_key_head_dim=64, linear_value_head_dim=64,
+                                      layer_types=["linear_attention", "full_attention"])),
+    "llama4": ("llama4_text", dict(intermediate_size=128, intermediate_size_mlp=512, head_dim=64, num_local_experts=4,
+                                   num_experts_per_tok=1, interleave_moe_layer_step=2, no_rope_layers=[1, 0],
+                                   attention_chunk_size=128)),  # vLLM: a multiple of its KV block (128)
+    "gpt-oss": ("gpt_oss", dict(intermediate_size=128, head_dim=64, num_local_experts=4, num_experts_per_tok=2,
+                                sliding_window=16)),
 }
 RECIPES = {"bf16": "", "fp8-dynamic": "", "w8a8-int8": "", "w4a16": "quant:\n  weights:\n    group_size: 64\n",
            "fp8-static": "calibration:\n  samples: 8\n  sequence_length: 64\n"}
