@@ -166,7 +166,7 @@ def supported_models_table() -> str:
     """Family x recipe x runtime (builder/release/families.py, the formats' FAMILIES): which runtime loads
     each family's release of each kind of recipe, and which fact refuses it where none does."""
     from builder import formats
-    from builder.release import families
+    from builder.release import families, fused
 
     def cell(family, kind: str) -> str:
         moe = family.moe is not None or family.experts_on_disk
@@ -176,6 +176,8 @@ def supported_models_table() -> str:
             return "without KV-cache scales (no `attention` fact)"
         if kind == "smoothquant" and not families.smoothable(family):
             return "refused (no norms absorb the factors)"
+        if family.vllm:  # a vLLM runtime has no model for it: what transformers loads of it
+            return "— (no vLLM model)" if kind == "w8a8-int8" and moe else "transformers (no vLLM model)"
         vllm = "vLLM" if family.model_type else "vLLM where it has the class"
         return vllm if kind == "w8a8-int8" and moe else f"{vllm}, transformers"
 
@@ -201,7 +203,7 @@ def supported_models_table() -> str:
     rows = [(f"`{f.model_type}` ({', '.join(f.classes)})", *(cell(f, kind) for kind in kinds))
             for f in families.FAMILIES.values()]
     rows += [(f"`{model_type}` ({cls}), experts fused on disk", *(fused_cell(cls, kind) for kind in kinds))
-             for cls, model_type in families.FUSED_ON_DISK.items()]
+             for cls, model_type in fused.FUSED_ON_DISK.items()]
     rows.append(("any other decoder-only `*ForCausalLM`", *(cell(families.generic("Other"), kind) for kind in kinds)))
     return markdown(("family", "bf16", "fp8-dynamic, fp8-block", "fp8-static", "w8a8-int8", "w4a16, -gptq",
                      "NVFP4, MXFP4/8, W4AFP8", "SmoothQuant, AWQ", "GGUF", "MLX"), rows)

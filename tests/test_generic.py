@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from builder import build
-from builder.release import families, memory
+from builder.release import families, fused, memory
 from builder.release.recipe import Recipe
 from builder.source import onboard
 from builder.tensorfile import read_header
@@ -130,7 +130,7 @@ def test_fused_experts_build_in_bf16_and_refuse_the_recipes_they_cannot_be_writt
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert torch.equal(result, logits(download, IDS, quantized=False)[0])
     arch = yaml.safe_load((repo.root / "specs" / "model" / "tiny.yaml").read_text())["architecture"]
-    assert families.FUSED_ON_DISK[arch["class"]] == model_type  # the README's rows of fused families
+    assert fused.FUSED_ON_DISK[arch["class"]] == model_type  # the README's rows of fused families
     refused = repo.run("resolve", f"tiny-{quantized}", check=2)
     lines = refused.stderr.strip().splitlines()
     assert len(lines) == 1 and "fact 'expert layout'" in lines[0] and "docs/models.md" in lines[0], refused.stderr

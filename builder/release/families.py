@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from builder import formats
 from builder.formats import experts as on_disk
+from builder.release import fused
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ class Family:
     norm_offset: bool = False         # RMSNorm multiplies by 1 + weight (Gemma), not by weight
     tied_only: bool = False           # vLLM loads only tied lm_head checkpoints
     moe: MoE | None = None
-    vllm: str = ""                    # what vLLM's CPU build on AVX2 does with it, for the README
+    vllm: str = ""                    # why the pinned vLLM has no model for it (README; empty: it has one)
     planned: bool = False             # tensors() plans the checkpoint from the block (the first eleven)
     norms_absorb: bool = False        # SMOOTHED_NORMS scale by their weight and feed only Linears (derived rows)
     unquantized: tuple = ()           # Linears in a layer that stay BF16 (gates vLLM builds unquantized)
@@ -103,7 +104,8 @@ FAMILIES = {family.model_type: family for family in (
     # hybrid: linear-attention layers hold no KV cache; scales for the full-attention layers only are not written
     Family("qwen3_next", ("Qwen3NextForCausalLM",), attention=None, experts_on_disk=True,
            unquantized=("mlp.shared_expert_gate",)),
-    Family("minimax", ("MiniMaxForCausalLM",), attention=None, experts_on_disk=True),
+    Family("minimax", ("MiniMaxForCausalLM",), attention=None, experts_on_disk=True,
+           vllm="vLLM 0.32 has no MiniMax-Text-01 model (removed in 0.23: registry.py _PREVIOUSLY_SUPPORTED_MODELS)"),
 )}
 BY_CLASS = {cls: family for family in FAMILIES.values() for cls in family.classes}
 # The norms SmoothQuant folds its factors into: each feeds Linears only (attention's q/k/v or qkv_proj,
@@ -189,7 +191,7 @@ def tensors(arch: dict, family: Family) -> list:
     """Every tensor the checkpoint holds, by name and shape, from the architecture block alone: its
     derived `checkpoint` (builder model add wrote it from the model), or planned for the first families."""
     if arch.get("checkpoint") is not None:
-        return derived_tensors(arch["checkpoint"], split=arch["class"] in EXPERTS_SPLIT)
+        return derived_tensors(arch["checkpoint"], split=arch["class"] in fused.EXPERTS_SPLIT)
     hidden, heads, kv_heads = arch["hidden_size"], arch["num_attention_heads"], arch["num_key_value_heads"]
     dim = head_dim(arch)
     q, kv = heads * dim, kv_heads * dim
@@ -324,7 +326,7 @@ def derived_tensors(entries: list, split: bool = False) -> list:
     for the layer and expert numbers, its shape, its role (linear, expert, router, other), the layers
     it is in (null: outside the decoder layers) and the experts per layer (null: not an expert); mtp and
     mtp_linear: a multi-token-prediction layer's (source/load.py with_mtp). Fused experts count as experts
-    (active for top-k of the tokens only), not as Linears; with split (EXPERTS_SPLIT), as the per-expert
+    (active for top-k of the tokens only), not as Linears; with split (fused.EXPERTS_SPLIT), as the per-expert
     Linears a quantized build writes (formats/experts.py: as many values, so a BF16 estimate is unchanged)."""
     found = []
     for entry in entries:
@@ -342,39 +344,15 @@ def derived_tensors(entries: list, split: bool = False) -> list:
     return found
 
 
-# Families transformers keeps with experts fused on disk (no row: derived; docs/models.md, "Fused experts").
-FUSED_ON_DISK = {"Llama4ForCausalLM": "llama4_text", "GptOssForCausalLM": "gpt_oss",
-                 "GraniteMoeHybridForCausalLM": "granitemoehybrid"}
-# Classes whose fused experts a quantized build writes one Linear per expert (formats/experts.py, vLLM's
-# names), and why quantizing recipes are refused (the fact 'expert layout'; docs/models.md, "Fused experts").
-EXPERTS_SPLIT = ("Llama4ForCausalLM",)
-FUSED_WHY = {"Llama4ForCausalLM": "the builder writes them one Linear per expert (vLLM's layout) for compressed-"
-             "tensors FP8 or weight-only integer weights per tensor, channel or group with minmax scales (round "
-             "to nearest or GPTQ); not for this recipe",
-             "GptOssForCausalLM": "vLLM 0.32 reads no compressed-tensors per-expert layout of gpt-oss (experts "
-             "fused in BF16 or under its own parameter names only): its quantized release is the published MXFP4",
-             None: "the builder quantizes one Linear per expert and knows no converter for this layout"}
-
-
-def splits(recipe) -> bool:
-    """Whether a recipe's weights are written for experts split one Linear per expert (EXPERTS_SPLIT, tested)."""
-    args = recipe.weights
-    return (recipe.format == "compressed-tensors" and recipe.preset is None and args.observer == "minmax"
-            and args.strategy in ("tensor", "channel", "group") and ((args.type == "float" and args.num_bits == 8)
-                                                                     or recipe.packed))
-
-
 def fact_problems(arch: dict, recipe) -> list:
     """What a recipe needs of the family that its row does not give, as (key path, message): each refuses
     that recipe only (the fact, and the doc that says how to add it)."""
     family = of_class(arch["class"])
     how = "docs/models.md, \"Adding a family\", says how to add it"
     found = []
-    fused = [entry["name"] for entry in arch.get("checkpoint") or () if entry["role"] == "fused"]
-    if recipe.weights is not None and fused and not (arch["class"] in EXPERTS_SPLIT and splits(recipe)):
-        found.append((("quant", "weights"), f"{arch['class']} stores its experts fused ({fused[0]}); "
-                      f"{FUSED_WHY.get(arch['class'], FUSED_WHY[None])} (the fact 'expert layout' in "
-                      f"builder/release/families.py); {how}, or build bf16"))
+    refused = fused.refusal(arch, recipe)
+    if refused:
+        found.append((("quant", "weights"), f"{refused}; {how}, or build bf16"))
     if recipe.kv_cache_scheme is not None and not kv_sources(family):
         found.append((("quant", "kv_cache_scheme"), f"KV-cache scales need the fact 'attention' (which projections "
                       f"make keys and values) of {arch['class']}, which has no row in builder/release/families.py; "

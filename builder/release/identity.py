@@ -17,7 +17,7 @@ from builder import formats
 from builder.canonical import canonical_json, file_entries, sha256_bytes, sha256_file, tree_digest
 from builder.errors import BuilderError, Problem
 from builder.paths import PACKAGE_DIR, SCHEMAS_DIR, inside
-from builder.release import families
+from builder.release import fused
 from builder.release.recipe import Recipe
 
 # Bump a part's number in the change that alters what it writes (the golden test says which).
@@ -118,7 +118,7 @@ INPUT_KEYS = ("weights", "data", "toolchain", "versions")
 def parts(spec: dict) -> tuple:
     """The parts of the builder a release runs, sorted."""
     found = {"layout", "release-files", *Recipe.of(spec["quant"]).parts}
-    if spec["model"]["architecture"]["class"] in families.EXPERTS_SPLIT and Recipe.of(spec["quant"]).weights:
+    if spec["model"]["architecture"]["class"] in fused.EXPERTS_SPLIT and Recipe.of(spec["quant"]).weights:
         found.add("experts.split")  # a quantized Llama 4: its experts split (no other release runs it)
     if spec["calibration"]["dataset"] is not None and "calibration" in found:
         found.add("data")

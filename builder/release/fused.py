@@ -1,0 +1,33 @@
+"""Experts stored fused on disk (transformers' own layout for Llama 4, gpt-oss and Granite 4): which
+families hold them, which a quantized build writes one Linear per expert (builder/formats/experts.py,
+vLLM's names), and why the others refuse quantizing recipes (the fact 'expert layout'; docs/models.md,
+"Fused experts"). Pure.
+"""
+
+FUSED_ON_DISK = {"Llama4ForCausalLM": "llama4_text", "GptOssForCausalLM": "gpt_oss",
+                 "GraniteMoeHybridForCausalLM": "granitemoehybrid"}
+EXPERTS_SPLIT = ("Llama4ForCausalLM",)
+WHY = {"Llama4ForCausalLM": "the builder writes them one Linear per expert (vLLM's layout) for compressed-"
+       "tensors FP8 or weight-only integer weights per tensor, channel or group with minmax scales (round "
+       "to nearest or GPTQ); not for this recipe",
+       "GptOssForCausalLM": "vLLM 0.32 reads no compressed-tensors per-expert layout of gpt-oss (experts "
+       "fused in BF16 or under its own parameter names only): its quantized release is the published MXFP4",
+       None: "the builder quantizes one Linear per expert and knows no converter for this layout"}
+
+
+def splits(recipe) -> bool:
+    """Whether a recipe's weights are written for experts split one Linear per expert (EXPERTS_SPLIT, tested)."""
+    args = recipe.weights
+    return (recipe.format == "compressed-tensors" and recipe.preset is None and args.observer == "minmax"
+            and args.strategy in ("tensor", "channel", "group") and ((args.type == "float" and args.num_bits == 8)
+                                                                     or recipe.packed))
+
+
+def refusal(arch: dict, recipe) -> str | None:
+    """Why a recipe cannot quantize a model whose architecture block lists fused experts; None when it can
+    (no weights quantized, no fused experts, or a family and recipe whose experts are split on write)."""
+    names = [entry["name"] for entry in arch.get("checkpoint") or () if entry["role"] == "fused"]
+    if recipe.weights is None or not names or (arch["class"] in EXPERTS_SPLIT and splits(recipe)):
+        return None
+    return (f"{arch['class']} stores its experts fused ({names[0]}); {WHY.get(arch['class'], WHY[None])} "
+            "(the fact 'expert layout' in builder/release/fused.py)")
