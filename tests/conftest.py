@@ -282,6 +282,16 @@ class Repo:
             (self.root / "specs" / "release" / f"{release}.yaml").write_text(release_text(release, name, recipe))
         return weights
 
+    def onboard(self, kind: str, downloads: Path) -> None:
+        """A tiny checkpoint of kind saved outside the repository (downloads/<kind>), with the byte-level
+        tokenizer, onboarded by `builder model add`'s own code under the name kind."""
+        from builder.source import onboard
+
+        download = downloads / kind
+        make_checkpoint(kind, download)
+        save_byte_tokenizer(download)
+        onboard.add_model(self.root, kind, download, log=lambda m: None)
+
     def run(self, *args, cwd=None, env=None, check=None):
         """Run the real `builder` command in this repository; returns the CompletedProcess."""
         environment = {**os.environ, "BUILDER_ROOT": "", "PYTHONPATH": str(PROJECT), **(env or {})}

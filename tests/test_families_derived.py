@@ -35,10 +35,7 @@ def derived_repo(tmp_path_factory) -> Repo:
     base = tmp_path_factory.mktemp("derived")
     repo = Repo.fresh(base / "repo")
     for kind in DERIVED:
-        download = base / "downloads" / kind
-        make_checkpoint(kind, download)
-        save_byte_tokenizer(download)
-        onboard.add_model(repo.root, kind, download, log=lambda m: None)
+        repo.onboard(kind, base / "downloads")
         for recipe, extra in RECIPES.items():
             name = f"{kind}-all-{recipe}"
             text = release_text(name, kind, recipe, "vllm-h100")

@@ -14,9 +14,8 @@ from typing import NamedTuple
 import pytest
 
 from builder import build
-from builder.source import onboard
 from builder.tensorfile import read_header
-from conftest import DERIVED, MTP, Repo, make_checkpoint, release_text, save_byte_tokenizer
+from conftest import DERIVED, MTP, Repo, release_text
 
 RECIPES = {"fp8-dynamic": "", "w4a16": "quant:\n  weights:\n    group_size: 32\n"}  # group 32 divides every width
 KINDS = ("tiny-qwen2-moe", "tiny-ernie-moe", "tiny-glm4-moe", "tiny-deepseek-v3", "tiny-qwen3-next", "tiny-minimax")
@@ -154,10 +153,7 @@ def artifacts(tmp_path_factory) -> dict:
     base = tmp_path_factory.mktemp("vllm-names")
     repo, found = Repo.fresh(base / "repo"), {}
     for kind in KINDS:
-        download = base / "downloads" / kind
-        make_checkpoint(kind, download)
-        save_byte_tokenizer(download)
-        onboard.add_model(repo.root, kind, download, log=lambda m: None)
+        repo.onboard(kind, base / "downloads")
         for recipe, extra in RECIPES.items():
             name = f"{kind}-{recipe}"
             (repo.root / "specs" / "release" / f"{name}.yaml").write_text(
@@ -196,6 +192,11 @@ def stacked(module: str, loader: Loader) -> str:
     return module
 
 
+# every family vLLM 0.32 has a loader for, each recipe
+EVERY_FAMILY_AND_RECIPE = pytest.mark.parametrize(("kind", "recipe"),
+                                                  [(k, r) for k in sorted(VLLM) for r in sorted(RECIPES)])
+
+
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 @pytest.mark.parametrize("kind", [pytest.param(kind, marks=pytest.mark.xfail(
     strict=True, reason="vLLM 0.32 has no MiniMaxForCausalLM: models/registry.py l. 819 lists it among the "
@@ -206,8 +207,7 @@ def test_vllm_registers_each_families_architecture(artifacts, kind, recipe):
     assert config["architectures"][0] in VLLM_ARCHITECTURES
 
 
-@pytest.mark.parametrize("recipe", sorted(RECIPES))
-@pytest.mark.parametrize("kind", sorted(VLLM))
+@EVERY_FAMILY_AND_RECIPE
 def test_every_expert_tensor_maps_to_exactly_the_moe_methods_parameters(artifacts, kind, recipe):
     header, config = read(artifacts[kind, recipe])
     quantization, loader = config["quantization_config"], VLLM[kind]
@@ -234,8 +234,7 @@ def test_every_expert_tensor_maps_to_exactly_the_moe_methods_parameters(artifact
             assert f"{block}experts.0.{part}" not in quantization["ignore"]
 
 
-@pytest.mark.parametrize("recipe", sorted(RECIPES))
-@pytest.mark.parametrize("kind", sorted(VLLM))
+@EVERY_FAMILY_AND_RECIPE
 def test_every_other_quantized_linear_maps_to_a_linear_vllm_quantizes_with_the_schemes_parameters(
         artifacts, kind, recipe):
     header, config = read(artifacts[kind, recipe])
@@ -256,8 +255,7 @@ def test_every_other_quantized_linear_maps_to_a_linear_vllm_quantizes_with_the_s
         assert len(modules) == max(1, sum(target.endswith(fused) for _, fused in loader.stacked)), target
 
 
-@pytest.mark.parametrize("recipe", sorted(RECIPES))
-@pytest.mark.parametrize("kind", sorted(VLLM))
+@EVERY_FAMILY_AND_RECIPE
 def test_what_vllm_builds_without_quant_config_is_left_bf16_and_nothing_vllm_quantizes_is_ignored(
         artifacts, kind, recipe):
     header, config = read(artifacts[kind, recipe])
@@ -275,8 +273,7 @@ def test_what_vllm_builds_without_quant_config_is_left_bf16_and_nothing_vllm_qua
         assert entry == "lm_head" or entry.startswith(mtp) or relative(entry) in loader.unquantized, entry
 
 
-@pytest.mark.parametrize("recipe", sorted(RECIPES))
-@pytest.mark.parametrize("kind", sorted(VLLM))
+@EVERY_FAMILY_AND_RECIPE
 def test_multi_token_prediction_layers_are_skipped_by_the_model_and_read_by_the_draft(artifacts, kind, recipe):
     """vLLM's models skip MTP weights (deepseek_v2.py l. 1653-1655 and glm4_moe.py l. 495 through
     models/utils.py l. 575-598: names under model.layers.{num_hidden_layers + i} for i < num_nextn_predict_layers;
