@@ -39,6 +39,7 @@ def environment_restored():
         os.environ.clear()
         os.environ.update(saved)
 
+
 # Tiny configs of the architectures we promise to handle; every divisibility the specs check holds.
 TINY = {
     "tiny-llama": ("LlamaConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
