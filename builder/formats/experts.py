@@ -20,6 +20,7 @@ fused layout transformers' plain Llama 4 reads.
 SPLIT = ("Llama4TextExperts",)
 # a fused parameter -> the Linears of one expert it holds, in order along its last dimension
 PARTS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+LEAF = {part: leaf for leaf, parts in PARTS.items() for part in parts}  # a Linear -> the fused parameter holding it
 
 
 def fused(name: str, shape: tuple) -> bool:
@@ -42,16 +43,17 @@ def linears(name: str, shape: tuple) -> list:
     return [(f"{stem}.{expert}.{part}", (width // len(parts), columns)) for expert in range(count) for part in parts]
 
 
+def one(fused_tensor, expert: int, part: str):
+    """Expert `expert`'s Linear `part` [out, in] held by a fused parameter (a contiguous copy of its values)."""
+    held = PARTS[LEAF[part]]
+    return fused_tensor[expert].chunk(len(held), dim=-1)[held.index(part)].t().contiguous()
+
+
 def split(name: str, tensor) -> dict:
-    """{module name: weight [out, in]} of the per-expert Linears a fused parameter holds (contiguous
-    copies of the source's values)."""
+    """{module name: weight [out, in]} of the per-expert Linears a fused parameter holds."""
     stem, _, leaf = name.rpartition(".")
-    parts = PARTS[leaf]
-    found = {}
-    for expert in range(tensor.shape[0]):
-        for part, piece in zip(parts, tensor[expert].chunk(len(parts), dim=-1)):
-            found[f"{stem}.{expert}.{part}"] = piece.t().contiguous()
-    return found
+    return {f"{stem}.{expert}.{part}": one(tensor, expert, part)
+            for expert in range(tensor.shape[0]) for part in PARTS[leaf]}
 
 
 def expert_weight(name: str, read):
@@ -61,12 +63,7 @@ def expert_weight(name: str, read):
     if len(parts) < 4 or parts[-1] != "weight" or not parts[-3].isdigit() or parts[-4] != "experts":
         return None
     stem, expert, part = ".".join(parts[:-3]), int(parts[-3]), parts[-2]
-    leaf = next((leaf for leaf, held in PARTS.items() if part in held), None)
-    if leaf is None:
-        return None
-    held = PARTS[leaf]
-    piece = read(f"{stem}.{leaf}")[expert].chunk(len(held), dim=-1)[held.index(part)]
-    return piece.t().contiguous()
+    return one(read(f"{stem}.{LEAF[part]}"), expert, part) if part in LEAF else None
 
 
 def sliced(read, tensors: dict):
@@ -95,5 +92,4 @@ def expert_class(module: str, modules: dict) -> str | None:
     (modules: name -> class name, as the checkpoint's model holds them); None for anything else."""
     stem, _, part = module.rpartition(".")
     stem, _, index = stem.rpartition(".")
-    held = {name for names in PARTS.values() for name in names}
-    return "Linear" if index.isdigit() and part in held and modules.get(stem) in SPLIT else None
+    return "Linear" if index.isdigit() and part in LEAF and modules.get(stem) in SPLIT else None
