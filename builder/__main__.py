@@ -2,6 +2,13 @@
 
 import sys
 
-from builder.cli import main
+try:
+    from builder.cli import main
+except ModuleNotFoundError as error:  # `python` is not the environment the README installs
+    from builder.console import missing_package
+
+    verb = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), "")
+    print(missing_package(verb, error).replace("builder : ", "builder: "), file=sys.stderr)
+    sys.exit(2)
 
 sys.exit(main())

@@ -337,6 +337,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"builder {args.verb}: interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as error:  # e.g. `python` outside the environment the README installs
+        print(console.missing_package(args.verb, error), file=sys.stderr)
+        return 2
     except Exception as error:  # a bug in the builder, not in the input: one line, the traceback in a file
         print(f"builder {args.verb}: internal error: {type(error).__name__}: {error}\n"
               f"  this is a bug in the builder; the traceback is in {console.crash_report(argv)} "

@@ -63,3 +63,9 @@ def built(result: dict, serve_command: str | None) -> str:
     if serve_command:
         lines.append(f"  {serve_command}")
     return "\n".join(lines)
+
+
+def missing_package(verb: str, error: ModuleNotFoundError) -> str:
+    """The one line for a Python that lacks a package the builder imports (run outside its environment)."""
+    return (f"builder {verb}: error: this Python ({sys.executable}) cannot import {error.name!r}, which the builder "
+            "needs; run it in the environment the README's install command made (pip install -e .)")

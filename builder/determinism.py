@@ -2,7 +2,9 @@
 
 import os
 
-# Kernels and thread count are pinned so that reductions split the same way on every machine.
+# Kernels and thread count are pinned so that reductions split the same way on every machine. They decide
+# last bits of every FP32 forward (calibration, GPTQ, eval.json), and the manifest records them: a change here
+# bumps OUTPUT_VERSIONS["math"] (builder/release/identity.py), which every release's artifact_id carries.
 ENVIRONMENT = {
     "ATEN_CPU_CAPABILITY": "avx2",  # torch's vectorised kernels: AVX2 (falls back on older CPUs)
     "ONEDNN_MAX_CPU_ISA": "AVX2",

@@ -63,6 +63,19 @@ def test_an_internal_error_is_one_line_with_the_traceback_in_a_file_and_exit_1(c
     assert "Traceback" in report.read_text() and "in broken" in report.read_text()
 
 
+def test_a_python_without_the_builders_packages_gets_one_line_naming_the_package_and_exit_2(tmp_path):
+    import venv
+
+    venv.create(tmp_path / "bare", with_pip=False)  # what `dvc repro` runs when `python` is not the project's
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    done = subprocess.run([str(tmp_path / "bare" / "bin" / "python"), "-m", "builder", "list"], cwd=PROJECT,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == "" and "Traceback" not in done.stderr
+    assert re.fullmatch(r"builder list: error: this Python \(\S+/bare/bin/python\) cannot import '\w+', which the "
+                        r"builder needs; run it in the environment the README's install command made \(pip install "
+                        r"-e \.\)\n", done.stderr), done.stderr
+
+
 def test_resolve_without_a_release_names_release_as_what_is_missing(capsys, monkeypatch):
     code, _, err = run_main(capsys, monkeypatch, "resolve")
     assert code == 2

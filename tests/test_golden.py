@@ -1,8 +1,8 @@
 """Golden bytes: every part of the builder that writes bytes is held to the version it claims.
 
 Every shipped recipe (and the legacy fp8 layout, the GGUF and MLX types, and evaluated builds) is built
-on tiny checkpoints of two architectures; the content digests must equal tests/golden.json, keyed by the output versions and
-toolchain each build's artifact_id carries. A change of bytes without a bump of the part that made it
+on tiny checkpoints of two architectures; the digests of its files (manifest.json and provenance.json included) must equal tests/golden.json, keyed by the
+output versions and toolchain each build's artifact_id carries. A change of bytes without a bump of the part that made it
 fails here and names the parts to look at; after bumping, regenerate the table:
 
     UPDATE_GOLDEN=1 python -m pytest tests/test_golden.py      # then commit tests/golden.json
@@ -17,7 +17,8 @@ import torch
 import yaml
 
 from builder import build
-from builder.canonical import pretty_json
+from builder.canonical import pretty_json, sha256_file
+from builder.paths import MANIFEST_FILE, PROVENANCE_FILE
 from builder.quant import quantize
 from builder.release import identity, lock
 from conftest import FAMILIES, Repo
@@ -101,6 +102,8 @@ TARGETS = {case: "vllm-h200" for case in RECIPES if case.startswith("fp8-block")
 TARGETS.update({case: "vllm-b200" for case in RECIPES if case.startswith(("nvfp4", "mxfp"))})
 TARGETS.update({case: "vllm-gh200" for case in RECIPES if case.startswith("w4afp8")})
 CASES = tuple(f"golden-{arch}-{recipe}" for arch in ARCHITECTURES for recipe in RECIPES)
+# Files that list the others' digests: a change elsewhere changes them too, so they are suspects only alone.
+DERIVED = (MANIFEST_FILE, PROVENANCE_FILE)
 # Which parts decide each kind of file (the diagnosis names those the failing case runs).
 FILE_PARTS = (
     (lambda path: path.endswith(".safetensors") or path.endswith(".index.json"),
@@ -108,6 +111,7 @@ FILE_PARTS = (
     (lambda path: path.endswith(".gguf"), ("format.", "quantize.", "imatrix", "calibration", "data")),
     (lambda path: path == "config.json", ("layout", "format.")),
     (lambda path: path in ("release.json", "serve.json", "README.md"), ("release-files",)),
+    (lambda path: path in DERIVED, ("release-files", "math")),
     (lambda path: path == "eval.json", ("evaluation", "data", "quantize.", "format.")),
     (lambda path: True, ("layout",)),
 )
@@ -142,7 +146,11 @@ def golden_repo(tmp_path_factory) -> Repo:
 
 
 def build_case(repo: Repo, case: str, out: Path) -> dict:
-    return build.build(repo.root, case, out=out, log=lambda message: None)
+    """The manifest of a build of case, its files listing manifest.json and provenance.json too (the DVC
+    output holds them: their bytes are promised as well)."""
+    manifest = build.build(repo.root, case, out=out, log=lambda message: None)
+    derived = [{"path": name, "sha256": sha256_file(out / name)} for name in DERIVED]
+    return {**manifest, "files": manifest["files"] + derived}
 
 
 @pytest.fixture(scope="session")
@@ -179,10 +187,11 @@ def golden_problems(case: str, manifest: dict, table: dict) -> list:
     if now["spec_digest"] != then.get("spec_digest"):
         return [f"{case}: its resolved spec changed (a shipped spec file it uses changed, not the builder's code); "
                 "regenerate the table (UPDATE_GOLDEN=1 python -m pytest tests/test_golden.py)"]
-    if now["content_digest"] == then["content_digest"]:
+    if now["files"] == then["files"]:
         return []
     changed = sorted(path for path in set(now["files"]) | set(then["files"])
                      if now["files"].get(path) != then["files"].get(path))
+    changed = [path for path in changed if path not in DERIVED] or changed
     parts = sorted({part for path in changed for part in suspects(path, now["versions"])})
     return [f"{case}: bytes changed without a version bump: {', '.join(changed)} differ; the parts that write "
             f"them here: {', '.join(parts)}. Bump the one you changed in builder/release/identity.py "

@@ -11,19 +11,19 @@ from builder.release import identity, lock
 from conftest import PROJECT
 
 RELEASE_PARTS = {  # shipped release -> the parts it runs
-    "smollm2-135m-instruct-bf16": {"layout", "release-files", "format.dense"},
-    "smollm2-135m-instruct-fp8-dynamic": {"layout", "release-files", "format.compressed-tensors", "quantize.float"},
-    "smollm2-135m-instruct-fp8-static": {"layout", "release-files", "format.compressed-tensors", "quantize.float",
+    "smollm2-135m-instruct-bf16": {"layout", "release-files", "math", "format.dense"},
+    "smollm2-135m-instruct-fp8-dynamic": {"layout", "release-files", "math", "format.compressed-tensors", "quantize.float"},
+    "smollm2-135m-instruct-fp8-static": {"layout", "release-files", "math", "format.compressed-tensors", "quantize.float",
                                          "calibration", "data", "evaluation"},
-    "smollm2-135m-instruct-w4a16": {"layout", "release-files", "format.compressed-tensors", "quantize.int",
+    "smollm2-135m-instruct-w4a16": {"layout", "release-files", "math", "format.compressed-tensors", "quantize.int",
                                     "data", "evaluation"},
-    "smollm2-135m-instruct-w4a16-gptq": {"layout", "release-files", "format.compressed-tensors", "quantize.int",
+    "smollm2-135m-instruct-w4a16-gptq": {"layout", "release-files", "math", "format.compressed-tensors", "quantize.int",
                                          "gptq", "calibration", "data", "evaluation"},
-    "smollm2-135m-instruct-gguf-q8_0": {"layout", "release-files", "format.gguf", "quantize.ggml", "data",
+    "smollm2-135m-instruct-gguf-q8_0": {"layout", "release-files", "math", "format.gguf", "quantize.ggml", "data",
                                         "evaluation"},
-    "smollm2-135m-instruct-gguf-q4_0": {"layout", "release-files", "format.gguf", "quantize.ggml", "imatrix",
+    "smollm2-135m-instruct-gguf-q4_0": {"layout", "release-files", "math", "format.gguf", "quantize.ggml", "imatrix",
                                         "calibration", "data", "evaluation"},
-    "smollm2-135m-instruct-mlx-4bit": {"layout", "release-files", "format.mlx", "quantize.affine", "data",
+    "smollm2-135m-instruct-mlx-4bit": {"layout", "release-files", "math", "format.mlx", "quantize.affine", "data",
                                        "evaluation"},
 }
 

@@ -23,7 +23,10 @@ from builder.release.recipe import Recipe
 # Bump a part's number in the change that alters what it writes (the golden test says which).
 OUTPUT_VERSIONS = {
     "layout": 1,                     # safetensors shards and index, config.json, tokenizer and side files
-    "release-files": 2,              # release.json, serve.json, README.md (2: the card's memory estimate counts biases)
+    "release-files": 3,              # release.json, serve.json, README.md, provenance.json, manifest.json (2: the card's
+                                     # memory estimate counts biases; 3: provenance's build type v3, builder named by versions)
+    "math": 2,                       # the CPU math settings every build applies and the manifest records (determinism.py;
+                                     # 2: MKL_CBWR=AVX2,STRICT, which moved eval.json's last digits on AVX-512 machines)
     **formats.versions(),            # format.<name>: each format module's VERSION (builder/formats/)
     "quantize.float": 1,             # FP8 scales and rounding (weights, activation and KV-cache scales)
     "quantize.int": 1,               # INT8 / INT4 scales and rounding
@@ -54,6 +57,7 @@ OUTPUT_VERSIONS = {
 PART_PACKAGES = {
     "layout": ("torch",),
     "release-files": ("pyyaml",),    # the card's front matter
+    "math": (),                      # environment variables only (torch's version is named by the parts that compute)
     **formats.packages(),            # format.<name>: each format module's PACKAGES
     "quantize.float": ("torch",),
     "quantize.int": ("torch",),
@@ -117,7 +121,7 @@ INPUT_KEYS = ("weights", "data", "toolchain", "versions")
 
 def parts(spec: dict) -> tuple:
     """The parts of the builder a release runs, sorted."""
-    found = {"layout", "release-files", *Recipe.of(spec["quant"]).parts}
+    found = {"layout", "release-files", "math", *Recipe.of(spec["quant"]).parts}
     if spec["model"]["architecture"]["class"] in fused.EXPERTS_SPLIT and Recipe.of(spec["quant"]).weights:
         found.add("experts.split")  # a quantized Llama 4: its experts split (no other release runs it)
     if spec["calibration"]["dataset"] is not None and "calibration" in found:
