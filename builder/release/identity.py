@@ -23,10 +23,8 @@ from builder.release.recipe import Recipe
 # Bump a part's number in the change that alters what it writes (the golden test says which).
 OUTPUT_VERSIONS = {
     "layout": 1,                     # safetensors shards and index, config.json, tokenizer and side files
-    "release-files": 3,              # release.json, serve.json, README.md, provenance.json, manifest.json (2: the card's
-                                     # memory estimate counts biases; 3: provenance's build type v3, builder named by versions)
-    "math": 2,                       # the CPU math settings every build applies and the manifest records (determinism.py;
-                                     # 2: MKL_CBWR=AVX2,STRICT, which moved eval.json's last digits on AVX-512 machines)
+    "release-files": 3,              # release.json, serve.json, README.md, provenance.json, manifest.json (2: memory estimate counts biases; 3: provenance build type v3)
+    "math": 2,                       # CPU math settings every build applies (determinism.py; 2: MKL_CBWR=AVX2,STRICT moved eval.json's last digits)
     **formats.versions(),            # format.<name>: each format module's VERSION (builder/formats/)
     "quantize.float": 1,             # FP8 scales and rounding (weights, activation and KV-cache scales)
     "quantize.int": 1,               # INT8 / INT4 scales and rounding
