@@ -342,3 +342,35 @@ def test_the_console_check_sees_a_script_error(tmp_path):
                       "<script>undefinedFunction();</script></body></html>")
     _, dom, console = render(broken, tmp_path)
     assert "<p>x</p>" in dom and any("Uncaught ReferenceError" in line for line in console)
+
+
+def test_png_labels_of_crowded_points_cover_no_other_label_or_point_and_stay_in_the_picture():
+    """Releases of one size and nearly one quality (FP8 and INT8 at ~9.7 bits, the FP4 cluster at ~7) get
+    labels that each can be read: none overlaps another label or a marker, none runs off the figure."""
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    from builder.check import png
+
+    names = ["fp8-dynamic", "fp8-dynamic-capitals", "w8a8-int8", "mxfp8", "nvfp4", "mxfp4a16", "w4a16",
+             "nvfp4a16", "mlx-4bit", "gguf-q4_0", "gguf-q8_0-at-the-right-edge"]
+    xy = [(9.7, 0.017), (9.7, 0.017), (9.7, 0.026), (9.9, 0.030), (6.75, 0.36), (6.9, 0.36), (6.9, 0.24),
+          (6.9, 0.20), (7.05, 0.15), (7.05, 0.15), (10.2, 0.001)]
+    points = [{"x": x, "y": y, "label": name, "release": name, "pareto": False} for name, (x, y) in zip(names, xy)]
+    figure, axes = pyplot.subplots(figsize=png.SIZE, dpi=png.DPI)
+    try:
+        axes.scatter([x for x, _ in xy], [y for _, y in xy])
+        axes.set_yscale("log")
+        axes.set_xlim(left=0)
+        figure.tight_layout()
+        boxes = png.label(figure, axes, points)
+        centres = [axes.transData.transform(point) for point in xy]
+    finally:
+        pyplot.close(figure)
+    assert len(boxes) == len(points)
+    assert not [(a, b) for a in range(len(boxes)) for b in range(a) if boxes[a].overlaps(boxes[b])]
+    assert not [(box, centre) for box in boxes for centre in centres if box.contains(*centre)]
+    assert all(0 <= box.x0 and box.x1 <= figure.bbox.x1 for box in boxes)

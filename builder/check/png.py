@@ -32,6 +32,33 @@ def render(models: list, metrics: tuple) -> tuple:
     return files, None
 
 
+# Where a label may sit beside its point (points right, up; alignment), tried in order: the first that
+# overlaps no label already placed is taken (the last one otherwise).
+PLACES = ((6, 6, "left", "bottom"), (6, -6, "left", "top"), (-6, 6, "right", "bottom"), (-6, -6, "right", "top"),
+          (6, 16, "left", "bottom"), (6, -16, "left", "top"), (-6, 16, "right", "bottom"), (-6, -16, "right", "top"))
+
+
+def label(figure, axes, points: list) -> list:
+    """Each point's label beside it, in the first place (PLACES) inside the figure that covers no point
+    and no label placed before it, left to right; the labels' boxes (pixels), in that order."""
+    from matplotlib.transforms import Bbox
+
+    renderer = figure.canvas.get_renderer()
+    centres = [axes.transData.transform((p["x"], p["y"])) for p in points]
+    taken = [Bbox.from_extents(x - 5, y - 5, x + 5, y + 5) for x, y in centres]  # the markers, in pixels
+    for point in sorted(points, key=lambda p: (p["x"], p["y"], p["release"])):
+        for number, (dx, dy, across, up) in enumerate(PLACES):
+            text = axes.annotate(point["label"], (point["x"], point["y"]), textcoords="offset points",
+                                 xytext=(dx, dy), ha=across, va=up, fontsize=8, color="#374151")
+            box = text.get_window_extent(renderer)
+            inside = figure.bbox.x0 <= box.x0 and box.x1 <= figure.bbox.x1 and box.y1 <= figure.bbox.y1
+            if number == len(PLACES) - 1 or (inside and not any(box.overlaps(other) for other in taken)):
+                taken.append(box)
+                break
+            text.remove()
+    return taken[len(points):]
+
+
 def plot(pyplot, points: list, metric: dict) -> bytes:
     """One scatter plot: front points orange and joined by steps, labels beside each point."""
     from builder.check.pareto import staircase
@@ -51,8 +78,6 @@ def plot(pyplot, points: list, metric: dict) -> bytes:
         for point in sorted(points, key=lambda p: (p["pareto"], p["release"])):
             axes.scatter([point["x"]], [point["y"]], s=48 if point["pareto"] else 36, zorder=3,
                          color=FRONT if point["pareto"] else OTHER, edgecolors="#111827")
-            axes.annotate(point["label"], (point["x"], point["y"]), textcoords="offset points", xytext=(6, 6),
-                          fontsize=8, color="#374151")
         axes.margins(x=0.05, y=0.12)  # room for the labels above the highest point
         axes.set_xlim(left=0)
         axes.set_xlabel("bits per weight (smaller is left)")
@@ -61,6 +86,7 @@ def plot(pyplot, points: list, metric: dict) -> bytes:
         axes.set_title(metric["title"], fontsize=10)
         axes.grid(True, color="#e5e7eb")
         figure.tight_layout()
+        label(figure, axes, points)
         buffer = io.BytesIO()
         figure.savefig(buffer, format="png", metadata={"Software": None})
         return buffer.getvalue()
