@@ -105,7 +105,8 @@ def test_split_linears_compute_what_transformers_fused_experts_compute():
             assert torch.allclose(result, expected[expert], rtol=1e-5, atol=1e-6)
             for part, weight in (("gate_proj", gate), ("down_proj", down)):  # and as the reader slices one
                 read = experts.expert_weight(f"{stem}.{expert}.{part}.weight",
-                                             lambda name: getattr(fused, name.rpartition(".")[2]))
+                                             lambda name: getattr(fused, name.rpartition(".")[2]),
+                                             {f"{stem}.gate_up_proj", f"{stem}.down_proj"})
                 assert torch.equal(read, weight)
 
 
