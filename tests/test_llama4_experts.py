@@ -11,14 +11,10 @@ import json
 import pytest
 import torch
 
-from builder import build
 from builder.formats import experts
-from builder.quant import quantize
-from builder.release import identity, memory
 from builder.release.recipe import Recipe
-from builder.source import onboard
-from builder.tensorfile import read_header
-from conftest import Repo, release_text, save_byte_tokenizer
+from split_experts import (RECIPES, built_twice, logits_within_bounds, onboarded, quantized_per_expert,
+                           random_model, rounded_source_values, vllm_reads)
 
 # hidden 64, experts' width 32 (not 64: a transposition mistake changes shapes), dense layers' 128; layer 1
 # holds 4 experts (interleave step 2), top-1 routing, chunked attention with a NoPE layer.
@@ -28,62 +24,32 @@ CONFIG = dict(hidden_size=64, intermediate_size=32, intermediate_size_mlp=128, n
               num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=2, no_rope_layers=[1, 0],
               attention_chunk_size=8)
 EXPERTS, WIDTH, HIDDEN, MOE_LAYERS = 4, 32, 64, (1,)
-CALIBRATION = "calibration:\n  samples: 4\n  sequence_length: 32\n"
-RECIPES = {"fp8-dynamic": "", "w4a16": "quant:\n  weights:\n    group_size: 32\n",
-           # no KV-cache scales: Llama 4 has no row naming its k/v projections (the fact 'attention')
-           "fp8-static": CALIBRATION + "quant:\n  kv_cache_scheme: null\n",
-           "w4a16-gptq": CALIBRATION + "quant:\n  weights:\n    group_size: 32\n"}
-RELATIVE_RMS = {"fp8-dynamic": 0.15, "w4a16": 0.5, "fp8-static": 0.15, "w4a16-gptq": 0.6}  # tests/test_families.py's
-EVAL = "eval:\n  samples: 2\n  sequence_length: 32\n"
-IDS = torch.randint(1, 255, (2, 48), generator=torch.Generator().manual_seed(0))
+STEMS = [f"model.layers.{layer}.feed_forward.experts" for layer in MOE_LAYERS]
+ROUTERS = [f"model.layers.{layer}.feed_forward.router" for layer in MOE_LAYERS]
 
 
 def tiny_model():
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama4_text", **CONFIG)).to(torch.bfloat16)
-    with torch.no_grad():  # experts drawn at the scale of the other Linears (whatever transformers' init does)
-        for layer in MOE_LAYERS:
-            fused = model.model.layers[layer].feed_forward.experts
-            fused.gate_up_proj.normal_(0, 0.05)
-            fused.down_proj.normal_(0, 0.05)
-    return model.eval()
+    return random_model("llama4_text", CONFIG, STEMS)
 
 
 @pytest.fixture(scope="module")
-def llama4_repo(tmp_path_factory) -> Repo:
-    base = tmp_path_factory.mktemp("llama4")
-    repo, download = Repo.fresh(base / "repo"), base / "downloads" / "llama4"
-    tiny_model().save_pretrained(download)
-    save_byte_tokenizer(download)
-    onboard.add_model(repo.root, "tiny-llama4", download, log=lambda m: None)
-    for recipe, extra in RECIPES.items():
-        text = release_text(f"tiny-llama4-{recipe}", "tiny-llama4", recipe, "vllm-h100")
-        groups = "  - override /eval: docstrings\n"  # the build measures its artifact (2 windows of 32 tokens)
-        if extra.startswith("calibration"):
-            groups += "  - override /calibration: licenses\n"
-        text = text.replace("\n\nrelease:", f"\n{groups}\nrelease:") + EVAL
-        (repo.root / "specs" / "release" / f"tiny-llama4-{recipe}.yaml").write_text(text + extra)
-    return repo
+def llama4_repo(tmp_path_factory):
+    return onboarded(tmp_path_factory.mktemp("llama4"), "tiny-llama4", tiny_model())
 
 
 @pytest.fixture(scope="module")
 def built(llama4_repo, tmp_path_factory) -> dict:
     """recipe -> (artifact folder, content digest of a second build into another folder)."""
-    base, found = tmp_path_factory.mktemp("llama4-built"), {}
-    for recipe in RECIPES:
-        name = f"tiny-llama4-{recipe}"
-        build.build(llama4_repo.root, name, out=base / recipe, log=lambda m: None)
-        again = build.build(llama4_repo.root, name, out=base / f"{recipe}-again", log=lambda m: None)
-        found[recipe] = (base / recipe, again["content_digest"])
-    return found
+    return built_twice(llama4_repo, "tiny-llama4", tmp_path_factory.mktemp("llama4-built"))
 
 
-def source_weights(repo: Repo) -> dict:
+def source_split(repo) -> dict:
+    """{module: weight [out, in]} of the experts, split from the source checkpoint's fused tensors."""
     from safetensors.torch import load_file
 
-    return load_file(repo.root / "weights" / "tiny-llama4" / "model.safetensors")
+    source = load_file(repo.root / "weights" / "tiny-llama4" / "model.safetensors")
+    return {module: weight for stem in STEMS for leaf in ("gate_up_proj", "down_proj")
+            for module, weight in experts.split(f"{stem}.{leaf}", source[f"{stem}.{leaf}"]).items()}
 
 
 def test_split_linears_compute_what_transformers_fused_experts_compute():
@@ -105,73 +71,24 @@ def test_split_linears_compute_what_transformers_fused_experts_compute():
             assert torch.allclose(result, expected[expert], rtol=1e-5, atol=1e-6)
             for part, weight in (("gate_proj", gate), ("down_proj", down)):  # and as the reader slices one
                 read = experts.expert_weight(f"{stem}.{expert}.{part}.weight",
-                                             lambda name: getattr(fused, name.rpartition(".")[2]))
+                                             lambda name: getattr(fused, name.rpartition(".")[2]),
+                                             {f"{stem}.gate_up_proj", f"{stem}.down_proj"})
                 assert torch.equal(read, weight)
 
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_each_recipe_builds_twice_alike_with_every_expert_quantized_under_per_expert_names(built, recipe):
     folder, again = built[recipe]
-    assert json.loads((folder / "manifest.json").read_text())["content_digest"] == again
-    measured = json.loads((folder / "eval.json").read_text())  # the build's own quality check ran and passed
+    quantized_per_expert(folder, again, recipe, STEMS, EXPERTS, ROUTERS)
+    measured = json.loads((folder / "eval.json").read_text())
     assert 0 < measured["mean_kl"] < 0.05, measured
-    header = read_header(folder / "model.safetensors")
-    assert not [name for name in header if name.endswith(("experts.gate_up_proj", "experts.down_proj"))]
-    spec = json.loads((folder / "release.json").read_text())
-    arch, quant = spec["model"]["architecture"], Recipe.of(spec["quant"])
-    assert "experts.split" in identity.parts(spec)  # the part that splits them is in the release's id
-    for layer in MOE_LAYERS:
-        for expert in range(EXPERTS):
-            for part in ("gate_proj", "up_proj", "down_proj"):
-                module = f"model.layers.{layer}.feed_forward.experts.{expert}.{part}"
-                stored = header[f"{module}.weight_packed" if quant.packed else f"{module}.weight"]
-                assert stored["dtype"] == ("I32" if quant.packed else "F8_E4M3"), module
-                assert f"{module}.weight_scale" in header
-        router = f"model.layers.{layer}.feed_forward.router"
-        assert header[f"{router}.weight"]["dtype"] == "BF16"  # the router stays in BF16 and is ignored
-        config = json.loads((folder / "config.json").read_text())["quantization_config"]
-        assert router in config["ignore"]
-    linears = [t.name[: -len(".weight")] for t in memory.checkpoint(arch) if t.linear and quant.quantizes(
-        t.name[: -len(".weight")], t.cls)]
-    for module in linears:  # every Linear the estimate plans, experts one per expert, is written quantized
-        assert f"{module}.weight_scale" in header, module
-    assert sum(".experts." in module for module in linears) == 3 * EXPERTS * len(MOE_LAYERS)
-    if recipe != "fp8-static":  # the memory estimate counts exactly the bytes written (per-tensor scalars aside)
-        written = sum(info["data_offsets"][1] - info["data_offsets"][0] for info in header.values()
-                      if info["shape"] not in ([1], [2]))
-        assert memory.weight_bytes(arch, quant) == written
 
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_compressed_tensors_decompressor_gives_back_each_experts_rounded_source_values(llama4_repo, built, recipe):
-    from compressed_tensors.compressors import BaseCompressor
-    from compressed_tensors.quantization import QuantizationScheme
-    from safetensors.torch import load_file
-
-    folder, _ = built[recipe]
-    config = json.loads((folder / "config.json").read_text())["quantization_config"]
-    (group,) = config["config_groups"].values()
-    scheme = QuantizationScheme.model_validate(group)
-    compressor = BaseCompressor.load_from_registry(config["format"])
-    saved, source = load_file(folder / "model.safetensors"), source_weights(llama4_repo)
-    args = Recipe.of(json.loads((folder / "release.json").read_text())["quant"]).weights
-    for layer in MOE_LAYERS:
-        stem = f"model.layers.{layer}.feed_forward.experts"
-        split = {**experts.split(f"{stem}.gate_up_proj", source[f"{stem}.gate_up_proj"]),
-                 **experts.split(f"{stem}.down_proj", source[f"{stem}.down_proj"])}
-        assert len(split) == 3 * EXPERTS
-        for module, weight in split.items():
-            state = {name.removeprefix(module + "."): value for name, value in saved.items()
-                     if name.startswith(module + ".")}
-            decompressed = compressor.decompress(dict(state), scheme)["weight"].float()
-            scale = state["weight_scale"].float()
-            values = quantize.quantize_weight(weight, scale, args).float()  # the source's values, rounded
-            if recipe.endswith("-gptq"):  # GPTQ rounds otherwise (each expert had a Hessian): its integers
-                assert not torch.equal(unpacked(state["weight_packed"], weight.shape), values), module
-                values = unpacked(state["weight_packed"], weight.shape)
-            expanded = scale.repeat_interleave(args.group_size, dim=1) if args.strategy == "group" else scale
-            expected = (values * expanded).to(state["weight_scale"].dtype).float()
-            assert torch.equal(decompressed, expected), module
+    split = source_split(llama4_repo)
+    assert len(split) == 3 * EXPERTS * len(MOE_LAYERS)
+    rounded_source_values(built[recipe][0], recipe, split)
 
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
@@ -192,24 +109,13 @@ def test_transformers_loads_the_artifact_through_the_builders_loader_with_logits
     loaded = evaluate.load_model(folder)  # the builder's own loader: the same weights
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
     source = evaluate.load_model(llama4_repo.root / "weights" / "tiny-llama4")
-    with torch.no_grad():
-        expected, result = source(IDS).logits, loaded(IDS).logits
-    error = float((result - expected).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt())
-    cosine = float(torch.nn.functional.cosine_similarity(result.flatten(), expected.flatten(), dim=0))
-    assert 0 < error < RELATIVE_RMS[recipe] and cosine > 1 - RELATIVE_RMS[recipe] ** 2, (error, cosine)
+    logits_within_bounds(source, loaded, recipe)
     stem = "model.layers.1.feed_forward.experts"  # the experts are the artifact's, dequantized, not the source's
     for expert in range(EXPERTS):
         weight = loaded.get_parameter(f"{stem}.{expert}.gate_proj.weight")
         original = source.get_parameter(f"{stem}.gate_up_proj")[expert, :, :WIDTH].T
         difference = float((weight - original).detach().pow(2).mean().sqrt() / original.pow(2).mean().sqrt())
         assert 0 < difference < 0.3, (expert, difference)  # rounded, from this expert's own weights
-
-
-def unpacked(words: torch.Tensor, shape: tuple) -> torch.Tensor:
-    """The signed INT4 values of compressed-tensors' pack-quantized int32 words (eight a word, the first in
-    the lowest bits, each offset by 8), FP32 [rows, columns]."""
-    nibbles = torch.stack([(words >> (4 * index)) & 15 for index in range(8)], dim=-1).reshape(words.shape[0], -1)
-    return (nibbles[:, : shape[1]] - 8).float()
 
 
 def test_calibration_sees_each_experts_routed_tokens_scaled_by_their_score_as_a_full_forward_does(llama4_repo):
@@ -279,45 +185,12 @@ def test_calibration_sees_each_experts_routed_tokens_scaled_by_their_score_as_a_
 # - models/llama4.py l. 555-562: load_weights' per-expert mapping, fused_moe_make_expert_params_mapping(
 #   ckpt_gate_proj_name="gate_proj", ckpt_down_proj_name="down_proj", ckpt_up_proj_name="up_proj"); l. 464,
 #   load_moe_expert_weights: full_param_name = name.replace(weight_name, param_name), the suffix kept.
-# - layers/fused_moe/routed_experts.py l. 1197-1202 (param names) and l. 1251-1266 (checkpoint names):
-VLLM_WEIGHT_NAME = "experts.{expert}.{part}."             # (weight_name, l. 1255)
-VLLM_PARAM_NAME = {"gate_proj": "experts.routed_experts.w13_", "up_proj": "experts.routed_experts.w13_",
-                   "down_proj": "experts.routed_experts.w2_"}  # w1 gate, w3 up into w13; w2 down (l. 1261-1263)
-# - the MoE methods' parameters (quantization/compressed_tensors/compressed_tensors_moe/): W8A8 FP8
-#   (compressed_tensors_moe_w8a8_fp8.py l. 152/164 weight, 176-232 weight_scale, 245/251 input_scale) and
-#   WNA16 (compressed_tensors_moe_wna16.py l. 195/210 weight_packed, 294/310 weight_scale, 349/355 weight_shape)
-VLLM_PARAMETERS = {"fp8-dynamic": {"w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale"},
-                   "fp8-static": {"w13_weight", "w13_weight_scale", "w13_input_scale", "w2_weight",
-                                  "w2_weight_scale", "w2_input_scale"},
-                   "w4a16": {"w13_weight_packed", "w13_weight_scale", "w13_weight_shape", "w2_weight_packed",
-                             "w2_weight_scale", "w2_weight_shape"}}
-VLLM_PARAMETERS["w4a16-gptq"] = VLLM_PARAMETERS["w4a16"]
-# - quantization/compressed_tensors/compressed_tensors.py l. 221-232: the experts (RoutedExperts) take the
-#   scheme of target "Linear"; compressed_tensors_moe.py l. 36-59: checked on "{layer}.experts.0.{gate_proj,
-#   up_proj,down_proj}", one scheme for all three, unquantized when ignore names them.
-VLLM_EXPERT_TARGET = "Linear"
+# - layers/fused_moe/routed_experts.py l. 1197-1202 (param names) and l. 1251-1266 (checkpoint names): weight_name
+#   "experts.{expert}.{part}." (l. 1255), w1 gate and w3 up into w13_, w2 down (l. 1261-1263): split_experts.VLLM_*.
+# - the MoE methods' parameters and the experts' scheme: split_experts.VLLM_PARAMETERS, VLLM_EXPERT_TARGET.
 # - models/llama4.py l. 101-105: the router is a GateLinear built without quant_config (BF16, named in ignore).
 
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_expert_names_and_quantization_config_are_what_vllms_llama4_loader_reads(built, recipe):
-    from builder.release.recipe import matches
-
-    folder, _ = built[recipe]
-    header = read_header(folder / "model.safetensors")
-    config = json.loads((folder / "config.json").read_text())["quantization_config"]
-    (group,) = config["config_groups"].values()
-    assert VLLM_EXPERT_TARGET in group["targets"]
-    for layer in MOE_LAYERS:
-        block = f"model.layers.{layer}.feed_forward"
-        mapped = set()
-        for name in (n for n in header if n.startswith(f"{block}.experts.")):
-            expert, part = name.removeprefix(f"{block}.experts.").split(".")[:2]
-            weight_name = VLLM_WEIGHT_NAME.format(expert=expert, part=part)
-            assert int(expert) < EXPERTS and weight_name in name, name
-            mapped.add(name.replace(weight_name, VLLM_PARAM_NAME[part]).removeprefix(f"{block}.experts."
-                                                                                     "routed_experts."))
-        assert mapped == VLLM_PARAMETERS[recipe]
-        for part in ("gate_proj", "up_proj", "down_proj"):  # not ignored: vLLM would build them unquantized
-            assert not matches(f"{block}.experts.0.{part}", "Linear", config["ignore"])
-        assert f"{block}.router" in config["ignore"]
+    vllm_reads(built[recipe][0], recipe, [stem.removesuffix(".experts") for stem in STEMS], EXPERTS, ROUTERS)

@@ -5,7 +5,7 @@ quantization_config as compressed-tensors' own models dump it. FP4 weights (nvfp
 mxfp4-pack-quantized) are `weight_packed` U8, two E2M1 codes a byte, with `weight_scale` F8_E4M3 (NVFP4,
 plus F32 `weight_global_scale` and, with FP4 activations, `input_global_scale`) or U8 E8M0 exponents
 (MX); MXFP8 (mxfp8-quantized) is `weight` F8_E4M3 with U8 exponents. Experts the source keeps fused
-(Llama 4) are written one Linear per expert (formats/experts.py), each quantized as any Linear.
+(Llama 4, Granite 4) are written one Linear per expert (formats/experts.py), each quantized as any Linear.
 
     builder build smollm2-135m-instruct-fp8-dynamic
 """
@@ -50,8 +50,8 @@ def load(folder: Path, config: dict | None, decode=None):
     import torch
     from transformers.utils.quantization_config import CompressedTensorsConfig
 
-    with warnings.catch_warnings():  # passing dequantize=True over the checkpoint's config is the point
-        warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+    with warnings.catch_warnings(), experts.reading(config):  # split experts read back (Granite 4)
+        warnings.filterwarnings("ignore", message="You passed `quantization_config`")  # dequantize=True is the point
         model = dense.load(folder, config, quantization_config=CompressedTensorsConfig(dequantize=True))
     for tensor in [*model.parameters(), *model.buffers()]:
         if tensor.dtype in (torch.bfloat16, torch.float16):

@@ -96,7 +96,8 @@ def prepare_model_inputs(model, config, read, rows: torch.Tensor) -> None:
                                               requires_grad=False)
     if hasattr(embedding, "scalar_embed_scale"):  # Gemma's √hidden: a non-persistent buffer, lost on meta
         embedding.embed_scale = torch.tensor(embedding.scalar_embed_scale)
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)  # its inv_freq buffers, on CPU
+    if getattr(model.model, "rotary_emb", None) is not None:  # Granite 4's default has none (NoPE)
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=config)  # its inv_freq buffers, on CPU
 
 
 def materialize(module: torch.nn.Module, prefix: str, family, read, device=torch.device("cpu"),

@@ -6,10 +6,11 @@ vLLM's names), and why the others refuse quantizing recipes (the fact 'expert la
 
 FUSED_ON_DISK = {"Llama4ForCausalLM": "llama4_text", "GptOssForCausalLM": "gpt_oss",
                  "GraniteMoeHybridForCausalLM": "granitemoehybrid"}
-EXPERTS_SPLIT = ("Llama4ForCausalLM",)
-WHY = {"Llama4ForCausalLM": "the builder writes them one Linear per expert (vLLM's layout) for compressed-"
-       "tensors FP8 or weight-only integer weights per tensor, channel or group with minmax scales (round "
-       "to nearest or GPTQ); not for this recipe",
+EXPERTS_SPLIT = ("Llama4ForCausalLM", "GraniteMoeHybridForCausalLM")
+SPLIT_WHY = ("the builder writes them one Linear per expert (vLLM's layout) for compressed-tensors FP8 or "
+             "weight-only integer weights per tensor, channel or group with minmax scales (round to nearest or "
+             "GPTQ); not for this recipe")
+WHY = {"Llama4ForCausalLM": SPLIT_WHY, "GraniteMoeHybridForCausalLM": SPLIT_WHY,
        "GptOssForCausalLM": "vLLM 0.32 reads no compressed-tensors per-expert layout of gpt-oss (experts "
        "fused in BF16 or under its own parameter names only): its quantized release is the published MXFP4",
        None: "the builder quantizes one Linear per expert and knows no converter for this layout"}

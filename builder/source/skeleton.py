@@ -9,8 +9,9 @@ keep one 2-D weight per expert: the experts module is replaced by one nn.Linear 
 named as the converter names it on disk, computing exactly what transformers' eager experts forward
 computes (tests hold it equal), so that every expert is a Linear a recipe targets, a hook observes and
 GPTQ rounds. Nothing here is written per family (builder/release/families.py holds what cannot be derived),
-but for experts kept fused on disk that a quantized build splits (formats/experts.py: Llama 4, whose MoE
-block scales each expert's input by its router score): ScaledExperts, for calibration.
+but for experts kept fused on disk that a quantized build splits (formats/experts.py SPLIT): Experts too
+where the router weighs each expert's output (Granite 4), ScaledExperts where the MoE block scales each
+expert's input by its router score (Llama 4), for calibration.
 """
 
 import dataclasses
@@ -67,8 +68,8 @@ class ScaledExperts(nn.Module):
         super().__init__()
         count, hidden, double = block.experts.gate_up_proj.shape
         self.router, self.shared_expert, self.top_k = block.router, block.shared_expert, block.top_k
-        names = (*split_experts.PARTS["gate_up_proj"], *split_experts.PARTS["down_proj"])  # as written
-        self.experts = nn.ModuleList(Expert(hidden, double // 2, names, block.experts.act_fn) for _ in range(count))
+        self.experts = nn.ModuleList(Expert(hidden, double // 2, split_experts.NAMES, block.experts.act_fn)
+                                     for _ in range(count))  # named as written
 
     def forward(self, hidden_states):
         hidden_states = hidden_states.reshape(-1, hidden_states.shape[-1])
@@ -96,8 +97,9 @@ def build(config_dir: Path, attention=None, split: bool = False):
     family: the family's row (builder/release/families.py), or a row of defaults for any other
     decoder-only *ForCausalLM, with the checkpoint renamings derived from transformers; None for
     anything else (the caller refuses it).
-    split: experts kept fused on disk that a quantized build writes one Linear per expert (Llama 4) as
-    ScaledExperts, for calibration; without it they stay as the checkpoint holds them.
+    split: experts kept fused on disk that a quantized build writes one Linear per expert (formats/experts.py
+    SPLIT: Llama 4 as ScaledExperts, Granite 4 as Experts), for calibration; without it they stay as the
+    checkpoint holds them.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -113,9 +115,12 @@ def build(config_dir: Path, attention=None, split: bool = False):
             fused = getattr(getattr(layer, "mlp", None), "experts", None)
             if experts and unfusable(fused):
                 layer.mlp.experts = Experts(fused, experts)
-            block = getattr(layer, "feed_forward", None)
-            if split and type(getattr(block, "experts", None)).__name__ in split_experts.SPLIT:
-                layer.feed_forward = ScaledExperts(block)
+            for child, block in list(layer.named_children()) if split else ():
+                layout = split_experts.SPLIT.get(type(getattr(block, "experts", None)).__name__)
+                if layout is not None and layout.scaled_inputs:
+                    setattr(layer, child, ScaledExperts(block))
+                elif layout is not None:  # the plain fused layout (unfusable), outputs weighed by the router
+                    block.experts = Experts(block.experts, split_experts.NAMES)
             for name, module in layer.named_modules():
                 if name.endswith(family.unquantized) and type(module) is nn.Linear:
                     module.__class__ = KeptLinear

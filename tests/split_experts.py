@@ -1,0 +1,196 @@
+"""What tests/test_llama4_experts.py and tests/test_granite4_experts.py hold alike of a family whose experts
+are fused on disk and written one Linear per expert (builder/formats/experts.py): the recipes, the
+onboarding and double builds behind their fixtures, and the checks of the artifacts against the source,
+compressed-tensors' decompressor and the names vLLM's MoE loaders read."""
+
+import json
+
+import torch
+
+from builder import build
+from builder.formats import experts
+from builder.quant import quantize
+from builder.release import identity, memory
+from builder.release.recipe import Recipe, matches
+from builder.source import onboard
+from builder.tensorfile import read_header
+from conftest import Repo, release_text, save_byte_tokenizer
+
+CALIBRATION = "calibration:\n  samples: 4\n  sequence_length: 32\n"
+RECIPES = {"fp8-dynamic": "", "w4a16": "quant:\n  weights:\n    group_size: 32\n",
+           # no KV-cache scales: neither family has a row naming its k/v projections (the fact 'attention')
+           "fp8-static": CALIBRATION + "quant:\n  kv_cache_scheme: null\n",
+           "w4a16-gptq": CALIBRATION + "quant:\n  weights:\n    group_size: 32\n"}
+RELATIVE_RMS = {"fp8-dynamic": 0.15, "w4a16": 0.5, "fp8-static": 0.15, "w4a16-gptq": 0.6}  # tests/test_families.py's
+EVAL = "eval:\n  samples: 2\n  sequence_length: 32\n"
+IDS = torch.randint(1, 255, (2, 48), generator=torch.Generator().manual_seed(0))
+
+# What vLLM 0.32's MoE layers hold for each recipe once a per-expert name is mapped (the model's expert mapping
+# turns `experts.E.gate_proj.<suffix>` and `up_proj` into `experts.w13_<suffix>`, `down_proj` into `w2_`), the
+# MoE methods' parameters (quantization/compressed_tensors/compressed_tensors_moe/): W8A8 FP8
+# (compressed_tensors_moe_w8a8_fp8.py l. 152/164 weight, 176-232 weight_scale, 245/251 input_scale) and WNA16
+# (compressed_tensors_moe_wna16.py l. 195/210 weight_packed, 294/310 weight_scale, 349/355 weight_shape).
+VLLM_WEIGHT_NAME = "experts.{expert}.{part}."
+VLLM_PARAM_NAME = {"gate_proj": "experts.routed_experts.w13_", "up_proj": "experts.routed_experts.w13_",
+                   "down_proj": "experts.routed_experts.w2_"}  # w1 gate, w3 up into w13; w2 down
+VLLM_PARAMETERS = {"fp8-dynamic": {"w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale"},
+                   "fp8-static": {"w13_weight", "w13_weight_scale", "w13_input_scale", "w2_weight",
+                                  "w2_weight_scale", "w2_input_scale"},
+                   "w4a16": {"w13_weight_packed", "w13_weight_scale", "w13_weight_shape", "w2_weight_packed",
+                             "w2_weight_scale", "w2_weight_shape"}}
+VLLM_PARAMETERS["w4a16-gptq"] = VLLM_PARAMETERS["w4a16"]
+# quantization/compressed_tensors/compressed_tensors.py l. 221-232: the experts (RoutedExperts) take the scheme
+# of target "Linear"; compressed_tensors_moe.py l. 36-59: checked on "{layer}.experts.0.{gate_proj,up_proj,
+# down_proj}" (routed_experts.py l. 89: ckpt_gate_proj_name "gate_proj"), unquantized when ignore names them.
+VLLM_EXPERT_TARGET = "Linear"
+
+
+def random_model(model_type: str, config: dict, stems: list):
+    """A random model of model_type (transformers' config keys), BF16, in eval mode, with the fused experts at
+    stems drawn at the scale of the other Linears (whatever transformers' init does)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config)).to(torch.bfloat16)
+    with torch.no_grad():
+        for stem in stems:
+            fused = model.get_submodule(stem)
+            fused.gate_up_proj.normal_(0, 0.05)
+            fused.down_proj.normal_(0, 0.05)
+    return model.eval()
+
+
+def onboarded(base, name: str, model) -> Repo:
+    """A repository with model onboarded as `name` and one release of each recipe, measured at build."""
+    repo, download = Repo.fresh(base / "repo"), base / "downloads" / name
+    model.save_pretrained(download)
+    save_byte_tokenizer(download)
+    onboard.add_model(repo.root, name, download, log=lambda m: None)
+    for recipe, extra in RECIPES.items():
+        text = release_text(f"{name}-{recipe}", name, recipe, "vllm-h100")
+        groups = "  - override /eval: docstrings\n"  # the build measures its artifact (2 windows of 32 tokens)
+        if extra.startswith("calibration"):
+            groups += "  - override /calibration: licenses\n"
+        text = text.replace("\n\nrelease:", f"\n{groups}\nrelease:") + EVAL
+        (repo.root / "specs" / "release" / f"{name}-{recipe}.yaml").write_text(text + extra)
+    return repo
+
+
+def built_twice(repo: Repo, name: str, base) -> dict:
+    """recipe -> (artifact folder, content digest of a second build into another folder)."""
+    found = {}
+    for recipe in RECIPES:
+        build.build(repo.root, f"{name}-{recipe}", out=base / recipe, log=lambda m: None)
+        again = build.build(repo.root, f"{name}-{recipe}", out=base / f"{recipe}-again", log=lambda m: None)
+        found[recipe] = (base / recipe, again["content_digest"])
+    return found
+
+
+def quantized_per_expert(folder, again: str, recipe: str, stems: list, count: int, routers: list) -> None:
+    """The checks of a build: alike twice, measured, every expert of every stem (`{block}.experts`) quantized
+    under its per-expert names with no fused tensor left, routers BF16 and ignored, every Linear the estimate
+    plans quantized, and the estimate's bytes those written."""
+    assert json.loads((folder / "manifest.json").read_text())["content_digest"] == again
+    measured = json.loads((folder / "eval.json").read_text())  # the build's own quality check ran and passed
+    assert measured["gate"]["passed"] and measured["perplexity"]["artifact"] != measured["perplexity"]["source"]
+    header = read_header(folder / "model.safetensors")
+    assert not [name for name, info in header.items() if experts.fused(name, tuple(info["shape"]))]
+    spec = json.loads((folder / "release.json").read_text())
+    arch, quant = spec["model"]["architecture"], Recipe.of(spec["quant"])
+    assert "experts.split" in identity.parts(spec)  # the part that splits them is in the release's id
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    for stem in stems:
+        for expert in range(count):
+            for part in experts.NAMES:
+                module = f"{stem}.{expert}.{part}"
+                stored = header[f"{module}.weight_packed" if quant.packed else f"{module}.weight"]
+                assert stored["dtype"] == ("I32" if quant.packed else "F8_E4M3"), module
+                assert f"{module}.weight_scale" in header
+    for router in routers:
+        assert header[f"{router}.weight"]["dtype"] == "BF16"  # the router stays in BF16 and is ignored
+        assert router in config["ignore"]
+    linears = [t.name[: -len(".weight")] for t in memory.checkpoint(arch) if t.linear and quant.quantizes(
+        t.name[: -len(".weight")], t.cls)]
+    for module in linears:  # every Linear the estimate plans, experts one per expert, is written quantized
+        assert f"{module}.weight_scale" in header, module
+    assert sum(".experts." in module for module in linears) == 3 * count * len(stems)
+    if recipe != "fp8-static":  # the memory estimate counts exactly the bytes written (per-tensor scalars aside)
+        written = sum(info["data_offsets"][1] - info["data_offsets"][0] for info in header.values()
+                      if info["shape"] not in ([1], [2]))
+        assert memory.weight_bytes(arch, quant) == written
+
+
+def decompressed(folder) -> dict:
+    """{module: (weight as compressed-tensors' decompressor gives it back, the module's tensors)} of every
+    per-expert Linear of an artifact."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+    from safetensors.torch import load_file
+
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    (group,) = config["config_groups"].values()
+    scheme = QuantizationScheme.model_validate(group)
+    compressor = BaseCompressor.load_from_registry(config["format"])
+    saved, found = load_file(folder / "model.safetensors"), {}
+    for module in {name.rsplit(".", 1)[0] for name in saved if ".experts." in name}:
+        state = {name.removeprefix(module + "."): value for name, value in saved.items()
+                 if name.startswith(module + ".")}
+        found[module] = (compressor.decompress(dict(state), scheme)["weight"], state)
+    return found
+
+
+def rounded_source_values(folder, recipe: str, split: dict) -> None:
+    """Each expert's decompressed weight is its source weight (split: {module: weight}) rounded with the
+    artifact's scale (GPTQ: the integers it chose, which differ from rounding to nearest)."""
+    found = decompressed(folder)
+    args = Recipe.of(json.loads((folder / "release.json").read_text())["quant"]).weights
+    assert set(split) <= set(found)
+    for module, weight in split.items():
+        values, state = found[module]
+        scale = state["weight_scale"].float()
+        rounded = quantize.quantize_weight(weight, scale, args).float()
+        if recipe.endswith("-gptq"):  # GPTQ rounds otherwise (each expert had a Hessian): its integers
+            assert not torch.equal(unpacked(state["weight_packed"], weight.shape), rounded), module
+            rounded = unpacked(state["weight_packed"], weight.shape)
+        expanded = scale.repeat_interleave(args.group_size, dim=1) if args.strategy == "group" else scale
+        expected = (rounded * expanded).to(state["weight_scale"].dtype).float()
+        assert torch.equal(values.float(), expected), module
+
+
+def unpacked(words: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """The signed INT4 values of compressed-tensors' pack-quantized int32 words (eight a word, the first in
+    the lowest bits, each offset by 8), FP32 [rows, columns]."""
+    nibbles = torch.stack([(words >> (4 * index)) & 15 for index in range(8)], dim=-1).reshape(words.shape[0], -1)
+    return (nibbles[:, : shape[1]] - 8).float()
+
+
+def logits_within_bounds(source, loaded, recipe: str) -> float:
+    """The loaded artifact's logits against the source's on IDS: relative RMS error and cosine within the
+    bounds every family is held to; returns the error."""
+    with torch.no_grad():
+        expected, result = source(IDS).logits, loaded(IDS).logits
+    error = float((result - expected).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt())
+    cosine = float(torch.nn.functional.cosine_similarity(result.flatten(), expected.flatten(), dim=0))
+    assert 0 < error < RELATIVE_RMS[recipe] and cosine > 1 - RELATIVE_RMS[recipe] ** 2, (error, cosine)
+    return error
+
+
+def vllm_reads(folder, recipe: str, blocks: list, count: int, routers: list) -> None:
+    """The per-expert names of each MoE block map onto exactly the parameters vLLM's MoE method holds for the
+    recipe; the experts take the scheme of target Linear and are not ignored; the routers are."""
+    header = read_header(folder / "model.safetensors")
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    (group,) = config["config_groups"].values()
+    assert VLLM_EXPERT_TARGET in group["targets"]
+    for block in blocks:
+        mapped = set()
+        for name in (n for n in header if n.startswith(f"{block}.experts.")):
+            expert, part = name.removeprefix(f"{block}.experts.").split(".")[:2]
+            weight_name = VLLM_WEIGHT_NAME.format(expert=expert, part=part)
+            assert int(expert) < count and weight_name in name, name
+            mapped.add(name.replace(weight_name, VLLM_PARAM_NAME[part]).removeprefix(f"{block}.experts."
+                                                                                     "routed_experts."))
+        assert mapped == VLLM_PARAMETERS[recipe]
+        for part in experts.NAMES:  # not ignored: vLLM would build them unquantized
+            assert not matches(f"{block}.experts.0.{part}", "Linear", config["ignore"])
+    assert set(routers) <= set(config["ignore"])
