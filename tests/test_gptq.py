@@ -139,25 +139,3 @@ def test_batches_kept_while_fewer_than_their_features_sum_to_the_bits_of_the_run
         states.append(isinstance(kept, gptq.Inputs))
         assert torch.equal(gptq.summed(kept), running)
     assert states == [True, True, False, False]  # 20, 40 tokens kept; 70 > 48 features: summed from then on
-
-
-CHANNEL_FP8 = {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False,
-               "group_size": None}
-NVFP4 = {"num_bits": 4, "type": "float", "strategy": "tensor_group", "symmetric": True, "dynamic": False,
-         "group_size": 16}
-
-
-@pytest.mark.parametrize("weights", [GROUP, CHANNEL_FP8, NVFP4], ids=["int4-group", "fp8-channel", "nvfp4"])
-@pytest.mark.parametrize("rows, columns, block", [(77, 96, 8), (515, 384, 128)])
-def test_rows_rounded_in_bands_on_two_threads_give_the_bits_of_one_band(monkeypatch, weights, rows, columns, block):
-    """The column loop splits the rows into bands run side by side on CPU: every value, scale and code
-    is what the loop over the whole weight on one band gives (odd row counts, blocks of 128 included)."""
-    recipe = recipe_of(weights, actorder="static", block=block)
-    weight = torch.randn(rows, columns, generator=torch.Generator().manual_seed(1)) * 0.02
-    hessian = lopsided_hessian(columns, dead=(3,))
-    threads = torch.get_num_threads()
-    banded = gptq.quantize(weight, hessian, recipe, "w")
-    assert torch.get_num_threads() == threads  # the bands' one-thread setting does not outlive them
-    monkeypatch.setattr(gptq, "ROW_PARTS", 1)  # the whole weight in one loop, on torch's threads
-    whole = gptq.quantize(weight, hessian, recipe, "w")
-    assert len(banded) == len(whole) and all(torch.equal(a, b) for a, b in zip(banded, whole))

@@ -8,7 +8,6 @@ layer by layer (builder/spill.py).
     found["gptq"][module] -> (values, scale)      (NVFP4: (E2M1 codes, FP8 group scales, FP32 global scale))
 """
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -95,52 +94,31 @@ def round_weight(weight: torch.Tensor, factor: Factor, recipe: Recipe,
 def column_loop(weight: torch.Tensor, inverse: torch.Tensor, order: torch.Tensor, steps_of, args: Args,
                 block: int) -> None:
     """GPTQ's blocked column loop, in place on the FP32 weight (columns in order), with the upper
-    factor U of the permuted inverse Hessian; steps_of (column_steps) gives the columns' scales.
-
-    Rows are rounded independently, so on CPU they are split into ROW_PARTS bands, each on its own
-    thread with torch on one thread: a column's few MB of elementwise work (too little for torch's
-    fork-joins) use both cores; each band gives the bits of the whole (tests/test_gptq.py)."""
-    rows = weight.shape[0]
-    if weight.device.type != "cpu" or ROW_PARTS < 2 or rows < ROW_PARTS:
-        return column_band(weight, inverse, order, steps_of, args, block)
-    bands = [(rows * part // ROW_PARTS, rows * (part + 1) // ROW_PARTS) for part in range(ROW_PARTS)]
-    threads = torch.get_num_threads()
-
-    def band(bounds: tuple) -> None:
-        torch.set_num_threads(1)  # this thread's own kernels run inline: no nested fork-join
-        first, last = bounds
-        column_band(weight[first:last], inverse, order, lambda index: steps_of(index)[:, first:last], args, block)
-
-    try:
-        with ThreadPoolExecutor(ROW_PARTS) as pool:
-            list(pool.map(band, bands))  # list: a band's exception is raised here
-    finally:
-        torch.set_num_threads(threads)
-
-
-ROW_PARTS = 2  # bands column_loop runs side by side on CPU: one per core a build pins (determinism.TORCH_THREADS)
-
-
-def column_band(weight: torch.Tensor, inverse: torch.Tensor, order: torch.Tensor, steps_of, args: Args,
-                block: int) -> None:
-    """The column loop on a band of rows (a view of the weight, updated in place)."""
+    factor U of the permuted inverse Hessian; steps_of (column_steps) gives the columns' scales."""
     q_min, q_max = args.value_range
     columns = weight.shape[1]
+    single = weight.device.type == "cpu"
+    threads = torch.get_num_threads()
     for start in range(0, columns, block):
         end = min(start + block, columns)
         # the block's columns as contiguous rows (and its scales): each step reads and updates
         # contiguous memory; the same values meet the same operations, so the bytes are unchanged
-        chunk, steps = weight[:, start:end].T.contiguous(), steps_of(order[start:end]).contiguous()
+        chunk, steps = weight[:, start:end].T.contiguous(), steps_of(order[start:end])
         errors, local, product = torch.zeros_like(chunk), inverse[start:end, start:end], torch.empty_like(chunk)
-        for i in range(end - start):
-            column, step = chunk[i], steps[i]
-            rounded = round_column(column, step, args, q_min, q_max)
-            error = (column - rounded) / local[i, i]
-            update = product[: end - start - i]
-            torch.mul(local[i, i:].unsqueeze(1), error.unsqueeze(0), out=update)
-            chunk[i:] -= update
-            chunk[i] = rounded
-            errors[i] = error
+        if single:  # elementwise work on a few MB: one thread, no fork-join per column (same bytes)
+            torch.set_num_threads(1)
+        try:
+            for i in range(end - start):
+                column, step = chunk[i], steps[i]
+                rounded = round_column(column, step, args, q_min, q_max)
+                error = (column - rounded) / local[i, i]
+                update = product[: end - start - i]
+                torch.mul(local[i, i:].unsqueeze(1), error.unsqueeze(0), out=update)
+                chunk[i:] -= update
+                chunk[i] = rounded
+                errors[i] = error
+        finally:
+            torch.set_num_threads(threads)
         weight[:, start:end] = chunk.T
         del chunk, product
         # in place (beta 1, alpha -1): each value minus the same product, no [rows, columns] temporary
