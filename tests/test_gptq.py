@@ -11,6 +11,10 @@ from builder.release.recipe import Recipe
 BASE = {"format": "compressed-tensors", "dtype": "bfloat16", "algorithm": "gptq", "targets": ["Linear"],
         "ignore": [], "input_activations": None, "kv_cache_scheme": None}
 GROUP = {"num_bits": 4, "type": "int", "strategy": "group", "symmetric": True, "dynamic": False, "group_size": 16}
+CHANNEL_FP8 = {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False,
+               "group_size": None}
+CHANNEL_INT8 = {**CHANNEL_FP8, "type": "int"}
+TENSOR_FP8 = {**CHANNEL_FP8, "strategy": "tensor"}  # one scale per Linear, whatever it shares
 
 
 def recipe_of(weights=GROUP, actorder="static", block=8):
@@ -97,7 +101,8 @@ def test_dequantize_scales_each_value_once_as_a_full_scale_matrix_would(weights)
     assert torch.equal(gptq.dequantize(values, scale, recipe.weights), values.float() * full)
 
 
-def test_linears_reading_one_input_share_one_factor_and_each_gets_what_it_would_get_alone():
+@pytest.mark.parametrize("weights", [GROUP, CHANNEL_FP8, TENSOR_FP8], ids=["int4-group", "fp8-channel", "fp8-tensor"])
+def test_linears_reading_one_input_share_one_factor_and_each_gets_what_it_would_get_alone(weights):
     """q and k read the same input (one Hessian entry), o its own: finish rounds each as quantize
     would on copies, frees every Hessian, and the layer then computes with the rounded weights
     (made from the integers as each Linear runs: the Linear keeps no FP32 weight of its own)."""
@@ -111,7 +116,7 @@ def test_linears_reading_one_input_share_one_factor_and_each_gets_what_it_would_
         linears["q"](x), linears["k"](x), linears["o"](torch.randn(5, 32))
 
     layer = Layer(0, "model.layers.0.", module, None, dict(linears), run, print)
-    recipe = recipe_of()
+    recipe = recipe_of(weights)
     sums = shared_sums(layer, gptq.add_outer)
     layer.run(False)
     layer.unhook()
@@ -140,10 +145,6 @@ def test_batches_kept_while_fewer_than_their_features_sum_to_the_bits_of_the_run
         assert torch.equal(gptq.summed(kept), running)
     assert states == [True, True, False, False]  # 20, 40 tokens kept; 70 > 48 features: summed from then on
 
-
-CHANNEL_FP8 = {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False,
-               "group_size": None}
-CHANNEL_INT8 = {**CHANNEL_FP8, "type": "int"}
 
 
 @pytest.mark.parametrize("actorder", ["static", None])
