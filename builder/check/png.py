@@ -32,10 +32,10 @@ def render(models: list, metrics: tuple) -> tuple:
     return files, None
 
 
-# Where a label may sit beside its point (points right, up; alignment), tried in order: the first that
+# Where a label may sit beside its point (points right, up; alignment), nearest first: the first that
 # overlaps no label already placed is taken (the last one otherwise).
-PLACES = ((6, 6, "left", "bottom"), (6, -6, "left", "top"), (-6, 6, "right", "bottom"), (-6, -6, "right", "top"),
-          (6, 16, "left", "bottom"), (6, -16, "left", "top"), (-6, 16, "right", "bottom"), (-6, -16, "right", "top"))
+PLACES = tuple((dx, dy * up, across, "bottom" if up > 0 else "top") for dy in (6, 16, 26, 36) for up in (1, -1)
+               for dx, across in ((6, "left"), (-6, "right")))
 
 
 def label(figure, axes, points: list) -> list:
