@@ -8,7 +8,7 @@ except ModuleNotFoundError as error:  # `python` is not the environment the READ
     from builder.console import missing_package
 
     verb = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), "")
-    print(missing_package(verb, error).replace("builder : ", "builder: "), file=sys.stderr)
+    print(missing_package(verb, error), file=sys.stderr)
     sys.exit(2)
 
 sys.exit(main())

@@ -67,5 +67,6 @@ def built(result: dict, serve_command: str | None) -> str:
 
 def missing_package(verb: str, error: ModuleNotFoundError) -> str:
     """The one line for a Python that lacks a package the builder imports (run outside its environment)."""
-    return (f"builder {verb}: error: this Python ({sys.executable}) cannot import {error.name!r}, which the builder "
-            "needs; run it in the environment the README's install command made (pip install -e .)")
+    return (f"{' '.join(('builder', verb)).strip()}: error: this Python ({sys.executable}) cannot import "
+            f"{error.name!r}, which the builder needs; run it in the environment the README's install command made "
+            "(pip install -e .)")

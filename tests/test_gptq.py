@@ -13,7 +13,6 @@ BASE = {"format": "compressed-tensors", "dtype": "bfloat16", "algorithm": "gptq"
 GROUP = {"num_bits": 4, "type": "int", "strategy": "group", "symmetric": True, "dynamic": False, "group_size": 16}
 CHANNEL_FP8 = {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False,
                "group_size": None}
-CHANNEL_INT8 = {**CHANNEL_FP8, "type": "int"}
 TENSOR_FP8 = {**CHANNEL_FP8, "strategy": "tensor"}  # one scale per Linear, whatever it shares
 
 
@@ -144,31 +143,3 @@ def test_batches_kept_while_fewer_than_their_features_sum_to_the_bits_of_the_run
         states.append(isinstance(kept, gptq.Inputs))
         assert torch.equal(gptq.summed(kept), running)
     assert states == [True, True, False, False]  # 20, 40 tokens kept; 70 > 48 features: summed from then on
-
-
-
-@pytest.mark.parametrize("actorder", ["static", None])
-@pytest.mark.parametrize("weights", [GROUP, CHANNEL_FP8, CHANNEL_INT8], ids=["int4-group", "fp8-channel", "int8-channel"])
-def test_the_codes_are_the_grid_points_the_column_loop_chose_exactly_as_quantizing_its_rounded_values_gives(
-        weights, actorder):
-    """GPTQ's integers / E4M3 values come straight from the grid points the column loop picked: the bits
-    quantize_weight gives on the loop's rounded values (grid point x scale) in storage order."""
-    from builder.quant.quantize import quantize_weight
-
-    recipe = recipe_of(weights, actorder=actorder, block=32)
-    weight = torch.randn(77, 96, generator=torch.Generator().manual_seed(2)) * 0.02
-    hessian = lopsided_hessian()
-    values, scale = gptq.quantize(weight, hessian, recipe, "w")
-
-    factor = gptq.factorise(hessian.clone(), recipe.gptq, "w")
-    rounded = weight.clone()
-    steps_of = gptq.column_steps(scale.to(torch.float32), recipe.weights, rounded.shape[0])
-    if actorder:
-        gptq.permute_columns_(rounded, factor.order)
-    rounded[:, factor.dead] = 0
-    gptq.column_loop(rounded, factor.inverse, factor.order, steps_of, recipe.weights, 32)
-    if actorder:
-        gptq.permute_columns_(rounded, torch.argsort(factor.order))
-    expected = quantize_weight(rounded, scale.to(torch.float32), recipe.weights)
-    assert values.dtype == expected.dtype and torch.equal(values.view(torch.int8), expected.view(torch.int8))
-    assert len(values.view(torch.int8).unique()) > 3  # a real spread of grid points, not all zeros

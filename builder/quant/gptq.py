@@ -14,7 +14,7 @@ import torch
 
 from builder.errors import BuilderError, Problem
 from builder.quant import fp4, layerwise, observe
-from builder.quant.quantize import FP8, fused, quantized_dtype, scale_format
+from builder.quant.quantize import FP8, fused, quantize_weight, scale_format
 from builder.quant.step import Layer, Step, means, shared_sums
 from builder.release.recipe import Args, Recipe
 
@@ -82,26 +82,19 @@ def round_weight(weight: torch.Tensor, factor: Factor, recipe: Recipe,
     if recipe.gptq.actorder is not None:
         permute_columns_(weight, order)
     weight[:, factor.dead] = 0
-    column_loop(weight, factor.inverse, order, steps_of, args, block, grid=not fp4_groups)
+    column_loop(weight, factor.inverse, order, steps_of, args, block)
     del factor  # given the last reference (finish pops it), the Hessian's memory goes before the integers are made
-    back = torch.argsort(order) if recipe.gptq.actorder is not None else None  # to storage order: scales unchanged
+    if recipe.gptq.actorder is not None:
+        permute_columns_(weight, torch.argsort(order))  # back to storage order: scales and layout are unchanged
     if fp4_groups:  # each value is an E2M1 value times its step already: the codes are those values'
-        if back is not None:
-            permute_columns_(weight, back)
         return fp4.quantize_weight(weight, scale, global_scale, args.group_size), scale, global_scale
-    # the weight holds each value's grid point (an integer or an E4M3 value, in FP32): the cast is exact,
-    # and gives the bits quantize_weight(rounded, scale) gives, as round((q x s) / s) is q (tests/test_gptq.py)
-    values = weight.to(quantized_dtype(args))
-    if back is not None:
-        permute_columns_(values, back)  # one byte a value, in place
-    return values, scale
+    return quantize_weight(weight, scale.to(torch.float32), args), scale
 
 
 def column_loop(weight: torch.Tensor, inverse: torch.Tensor, order: torch.Tensor, steps_of, args: Args,
-                block: int, grid: bool = False) -> None:
+                block: int) -> None:
     """GPTQ's blocked column loop, in place on the FP32 weight (columns in order), with the upper
-    factor U of the permuted inverse Hessian; steps_of (column_steps) gives the columns' scales. Each
-    rounded column is left as its values (grid point x scale) or, with grid, as its grid points."""
+    factor U of the permuted inverse Hessian; steps_of (column_steps) gives the columns' scales."""
     q_min, q_max = args.value_range
     columns = weight.shape[1]
     single = weight.device.type == "cpu"
@@ -117,13 +110,12 @@ def column_loop(weight: torch.Tensor, inverse: torch.Tensor, order: torch.Tensor
         try:
             for i in range(end - start):
                 column, step = chunk[i], steps[i]
-                points = grid_points(column, step, args, q_min, q_max)
-                rounded = points * step
+                rounded = round_column(column, step, args, q_min, q_max)
                 error = (column - rounded) / local[i, i]
                 update = product[: end - start - i]
                 torch.mul(local[i, i:].unsqueeze(1), error.unsqueeze(0), out=update)
                 chunk[i:] -= update
-                chunk[i] = points if grid else rounded
+                chunk[i] = rounded
                 errors[i] = error
         finally:
             torch.set_num_threads(threads)
@@ -168,15 +160,15 @@ def permute_(square: torch.Tensor, order: torch.Tensor) -> None:
         done[position] = True
 
 
-def grid_points(column: torch.Tensor, step: torch.Tensor, args: Args, q_min: float, q_max: float) -> torch.Tensor:
-    """One column's nearest grid points (FP32; times step, its rounded values): integers round half to
-    even; FP8 clamps to ±448 and casts to E4M3 (round to nearest even); FP4 clamps to ±6 and rounds to
-    E2M1 (builder/quant/fp4.py), as the artifact's values are made."""
+def round_column(column: torch.Tensor, step: torch.Tensor, args: Args, q_min: float, q_max: float) -> torch.Tensor:
+    """One column rounded to the grid and scaled back (FP32): integers round half to even; FP8
+    clamps to ±448 and casts to E4M3 (round to nearest even); FP4 clamps to ±6 and rounds to E2M1
+    (builder/quant/fp4.py), as the artifact's values are made."""
     if args.type == "float" and args.num_bits == 4:
-        return fp4.rounded(column / step)
+        return fp4.rounded(column / step) * step
     if args.type == "float":
-        return (column / step).clamp(q_min, q_max).to(FP8).to(torch.float32)
-    return torch.round(column / step).clamp(q_min, q_max)
+        return (column / step).clamp(q_min, q_max).to(FP8).to(torch.float32) * step
+    return torch.round(column / step).clamp(q_min, q_max) * step
 
 
 def column_order(hessian: torch.Tensor, actorder: str | None) -> torch.Tensor:
