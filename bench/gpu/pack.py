@@ -42,6 +42,7 @@ ABSENT = ("hydra-core", "omegaconf", "antlr4-python3-runtime", "jsonschema", "js
 OPTIONAL = {"pydot": "torch.fx's graph drawer, imported when installed",
             "colorama": "torch._inductor's terminal colours, imported when installed",
             "protobuf": "accelerate checks whether it is installed",
+            "pillow": "transformers' image utilities, imported when installed (the test extra's matplotlib brings it)",
             # the tasks extra's dependencies: transformers imports scikit-learn (and these with it) whenever it is
             # installed; the kit's releases name no tasks and never call them
             **dict.fromkeys(("scikit-learn", "scipy", "joblib", "threadpoolctl", "narwhals", "pyarrow", "cloudpickle",
