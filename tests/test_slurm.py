@@ -68,6 +68,12 @@ def sacct_state(job_id: str, final: str = "COMPLETED", seconds: float = 30) -> s
         time.sleep(1)
 
 
+def slurm_conf() -> str:
+    """The running cluster's slurm.conf (scontrol's SLURM_CONF)."""
+    shown = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True).stdout
+    return re.search(r"^SLURM_CONF\s*=\s*(\S+)", shown, re.MULTILINE).group(1)
+
+
 def job_ids(stderr: str) -> dict:
     """{release: job id} from build-many's "submitted ...: RELEASE ID, RELEASE ID" lines."""
     pairs = [pair.split() for line in stderr.splitlines() if line.startswith("submitted ")
@@ -126,15 +132,24 @@ def test_a_request_no_node_can_hold_is_refused_with_exit_2_before_submitting(rep
 
 def test_a_cluster_whose_accounting_does_not_answer_is_refused_before_submitting(repo, cluster, tmp_path):
     # the same cluster, its accounting daemon looked for on a port where none listens
-    config = re.search(r"^SLURM_CONF\s*=\s*(\S+)", subprocess.run(["scontrol", "show", "config"], capture_output=True,
-                                                                  text=True).stdout, re.MULTILINE).group(1)
-    text = re.sub(r"^AccountingStoragePort=.*\n", "", open(config).read(), flags=re.MULTILINE)
+    text = re.sub(r"^AccountingStoragePort=.*\n", "", open(slurm_conf()).read(), flags=re.MULTILINE)
     (tmp_path / "slurm.conf").write_text(text + "AccountingStoragePort=9\n")
     repo.add_model("tiny-llama")
     refused = repo.run("build-many", "tiny-llama-bf16", "--launcher", "slurm",
                        env={"SLURM_CONF": str(tmp_path / "slurm.conf")}, check=2)
     assert "slurm: accounting does not answer" in refused.stderr and "waited for forever" in refused.stderr
     assert not (repo.root / ".fanout").exists()
+
+
+def test_a_job_counts_as_gone_only_when_the_controller_says_it_knows_no_such_job(cluster, tmp_path, monkeypatch):
+    # a wait ends without a result only for a job the scheduler no longer knows: an id it never had is
+    # not listed; the same question to a controller that does not answer (a port where none listens,
+    # as during a restart) is no evidence, and a wait through a restart goes on
+    assert not fanout.queued("999999")
+    (tmp_path / "slurm.conf").write_text(re.sub(r"^SlurmctldPort=.*\n", "", open(slurm_conf()).read(),
+                                                flags=re.MULTILINE) + "SlurmctldPort=9\n")
+    monkeypatch.setenv("SLURM_CONF", str(tmp_path / "slurm.conf"))
+    assert fanout.queued("999999")
 
 
 def test_stale_releases_built_on_the_cluster_are_recorded_in_dvc_lock_as_dvc_repro_does(pipeline, cluster):

@@ -286,12 +286,16 @@ def wait(submitted):
 
 
 def queued(job_id: str) -> bool:
-    """Whether squeue lists the job (pending, running or ending); an unknown id is not listed."""
+    """Whether squeue lists the job (pending, running or ending). Only the controller's own answer
+    that it knows no such job means it is not listed: a controller that does not answer (restarting,
+    unreachable: squeue fails too) is no evidence that the job is gone."""
     try:
         listed = subprocess.run(["squeue", "-h", "-o", "%i", "-j", job_id], capture_output=True, text=True,
                                 timeout=COMMAND_SECONDS)
     except (OSError, subprocess.TimeoutExpired):
-        return True  # the scheduler does not answer: not evidence that the job is gone
+        return True
+    if listed.returncode:
+        return "invalid job id" not in listed.stderr.lower()
     return bool(listed.stdout.strip())
 
 
