@@ -1,12 +1,12 @@
-"""GPTQ's factor of the inverse Hessian: the classic formula (Cholesky, torch.cholesky_inverse, an upper
-Cholesky; llm-compressor's and the builder's before gptq 3) against the builder's (one Cholesky of the
-reversed Hessian and a blocked triangular inverse, in the Hessian's memory), on seeded Hessians of the
+"""GPTQ's factor: the classic one of the inverse Hessian (Cholesky, torch.cholesky_inverse, an upper Cholesky;
+llm-compressor's and the builder's before gptq 3) against the builder's (gptq 4: R with H = R Rᵀ, one Cholesky
+of the reversed Hessian in its own memory; the column loop needs no inverse), on seeded Hessians of the
 Linear input widths of bench/memory_scale.py's synthetic models. Same process, one after the other.
 
     python bench/gptq_factor.py [--sizes 2048,5504,4096,11008] [--rounds 1]
 
-Printed per size: seconds of each (wall and CPU of this process), their ratio, the largest difference
-relative to the classic factor's largest value, and the extra peak RSS each took over the Hessian.
+Printed per size: seconds of each (wall and CPU of this process), their ratio, how far R Rᵀ is from H
+(largest difference relative to H's largest value), and the extra peak RSS each took over the Hessian.
 """
 
 import argparse
@@ -58,7 +58,7 @@ def classic(h: torch.Tensor) -> torch.Tensor:
 
 
 def builder(h: torch.Tensor) -> torch.Tensor:
-    return gptq.inverse_hessian(h, 0.01, "bench")
+    return gptq.upper_root(h, 0.01, "bench")
 
 
 def main() -> None:
@@ -66,17 +66,19 @@ def main() -> None:
     parser.add_argument("--sizes", default="2048,5504,4096,11008")
     parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
-    print("| columns | classic s (CPU) | builder s (CPU) | builder / classic | max rel. difference | "
+    print("| columns | classic s (CPU) | builder s (CPU) | builder / classic | R Rᵀ - H: largest / H's largest | "
           "extra peak MB: classic / builder |\n|---:|---:|---:|---:|---:|---:|", flush=True)
     for size in (int(value) for value in args.sizes.split(",")):
         for _ in range(args.rounds):
             h = hessian(size)
+            reference = h.clone()
             expected, c_wall, c_cpu, c_peak = timed(classic, h.clone())
+            del expected
             found, b_wall, b_cpu, b_peak = timed(builder, h)  # consumed: computed in its memory
-            difference = float((found - expected).abs().max() / expected.abs().max())
+            difference = float((found @ found.T - reference).abs().max() / reference.abs().max())
             print(f"| {size} | {c_wall:.2f} ({c_cpu:.1f}) | {b_wall:.2f} ({b_cpu:.1f}) | {b_wall / c_wall:.2f}x | "
                   f"{difference:.1e} | {c_peak:.0f} / {b_peak:.0f} |", flush=True)
-            del h, expected, found
+            del h, reference, found
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ def recipe(actorder, observer="minmax", dampening=0.01) -> Recipe:
 def per_group_scales(weight, hessian, settings, global_scale):
     """GPTQ in storage order with each group's FP8 scale taken from the updated weights when the loop reaches it."""
     factor = gptq.factorise(hessian.clone(), settings.gptq, "variant")
-    work, inverse = weight.clone(), factor.inverse
+    work = weight.clone()
+    inverse = torch.linalg.solve_triangular(factor.root, torch.eye(len(factor.root)), upper=True)  # U = R⁻¹
     work[:, factor.dead] = 0
     columns = work.shape[1]
     scales = torch.empty(work.shape[0], columns // 16, dtype=fp4.FP8)

@@ -1,8 +1,9 @@
 """GPTQ (Frantar et al., 2022) as two calibration steps: each targeted Linear's input second moments
 (HESSIAN: sum of x xᵀ, also read by AWQ), then each Linear rounded column by column with the error
-compensated on the columns not yet rounded (GPTQ), the layer run again on its rounded weights so the
-next layer sees quantized outputs. Deterministic, FP32, on the weight's device; results spilled to disk
-layer by layer (builder/spill.py).
+compensated on the columns not yet rounded (GPTQ, computed from the Cholesky factor of the Hessian
+itself, as Babai's nearest-plane algorithm: no inverse), the layer run again on its rounded weights so
+the next layer sees quantized outputs. Deterministic, FP32, on the weight's device; results spilled to
+disk layer by layer (builder/spill.py).
 
     values, scale = gptq.quantize(weight, hessian, Recipe.of(spec["quant"]))
     found["gptq"][module] -> (values, scale)      (NVFP4: (E2M1 codes, FP8 group scales, FP32 global scale))
@@ -14,7 +15,7 @@ import torch
 
 from builder.errors import BuilderError, Problem
 from builder.quant import fp4, layerwise, observe
-from builder.quant.quantize import FP8, fused, quantize_weight, scale_format
+from builder.quant.quantize import FP8, fused, quantized_dtype, scale_format
 from builder.quant.step import Layer, Step, means, shared_sums
 from builder.release.recipe import Args, Recipe
 
@@ -37,18 +38,18 @@ def quantize(weight: torch.Tensor, hessian: torch.Tensor, recipe: Recipe, module
 @dataclass(frozen=True)
 class Factor:
     """What GPTQ needs of a Hessian, shared by the Linears that read the same input: the order columns
-    are rounded in, the inputs never seen (in that order), and the upper Cholesky factor of the
-    dampened inverse Hessian (permuted), held in the Hessian's own memory."""
+    are rounded in, the inputs never seen (in that order), and R, the upper triangular factor of the
+    dampened Hessian (permuted): H = R Rᵀ, held in the Hessian's own memory."""
 
     order: torch.Tensor
     dead: torch.Tensor
-    inverse: torch.Tensor
+    root: torch.Tensor
 
 
 def factorise(hessian: torch.Tensor, settings, module: str) -> Factor:
     """The Factor of a Hessian (FP32, [columns, columns]), computed in its memory: the Hessian is
-    consumed. The same values meet the same operations as H[order][:, order], then cholesky,
-    cholesky_inverse and an upper cholesky on fresh tensors would: only no copy is made."""
+    consumed. The same values meet the same operations as H[order][:, order], dampening and the
+    Cholesky factor of its half turn on fresh tensors would: only no copy is made."""
     order = column_order(hessian, settings.actorder)
     if settings.actorder is not None:
         permute_(hessian, order)
@@ -56,12 +57,12 @@ def factorise(hessian: torch.Tensor, settings, module: str) -> Factor:
     hessian[dead, dead] = 1
     # the eye's off-diagonal zeros added nothing: the dampening goes on the diagonal alone
     hessian.diagonal().add_(settings.dampening_frac * torch.mean(torch.diag(hessian)))
-    return Factor(order, dead, inverse_hessian(hessian, settings.dampening_frac, module))
+    return Factor(order, dead, upper_root(hessian, settings.dampening_frac, module))
 
 
 def round_weight(weight: torch.Tensor, factor: Factor, recipe: Recipe,
                  importance: torch.Tensor | None = None, global_scale: torch.Tensor | None = None) -> tuple:
-    """GPTQ's column loop on one Linear's FP32 weight (consumed: rounded in its own memory) with the
+    """GPTQ's column loop on one Linear's FP32 weight (consumed: its memory is the loop's) with the
     Factor of its Hessian: (values, scale) or NVFP4's (codes, scale, global) as quantize returns them.
 
     NVFP4's group scales come from the original weight (as llm-compressor's GPTQ takes them from its
@@ -74,55 +75,56 @@ def round_weight(weight: torch.Tensor, factor: Factor, recipe: Recipe,
             global_scale = fp4.global_scale(weight.abs().amax())
         scale = observe.fp4_scales(weight, args, global_scale, importance)
         steps_of = column_steps(fp4.steps(scale, global_scale), args, weight.shape[0])
+        codes = torch.empty(weight.shape, dtype=torch.uint8, device=weight.device)
     else:
         scale_dtype, _ = scale_format(recipe)
         scale = observe.weight_scale(weight, args, scale_dtype, importance)
         steps_of = column_steps(scale.to(torch.float32), args, weight.shape[0])
+        codes = torch.empty(weight.shape, dtype=quantized_dtype(args), device=weight.device)
     order = factor.order
     if recipe.gptq.actorder is not None:
         permute_columns_(weight, order)
     weight[:, factor.dead] = 0
-    column_loop(weight, factor.inverse, order, steps_of, args, block)
-    del factor  # given the last reference (finish pops it), the Hessian's memory goes before the integers are made
+    column_loop(weight, factor.root, order, steps_of, args, block, codes)
+    del factor, weight  # given the last reference (finish pops it), the Hessian's memory goes now
     if recipe.gptq.actorder is not None:
-        permute_columns_(weight, torch.argsort(order))  # back to storage order: scales and layout are unchanged
-    if fp4_groups:  # each value is an E2M1 value times its step already: the codes are those values'
-        return fp4.quantize_weight(weight, scale, global_scale, args.group_size), scale, global_scale
-    return quantize_weight(weight, scale.to(torch.float32), args), scale
+        permute_columns_(codes.view(torch.uint8), torch.argsort(order))  # storage order: scales and layout unchanged
+    return (codes, scale, global_scale) if fp4_groups else (codes, scale)
 
 
-def column_loop(weight: torch.Tensor, inverse: torch.Tensor, order: torch.Tensor, steps_of, args: Args,
-                block: int) -> None:
-    """GPTQ's blocked column loop, in place on the FP32 weight (columns in order), with the upper
-    factor U of the permuted inverse Hessian; steps_of (column_steps) gives the columns' scales."""
+def column_loop(weight: torch.Tensor, root: torch.Tensor, order: torch.Tensor, steps_of, args: Args,
+                block: int, codes: torch.Tensor) -> None:
+    """GPTQ's blocked column loop on the FP32 weight w (columns in order; consumed) with R, the upper
+    factor of the permuted Hessian (H = R Rᵀ); each column's code goes into codes (same order).
+
+    GPTQ rounds v_j, the weight compensated for the error of the columns rounded before it. With the
+    upper Cholesky factor U of H⁻¹ it subtracts e_i U_ij, e_i = (v_i - q_i) / U_ii; since U = R⁻¹ the same
+    v_j is w_j + (Σ_{i<j} d_i R_ij) / R_jj with d_i = w_i - q_i (Babai's nearest plane, Chen et al.
+    2025), which needs R alone. Each block of columns gets the earlier blocks' part of the sum as one
+    product (their d, held in the weight's memory), then its own columns' part one column at a time."""
     q_min, q_max = args.value_range
     columns = weight.shape[1]
     single = weight.device.type == "cpu"
     threads = torch.get_num_threads()
     for start in range(0, columns, block):
         end = min(start + block, columns)
-        # the block's columns as contiguous rows (and its scales): each step reads and updates
-        # contiguous memory; the same values meet the same operations, so the bytes are unchanged
+        # the block's columns as contiguous rows (and its scales): each step reads and updates contiguous memory
         chunk, steps = weight[:, start:end].T.contiguous(), steps_of(order[start:end])
-        errors, local, product = torch.zeros_like(chunk), inverse[start:end, start:end], torch.empty_like(chunk)
-        if single:  # elementwise work on a few MB: one thread, no fork-join per column (same bytes)
+        sums = (torch.mm(root[:start, start:end].T, weight[:, :start].T) if start
+                else torch.zeros_like(chunk))  # Σ_{i<start} d_i R_ij, [block columns, rows]
+        local, found = root[start:end, start:end], torch.empty(chunk.shape, dtype=codes.dtype, device=codes.device)
+        if single:  # elementwise work on a few MB: one thread, no fork-join per column
             torch.set_num_threads(1)
         try:
             for i in range(end - start):
-                column, step = chunk[i], steps[i]
-                rounded = round_column(column, step, args, q_min, q_max)
-                error = (column - rounded) / local[i, i]
-                update = product[: end - start - i]
-                torch.mul(local[i, i:].unsqueeze(1), error.unsqueeze(0), out=update)
-                chunk[i:] -= update
-                chunk[i] = rounded
-                errors[i] = error
+                found[i], rounded = round_column(chunk[i] + sums[i] / local[i, i], steps[i], args, q_min, q_max)
+                chunk[i] -= rounded  # d_i = w_i - q_i
+                sums[i + 1:].addr_(local[i, i + 1:], chunk[i])
         finally:
             torch.set_num_threads(threads)
         weight[:, start:end] = chunk.T
-        del chunk, product
-        # in place (beta 1, alpha -1): each value minus the same product, no [rows, columns] temporary
-        weight[:, end:].addmm_(errors.T.contiguous(), inverse[start:end, end:], alpha=-1)
+        codes[:, start:end] = found.T
+        del chunk, sums, found
 
 
 def column_steps(scale: torch.Tensor, args: Args, rows: int):
@@ -160,15 +162,18 @@ def permute_(square: torch.Tensor, order: torch.Tensor) -> None:
         done[position] = True
 
 
-def round_column(column: torch.Tensor, step: torch.Tensor, args: Args, q_min: float, q_max: float) -> torch.Tensor:
-    """One column rounded to the grid and scaled back (FP32): integers round half to even; FP8
-    clamps to ±448 and casts to E4M3 (round to nearest even); FP4 clamps to ±6 and rounds to E2M1
-    (builder/quant/fp4.py), as the artifact's values are made."""
+def round_column(column: torch.Tensor, step: torch.Tensor, args: Args, q_min: float, q_max: float) -> tuple:
+    """One column's codes and their values (FP32, scaled back), as the artifact's are made: integers
+    round half to even (int8 codes); FP8 clamps to ±448 and casts to E4M3 (round to nearest even; the
+    codes are the FP8 values); FP4 clamps to ±6 and rounds to E2M1 (uint8 codes, builder/quant/fp4.py)."""
     if args.type == "float" and args.num_bits == 4:
-        return fp4.rounded(column / step) * step
+        codes = fp4.encode(column / step)
+        return codes, fp4.decode(codes) * step
     if args.type == "float":
-        return (column / step).clamp(q_min, q_max).to(FP8).to(torch.float32) * step
-    return torch.round(column / step).clamp(q_min, q_max) * step
+        codes = (column / step).clamp(q_min, q_max).to(FP8)
+        return codes, codes.to(torch.float32) * step
+    codes = torch.round(column / step).clamp(q_min, q_max)
+    return codes, codes * step
 
 
 def column_order(hessian: torch.Tensor, actorder: str | None) -> torch.Tensor:
@@ -188,15 +193,14 @@ def expand(scale: torch.Tensor, args: Args, columns: int) -> torch.Tensor:
     return scale.expand(-1, columns) if scale.dim() == 2 else scale.reshape(1, 1).expand(1, columns)
 
 
-def inverse_hessian(hessian: torch.Tensor, dampening: float, module: str) -> torch.Tensor:
-    """Upper Cholesky factor U of the inverse of a (dampened) Hessian H (H⁻¹ = UᵀU), computed in the
-    Hessian's memory: the returned tensor is a column-major view of it.
+def upper_root(hessian: torch.Tensor, dampening: float, module: str) -> torch.Tensor:
+    """R, upper triangular with H = R Rᵀ, for a (dampened) Hessian H, computed in the Hessian's memory:
+    the returned tensor is a column-major view of it.
 
     With J the reversal (J H J reverses H's rows and columns) and L the lower Cholesky factor of J H J,
-    H⁻¹ = J L⁻ᵀ L⁻¹ J = (J L⁻¹ J)ᵀ (J L⁻¹ J), and J L⁻¹ J is upper triangular: U is one Cholesky and one
-    triangular inverse away, not a Cholesky, LAPACK's cholesky_inverse (slow here) and a second
-    Cholesky. LAPACK reads the lower triangle of the column-major view, which is the row-major upper
-    one: it is filled with H's lower triangle turned half a turn, which is J H J's."""
+    H = (J L J)(J L J)ᵀ and J L J is upper triangular: R is one Cholesky and a half turn away. LAPACK
+    reads the lower triangle of the column-major view, which is the row-major upper one: it is filled
+    with H's lower triangle turned half a turn, which is J H J's."""
     turned_lower_onto_upper_(hessian)
     factor = hessian.mT  # column-major: LAPACK's own layout, so torch copies nothing
     try:
@@ -205,29 +209,8 @@ def inverse_hessian(hessian: torch.Tensor, dampening: float, module: str) -> tor
         raise BuilderError(Problem("quant", "gptq.dampening_frac", f"{dampening}: the Hessian of {module} "
                                    "is not positive definite; raise dampening_frac or calibrate on more "
                                    "samples")) from None
-    invert_lower_(factor)
-    turn_(hessian)  # J X J of X = L⁻¹ (a half turn of the square): upper triangular
+    turn_(hessian)  # J L J (a half turn of the square): upper triangular
     return factor
-
-
-INVERT_BLOCK = 128  # columns of L⁻¹ made at a time by invert_lower_
-
-
-def invert_lower_(lower: torch.Tensor) -> None:
-    """L⁻¹ in L's memory, for a lower triangular L with zeros above its diagonal: LAPACK trtri's
-    blocked order, last column block first. With the columns right of block j already inverted
-    (X₂₂ = L₂₂⁻¹, lower triangular, zeros above), block j's rows below its diagonal block become
-    -X₂₂ L₂₁ L₁₁⁻¹ and the diagonal block L₁₁⁻¹. The only scratch is one block of columns."""
-    size = lower.shape[0]
-    for start in reversed(range(0, size, INVERT_BLOCK)):
-        end = min(start + INVERT_BLOCK, size)
-        diagonal = lower[start:end, start:end]
-        inverse = torch.linalg.solve_triangular(diagonal, torch.eye(end - start, dtype=lower.dtype,
-                                                                    device=lower.device), upper=False)
-        if end < size:
-            below = lower[end:, start:end]
-            below.copy_(torch.mm(torch.mm(lower[end:, end:], below), inverse).neg_())
-        diagonal.copy_(inverse)
 
 
 def turned_lower_onto_upper_(square: torch.Tensor) -> None:
@@ -328,7 +311,7 @@ def finish(layer: Layer, recipe: Recipe, seen: dict) -> dict:
 
     Memory: Linears that read the same input share one Hessian, summed when they are rounded (see
     gather), factorised once in its own memory and freed after the column loop of the last of them
-    (before its integers are made: round_weight holds the last reference); the narrowest
+    (round_weight holds the last reference); the narrowest
     Hessians go first, so the widest (down_proj's) is made when the others' Linears hold only their
     integers. Each Linear's weight is widened to FP32 (or taken, if FP32) before its Hessian is made,
     rounded in place and leaves the layer (one FP32 copy at a time); its integers stay, and the
