@@ -92,6 +92,9 @@ def round_weight(weight: torch.Tensor, factor: Factor, recipe: Recipe,
     return (codes, scale, global_scale) if fp4_groups else (codes, scale)
 
 
+PANEL = 16  # columns whose sums are updated one by one; the rest of the block gets the panel's part as one product
+
+
 def column_loop(weight: torch.Tensor, root: torch.Tensor, order: torch.Tensor, steps_of, args: Args,
                 block: int, codes: torch.Tensor) -> None:
     """GPTQ's blocked column loop on the FP32 weight w (columns in order; consumed) with R, the upper
@@ -101,7 +104,8 @@ def column_loop(weight: torch.Tensor, root: torch.Tensor, order: torch.Tensor, s
     upper Cholesky factor U of H⁻¹ it subtracts e_i U_ij, e_i = (v_i - q_i) / U_ii; since U = R⁻¹ the same
     v_j is w_j + (Σ_{i<j} d_i R_ij) / R_jj with d_i = w_i - q_i (Babai's nearest plane, Chen et al.
     2025), which needs R alone. Each block of columns gets the earlier blocks' part of the sum as one
-    product (their d, held in the weight's memory), then its own columns' part one column at a time."""
+    product (their d, held in the weight's memory); within the block, each PANEL of columns adds its
+    part to its own columns one column at a time, and to the rest of the block as one product."""
     q_min, q_max = args.value_range
     columns = weight.shape[1]
     single = weight.device.type == "cpu"
@@ -116,10 +120,13 @@ def column_loop(weight: torch.Tensor, root: torch.Tensor, order: torch.Tensor, s
         if single:  # elementwise work on a few MB: one thread, no fork-join per column
             torch.set_num_threads(1)
         try:
-            for i in range(end - start):
-                found[i], rounded = round_column(chunk[i] + sums[i] / local[i, i], steps[i], args, q_min, q_max)
-                chunk[i] -= rounded  # d_i = w_i - q_i
-                sums[i + 1:].addr_(local[i, i + 1:], chunk[i])
+            for first in range(0, end - start, PANEL):
+                last = min(first + PANEL, end - start)
+                for i in range(first, last):
+                    found[i], rounded = round_column(chunk[i] + sums[i] / local[i, i], steps[i], args, q_min, q_max)
+                    chunk[i] -= rounded  # d_i = w_i - q_i
+                    sums[i + 1:last].addr_(local[i, i + 1:last], chunk[i])
+                sums[last:].addmm_(local[first:last, last:].T, chunk[first:last])  # the panel's part, at once
         finally:
             torch.set_num_threads(threads)
         weight[:, start:end] = chunk.T

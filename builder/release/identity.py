@@ -35,7 +35,7 @@ OUTPUT_VERSIONS = {
     "quantize.kquant": 1,            # llama.cpp's Q4_K / Q5_K / Q6_K and Q5_0 / Q5_1 blocks (plain and imatrix-weighted)
     "quantize.affine": 1,            # MLX's affine groups: scales, biases, codes
     "quantize.mlxfp": 1,             # MLX's float modes mxfp4, nvfp4, mxfp8: uint8 scales, codes (quant/mlxfp.py)
-    "gptq": 4,                       # GPTQ's column loop (integer, FP8, FP4 weights); 2: MKL_CBWR; 3: Cholesky + trtri; 4: Babai (no inverse)
+    "gptq": 5,                       # GPTQ's column loop (integer, FP8, FP4 weights); 2: MKL_CBWR; 3: Cholesky + trtri; 4: Babai (no inverse); 5: panels of 16
     "observer.mse": 1,               # weight scales searched for the least rounding error
     "observer.imatrix_mse": 1,       # the same, errors weighted by the inputs' E[x²] per column
     "smoothing": 1,                  # SmoothQuant: per-channel factors folded into each layer's norms and Linears
