@@ -34,9 +34,11 @@ repro: install
 plan: install
 	$(BIN)/builder plan
 
+# Test files are spread over the machine's cores (pytest-xdist, one file to one worker: module fixtures are
+# built once; the SLURM tests share one file, so one worker submits to the one-node cluster).
 test: install
 	$(BIN)/builder lock --check
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --maxprocesses 4 --dist loadfile
 
 lock: install
 	$(BIN)/builder lock
