@@ -75,12 +75,11 @@ def round_weight(weight: torch.Tensor, factor: Factor, recipe: Recipe,
             global_scale = fp4.global_scale(weight.abs().amax())
         scale = observe.fp4_scales(weight, args, global_scale, importance)
         steps_of = column_steps(fp4.steps(scale, global_scale), args, weight.shape[0])
-        codes = torch.empty(weight.shape, dtype=torch.uint8, device=weight.device)
     else:
         scale_dtype, _ = scale_format(recipe)
         scale = observe.weight_scale(weight, args, scale_dtype, importance)
         steps_of = column_steps(scale.to(torch.float32), args, weight.shape[0])
-        codes = torch.empty(weight.shape, dtype=quantized_dtype(args), device=weight.device)
+    codes = torch.empty(weight.shape, dtype=torch.uint8 if fp4_groups else quantized_dtype(args), device=weight.device)
     order = factor.order
     if recipe.gptq.actorder is not None:
         permute_columns_(weight, order)
