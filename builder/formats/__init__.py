@@ -12,6 +12,7 @@ A format module holds everything about its format, as plain names (no classes, n
                  a format whose rounding depends on the recipe also has quantizer(recipe) (mlx's modes)
     FAMILIES     model_type -> the runtime's architecture name, for a format written for a few model
                  families (None: every family the builder supports)
+    UNSCALED_ROPE_ONLY  (optional) True: resolve refuses a model with scaled RoPE (gguf, mlx)
     CONTAINER    the file suffix its weights are written in: ".safetensors" (the shared write path,
                  builder/artifact/export.py) or a container of its own (".gguf")
     LIBRARY      the Hugging Face library that reads it (the model card's library_name)
@@ -30,6 +31,8 @@ A safetensors format (CONTAINER ".safetensors") also has, for the shared write p
     known(name, shape, targeted, recipe, calibration, kv, arithmetic)  those outputs that need no source values
     compute(name, tensor, recipe, arithmetic)         a targeted weight's outputs, from the source tensor
     config(source_config, recipe, routers)            config.json
+    FUSED (optional)  transformers' fused experts class -> its 3-D parameters the format quantizes as they
+                      are (quant/quantize.py targeted; mxfp4: gpt-oss's experts)
     (known and compute are asked only for targeted weights and KV scales: dense, which has none, has neither)
 
 and a format with a container of its own: write(staging, spec, source, targeted, calibration,
@@ -51,9 +54,10 @@ import json
 from pathlib import Path
 
 from builder.errors import BuilderError, Problem
-from builder.formats import compressed_tensors, dense, fp8, gguf, mlx
+from builder.formats import compressed_tensors, dense, fp8, gguf, mlx, mxfp4
 
-FORMATS = {"dense": dense, "compressed-tensors": compressed_tensors, "fp8": fp8, "gguf": gguf, "mlx": mlx}
+FORMATS = {"dense": dense, "compressed-tensors": compressed_tensors, "fp8": fp8, "gguf": gguf, "mlx": mlx,
+           "mxfp4": mxfp4}
 SAFETENSORS = ".safetensors"
 
 

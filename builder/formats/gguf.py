@@ -27,6 +27,7 @@ QUANTIZER = "quantize.ggml"
 # transformers model_type -> llama.cpp's architecture name (general.architecture; Mistral is "llama"
 # there, as llama.cpp's converter writes it)
 FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+UNSCALED_ROPE_ONLY = True  # resolve refuses scaled RoPE (families.layout_problems)
 CONTAINER = ".gguf"
 LIBRARY = "gguf"
 VLLM = "gguf"

@@ -22,6 +22,7 @@ PACKAGES = ()
 QUANTIZER = "quantize.affine"  # mode affine's; the float modes round with quantize.mlxfp (quantizer(recipe))
 # transformers model_type -> mlx-lm's model module (it maps mistral to llama)
 FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+UNSCALED_ROPE_ONLY = True  # resolve refuses scaled RoPE (families.layout_problems)
 CONTAINER = ".safetensors"
 LIBRARY = "mlx"
 VLLM = "mlx"

@@ -25,7 +25,12 @@ CHUNK_ELEMENTS = 1 << 18
 
 def targeted(tensor_name: str, shape: tuple, modules: dict, recipe: Recipe) -> bool:
     """Whether a checkpoint tensor is the weight of a module the recipe quantizes; a fused experts
-    parameter written one Linear per expert (formats/experts.py, Llama 4) when it quantizes any of them."""
+    parameter written one Linear per expert (formats/experts.py, Llama 4) when it quantizes any of them, or
+    one the recipe's format quantizes fused as it is (its FUSED: gpt-oss's experts in format mxfp4)."""
+    kept = getattr(formats.of(recipe.format), "FUSED", None) if recipe.weights is not None else None
+    if kept and len(shape) == 3:
+        module, _, leaf = tensor_name.rpartition(".")
+        return leaf in kept.get(modules.get(module), ()) and recipe.quantizes(module, modules.get(module))
     if recipe.weights is not None and experts.splittable(tensor_name, tuple(shape), modules):
         return any(recipe.quantizes(module) for module, _ in experts.linears(tensor_name, tuple(shape)))
     if recipe.weights is None or not tensor_name.endswith(".weight") or len(shape) != 2:

@@ -367,15 +367,19 @@ ROPE_KEYS = ("rope_type", "rope_theta", "factor", "original_max_position_embeddi
 def layout_problems(arch: dict, family: Family, layout: str) -> list:
     """A model a format written for a few families (its FAMILIES: the runtime's own model code) does
     not cover, as (key path, message)."""
-    covered = formats.of(layout).FAMILIES
+    fmt = formats.of(layout)
+    covered = fmt.FAMILIES
     if covered is None:
         return []
-    if family.model_type not in covered:
-        classes = sorted(cls for model_type in covered for cls in FAMILIES[model_type].classes)
+    model_type = family.model_type or arch.get("model_type")  # a family without a row: its config's
+    if model_type not in covered:
+        classes = sorted(cls for name in covered for cls in (FAMILIES[name].classes if name in FAMILIES
+                                                              else (covered[name],)))
         return [(("model", "architecture", "class"), f"{arch['class']}: format {layout} is written for "
                  f"{', '.join(classes)}")]
     rope = arch.get("rope_parameters")
-    if rope and rope["rope_type"] != "default":  # llama.cpp needs rope_freqs / rope.scaling.* keys for these
+    if rope and rope["rope_type"] != "default" and getattr(fmt, "UNSCALED_ROPE_ONLY", False):
+        # llama.cpp and MLX need rope_freqs / rope.scaling.* keys for these
         return [(("model", "architecture", "rope_parameters"), f"rope_type {rope['rope_type']}: format "
                  f"{layout} is written for unscaled RoPE only")]
     return []

@@ -17,8 +17,8 @@ from builder.release.recipe import Recipe, problems as recipe_problems
 ROPE_SCALED_BASE = {"linear": "max_position_embeddings", "dynamic": "max_position_embeddings",
                     "yarn": "original_max_position_embeddings"}
 # The formats a target loads when its file does not list them: the Hugging Face safetensors layouts
-# (every vLLM target reads these, and only these).
-SAFETENSORS_FORMATS = ("dense", "compressed-tensors", "fp8")
+# (every vLLM target reads these, and only these; gpt-oss's mxfp4 only for gpt-oss, which its format checks).
+SAFETENSORS_FORMATS = ("dense", "compressed-tensors", "fp8", "mxfp4")
 # Model dimensions tensor parallelism splits evenly across devices.
 TP_DIVIDES = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
 

@@ -1,8 +1,10 @@
 """Experts stored fused on disk (transformers' own layout for Llama 4, gpt-oss and Granite 4): which
 families hold them, which a quantized build writes one Linear per expert (builder/formats/experts.py,
-vLLM's names), and why the others refuse quantizing recipes (the fact 'expert layout'; docs/models.md,
-"Fused experts"). Pure.
+vLLM's names) or fused in a format of the family's own (gpt-oss's MXFP4, builder/formats/mxfp4.py), and
+why the others refuse quantizing recipes (the fact 'expert layout'; docs/models.md, "Fused experts"). Pure.
 """
+
+from builder import formats
 
 FUSED_ON_DISK = {"Llama4ForCausalLM": "llama4_text", "GptOssForCausalLM": "gpt_oss",
                  "GraniteMoeHybridForCausalLM": "granitemoehybrid"}
@@ -12,7 +14,8 @@ SPLIT_WHY = ("the builder writes them one Linear per expert (vLLM's layout) for 
              "GPTQ); not for this recipe")
 WHY = {"Llama4ForCausalLM": SPLIT_WHY, "GraniteMoeHybridForCausalLM": SPLIT_WHY,
        "GptOssForCausalLM": "vLLM 0.32 reads no compressed-tensors per-expert layout of gpt-oss (experts "
-       "fused in BF16 or under its own parameter names only): its quantized release is the published MXFP4",
+       "fused in BF16 or under its own parameter names only): its quantized release is gpt-oss's own MXFP4 "
+       "(quant=gpt-oss-mxfp4)",
        None: "the builder quantizes one Linear per expert and knows no converter for this layout"}
 
 
@@ -24,11 +27,18 @@ def splits(recipe) -> bool:
                                                                      or recipe.packed))
 
 
+def kept_fused(cls: str, layout: str) -> bool:
+    """Whether a format quantizes this family's experts fused, as they are (its FUSED, for its FAMILIES)."""
+    fmt = formats.of(layout)
+    return bool(getattr(fmt, "FUSED", None)) and cls in (fmt.FAMILIES or {}).values()
+
+
 def refusal(arch: dict, recipe) -> str | None:
     """Why a recipe cannot quantize a model whose architecture block lists fused experts; None when it can
     (no weights quantized, no fused experts, or a family and recipe whose experts are split on write)."""
     names = [entry["name"] for entry in arch.get("checkpoint") or () if entry["role"] == "fused"]
-    if recipe.weights is None or not names or (arch["class"] in EXPERTS_SPLIT and splits(recipe)):
+    if recipe.weights is None or not names or (arch["class"] in EXPERTS_SPLIT and splits(recipe)) \
+            or kept_fused(arch["class"], recipe.format):
         return None
     return (f"{arch['class']} stores its experts fused ({names[0]}); {WHY.get(arch['class'], WHY[None])} "
             "(the fact 'expert layout' in builder/release/fused.py)")

@@ -3,7 +3,7 @@
     builder resolve RELEASE    # refuses a release whose estimate exceeds the target's usable memory
 """
 
-from builder.release import families
+from builder.release import families, fused
 from builder.release.families import head_dim
 from builder.release.recipe import Recipe
 
@@ -28,6 +28,7 @@ def weight_bytes(arch: dict, recipe: Recipe) -> int:
     weights at num_bits with one scale (and, asymmetric, one bias) per tensor, row or group; the rest
     in the output dtype."""
     element, total = DTYPE_BYTES[recipe.dtype], 0
+    kept_fused = recipe.weights is not None and fused.kept_fused(arch["class"], recipe.format)
     for tensor in checkpoint(arch):
         count = 1
         for size in tensor.shape:
@@ -37,6 +38,8 @@ def weight_bytes(arch: dict, recipe: Recipe) -> int:
             rows, columns = tensor.shape
             per_scale = element if recipe.weights.symmetric else 2 * element  # asymmetric: a bias per scale too
             total += count * recipe.weights.num_bits // 8 + recipe.weights.scale_count(rows, columns) * per_scale
+        elif kept_fused and tensor.expert and not tensor.linear:  # gpt-oss's experts in its MXFP4: E8M0 bytes
+            total += count * recipe.weights.num_bits // 8 + count // recipe.weights.group_size
         else:
             total += count * element
     return total

@@ -92,8 +92,9 @@ def preset_problems(recipe) -> list:
     if float_weights and (recipe.smoothing is not None or recipe.awq is not None):
         found.append((("quant", "awq" if recipe.awq is not None else "smoothing"), "scaling factors are not "
                       "folded into FP4 or MX weights"))
-    if recipe.format != "compressed-tensors":
-        found.append((("quant", "format"), f"{recipe.format}: these presets are compressed-tensors formats"))
+    if recipe.format != "compressed-tensors" and (recipe.format, preset(recipe)) != ("mxfp4", "mxfp4a16"):
+        found.append((("quant", "format"), f"{recipe.format}: these presets are compressed-tensors formats "
+                      "(MXFP4A16 also gpt-oss's own, format mxfp4)"))
     return found
 
 
