@@ -27,6 +27,7 @@ def snapshot(root):
 def test_model_add_pins_the_checkpoint_and_writes_a_spec_that_builds(repo, checkpoint):
     result = repo.run("model", "add", "tiny-moe", str(checkpoint), check=0)
     assert "dvc add weights/tiny-moe" in result.stderr and "builder lock" in result.stderr
+    assert "override /quant: fp8-dynamic" in result.stderr and "dvc repro build@tiny-moe-fp8-dynamic" in result.stderr
     spec = yaml.safe_load((repo.root / "specs" / "model" / "tiny-moe.yaml").read_text())
     assert spec["id"] == "acme/tiny-moe" and spec["license"] == "mit" and spec["path"] == "weights/tiny-moe"
     assert spec["digest"] == tree_digest(file_entries(repo.root / "weights" / "tiny-moe"))

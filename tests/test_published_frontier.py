@@ -311,6 +311,13 @@ def test_gpt_oss_builds_its_own_mxfp4_twice_alike_every_expert_compressed_tensor
     assert 0 < error < 0.5, error  # the bound the 4-bit recipes are held to in tests/test_families.py
 
 
+def test_model_add_suggests_gpt_oss_a_first_release_in_its_own_mxfp4(frontier):
+    repo, _ = frontier
+    steps = onboard.next_steps(repo.root, "oss-bf16", spec_of(repo, "oss-bf16"))
+    assert "override /quant: gpt-oss-mxfp4" in steps and "dvc repro build@oss-bf16-gpt-oss-mxfp4" in steps
+    assert onboard.first_recipe(repo.root, spec_of(repo, "ds-fp8")["architecture"]) == "fp8-dynamic"
+
+
 def test_a_published_mxfp4_gpt_oss_released_again_in_mxfp4_keeps_every_published_value(frontier, tmp_path):
     repo, downloads = frontier
     artifact = tmp_path / "oss-mxfp4-gpt-oss-mxfp4"

@@ -20,6 +20,7 @@ from builder.console import progress
 from builder.errors import BuilderError, Problem
 from builder.source import checks, dequantize, load
 from builder.release import families
+from builder.release.recipe import Recipe
 
 # What a checkpoint folder may bring into weights/: weights as safetensors, configs, tokenizers, templates.
 CHECKPOINT_FILES = ("*.safetensors", "*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja")
@@ -46,7 +47,7 @@ def add_model(root: Path, name: str, path: Path, model_id: str | None = None, li
             **found}
     atomic.write_text(spec_file, header(name, path, spec) + yaml.safe_dump(spec, sort_keys=False))
     log(f"wrote {relative}: {spec['architecture']['class']}, digest {spec['digest']}")
-    log(next_steps(name, spec))
+    log(next_steps(root, name, spec))
     return spec_file
 
 
@@ -192,11 +193,30 @@ def header(name: str, path: Path, spec: dict) -> str:
             "# replacing the checkpoint.\n")
 
 
-def next_steps(name: str, spec: dict) -> str:
-    """The commands that take the new model to one built release, and build nothing else."""
-    release = f"{name}-fp8-dynamic"
+def next_steps(root: Path, name: str, spec: dict) -> str:
+    """The commands that take the new model to one built release (of the first recipe of FIRST_RECIPES the
+    model takes), and build nothing else."""
+    quant = first_recipe(root, spec["architecture"])
+    release = f"{name}-{quant}"
     tracked = spec["source"].get("path", spec["path"])  # a quantized source is tracked; import remakes path
     return (f"next:\n  dvc add {tracked} && git add {tracked}.dvc specs/model/{name}.yaml\n"
             f"  write specs/release/{release}.yaml (# @package _global_, defaults: override /model: {name}, "
-            "override /quant: fp8-dynamic, ...; docs/models.md has one), then build only that release:\n"
+            f"override /quant: {quant}, ...; docs/models.md has one), then build only that release:\n"
             f"  builder lock && dvc repro build@{release}")
+
+
+# The recipe a new model's first release is suggested with: the first of these that its family takes
+# (gpt-oss quantizes only into its own MXFP4; bf16 always builds).
+FIRST_RECIPES = ("fp8-dynamic", "gpt-oss-mxfp4", "bf16")
+
+
+def first_recipe(root: Path, arch: dict) -> str:
+    """The first of FIRST_RECIPES (shipped under root's specs/quant/) that no fact of the model's family refuses."""
+    family = families.of_class(arch["class"])
+    for quant in FIRST_RECIPES[:-1]:
+        path = root / "specs" / "quant" / f"{quant}.yaml"
+        recipe = Recipe.of(yaml.safe_load(path.read_text(encoding="utf-8"))) if path.is_file() else None
+        if recipe is not None and not families.fact_problems(arch, recipe) \
+                and not families.layout_problems(arch, family, recipe.format):
+            return quant
+    return FIRST_RECIPES[-1]
