@@ -47,16 +47,12 @@ def load(folder: Path, config: dict | None, decode=None):
     the model's dtype, which FP32 activations cannot multiply; widening them is exact."""
     import warnings
 
-    import torch
     from transformers.utils.quantization_config import CompressedTensorsConfig
 
     with warnings.catch_warnings(), experts.reading(config):  # split experts read back (Granite 4)
         warnings.filterwarnings("ignore", message="You passed `quantization_config`")  # dequantize=True is the point
         model = dense.load(folder, config, quantization_config=CompressedTensorsConfig(dequantize=True))
-    for tensor in [*model.parameters(), *model.buffers()]:
-        if tensor.dtype in (torch.bfloat16, torch.float16):
-            tensor.data = tensor.data.float()
-    return model
+    return dense.widened(model)
 
 
 def prepare(path: Path, config: dict, spec: dict) -> dict:

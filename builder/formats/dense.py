@@ -39,6 +39,17 @@ def load(folder: Path, config: dict | None, decode=None, **kwargs):
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False, **kwargs).eval()
 
 
+def widened(model):
+    """The model with its 16-bit parameters and buffers in FP32 (exact): a dequantizing loader may return
+    BF16 weights whatever dtype it was asked for, which FP32 activations cannot multiply."""
+    import torch
+
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.dtype in (torch.bfloat16, torch.float16):
+            tensor.data = tensor.data.float()
+    return model
+
+
 def prepare(path: Path, config: dict, spec: dict) -> dict:
     """Nothing to read besides the tensors: config.json and the tokenizer files are copied."""
     return {}

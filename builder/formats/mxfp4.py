@@ -61,7 +61,6 @@ def recognizes(folder: Path, config: dict | None) -> bool:
 
 def load(folder: Path, config: dict | None, decode=None):
     """Through transformers' own Mxfp4 quantizer, dequantizing (what it does on a CPU in any case), in FP32."""
-    import torch
     from transformers import Mxfp4Config
     from transformers.utils import logging
 
@@ -71,10 +70,7 @@ def load(folder: Path, config: dict | None, decode=None):
         model = dense.load(folder, config, quantization_config=Mxfp4Config(dequantize=True))
     finally:
         logging.set_verbosity(level)
-    for tensor in [*model.parameters(), *model.buffers()]:
-        if tensor.dtype in (torch.bfloat16, torch.float16):
-            tensor.data = tensor.data.float()
-    return model
+    return dense.widened(model)
 
 
 def prepare(path: Path, config: dict, spec: dict) -> dict:
