@@ -152,3 +152,21 @@ def test_a_source_weight_holding_nan_or_infinity_is_refused_naming_it(repo):
         result = repo.run("build", release, check=2)
         assert f"{tensor}: holds NaN or infinite values" in result.stderr and "Traceback" not in result.stderr
     assert not (repo.root / "artifacts").exists() or not any((repo.root / "artifacts").iterdir())
+
+
+@pytest.mark.parametrize("module, family, group", [
+    ("model.layers.0.self_attn.k_proj", "llama", ("q_proj", "k_proj", "v_proj")),
+    ("model.layers.0.mlp.up_proj", "llama", ("gate_proj", "up_proj")),
+    ("model.layers.0.block_sparse_moe.experts.3.w3", "mixtral", ("w1", "w3")),  # the family table's expert names
+    ("model.layers.1.mlp.experts.3.up_proj", None, ("gate_proj", "up_proj")),  # a family without a row
+    ("model.layers.1.mlp.shared_experts.gate_proj", None, ("gate_proj", "up_proj")),
+    ("model.layers.0.feed_forward.gate_proj", None, ("gate_proj", "up_proj")),  # Llama 4's dense MLP
+    ("model.layers.1.mlp.shared_expert_gate", None, ("shared_expert_gate",)),
+    ("model.layers.0.self_attn.o_proj", "llama", ("o_proj",)),
+])
+def test_nvfp4_global_scales_are_shared_by_the_linears_vllm_fuses(module, family, group):
+    from builder.release import families
+
+    row = families.FAMILIES[family] if family else families.generic("OtherForCausalLM")
+    stem = module.rpartition(".")[0]
+    assert quantize.fused(module, row) == tuple(f"{stem}.{leaf}" for leaf in group)

@@ -109,18 +109,26 @@ def split(name: str, tensor) -> dict:
             for expert in range(tensor.shape[0]) for part in held.parts}
 
 
-def expert_weight(name: str, read, held):
-    """The weight [out, in] of one per-expert Linear (`{block}.experts.E.gate_proj.weight`), sliced from
-    the fused parameter read(fused name) holds, the first of the layouts' whose name held (a container of
-    names: the checkpoint's) has; None when name is not one."""
+def holder(name: str, held) -> str | None:
+    """The fused parameter, among held (a container of names: the checkpoint's), that holds the weight of one
+    per-expert Linear (`{block}.experts.E.gate_proj.weight`), the first of the layouts'; None when name is
+    not one."""
     parts = name.split(".")
     if len(parts) < 5 or parts[-1] != "weight" or not parts[-3].isdigit() or parts[-4] != "experts":
         return None
-    block, expert, part = ".".join(parts[:-4]), int(parts[-3]), parts[-2]
-    for suffix, fused_parameter in PARAMETERS.items():
-        if part in fused_parameter.parts and f"{block}.{suffix}" in held:
-            return one(read(f"{block}.{suffix}"), expert, part, fused_parameter)
-    return None
+    block, part = ".".join(parts[:-4]), parts[-2]
+    return next((f"{block}.{suffix}" for suffix, fused_parameter in PARAMETERS.items()
+                 if part in fused_parameter.parts and f"{block}.{suffix}" in held), None)
+
+
+def expert_weight(name: str, read, held):
+    """The weight [out, in] of one per-expert Linear, sliced from the fused parameter read(its holder)
+    returns; None when name is not one (holder)."""
+    source = holder(name, held)
+    if source is None:
+        return None
+    parts = name.split(".")
+    return one(read(source), int(parts[-3]), parts[-2], PARAMETERS[source.removeprefix(".".join(parts[:-4]) + ".")])
 
 
 def sliced(read, tensors: dict):

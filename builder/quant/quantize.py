@@ -148,14 +148,21 @@ def arithmetic(recipe: Recipe, calibration: Calibration | None = None, tensors: 
                       scale_from_amax, require_finite, None)
 
 
+# An MLP's gate and up projections under one parent, which vLLM fuses into one gate_up Linear (w13 for
+# experts) whatever the parent is called: an expert's (`experts.E.`), a shared expert's, Llama 4's
+# `feed_forward.`, a family without a row's.
+GATE_UP = ("gate_proj", "up_proj")
+
+
 def fused(module: str, family) -> tuple:
     """The modules vLLM fuses module with into one Linear (q/k/v, gate/up, an expert's gate/up), from the
-    family table (builder/release/families.py); (module,) when it fuses none."""
+    family table (builder/release/families.py) and GATE_UP; (module,) when it fuses none."""
+    stem, _, leaf = module.rpartition(".")
+    if leaf in GATE_UP and (family is None or family.mlp == "gated" or stem.rpartition(".")[2].isdigit()):
+        return tuple(f"{stem}.{other}" for other in GATE_UP)
     groups = []
     if family is None or family.attention == "separate":
         groups.append(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))
-    if family is None or family.mlp == "gated":
-        groups.append(("mlp.gate_proj", "mlp.up_proj"))
     if family is not None and family.moe is not None:
         gate, up, _ = family.moe.experts
         groups.append((f"experts.{gate}", f"experts.{up}"))
@@ -171,22 +178,35 @@ def fused(module: str, family) -> tuple:
 
 def fused_maxima(tensors: dict, family) -> Callable:
     """(name, tensor) -> max |w| over the weights fused with it (FP32 [1]): the fused siblings present in
-    tensors are read (max only) when the first of them is quantized, and remembered."""
+    tensors, or sliced from the fused experts parameter that holds them (formats/experts.py: Llama 4's,
+    read once for all its experts), are read (max only) when the first of them is quantized, and remembered."""
     from builder.tensorfile import reader
 
-    found = {}
+    found, kept = {}, {}
+
+    def read_one(name: str):
+        with reader({name: tensors[name]}) as read:
+            return read(name)
+
+    def held(name: str):
+        if name not in kept:  # the fused parameter of the experts in hand; the previous one is dropped
+            kept.clear()
+            kept[name] = read_one(name)
+        return kept[name]
 
     def amax(name: str, tensor: torch.Tensor) -> torch.Tensor:
         if name not in found:
             names = [sibling + ".weight" for sibling in fused(name[: -len(".weight")], family)]
-            names = [other for other in names if other in tensors or other == name]
+            names = [other for other in names if other == name or other in tensors or experts.holder(other, tensors)]
             maxima = []
-            with reader({other: tensors[other] for other in names if other != name}) as read:
-                for other in names:
-                    weight = tensor if other == name else read(other)
-                    maxima.append(weight.abs().amax().to(torch.float32).reshape(1))
+            for other in names:
+                weight = tensor if other == name else read_one(other) if other in tensors else \
+                    experts.expert_weight(other, held, tensors)
+                maxima.append(weight.abs().amax().to(torch.float32).reshape(1))
             shared = torch.stack(maxima).amax(dim=0)
             found.update({other: shared for other in names})
+        if experts.holder(name, tensors) is None:
+            kept.clear()
         return found.pop(name)
 
     return amax

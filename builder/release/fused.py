@@ -11,8 +11,17 @@ FUSED_ON_DISK = {"Llama4ForCausalLM": "llama4_text", "GptOssForCausalLM": "gpt_o
 EXPERTS_SPLIT = ("Llama4ForCausalLM", "GraniteMoeHybridForCausalLM")
 SPLIT_WHY = ("the builder writes them one Linear per expert (vLLM's layout) for compressed-tensors FP8 or "
              "weight-only integer weights per tensor, channel or group with minmax scales (round to nearest or "
-             "GPTQ); not for this recipe")
-WHY = {"Llama4ForCausalLM": SPLIT_WHY, "GraniteMoeHybridForCausalLM": SPLIT_WHY,
+             "GPTQ), and NVFP4 and MX presets rounded to nearest; not for this recipe")
+# compressed-tensors' FP4 and MX presets whose experts are written split, rounded to nearest (an expert's gate
+# and up share NVFP4's global scale, quant/quantize.py fused_maxima); W4AFP8 is not: vLLM's Llama 4 W4A8 MoE
+# path was not checked
+SPLIT_PRESETS = ("nvfp4a16", "nvfp4", "mxfp4a16", "mxfp4", "mxfp8a16", "mxfp8")
+# ... but not for these families: transformers 5.17 reads Granite 4's split experts back through Mixtral's
+# converters (formats/experts.py reading), whose dequantization leaves NVFP4's global scales unread
+PRESETS_NOT_SPLIT = {"GraniteMoeHybridForCausalLM": ("nvfp4a16", "nvfp4")}
+WHY = {"Llama4ForCausalLM": SPLIT_WHY,
+       "GraniteMoeHybridForCausalLM": SPLIT_WHY + " (nor NVFP4: transformers 5.17 leaves the global scales of "
+       "Granite 4's split experts unread when it loads them)",
        "GptOssForCausalLM": "vLLM 0.32 reads no compressed-tensors per-expert layout of gpt-oss (experts "
        "fused in BF16 or under its own parameter names only): its quantized release is gpt-oss's own MXFP4 "
        "(quant=gpt-oss-mxfp4)",
@@ -22,9 +31,12 @@ WHY = {"Llama4ForCausalLM": SPLIT_WHY, "GraniteMoeHybridForCausalLM": SPLIT_WHY,
 def splits(recipe) -> bool:
     """Whether a recipe's weights are written for experts split one Linear per expert (EXPERTS_SPLIT, tested)."""
     args = recipe.weights
-    return (recipe.format == "compressed-tensors" and recipe.preset is None and args.observer == "minmax"
-            and args.strategy in ("tensor", "channel", "group") and ((args.type == "float" and args.num_bits == 8)
-                                                                     or recipe.packed))
+    if recipe.format != "compressed-tensors" or args.observer != "minmax":
+        return False
+    if recipe.preset is not None:
+        return recipe.preset in SPLIT_PRESETS and recipe.algorithm == "rtn"
+    return args.strategy in ("tensor", "channel", "group") and ((args.type == "float" and args.num_bits == 8)
+                                                                 or recipe.packed)
 
 
 def kept_fused(cls: str, layout: str) -> bool:
@@ -37,7 +49,8 @@ def refusal(arch: dict, recipe) -> str | None:
     """Why a recipe cannot quantize a model whose architecture block lists fused experts; None when it can
     (no weights quantized, no fused experts, or a family and recipe whose experts are split on write)."""
     names = [entry["name"] for entry in arch.get("checkpoint") or () if entry["role"] == "fused"]
-    if recipe.weights is None or not names or (arch["class"] in EXPERTS_SPLIT and splits(recipe)) \
+    if recipe.weights is None or not names or (arch["class"] in EXPERTS_SPLIT and splits(recipe) and recipe.preset
+                                               not in PRESETS_NOT_SPLIT.get(arch["class"], ())) \
             or kept_fused(arch["class"], recipe.format):
         return None
     return (f"{arch['class']} stores its experts fused ({names[0]}); {WHY.get(arch['class'], WHY[None])} "
