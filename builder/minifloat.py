@@ -3,8 +3,9 @@
 
     minifloat.e2m1(codes)                 # FP32 values of uint8 FP4 E2M1 codes (bit 3: the sign)
     minifloat.e8m0(exponents, dtype)      # 2 ** (e - 127) of E8M0 exponents (uint8, bias 127), exact
+    minifloat.pairs(codes)                # uint8 E2M1 codes [rows, columns] two a byte, the first in the low nibble
 
-Decoding only: each writer rounds as the runtime it serves does (quant/fp4.py as compressed-tensors,
+No rounding here: each writer rounds as the runtime it serves does (quant/fp4.py as compressed-tensors,
 quant/mlxfp.py as mlx), but every one of them reads a code back to the same number.
 """
 
@@ -25,3 +26,9 @@ def e8m0(exponents: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.T
     E8M0's NaN, gives inf) and cast (exact in FP32 and BF16, which hold all of these powers)."""
     ones = torch.ones(exponents.shape, dtype=torch.float32, device=exponents.device)
     return torch.ldexp(ones, exponents.to(torch.int32) - E8M0_BIAS).to(dtype)
+
+
+def pairs(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 E2M1 codes [rows, columns] packed two a byte along columns, the first in the low nibble: how
+    compressed-tensors' nvfp4/mxfp4-pack-quantized and gpt-oss's `_blocks` store them."""
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)

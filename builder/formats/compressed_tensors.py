@@ -174,6 +174,8 @@ def computed(name: str, tensor, recipe, arithmetic, scales: tuple) -> dict:
     (GPTQ's values and searched scales where calibration has them), packed when weight-only integer."""
     import torch
 
+    from builder import minifloat  # (torch: not at import time)
+
     if experts.fused(name, tuple(tensor.shape)):  # each expert's Linears, as the Linears they are
         found = {}
         for module, weight in experts.split(name, tensor).items():
@@ -187,7 +189,7 @@ def computed(name: str, tensor, recipe, arithmetic, scales: tuple) -> dict:
     args, module = recipe.weights, name[: -len(".weight")]
     values, scale, *global_scale = arithmetic.weight(name, tensor, scale_dtype)  # NVFP4: and its global scale
     if args.type == "float" and args.num_bits == 4:  # E2M1 codes, two a byte, the first in the low nibble
-        found = {f"{module}.weight_packed": values[:, 0::2] | (values[:, 1::2] << 4)}
+        found = {f"{module}.weight_packed": minifloat.pairs(values)}
     else:
         found = {f"{module}.weight_packed": pack(values, args.num_bits)} if recipe.packed else {name: values}
     found[f"{module}.weight_scale"] = scale.reshape(scalar) if args.strategy == "tensor" else scale

@@ -14,7 +14,7 @@ published MXFP4 checkpoint gives back the same values.
 
 from pathlib import Path
 
-from builder.formats import dense
+from builder.formats import compressed_tensors, dense
 from builder.tensorfile import Output
 
 VERSION = 1            # gpt-oss's `<name>_blocks` / `<name>_scales` layout and its quantization_config
@@ -36,10 +36,10 @@ NOT_CONVERTED = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model
 def problems(recipe, rules) -> list:
     """compressed-tensors' rules, and what the layout holds: MXFP4 weights (the mxfp4a16 preset), rounded to
     nearest, of gpt-oss's experts only, with nothing else quantized."""
-    if recipe.weights is None:
-        return [(("quant", "weights"), f"format {recipe.format} needs weight quantization arguments")]
-    found = rules(recipe)
+    found = compressed_tensors.problems(recipe, rules)
     args = recipe.weights
+    if args is None:
+        return found
     if not (args.type == "float" and args.num_bits == 4 and args.microscaled and args.group_size == GROUP):
         found.append((("quant", "weights"), "format mxfp4 holds MXFP4 weights only (FP4 E2M1, strategy group, "
                       "group_size 32, scale_dtype uint8: specs/quant/gpt-oss-mxfp4.yaml)"))
@@ -96,12 +96,14 @@ def compute(name: str, tensor, recipe, arithmetic) -> dict:
     """Each expert's [out, in] weight rounded by the MX arithmetic, its codes packed two a byte."""
     import torch
 
+    from builder import minifloat  # (torch: not at import time)
+
     count, columns, rows = tensor.shape
     blocks = torch.empty((count, rows, columns // GROUP, GROUP // 2), dtype=torch.uint8)
     scales = torch.empty((count, rows, columns // GROUP), dtype=torch.uint8)
     for expert in range(count):
         codes, exponents = arithmetic.weight(name, tensor[expert].t(), torch.uint8)
-        blocks[expert] = (codes[:, 0::2] | (codes[:, 1::2] << 4)).reshape(rows, columns // GROUP, GROUP // 2)
+        blocks[expert] = minifloat.pairs(codes).reshape(rows, columns // GROUP, GROUP // 2)
         scales[expert] = exponents
     return {f"{name}_blocks": blocks, f"{name}_scales": scales}
 

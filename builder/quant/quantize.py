@@ -184,14 +184,11 @@ def fused_maxima(tensors: dict, family) -> Callable:
 
     found, kept = {}, {}
 
-    def read_one(name: str):
-        with reader({name: tensors[name]}) as read:
-            return read(name)
-
     def held(name: str):
         if name not in kept:  # the fused parameter of the experts in hand; the previous one is dropped
             kept.clear()
-            kept[name] = read_one(name)
+            with reader({name: tensors[name]}) as read:
+                kept[name] = read(name)
         return kept[name]
 
     def amax(name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -199,10 +196,11 @@ def fused_maxima(tensors: dict, family) -> Callable:
             names = [sibling + ".weight" for sibling in fused(name[: -len(".weight")], family)]
             names = [other for other in names if other == name or other in tensors or experts.holder(other, tensors)]
             maxima = []
-            for other in names:
-                weight = tensor if other == name else read_one(other) if other in tensors else \
-                    experts.expert_weight(other, held, tensors)
-                maxima.append(weight.abs().amax().to(torch.float32).reshape(1))
+            with reader({other: tensors[other] for other in names if other != name and other in tensors}) as read:
+                for other in names:
+                    weight = tensor if other == name else read(other) if other in tensors else \
+                        experts.expert_weight(other, held, tensors)
+                    maxima.append(weight.abs().amax().to(torch.float32).reshape(1))
             shared = torch.stack(maxima).amax(dim=0)
             found.update({other: shared for other in names})
         if experts.holder(name, tensors) is None:
