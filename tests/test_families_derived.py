@@ -173,3 +173,44 @@ def test_a_multi_token_prediction_layer_held_in_part_is_refused_naming_what_is_m
     onboard.add_model(repo.root, "without-mtp", download, log=lambda m: None)
     arch = yaml_load(repo.root / "specs" / "model" / "without-mtp.yaml")["architecture"]
     assert "mtp" not in memory.parameters(arch) and not [t for t in memory.checkpoint(arch) if ".layers.2." in t.name]
+
+
+# The Linears vLLM 0.32 loads as one, by the names on disk (stated here apart from quantize.fused): QKVParallelLinear
+# (q/k/v), deepseek_v2.py's fused_qkv_a_proj (q_a_proj and kv_a_proj_with_mqa, when the query is low-rank),
+# MergedColumnParallelLinear's gate_up_proj and FusedMoE's w13 (gate/up, w1/w3). NVFP4 keeps one global scale for
+# the fused Linear (compressed_tensors_w4a4_nvfp4.py: weight_global_scale.max(); the MoE method keeps w1's).
+VLLM_FUSES = (("q_proj", "k_proj", "v_proj"), ("q_a_proj", "kv_a_proj_with_mqa"), ("gate_proj", "up_proj"), ("w1", "w3"))
+
+
+@pytest.mark.parametrize("kind", sorted(DERIVED))
+def test_nvfp4_gives_the_linears_vllm_fuses_one_global_scale_in_every_derived_family(derived_repo, kind, tmp_path):
+    """Each group vLLM fuses has one global scale, 448 x 6 / max |w| over the group's source weights, in
+    every derived family (before quantize.nvfp4 3, MLA's and rowless families' q/k/v had one each)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from builder import build
+
+    name = f"{kind}-all-nvfp4a16"
+    (derived_repo.root / "specs" / "release" / f"{name}.yaml").write_text(
+        release_text(name, kind, "nvfp4a16", "vllm-b200"))
+    build.build(derived_repo.root, name, out=tmp_path / name, log=lambda m: None)
+    written = load_file(tmp_path / name / "model.safetensors")
+    source = {key: value for path in sorted((derived_repo.root / "weights" / kind).glob("*.safetensors"))
+              for key, value in load_file(path).items()}
+    checked = set()
+    for key in sorted(written):
+        if not key.endswith(".weight_global_scale"):
+            continue
+        stem, leaf = key[: -len(".weight_global_scale")].rsplit(".", 1)
+        group = next((group for group in VLLM_FUSES if leaf in group), (leaf,))
+        members = [f"{stem}.{other}" for other in group if f"{stem}.{other}.weight_global_scale" in written]
+        amax = max(source[f"{member}.weight"].float().abs().max() for member in members)
+        for member in members:
+            assert torch.equal(written[f"{member}.weight_global_scale"].float().reshape(()), 448 * 6 / amax), member
+        checked.update(members if len(members) > 1 else ())
+    assert checked, "no fused group was written"
+    if kind == "tiny-deepseek-v3":
+        assert any(member.endswith("q_a_proj") for member in checked)
+    if families.FAMILIES[DERIVED[kind][0]].attention is None and kind != "tiny-deepseek-v3":
+        assert any(member.endswith("self_attn.k_proj") for member in checked)

@@ -163,6 +163,11 @@ def test_a_source_weight_holding_nan_or_infinity_is_refused_naming_it(repo):
     ("model.layers.0.feed_forward.gate_proj", None, ("gate_proj", "up_proj")),  # Llama 4's dense MLP
     ("model.layers.1.mlp.shared_expert_gate", None, ("shared_expert_gate",)),
     ("model.layers.0.self_attn.o_proj", "llama", ("o_proj",)),
+    ("model.layers.3.self_attn.v_proj", None, ("q_proj", "k_proj", "v_proj")),  # Qwen3-Next's full attention
+    ("model.layers.0.self_attn.kv_a_proj_with_mqa", "deepseek_v3", ("q_a_proj", "kv_a_proj_with_mqa")),  # MLA
+    ("model.layers.0.self_attn.kv_b_proj", "deepseek_v3", ("kv_b_proj",)),
+    ("model.layers.1.block_sparse_moe.experts.2.w1", "minimax", ("w1", "w3")),
+    ("model.layers.1.linear_attn.in_proj_qkvz", "qwen3_next", ("in_proj_qkvz",)),
 ])
 def test_nvfp4_global_scales_are_shared_by_the_linears_vllm_fuses(module, family, group):
     from builder.release import families

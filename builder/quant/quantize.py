@@ -148,31 +148,32 @@ def arithmetic(recipe: Recipe, calibration: Calibration | None = None, tensors: 
                       scale_from_amax, require_finite, None)
 
 
-# An MLP's gate and up projections under one parent, which vLLM fuses into one gate_up Linear (w13 for
-# experts) whatever the parent is called: an expert's (`experts.E.`), a shared expert's, Llama 4's
-# `feed_forward.`, a family without a row's.
+# The Linears vLLM fuses into one, found by name under one parent whatever the parent is called, so a family
+# without a row shares as one with a row does: an MLP's gate and up (gate_up_proj; an expert's, a shared
+# expert's, Llama 4's `feed_forward.`), attention's q/k/v (qkv_proj), MLA's query and latent-KV down
+# projections (DeepSeek-V3's fused_qkv_a_proj, made when the query is low-rank), and an expert's w1/w3 (w13).
 GATE_UP = ("gate_proj", "up_proj")
+QKV = ("q_proj", "k_proj", "v_proj")
+MLA = ("q_a_proj", "kv_a_proj_with_mqa")
+EXPERT_GATE_UP = ("w1", "w3")
 
 
 def fused(module: str, family) -> tuple:
-    """The modules vLLM fuses module with into one Linear (q/k/v, gate/up, an expert's gate/up), from the
-    family table (builder/release/families.py) and GATE_UP; (module,) when it fuses none."""
+    """The modules vLLM fuses module with into one Linear (q/k/v, MLA's q_a/kv_a, gate/up, an expert's
+    gate/up), by name (above) and the family table's expert names (builder/release/families.py); the
+    siblings a model lacks are left out by the callers; (module,) when it fuses none."""
     stem, _, leaf = module.rpartition(".")
-    if leaf in GATE_UP and (family is None or family.mlp == "gated" or stem.rpartition(".")[2].isdigit()):
-        return tuple(f"{stem}.{other}" for other in GATE_UP)
-    groups = []
-    if family is None or family.attention == "separate":
-        groups.append(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))
-    if family is not None and family.moe is not None:
-        gate, up, _ = family.moe.experts
-        groups.append((f"experts.{gate}", f"experts.{up}"))
+    expert = stem.rpartition(".")[2].isdigit()
+    groups = [QKV, MLA]
+    if family is None or family.mlp == "gated" or expert:
+        groups.append(GATE_UP)
+    if expert:
+        groups.append(EXPERT_GATE_UP)
+        if family is not None and family.moe is not None:
+            groups.append(family.moe.experts[:2])
     for group in groups:
-        for member in group:
-            head, _, leaf = member.rpartition(".")
-            parts = module.split(".")
-            if parts[-1] == leaf and (parts[-2] == head or (head == "experts" and parts[-3] == head)):
-                stem = module[: -len(leaf)]
-                return tuple(stem + other.rpartition(".")[2] for other in group)
+        if leaf in group:
+            return tuple(f"{stem}.{other}" for other in group)
     return (module,)
 
 

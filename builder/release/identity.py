@@ -29,7 +29,7 @@ OUTPUT_VERSIONS = {
     "quantize.float": 1,             # FP8 scales and rounding (weights, activation and KV-cache scales)
     "quantize.int": 1,               # INT8 / INT4 scales and rounding
     "quantize.fp8-block": 1,         # FP8 weights with one scale per 2-D block (quant/blocks.py)
-    "quantize.nvfp4": 2,             # NVFP4: E2M1 codes, FP8 group-16 scales, FP32 global scales (quant/fp4.py); 2: every gate/up pair under one parent (experts, shared experts) shares its global scale
+    "quantize.nvfp4": 3,             # NVFP4: E2M1 codes, FP8 group-16 scales, FP32 global scales (quant/fp4.py); 2: every gate/up pair under one parent (experts, shared experts) shares its global scale; 3: q/k/v and MLA's q_a/kv_a share theirs in families without a row too
     "quantize.mx": 1,                # OCP MX: E8M0 group-32 exponents, E2M1 codes or FP8 values (quant/mx.py)
     "quantize.ggml": 1,              # llama.cpp's Q8_0 / Q4_0 blocks
     "quantize.kquant": 1,            # llama.cpp's Q4_K / Q5_K / Q6_K and Q5_0 / Q5_1 blocks (plain and imatrix-weighted)
