@@ -321,20 +321,6 @@ def test_w4afp8_weights_take_gptq_as_w4a16_does(fp4_repo, built, tmp_path):
     assert logits_difference(fp4_repo, tmp_path / "gptq") <= QUANTS["w4afp8"][3]
 
 
-def test_fused_groups_follow_the_family_table():
-    from builder.quant.quantize import fused
-    from builder.release import families
-
-    llama, phi3, mixtral = (families.FAMILIES[name] for name in ("llama", "phi3", "mixtral"))
-    assert fused("model.layers.3.self_attn.k_proj", llama) == tuple(
-        f"model.layers.3.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj"))
-    assert fused("model.layers.3.mlp.up_proj", llama) == ("model.layers.3.mlp.gate_proj", "model.layers.3.mlp.up_proj")
-    assert fused("model.layers.3.self_attn.o_proj", llama) == ("model.layers.3.self_attn.o_proj",)
-    assert fused("model.layers.0.self_attn.qkv_proj", phi3) == ("model.layers.0.self_attn.qkv_proj",)  # fused on disk
-    assert fused("model.layers.0.block_sparse_moe.experts.5.w3", mixtral) == (
-        "model.layers.0.block_sparse_moe.experts.5.w1", "model.layers.0.block_sparse_moe.experts.5.w3")
-
-
 def test_zero_groups_and_tensors_get_the_scales_compressed_tensors_gives_them():
     weight = torch.zeros(4, 32)
     weight[0, :16] = torch.linspace(-3, 3, 16)

@@ -70,7 +70,7 @@ def write_weights(out: Path, tensors: dict, modules: dict, family, recipe: Recip
     seen(name, tensor): each source tensor as read (builder.artifact.stream.write_shards).
     Returns the weight files' entries ({path, sha256, size}), for the manifest and provenance.
     """
-    fmt, arithmetic = formats.of(recipe.format), quantize.arithmetic(recipe, calibration, tensors, family)
+    fmt, arithmetic = formats.of(recipe.format), quantize.arithmetic(recipe, calibration, tensors)
     planned = plan_outputs(tensors, modules, family, recipe, tied)
     groups = list(planned.values())
     assigned = shards.assign(groups, max_shard_bytes)

@@ -356,7 +356,7 @@ def global_scales(layer: Layer, names: list) -> dict:
     maxima = {name: layer.linears[name].weight.data.abs().amax().to(torch.float32).reshape(1) for name in names}
     found = {}
     for name in names:
-        members = [member for member in fused(name, layer.family) if member in maxima] or [name]
+        members = [member for member in fused(name) if member in maxima] or [name]
         found[name] = fp4.global_scale(torch.stack([maxima[member] for member in members]).amax(dim=0))
     return found
 

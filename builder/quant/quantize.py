@@ -134,15 +134,14 @@ RUNTIME_ARITHMETIC = {"quantize.ggml": (kquants.blocks, None), "quantize.affine"
                       "quantize.mlxfp": (mlxfp.quantize, mlxfp.dequantize)}
 
 
-def arithmetic(recipe: Recipe, calibration: Calibration | None = None, tensors: dict | None = None,
-               family=None) -> Arithmetic:
+def arithmetic(recipe: Recipe, calibration: Calibration | None = None, tensors: dict | None = None) -> Arithmetic:
     """The arithmetic the recipe's format rounds with; compressed-tensors' uses calibration's GPTQ
-    weights and searched scales, and NVFP4's the source tensor index (tensors) and family to share
-    global scales between the Linears vLLM fuses."""
+    weights and searched scales, and NVFP4's the source tensor index (tensors) to share global scales
+    between the Linears vLLM fuses."""
     part = formats.quantizer(recipe)
     if part is not None:
         return runtime_arithmetic(part)
-    shared = fused_maxima(tensors, family) if tensors is not None and recipe.weights is not None \
+    shared = fused_maxima(tensors) if tensors is not None and recipe.weights is not None \
         and recipe.weights.strategy == "tensor_group" else None
     return Arithmetic(partial(rounded, recipe=recipe, calibration=calibration, fused_amax=shared),
                       scale_from_amax, require_finite, None)
@@ -158,26 +157,19 @@ MLA = ("q_a_proj", "kv_a_proj_with_mqa")
 EXPERT_GATE_UP = ("w1", "w3")
 
 
-def fused(module: str, family) -> tuple:
+def fused(module: str) -> tuple:
     """The modules vLLM fuses module with into one Linear (q/k/v, MLA's q_a/kv_a, gate/up, an expert's
-    gate/up), by name (above) and the family table's expert names (builder/release/families.py); the
-    siblings a model lacks are left out by the callers; (module,) when it fuses none."""
+    w1/w3), by name (above); the siblings a model lacks are left out by the callers; (module,) when it
+    fuses none. Names decide alone: Phi-3's qkv_proj and gate_up_proj are one Linear on disk already."""
     stem, _, leaf = module.rpartition(".")
     expert = stem.rpartition(".")[2].isdigit()
-    groups = [QKV, MLA]
-    if family is None or family.mlp == "gated" or expert:
-        groups.append(GATE_UP)
-    if expert:
-        groups.append(EXPERT_GATE_UP)
-        if family is not None and family.moe is not None:
-            groups.append(family.moe.experts[:2])
-    for group in groups:
+    for group in (QKV, MLA, GATE_UP, *((EXPERT_GATE_UP,) if expert else ())):
         if leaf in group:
             return tuple(f"{stem}.{other}" for other in group)
     return (module,)
 
 
-def fused_maxima(tensors: dict, family) -> Callable:
+def fused_maxima(tensors: dict) -> Callable:
     """(name, tensor) -> max |w| over the weights fused with it (FP32 [1]): the fused siblings present in
     tensors, or sliced from the fused experts parameter that holds them (formats/experts.py: Llama 4's,
     read once for all its experts), are read (max only) when the first of them is quantized, and remembered."""
@@ -194,7 +186,7 @@ def fused_maxima(tensors: dict, family) -> Callable:
 
     def amax(name: str, tensor: torch.Tensor) -> torch.Tensor:
         if name not in found:
-            names = [sibling + ".weight" for sibling in fused(name[: -len(".weight")], family)]
+            names = [sibling + ".weight" for sibling in fused(name[: -len(".weight")])]
             names = [other for other in names if other == name or other in tensors or experts.holder(other, tensors)]
             maxima = []
             with reader({other: tensors[other] for other in names if other != name and other in tensors}) as read:
