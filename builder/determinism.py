@@ -8,9 +8,11 @@ import os
 ENVIRONMENT = {
     "ATEN_CPU_CAPABILITY": "avx2",  # torch's vectorised kernels: AVX2 (falls back on older CPUs)
     "ONEDNN_MAX_CPU_ISA": "AVX2",
-    # MKL conditional numerical reproducibility, strict: the same GEMM bits on every CPU with AVX2 (an
-    # AVX-512 machine with plain "AVX2" gave other last bits in calibration and evaluation than an AVX2 one)
-    "MKL_CBWR": "AVX2,STRICT",
+    # MKL conditional numerical reproducibility on its SSE2 branch, the one MKL documents for "Intel and
+    # Intel compatible" CPUs alike: MKL honours branches other than AUTO and COMPATIBLE on Intel CPUs only
+    # and silently runs AUTO elsewhere (AVX2,STRICT gave an AMD EPYC other GPTQ bytes than Intel machines).
+    # GEMMs cost ~2.3x the AVX2 branch's (bench/mkl_branch.py); mkl_branch() checks MKL took it.
+    "MKL_CBWR": "COMPATIBLE",
     "OMP_NUM_THREADS": "2",
     "MKL_NUM_THREADS": "2",
 }
@@ -34,11 +36,42 @@ def apply_environment() -> None:
     os.environ.update(ALLOCATOR)
 
 
-def apply_torch(devices: tuple = ()) -> None:
-    """Pin torch's threads and seeds for this process; on a CUDA device also deterministic kernels
-    (cuBLAS needs its workspace fixed before CUDA starts). CPU builds are left exactly as they were."""
+def mkl_branch():
+    """The MKL code branch this process runs ("COMPATIBLE", "AUTO", "AUTO,STRICT", ...), as MKL itself
+    reports it; None where torch has no MKL (non-x86 wheels), where MKL_CBWR means nothing."""
+    import ctypes
+    from pathlib import Path
+
     import torch
 
+    names = {2: "AUTO", 3: "COMPATIBLE", 4: "SSE2", 6: "SSSE3", 7: "SSE4_1", 8: "SSE4_2", 9: "AVX", 10: "AVX2",
+             12: "AVX512", 14: "AVX512_E1"}  # mkl_cbwr.h's MKL_CBWR_* values; MKL_CBWR_STRICT is bit 16
+    libraries = sorted((Path(torch.__file__).parent / "lib").glob("libtorch_cpu.*"))
+    try:
+        get = ctypes.CDLL(str(libraries[0])).mkl_serv_cbwr_get
+    except (IndexError, OSError, AttributeError):
+        return None
+    mode = get(-1)  # MKL_CBWR_ALL: branch and strict bit
+    branch = names.get(mode & 0xFFFF, str(mode & 0xFFFF))
+    return f"{branch},STRICT" if mode & 0x10000 else branch
+
+
+def apply_torch(devices: tuple = ()) -> None:
+    """Pin torch's threads and seeds for this process; on a CUDA device also deterministic kernels
+    (cuBLAS needs its workspace fixed before CUDA starts). CPU builds are left exactly as they were.
+    BuilderError, before anything is computed, where MKL runs another branch than MKL_CBWR asks
+    (torch imported before apply_environment, or an MKL that drops the branch): the bytes would
+    then depend on the CPU."""
+    import torch
+
+    from builder.errors import BuilderError, Problem
+
+    branch = mkl_branch()
+    if branch not in (None, ENVIRONMENT["MKL_CBWR"]):
+        raise BuilderError(Problem("builder/determinism.py", "MKL_CBWR",
+                                   f"{ENVIRONMENT['MKL_CBWR']} asked, but MKL runs its {branch} branch in this process, "
+                                   "whose last bits depend on the CPU; run the build through `builder` or "
+                                   "`python -m builder`, which set MKL_CBWR before torch loads"))
     torch.set_num_threads(TORCH_THREADS)
     torch.manual_seed(SEED)
     if "cuda" in devices:
