@@ -29,6 +29,19 @@ def test_weight_estimate_equals_the_bytes_the_build_writes(tiny_repo, kind, reci
     assert memory.weight_bytes(spec["model"]["architecture"], Recipe.of(spec["quant"])) == tensor_bytes(tmp_path / "a")
 
 
+@pytest.mark.parametrize("quant", ["nvfp4a16", "mxfp4a16", "mxfp8"])
+def test_fp4_and_mx_estimates_count_their_one_byte_group_scales(tiny_repo, quant, tmp_path):
+    # E4M3 (NVFP4) and E8M0 (MX) scales are one byte each, not the output dtype's two (release-files 4)
+    build_module.build(tiny_repo.root, "tiny-llama-bf16", (f"quant={quant}", "target=vllm-b200"), out=tmp_path / "a", log=lambda m: None)
+    spec = resolve(tiny_repo.root, "tiny-llama-bf16", (f"quant={quant}", "target=vllm-b200"))
+    header = [info for file in (tmp_path / "a").glob("*.safetensors") for info in read_header(file).values()]
+    assert any(info["dtype"] in ("F8_E4M3", "U8") and len(info["shape"]) == 2 and info["shape"][1] > 1
+               for info in header)  # group scales were written, one byte each
+    written = sum(info["data_offsets"][1] - info["data_offsets"][0] for info in header
+                  if info["shape"] != [1])  # NVFP4's per-tensor global scales aside, as the estimate says
+    assert memory.weight_bytes(spec["model"]["architecture"], Recipe.of(spec["quant"])) == written
+
+
 def test_smollm2_estimates_match_its_checkpoint_sizes():
     # 134,515,008 parameters x 2 B; FP8 halves the 30 x 7 projections and adds one BF16 scale per row
     bf16 = read(PROJECT, "smollm2-135m-instruct-bf16")["spec"]

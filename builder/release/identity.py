@@ -23,7 +23,7 @@ from builder.release.recipe import Recipe
 # Bump a part's number in the change that alters what it writes (the golden test says which).
 OUTPUT_VERSIONS = {
     "layout": 1,                     # safetensors shards and index, config.json, tokenizer and side files
-    "release-files": 3,              # release.json, serve.json, README.md, provenance.json, manifest.json (2: memory estimate counts biases; 3: provenance build type v3)
+    "release-files": 4,              # release.json, serve.json, README.md, provenance.json, manifest.json (2: memory estimate counts biases; 3: provenance build type v3; 4: FP8/E8M0 scales at one byte)
     "math": 3,                       # CPU math settings every build applies (determinism.py; 2: MKL_CBWR=AVX2,STRICT moved eval.json's last digits; 3: COMPATIBLE, the same bits on AMD CPUs)
     **formats.versions(),            # format.<name>: each format module's VERSION (builder/formats/)
     "quantize.float": 1,             # FP8 scales and rounding (weights, activation and KV-cache scales)

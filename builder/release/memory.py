@@ -25,8 +25,9 @@ def linear_layers(arch: dict) -> list:
 
 def weight_bytes(arch: dict, recipe: Recipe) -> int:
     """Bytes of every tensor the artifact holds (headers and per-tensor scalars aside): quantized
-    weights at num_bits with one scale (and, asymmetric, one bias) per tensor, row or group; the rest
-    in the output dtype."""
+    weights at num_bits with one scale (and, asymmetric, one bias) per tensor, row, group or block, in
+    the recipe's scale_dtype (one byte: NVFP4's E4M3, MX's E8M0) or else the output dtype; the rest in
+    the output dtype."""
     element, total = DTYPE_BYTES[recipe.dtype], 0
     kept_fused = recipe.weights is not None and fused.kept_fused(arch["class"], recipe.format)
     for tensor in checkpoint(arch):
@@ -36,7 +37,8 @@ def weight_bytes(arch: dict, recipe: Recipe) -> int:
         module = tensor.name[: -len(".weight")]
         if tensor.linear and recipe.quantizes(module, tensor.cls):
             rows, columns = tensor.shape
-            per_scale = element if recipe.weights.symmetric else 2 * element  # asymmetric: a bias per scale too
+            scale = 1 if recipe.weights.scale_dtype else element  # float8_e4m3fn and uint8 are one byte each
+            per_scale = scale if recipe.weights.symmetric else 2 * scale  # asymmetric: a bias per scale too
             total += count * recipe.weights.num_bits // 8 + recipe.weights.scale_count(rows, columns) * per_scale
         elif kept_fused and tensor.expert and not tensor.linear:  # gpt-oss's experts in its MXFP4: E8M0 bytes
             total += count * recipe.weights.num_bits // 8 + count // recipe.weights.group_size
