@@ -69,9 +69,9 @@ def apply_torch(devices: tuple = ()) -> None:
     branch = mkl_branch()
     if branch not in (None, ENVIRONMENT["MKL_CBWR"]):
         raise BuilderError(Problem("builder/determinism.py", "MKL_CBWR",
-                                   f"{ENVIRONMENT['MKL_CBWR']} asked, but MKL runs its {branch} branch in this process, "
-                                   "whose last bits depend on the CPU; run the build through `builder` or "
-                                   "`python -m builder`, which set MKL_CBWR before torch loads"))
+                                   f"{ENVIRONMENT['MKL_CBWR']} asked, but MKL runs its {branch} branch in this "
+                                   "process, whose last bits depend on the CPU; run the build through `builder` "
+                                   "or `python -m builder`, which set MKL_CBWR before torch loads"))
     torch.set_num_threads(TORCH_THREADS)
     torch.manual_seed(SEED)
     if "cuda" in devices:

@@ -32,8 +32,9 @@ def test_weight_estimate_equals_the_bytes_the_build_writes(tiny_repo, kind, reci
 @pytest.mark.parametrize("quant", ["nvfp4a16", "mxfp4a16", "mxfp8"])
 def test_fp4_and_mx_estimates_count_their_one_byte_group_scales(tiny_repo, quant, tmp_path):
     # E4M3 (NVFP4) and E8M0 (MX) scales are one byte each, not the output dtype's two (release-files 4)
-    build_module.build(tiny_repo.root, "tiny-llama-bf16", (f"quant={quant}", "target=vllm-b200"), out=tmp_path / "a", log=lambda m: None)
-    spec = resolve(tiny_repo.root, "tiny-llama-bf16", (f"quant={quant}", "target=vllm-b200"))
+    overrides = (f"quant={quant}", "target=vllm-b200")  # a target that runs the format
+    build_module.build(tiny_repo.root, "tiny-llama-bf16", overrides, out=tmp_path / "a", log=lambda m: None)
+    spec = resolve(tiny_repo.root, "tiny-llama-bf16", overrides)
     header = [info for file in (tmp_path / "a").glob("*.safetensors") for info in read_header(file).values()]
     assert any(info["dtype"] in ("F8_E4M3", "U8") and len(info["shape"]) == 2 and info["shape"][1] > 1
                for info in header)  # group scales were written, one byte each
