@@ -104,6 +104,9 @@ def main(argv=None) -> None:
     parser.add_argument("--skip-ours", action="store_true", help="only llm-compressor's side (with --llmc)")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))  # this checkout's builder, whichever is installed
+    from builder import determinism
+
+    determinism.apply_environment()  # the CPU math builds pin, before torch loads (else they are refused)
     seeds = [int(seed) for seed in args.seeds.split(",")]
     if args.llmc and not args.llmc_recipe:
         parser.error("--llmc needs --llmc-recipe (a bench/llmcompressor_side.py recipe name)")
