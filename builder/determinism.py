@@ -22,6 +22,9 @@ ENVIRONMENT = {
 ALLOCATOR = {"THP_MEM_ALLOC_ENABLE": "1"}
 TORCH_THREADS = 2
 SEED = 0
+# mkl_cbwr.h's MKL_CBWR_* branch values, as mkl_branch() names them; MKL_CBWR_STRICT is bit 16
+MKL_BRANCHES = {2: "AUTO", 3: "COMPATIBLE", 4: "SSE2", 6: "SSSE3", 7: "SSE4_1", 8: "SSE4_2", 9: "AVX", 10: "AVX2",
+                12: "AVX512", 14: "AVX512_E1"}
 CUBLAS_WORKSPACE = ":4096:8"  # what torch.use_deterministic_algorithms asks of cuBLAS
 
 
@@ -44,15 +47,13 @@ def mkl_branch():
 
     import torch
 
-    names = {2: "AUTO", 3: "COMPATIBLE", 4: "SSE2", 6: "SSSE3", 7: "SSE4_1", 8: "SSE4_2", 9: "AVX", 10: "AVX2",
-             12: "AVX512", 14: "AVX512_E1"}  # mkl_cbwr.h's MKL_CBWR_* values; MKL_CBWR_STRICT is bit 16
     libraries = sorted((Path(torch.__file__).parent / "lib").glob("libtorch_cpu.*"))
     try:
         get = ctypes.CDLL(str(libraries[0])).mkl_serv_cbwr_get
     except (IndexError, OSError, AttributeError):
         return None
     mode = get(-1)  # MKL_CBWR_ALL: branch and strict bit
-    branch = names.get(mode & 0xFFFF, str(mode & 0xFFFF))
+    branch = MKL_BRANCHES.get(mode & 0xFFFF, str(mode & 0xFFFF))
     return f"{branch},STRICT" if mode & 0x10000 else branch
 
 
