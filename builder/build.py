@@ -128,7 +128,7 @@ def build_steps(release: Release, source: BuildInputs, staging: Path, root: Path
         calibration = observe.searched_scales(recipe, source.tensors, source.modules, calibration)
         weights = write_model(staging, spec, source, calibration)  # entries of files hashed as written
     source.digest.check()  # the source read (and hashed) by now: refused here if it is not the pinned one
-    evaluate_staged(root, spec, source, staging, log)  # before the card, which shows eval.json
+    evaluate_staged(root, spec, source, staging, log, release.overrides)  # before the card, which shows eval.json
     write_release_files(staging, release)
     smoke.check(staging, release.artifact_name, log, parameters=source.parameters)  # a failure publishes nothing
     # each file hashed once (the weights while they were written), for both records
@@ -139,9 +139,10 @@ def build_steps(release: Release, source: BuildInputs, staging: Path, root: Path
     return result
 
 
-def evaluate_staged(root: Path, spec: dict, source: BuildInputs, staging: Path, log) -> None:
+def evaluate_staged(root: Path, spec: dict, source: BuildInputs, staging: Path, log, overrides=()) -> None:
     """Measure the staged artifact against its source when the release has an eval group; a missed
-    gate raises CheckFailed before anything is moved into place.
+    gate raises CheckFailed before anything is moved into place, naming the file that set the limit
+    (the release file, an override or the eval group's file).
 
     source is prepare()'s result (its eval_ids were drawn before anything was written).
     """
@@ -151,7 +152,7 @@ def evaluate_staged(root: Path, spec: dict, source: BuildInputs, staging: Path, 
         return
     result = evaluate.evaluate(root, spec, source.path, staging, log, ids=source.eval_ids)
     (staging / EVAL_FILE).write_text(pretty_json(result), encoding="utf-8")
-    evaluate.require_gate(result, spec)
+    evaluate.require_gate(result, spec, root, overrides)
 
 
 def require_current_lock(root: Path, release: Release) -> None:

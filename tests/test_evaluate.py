@@ -27,6 +27,27 @@ def test_a_build_that_misses_its_gate_exits_1_naming_the_figure_and_leaves_no_ar
     result = calib_repo.run("build", "tiny-llama-fp8-dynamic", *EVAL, "eval.gate.max_mean_kl=0.0",
                             "--out", str(out))
     assert result.returncode == 1, result.stderr
-    assert "eval.gate.max_mean_kl: mean_kl" in result.stderr and "exceeds the gate's 0.0" in result.stderr
+    assert "override 'eval.gate.max_mean_kl=0.0': eval.gate.max_mean_kl: mean_kl" in result.stderr
+    assert "exceeds the gate's 0.0" in result.stderr
     assert not out.exists()
     assert [p.name for p in out.parent.iterdir()] == [".gated.lock"]
+
+
+def test_a_missed_gate_names_the_release_file_that_set_it_not_the_eval_group(calib_repo, tmp_path):
+    # shipped releases set their own gates over the eval group's: the error must send the user there
+    release = calib_repo.root / "specs" / "release" / "tiny-llama-fp8-dynamic-gated.yaml"
+    text = (calib_repo.root / "specs" / "release" / "tiny-llama-fp8-dynamic.yaml").read_text()
+    release.write_text(text.replace("name: tiny-llama-fp8-dynamic\n", "name: tiny-llama-fp8-dynamic-gated\n")
+                       + "\neval:\n  gate:\n    max_perplexity_increase_pct: 100.0\n    max_mean_kl: 0.0\n")
+    named = "specs/release/tiny-llama-fp8-dynamic-gated.yaml: eval.gate.max_mean_kl: mean_kl"
+    try:
+        built = calib_repo.run("build", "tiny-llama-fp8-dynamic-gated", *EVAL, "--out", str(tmp_path / "gated"))
+        # the same release built without measuring, then measured by `builder eval --eval docstrings`
+        ungated = calib_repo.run("build", "tiny-llama-fp8-dynamic-gated", "eval=none", "--out", str(tmp_path / "a"))
+        measured = calib_repo.run("eval", str(tmp_path / "a"), "--eval", "docstrings", "--out", str(tmp_path / "e"))
+    finally:
+        release.unlink()
+    assert built.returncode == 1 and named in built.stderr and "specs/eval/" not in built.stderr, built.stderr
+    assert not (tmp_path / "gated").exists()
+    assert ungated.returncode == 0, ungated.stderr
+    assert measured.returncode == 1 and named in measured.stderr and "specs/eval/" not in measured.stderr, measured

@@ -7,6 +7,7 @@ Tasks the eval group names run through lm-evaluation-harness beside it (builder/
 
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from builder.errors import BuilderError, CheckFailed, Problem
@@ -75,17 +76,26 @@ def measure_all(source: Path, artifacts: list, ids, device: str = "cpu") -> list
     return found
 
 
-def gate_problems(result: dict, gate: dict, spec_file: str) -> list:
-    """A Problem for every figure beyond the gate's limit, naming the figure, its value and the limit."""
+def gate_problems(result: dict, gate: dict, where=lambda path: "") -> list:
+    """A Problem for every figure beyond the gate's limit, naming the figure, its value, the limit and
+    where(key path), the file that set the limit (setter())."""
     found = []
     for figure, limit_key, unit in (("perplexity_increase_pct", "max_perplexity_increase_pct", " %"),
                                     ("mean_kl", "max_mean_kl", " nats")):
         limit = gate[limit_key]
         if limit is not None and result[figure] > limit:
-            found.append(Problem(spec_file, f"eval.gate.{limit_key}", f"{figure} {result[figure]}{unit} exceeds "
-                                 f"the gate's {limit}{unit} (perplexity {result['perplexity']['artifact']} vs "
-                                 f"source {result['perplexity']['source']})"))
+            found.append(Problem(where(("eval", "gate", limit_key)), f"eval.gate.{limit_key}",
+                                 f"{figure} {result[figure]}{unit} exceeds the gate's {limit}{unit} (perplexity "
+                                 f"{result['perplexity']['artifact']} vs source {result['perplexity']['source']})"))
     return found
+
+
+def setter(root: Path, spec: dict, overrides) -> Callable[[tuple], str]:
+    """where(key path) -> the file that set that key of spec: an override, the release file (which
+    sets most gates) or the eval group's file (builder/release/resolve.py locate())."""
+    from builder.release.resolve import locate
+
+    return lambda path: locate(root, spec["choices"], tuple(overrides), path, "").file
 
 
 def evaluate(root: Path, spec: dict, source: Path, artifact: Path, log=print, ids=None) -> dict:
@@ -103,7 +113,7 @@ def evaluate(root: Path, spec: dict, source: Path, artifact: Path, log=print, id
     if broken:  # whatever the gate says: an artifact whose outputs are NaN or infinite is broken
         raise CheckFailed(Problem(str(artifact.name), "eval", f"{', '.join(broken)} not finite (perplexity "
                                   f"{result['perplexity']['artifact']}): the artifact's logits hold NaN or infinity"))
-    problems = gate_problems(result, spec["eval"]["gate"], eval_file)
+    problems = gate_problems(result, spec["eval"]["gate"])
     result["dataset"] = spec["eval"]["dataset"]
     result["gate"] = {**spec["eval"]["gate"], "passed": not problems}
     log(f"eval: perplexity {result['perplexity']['artifact']} (source {result['perplexity']['source']}, "
@@ -115,14 +125,15 @@ def evaluate(root: Path, spec: dict, source: Path, artifact: Path, log=print, id
     return result
 
 
-def require_gate(result: dict, spec: dict) -> None:
-    """Raise CheckFailed (exit 1) naming each figure, and each task's recovery, that misses the release's gate."""
-    eval_file = f"specs/eval/{spec['choices']['eval']}.yaml"
-    problems = gate_problems(result, spec["eval"]["gate"], eval_file)
+def require_gate(result: dict, spec: dict, root: Path, overrides=()) -> None:
+    """Raise CheckFailed (exit 1) naming each figure, and each task's recovery, that misses the release's
+    gate, and the file that set the limit (spec built from the release with overrides)."""
+    where = setter(root, spec, overrides)
+    problems = gate_problems(result, spec["eval"]["gate"], where)
     if "tasks" in result:
         from builder.check import tasks
 
-        problems += tasks.recovery_problems(result["tasks"]["results"], eval_file)
+        problems += tasks.recovery_problems(result["tasks"]["results"], where(("eval", "tasks")))
     if problems:
         raise CheckFailed(problems)
 

@@ -160,13 +160,17 @@ def semantic_problems(spec: dict, recipes: dict | None = None) -> list:
 def locate(root: Path, choices: dict, overrides, path: tuple, message: str) -> Problem:
     """Name the file that set the key at path: an override, the release file or a group file."""
     dotted = ".".join(path)
-    for override in overrides:
-        key = override.split("=", 1)[0].lstrip("+~")
-        if key in GROUPS and path and key == path[0] and len(path) > 1:  # the override chose a group file
-            return Problem(f"specs/{key}/{choices[key]}.yaml (chosen by override {override!r})", dotted, message)
-        if key and (dotted == key or dotted.startswith(key + ".") or key.startswith(dotted + ".")):
-            return Problem(f"override {override!r}", dotted, message)
     release_file = f"specs/release/{choices['release']}.yaml"
+    keys = [(override, override.split("=", 1)[0].lstrip("+~")) for override in overrides]
+    chosen = [(override, key) for override, key in keys  # overrides that chose the key's group file
+              if key in GROUPS and path and key == path[0] and len(path) > 1]
+    for override, key in keys:  # a key set on the command line wins over every file
+        if (override, key) not in chosen and key and (dotted == key or dotted.startswith(key + ".")
+                                                      or key.startswith(dotted + ".")):
+            return Problem(f"override {override!r}", dotted, message)
+    for override, key in chosen:
+        if not sets_key(root / release_file, path):  # else the release file sets the key over the group's
+            return Problem(f"specs/{key}/{choices[key]}.yaml (chosen by override {override!r})", dotted, message)
     if sets_key(root / release_file, path) or not path or path[0] not in GROUPS:
         return Problem(release_file, dotted, message)
     return Problem(f"specs/{path[0]}/{choices[path[0]]}.yaml", dotted, message)
