@@ -183,14 +183,14 @@ def cmd_eval(args) -> int:
     from builder.check import evaluate
 
     recorded, root = record.read(args.artifact), find_root()
-    overrides = recorded.manifest.get("overrides", [])
-    result, spec = evaluate.evaluate_artifact(root, args.artifact, recorded.spec, overrides, args.eval, log=log)
+    result, spec, overrides = evaluate.evaluate_artifact(root, args.artifact, recorded.spec,
+                                                         recorded.manifest.get("overrides", []), args.eval, log=log)
     text = pretty_json(result)
     if args.out:
         atomic.write_text(args.out, text)
     else:
         sys.stdout.write(text)
-    evaluate.require_gate(result, spec, root, [*overrides, *([f"eval={args.eval}"] if args.eval else [])])
+    evaluate.require_gate(result, spec, root, overrides)
     return 0
 
 

@@ -140,14 +140,15 @@ def require_gate(result: dict, spec: dict, root: Path, overrides=()) -> None:
 
 def evaluate_artifact(root: Path, artifact: Path, spec: dict, overrides: list, option: str | None = None,
                       log=print) -> tuple:
-    """(eval result, spec) for a built artifact of spec (its recorded release.json, built with
-    overrides): its release's eval group, or the eval option given."""
+    """(eval result, spec, its overrides) for a built artifact of spec (its recorded release.json, built
+    with overrides): its release's eval group, or the eval option given (then one override more)."""
     from builder.source import load
     from builder.release.resolve import resolve
 
     if option is not None:
-        spec = resolve(root, spec["release"]["name"], (*overrides, f"eval={option}"))
+        overrides = (*overrides, f"eval={option}")
+        spec = resolve(root, spec["release"]["name"], overrides)
     if spec["eval"]["dataset"] is None:
         raise BuilderError(Problem(f"specs/eval/{spec['choices']['eval']}.yaml", "eval.dataset",
                                    "null: the release measures nothing; pass --eval OPTION, e.g. --eval docstrings"))
-    return evaluate(root, spec, load.source_dir(root, spec), artifact, log), spec
+    return evaluate(root, spec, load.source_dir(root, spec), artifact, log), spec, tuple(overrides)
