@@ -34,7 +34,7 @@ def measure(release: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("release")
     parser.add_argument("--values", default="COMPATIBLE;AVX2,STRICT",
                         help="MKL_CBWR values, separated by ';' (default: math 3's and math 2's)")
