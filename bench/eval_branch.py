@@ -1,7 +1,7 @@
 """How much MKL's branch alone moves a release's eval figures: the same built artifact, measured on its
 own eval windows in one fresh process per MKL_CBWR value (the builder's other settings kept).
 
-    python bench/eval_branch.py smollm2-135m-instruct-w8a8-int8 [--values COMPATIBLE,AVX2,STRICT]
+    python bench/eval_branch.py smollm2-135m-instruct-w8a8-int8 [--values 'COMPATIBLE;AVX2,STRICT']
 
 Needs artifacts/<release>/ built (dvc repro or builder build). The weights are the same bytes in every
 row, so any difference is the evaluation's own arithmetic (BENCHMARKS.md, "Across CPU vendors").
@@ -18,17 +18,15 @@ from pathlib import Path
 def measure(release: str) -> dict:
     import torch
 
-    from builder import determinism
+    from builder import build, determinism
     from builder.check import evaluate
     from builder.release import lock
-    from builder.source import data, load
+    from builder.source import load
 
     torch.set_num_threads(determinism.TORCH_THREADS)
     spec = lock.locked(Path("."), release, ()).spec.data()
     source = load.source_dir(Path("."), spec)
-    ids = data.samples(Path("."), spec["eval"], source, file=f"specs/eval/{spec['choices']['eval']}.yaml",
-                       group="eval")
-    result = evaluate.measure(source, Path("artifacts") / release, ids)
+    result = evaluate.measure(source, Path("artifacts") / release, build.data_samples(Path("."), spec, source, "eval"))
     return {"branch": determinism.mkl_branch(), "perplexity_increase_pct": result["perplexity_increase_pct"],
             "mean_kl": result["mean_kl"]}
 

@@ -161,6 +161,7 @@ def locate(root: Path, choices: dict, overrides, path: tuple, message: str) -> P
     """Name the file that set the key at path: an override, the release file or a group file."""
     dotted = ".".join(path)
     release_file = f"specs/release/{choices['release']}.yaml"
+    in_release = sets_key(root / release_file, path)
     keys = [(override, override.split("=", 1)[0].lstrip("+~")) for override in overrides]
     chosen = [(override, key) for override, key in keys  # overrides that chose the key's group file
               if key in GROUPS and path and key == path[0] and len(path) > 1]
@@ -169,9 +170,9 @@ def locate(root: Path, choices: dict, overrides, path: tuple, message: str) -> P
                                                       or key.startswith(dotted + ".")):
             return Problem(f"override {override!r}", dotted, message)
     for override, key in chosen:
-        if not sets_key(root / release_file, path):  # else the release file sets the key over the group's
+        if not in_release:  # else the release file sets the key over the group's
             return Problem(f"specs/{key}/{choices[key]}.yaml (chosen by override {override!r})", dotted, message)
-    if sets_key(root / release_file, path) or not path or path[0] not in GROUPS:
+    if in_release or not path or path[0] not in GROUPS:
         return Problem(release_file, dotted, message)
     return Problem(f"specs/{path[0]}/{choices[path[0]]}.yaml", dotted, message)
 
