@@ -120,6 +120,14 @@ def test_bad_override_syntax_names_the_override(repo):
 def test_missing_release_lists_known_releases(repo):
     message = problems_of(repo.root, "no-such-release")
     assert "specs/release/no-such-release.yaml" in message and "smollm2-135m-instruct-bf16" in message
+    assert "did you mean" not in message  # nothing near it
+
+
+def test_a_mistyped_release_name_suggests_the_nearest_releases_first(repo):
+    message = problems_of(repo.root, "smollm2-135m-instruct-fp8-dinamic")  # a typo
+    suggestion = message.split("did you mean ", 1)[1].split("?", 1)[0]
+    assert suggestion.split(" or ")[0] == "smollm2-135m-instruct-fp8-dynamic"
+    assert message.index("did you mean") < message.index("known:")
 
 
 def test_key_set_in_the_release_file_is_attributed_to_it(repo):

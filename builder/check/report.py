@@ -15,7 +15,7 @@ from builder.check import page, pareto, png
 from builder.errors import BuilderError, CheckFailed, Problem
 from builder.paths import EVAL_FILE
 from builder.release import cache, lock, memory
-from builder.release.resolve import list_releases, resolve
+from builder.release.resolve import list_releases, resolve, unknown_release
 
 PAGE_FILE = "index.html"
 WEIGHT_SUFFIXES = (".safetensors", ".gguf")  # weight files: safetensors (shards, MLX) and GGUF
@@ -42,8 +42,7 @@ def report(root: Path, releases: list, out: Path, log=print) -> dict:
     names = sorted(set(releases)) if releases else known
     unknown = [name for name in names if name not in known]
     if unknown:
-        raise BuilderError([Problem(f"specs/release/{name}.yaml", "", "no such release; known: "
-                                    f"{', '.join(known) or 'none'}") for name in unknown])
+        raise BuilderError([unknown_release(name, known) for name in unknown])
     rows, problems = [], []
     for name in names:
         try:

@@ -24,7 +24,7 @@ from builder.determinism import TORCH_THREADS
 from builder.errors import BuilderError, CheckFailed, Problem
 from builder.release import cache, memory
 from builder.release.recipe import Recipe
-from builder.release.resolve import list_releases, resolve
+from builder.release.resolve import list_releases, resolve, unknown_release
 
 LAUNCHERS = ("local", "slurm")  # submitit executor names
 JOB = {"timeout_min": 240}  # per release; CPUs and memory come from job_request
@@ -201,7 +201,7 @@ def submit_and_wait(root: Path, releases: list, job, launcher: str, slurm: dict,
     import submitit
 
     known = list_releases(root)
-    problems = [Problem(f"specs/release/{r}.yaml", "", "no such release") for r in releases if r not in known]
+    problems = [unknown_release(r, known) for r in releases if r not in known]
     if launcher not in LAUNCHERS:
         problems.append(Problem("--launcher", "", f"{launcher!r}; allowed: {', '.join(LAUNCHERS)}"))
     if problems:

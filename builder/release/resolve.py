@@ -3,6 +3,7 @@
     builder resolve smollm2-135m-instruct-fp8-dynamic quant.ignore='[lm_head]' --json
 """
 
+import difflib
 import re
 from pathlib import Path
 
@@ -21,6 +22,13 @@ from builder.release.validate import schema_at, typed
 def list_releases(root: Path) -> list:
     """Release names: the file names in specs/release/, sorted."""
     return sorted(p.stem for p in (root / "specs" / "release").glob("*.yaml"))
+
+
+def unknown_release(name: str, known: list) -> Problem:
+    """The one error for a release name with no file: the nearest names first, then every known one."""
+    near = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(near)}? " if near else ""
+    return Problem(f"specs/release/{name}.yaml", "", f"no such release; {hint}known: {', '.join(known) or 'none'}")
 
 
 def resolve(root: Path, release: str, overrides: tuple = ()) -> dict:
@@ -50,8 +58,7 @@ def compose(root: Path, release: str, overrides: tuple) -> dict:
 
     release_file = root / "specs" / "release" / f"{release}.yaml"
     if not release_file.is_file():
-        known = ", ".join(list_releases(root)) or "none"
-        raise BuilderError(Problem(f"specs/release/{release}.yaml", "", f"no such release; known: {known}"))
+        raise BuilderError(unknown_release(release, list_releases(root)))
     check_override_syntax(overrides)
     GlobalHydra.instance().clear()
     try:
