@@ -73,13 +73,13 @@ def random_model(model_type: str, config: dict, stems: list):
     return model.eval()
 
 
-def onboarded(base, name: str, model) -> Repo:
+def onboarded(base, name: str, model, recipes=RECIPES) -> Repo:
     """A repository with model onboarded as `name` and one release of each recipe, measured at build."""
     repo, download = Repo.fresh(base / "repo"), base / "downloads" / name
     model.save_pretrained(download)
     save_byte_tokenizer(download)
     onboard.add_model(repo.root, name, download, log=lambda m: None)
-    for recipe, extra in RECIPES.items():
+    for recipe, extra in recipes.items():
         text = release_text(f"{name}-{recipe}", name, recipe, TARGETS.get(recipe, "vllm-h100"))
         groups = "  - override /eval: docstrings\n"  # the build measures its artifact (2 windows of 32 tokens)
         if extra.startswith("calibration"):
@@ -99,9 +99,11 @@ def built_twice(repo: Repo, name: str, base, recipes=RECIPES) -> dict:
     return found
 
 
-def quantized_per_expert(folder, again: str, recipe: str, stems: list, count: int, routers: list) -> None:
+def quantized_per_expert(folder, again: str, recipe: str, stems: list, count: int, routers: list,
+                         parts: tuple = experts.NAMES) -> None:
     """The checks of a build: alike twice, measured, every expert of every stem (`{block}.experts`) quantized
-    under its per-expert names with no fused tensor left, routers BF16 and ignored, every Linear the estimate
+    under its per-expert names (parts: one expert's Linears; their tensors named as the layout writes them,
+    formats/experts.py written) with no fused tensor left, routers BF16 and ignored, every Linear the estimate
     plans quantized, and the estimate's bytes those written."""
     assert json.loads((folder / "manifest.json").read_text())["content_digest"] == again
     measured = json.loads((folder / "eval.json").read_text())  # the build's own quality check ran and passed
@@ -116,11 +118,12 @@ def quantized_per_expert(folder, again: str, recipe: str, stems: list, count: in
     values = read_tensors(folder)
     for stem in stems:
         for expert in range(count):
-            for part in experts.NAMES:
+            for part in parts:
                 module = f"{stem}.{expert}.{part}"
-                stored = header[f"{module}.weight_packed" if quant.packed or fp4 else f"{module}.weight"]
+                leaf = "weight_packed" if quant.packed or fp4 else "weight"
+                stored = header[experts.written(f"{module}.{leaf}")]
                 assert stored["dtype"] == ("I32" if quant.packed else "U8" if fp4 else "F8_E4M3"), module
-                assert f"{module}.weight_scale" in header
+                assert experts.written(f"{module}.weight_scale") in header
             if quant.weights.strategy == "tensor_group":  # NVFP4: an expert's gate and up share their global scale
                 gate, up = (values[f"{stem}.{expert}.{part}.weight_global_scale"] for part in ("gate_proj", "up_proj"))
                 assert torch.equal(gate, up), (stem, expert)
@@ -130,12 +133,29 @@ def quantized_per_expert(folder, again: str, recipe: str, stems: list, count: in
     linears = [t.name[: -len(".weight")] for t in memory.checkpoint(arch) if t.linear and quant.quantizes(
         t.name[: -len(".weight")], t.cls)]
     for module in linears:  # every Linear the estimate plans, experts one per expert, is written quantized
-        assert f"{module}.weight_scale" in header, module
-    assert sum(".experts." in module for module in linears) == 3 * count * len(stems)
+        assert experts.written(f"{module}.weight_scale") in header, module
+    assert sum(".experts." in module for module in linears) == len(parts) * count * len(stems)
     if recipe != "fp8-static":  # the memory estimate counts exactly the bytes written (per-tensor scalars aside)
         written = sum(info["data_offsets"][1] - info["data_offsets"][0] for info in header.values()
                       if info["shape"] not in ([1], [2]))
         assert memory.weight_bytes(arch, quant) == written
+
+
+def calibrated(path) -> tuple:
+    """(ids, Calibration): six random windows of 24 tokens, and what calibration finds on them for the checkpoint
+    at path with FP8 static inputs (every Linear's input maximum), for an oracle to compare with a full forward."""
+    from builder.quant import calibrate
+    from builder.source import load
+
+    ids = torch.randint(1, 255, (6, 24), generator=torch.Generator().manual_seed(1))
+    args = {"num_bits": 8, "type": "float", "strategy": "tensor", "symmetric": True, "dynamic": False,
+            "group_size": None}
+    recipe = Recipe.of({"format": "compressed-tensors", "dtype": "bfloat16", "algorithm": "rtn", "gptq": None,
+                        "targets": ["Linear"], "ignore": ["lm_head"], "weights": args,
+                        "input_activations": args, "kv_cache_scheme": None})
+    found = calibrate.calibrate(path, load.tensor_index(path), load.architecture(path)["modules"], recipe, ids,
+                                log=lambda m: None)
+    return ids, found
 
 
 def read_tensors(folder) -> dict:
@@ -144,9 +164,19 @@ def read_tensors(folder) -> dict:
     return load_file(folder / "model.safetensors")
 
 
-def decompressed(folder) -> dict:
+def module_and_leaf(name: str) -> tuple:
+    """(per-expert Linear, tensor) of an artifact's tensor name: `...experts.E.gate_proj`, `weight_packed` of
+    `...experts.E.gate_proj.weight_packed`, and of gpt-oss's `...experts.E.w13_weight_packed` alike."""
+    stem, _, last = name.rpartition(".")
+    part, _, leaf = last.partition("_")
+    if part in experts.JOINED:
+        return f"{stem}.{part}", leaf
+    return stem, last
+
+
+def decompressed(folder, shapes: dict | None = None) -> dict:
     """{module: (weight as compressed-tensors' decompressor gives it back, the module's tensors)} of every
-    per-expert Linear of an artifact."""
+    per-expert Linear of an artifact (shapes: {module: [out, in]}, the `weight_shape` a layout leaves out)."""
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationScheme
     from safetensors.torch import load_file
@@ -155,10 +185,15 @@ def decompressed(folder) -> dict:
     (group,) = config["config_groups"].values()
     scheme = QuantizationScheme.model_validate(group)
     compressor = BaseCompressor.load_from_registry(config["format"])
-    saved, found = load_file(folder / "model.safetensors"), {}
-    for module in {name.rsplit(".", 1)[0] for name in saved if ".experts." in name}:
-        state = {name.removeprefix(module + "."): value for name, value in saved.items()
-                 if name.startswith(module + ".")}
+    states = {}
+    for name, value in load_file(folder / "model.safetensors").items():
+        module, leaf = module_and_leaf(name)
+        if module.split(".")[-3:-1][:1] == ["experts"] and module.split(".")[-2].isdigit():  # `...experts.E.<part>`
+            states.setdefault(module, {})[leaf] = value
+    found = {}
+    for module, state in states.items():
+        if config["format"] == "pack-quantized" and "weight_shape" not in state:
+            state["weight_shape"] = torch.tensor(tuple(shapes[module]))
         found[module] = (compressor.decompress(dict(state), scheme)["weight"], state)
     return found
 
@@ -166,7 +201,7 @@ def decompressed(folder) -> dict:
 def rounded_source_values(folder, recipe: str, split: dict) -> None:
     """Each expert's decompressed weight is its source weight (split: {module: weight}) rounded with the
     artifact's scale (GPTQ: the integers it chose, which differ from rounding to nearest)."""
-    found = decompressed(folder)
+    found = decompressed(folder, {module: weight.shape for module, weight in split.items()})
     args = Recipe.of(json.loads((folder / "release.json").read_text())["quant"]).weights
     assert set(split) <= set(found)
     if args.type == "float" and args.num_bits == 4:

@@ -198,7 +198,8 @@ def supported_models_table() -> str:
             return "refused (`expert layout`)"
         if all(fused.kept_fused(cls, recipes[quant].format) for quant in built):
             return f"{', '.join(built)}: vLLM, transformers (experts fused, in the family's own format); others refused"
-        split = "vLLM, transformers (experts split per expert)"
+        split = "vLLM, transformers (experts split per expert)" if cls not in fused.VLLM_NAMES else \
+            "vLLM (experts split per expert, under vLLM's names; transformers through the builder's loader)"
         shown = split if kind != "fp8-static" else f"{split}, without KV-cache scales"
         return shown if len(built) == len(QUANTS_OF_KIND[kind]) else f"{', '.join(built)}: {shown}; others refused"
 

@@ -90,11 +90,11 @@ def test_a_recipe_that_needs_a_fact_the_family_lacks_is_refused_alone_naming_fac
 
 # Families whose experts stay fused on disk (their model's own layout; no converter gives per-expert
 # names): onboarded, built in BF16 (fused, as the source), and quantizing recipes refused naming the fact:
-# every one for gpt-oss; for Llama 4 and Granite 4 those the per-expert writer does not cover
-# (tests/test_llama4_experts.py and tests/test_granite4_experts.py build the others), here INT8 W8A8
-# (Llama 4) and NVFP4 weights (Granite 4).
+# those the per-expert writer does not cover (tests/test_llama4_experts.py, tests/test_granite4_experts.py and
+# tests/test_gpt_oss_experts.py build the others), here INT8 W8A8 (Llama 4), NVFP4 weights (Granite 4) and
+# FP8 (gpt-oss, whose experts vLLM reads per expert only as weight-only integers).
 REFUSED = {"llama4_text": ("w8a8-int8", "one Linear per expert (vLLM's layout)"),
-           "gpt_oss": ("fp8-dynamic", "vLLM 0.32 reads no compressed-tensors per-expert layout of gpt-oss"),
+           "gpt_oss": ("fp8-dynamic", "vLLM 0.32 reads gpt-oss's experts quantized one per expert only as"),
            "granitemoehybrid": ("nvfp4a16", "one Linear per expert (vLLM's layout)")}
 FUSED = {
     "llama4_text": dict(head_dim=16, num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=128,

@@ -91,10 +91,12 @@ RECIPES = {
         "samples": 2, "sequence_length": 64,
         "gate": {"max_perplexity_increase_pct": None, "max_mean_kl": None}}}),
     "gpt-oss-mxfp4": ("gpt-oss-mxfp4", "none", "none", {}),
+    "gpt-oss-w4a16-gptq": ("w4a16-gptq", "licenses", "none",
+                           {**SMALL_CALIBRATION, "quant": {"weights": {"group_size": 32}}}),
 }
 # Recipes written for one family only, on a tiny checkpoint of it instead of ARCHITECTURES' (gpt-oss's own
-# MXFP4: its fused experts, 64 x 64 per expert, hold whole groups of 32).
-ONLY_ON = {"gpt-oss-mxfp4": "tiny-gpt-oss"}
+# MXFP4: its fused experts, 64 x 64 per expert, hold whole groups of 32; its experts split under vLLM's names).
+ONLY_ON = {"gpt-oss-mxfp4": "tiny-gpt-oss", "gpt-oss-w4a16-gptq": "tiny-gpt-oss"}
 ONLY_FAMILIES = {"tiny-gpt-oss": ("gpt_oss", dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2,
                                                    intermediate_size=64, sliding_window=8))}
 # Cases for the on-device runtimes: their target, and the tiny model with a byte-level BPE vocabulary

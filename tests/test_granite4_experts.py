@@ -14,10 +14,9 @@ import pytest
 import torch
 
 from builder.formats import experts
-from builder.release.recipe import Recipe
 from builder.tensorfile import read_header
-from split_experts import (RECIPES, built_twice, decompressed, logits_within_bounds, onboarded, quantized_per_expert,
-                           random_model, rounded_source_values, vllm_reads)
+from split_experts import (RECIPES, built_twice, calibrated, decompressed, logits_within_bounds, onboarded,
+                           quantized_per_expert, random_model, rounded_source_values, vllm_reads)
 
 # hidden 64, experts' width 96 (input_linear [4, 192, 64]: a transposition mistake changes shapes), shared MLP
 # 64; layer 0 Mamba-2, layer 1 attention, both with 4 experts, top-2 routing.
@@ -150,18 +149,11 @@ def test_calibration_sees_each_experts_routed_tokens_as_a_full_forward_does(gran
     reached have none."""
     from transformers import AutoModelForCausalLM
 
-    from builder.quant import calibrate, layerwise
-    from builder.source import load, skeleton
+    from builder.quant import layerwise
+    from builder.source import skeleton
 
     path = granite4_repo.root / "weights" / "tiny-granite4"
-    ids = torch.randint(1, 255, (6, 24), generator=torch.Generator().manual_seed(1))
-    tensors, architecture = load.tensor_index(path), load.architecture(path)
-    args = {"num_bits": 8, "type": "float", "strategy": "tensor", "symmetric": True, "dynamic": False,
-            "group_size": None}
-    recipe = Recipe.of({"format": "compressed-tensors", "dtype": "bfloat16", "algorithm": "rtn", "gptq": None,
-                        "targets": ["Linear"], "ignore": ["lm_head"], "weights": args,
-                        "input_activations": args, "kv_cache_scheme": None})
-    found = calibrate.calibrate(path, tensors, architecture["modules"], recipe, ids, log=lambda m: None)
+    ids, found = calibrated(path)
     full = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=layerwise.register(
         "sdpa"), experts_implementation="eager").eval()
     routed_in, maxima = {}, {}

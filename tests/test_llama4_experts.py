@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from builder.formats import experts
-from builder.release.recipe import Recipe
-from split_experts import (RECIPES, built_twice, logits_within_bounds, onboarded, quantized_per_expert,
+from split_experts import (RECIPES, built_twice, calibrated, logits_within_bounds, onboarded, quantized_per_expert,
                            random_model, rounded_source_values, vllm_reads)
 
 # hidden 64, experts' width 32 (not 64: a transposition mistake changes shapes), dense layers' 128; layer 1
@@ -125,18 +124,11 @@ def test_calibration_sees_each_experts_routed_tokens_scaled_by_their_score_as_a_
     and calibration's input maxima equal that forward's, bit for bit; experts no token reached have none."""
     from transformers import AutoModelForCausalLM
 
-    from builder.quant import calibrate, layerwise
-    from builder.source import load, skeleton
+    from builder.quant import layerwise
+    from builder.source import skeleton
 
     path = llama4_repo.root / "weights" / "tiny-llama4"
-    ids = torch.randint(1, 255, (6, 24), generator=torch.Generator().manual_seed(1))
-    tensors, architecture = load.tensor_index(path), load.architecture(path)
-    args = {"num_bits": 8, "type": "float", "strategy": "tensor", "symmetric": True, "dynamic": False,
-            "group_size": None}
-    recipe = Recipe.of({"format": "compressed-tensors", "dtype": "bfloat16", "algorithm": "rtn", "gptq": None,
-                        "targets": ["Linear"], "ignore": ["lm_head"], "weights": args,
-                        "input_activations": args, "kv_cache_scheme": None})
-    found = calibrate.calibrate(path, tensors, architecture["modules"], recipe, ids, log=lambda m: None)
+    ids, found = calibrated(path)
     full = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=layerwise.register(
         "sdpa")).eval()
     block = full.model.layers[1].feed_forward

@@ -2,7 +2,8 @@
 `weight_block_size`, F8_E4M3 weights with F32 `weight_scale_inv`) and a tiny gpt-oss with MXFP4 experts
 (`quant_method: mxfp4`, `<name>_blocks` / `<name>_scales`). Each is onboarded by `builder model add`, its
 dequantized weights equal transformers' own dequantizing loaders (FineGrainedFP8Config, Mxfp4Config) bit for
-bit, and it builds like any source: bf16 and w4a16-gptq (DeepSeek-V3), bf16 (gpt-oss), twice to the same bytes.
+bit, and it builds like any source: bf16 and w4a16-gptq (DeepSeek-V3; gpt-oss, its experts written one per expert
+under vLLM's names), twice to the same bytes.
 gpt-oss also builds into its own MXFP4 layout (quant gpt-oss-mxfp4, builder/formats/mxfp4.py), from BF16 weights
 and from the published MXFP4 ones, whose values it keeps."""
 
@@ -108,6 +109,7 @@ def frontier(tmp_path_factory) -> tuple:
     for name, model_name, recipe, extra in (("ds-fp8-bf16", "ds-fp8", "bf16", ""),
                                             ("ds-fp8-w4a16-gptq", "ds-fp8", "w4a16-gptq", GPTQ),
                                             ("oss-mxfp4-bf16", "oss-mxfp4", "bf16", ""),
+                                            ("oss-mxfp4-w4a16-gptq", "oss-mxfp4", "w4a16-gptq", GPTQ),
                                             ("oss-bf16-gpt-oss-mxfp4", "oss-bf16", "gpt-oss-mxfp4", ""),
                                             ("oss-mxfp4-gpt-oss-mxfp4", "oss-mxfp4", "gpt-oss-mxfp4", "")):
         target = "vllm-gh200" if recipe == "gpt-oss-mxfp4" else "vllm-h100"  # Hopper's MXFP4 MoE kernels
@@ -208,6 +210,31 @@ def test_gpt_oss_from_mxfp4_builds_bf16_twice_alike_and_import_remakes_it(fronti
     result = repo.run("import", "oss-mxfp4", check=0)
     assert "imported" in result.stderr
     assert tree_digest(file_entries(weights)) == before == spec_of(repo, "oss-mxfp4")["digest"]
+
+
+def test_gpt_oss_from_mxfp4_builds_w4a16_gptq_twice_alike_every_expert_quantized_and_loads(frontier, source_logits,
+                                                                                          tmp_path):
+    """From the dequantized MXFP4 weights: every expert of every layer written as vLLM's gpt-oss loader streams it
+    (tests/test_gpt_oss_experts.py holds the layout), no fused weight left, and the builder's loader gives
+    logits within the 4-bit bound of the source's."""
+    from builder.check import evaluate
+
+    repo, _ = frontier
+    artifact = tmp_path / "oss-mxfp4-w4a16-gptq"
+    first = build.build(repo.root, artifact.name, out=artifact, log=lambda m: None)
+    assert build.build(repo.root, artifact.name, out=tmp_path / "again", log=lambda m: None)["content_digest"] == \
+        first["content_digest"]
+    header = read_header(artifact / "model.safetensors")
+    per_expert = {f"model.layers.{layer}.mlp.experts.{expert}.{part}_weight_{leaf}"
+                  for layer in range(GPT_OSS["num_hidden_layers"]) for expert in range(GPT_OSS["num_local_experts"])
+                  for part in ("w13", "w2") for leaf in ("packed", "scale")}
+    assert per_expert <= set(header) and all(header[name]["dtype"] == "I32" for name in per_expert if "packed" in name)
+    assert not [name for name in header if name.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    with torch.no_grad():
+        result = evaluate.load_model(artifact)(IDS).logits
+    source = source_logits(repo, "oss-mxfp4")
+    error = float((result - source).pow(2).mean().sqrt() / source.pow(2).mean().sqrt())
+    assert 0 < error < 0.6, error  # tests/test_families.py's bound for w4a16-gptq
 
 
 def test_mxfp4_experts_whose_scales_do_not_fit_their_blocks_are_refused_and_nothing_is_written(frontier, tmp_path):

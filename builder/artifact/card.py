@@ -10,7 +10,7 @@ import yaml
 
 from builder import formats
 from builder.artifact.serve import serve_config
-from builder.release import memory
+from builder.release import fused, memory
 from builder.release.recipe import Args, Recipe
 from builder.release.release import Release
 
@@ -71,6 +71,15 @@ def experts_row(arch: dict) -> list:
                            f"(top-{moe['num_experts_per_tok']} of {moe['num_experts']} experts per token){mtp}")]
 
 
+def vllm_names_lines(arch: dict, recipe: Recipe) -> list:
+    """A warning for a release whose experts only vLLM reads (gpt-oss's, split under vLLM's names)."""
+    if arch["class"] not in fused.VLLM_NAMES or not fused.split_on_write(arch["class"], recipe):
+        return []
+    return ["", "Its experts are stored one per expert under vLLM's own names (`mlp.experts.E.w13_weight_packed`, "
+                "`w2_...`), which vLLM's loader reads; transformers' `from_pretrained` does not read them (it leaves "
+                "the experts unset and says so), so load it in vLLM."]
+
+
 def model_card(release: Release, evaluation: dict | None = None) -> str:
     """The card's text for a release; evaluation is eval.json's content when the build measured it."""
     spec, recipe = release.spec.data(), release.recipe
@@ -117,6 +126,7 @@ def model_card(release: Release, evaluation: dict | None = None) -> str:
     environment = " ".join(f"{k}={v}" for k, v in sorted(serve["environment"].items()))
     lines += ["", "## How to serve", "", "```bash", serve["command"], "```", "",
               f"The arguments are in `serve.json`{f' (environment: `{environment}`)' if environment else ''}.",
+              *vllm_names_lines(model["architecture"], recipe),
               *([] if "try" not in serve else ["", "One greedy completion:", "", "```bash", serve["try"], "```"]),
               "", "## How to rebuild", "",
               f"artifact_id: `{release.artifact_id}`", "",

@@ -44,14 +44,27 @@ def recognizes(folder: Path, config: dict | None) -> bool:
 def load(folder: Path, config: dict | None, decode=None):
     """Dequantized by compressed-tensors while loading (activations still fake-quantized in forward), in
     FP32 like every loaded model: its FP4 and MX decompressors return BF16 weights and scales whatever
-    the model's dtype, which FP32 activations cannot multiply; widening them is exact."""
+    the model's dtype, which FP32 activations cannot multiply; widening them is exact. Experts in a layout only
+    vLLM reads (gpt-oss's, formats/experts.py) are decompressed into transformers' fused parameters; such an
+    artifact that leaves anything else unread is refused."""
     import warnings
 
+    from transformers.utils import logging
     from transformers.utils.quantization_config import CompressedTensorsConfig
 
-    with warnings.catch_warnings(), experts.reading(config):  # split experts read back (Granite 4)
-        warnings.filterwarnings("ignore", message="You passed `quantization_config`")  # dequantize=True is the point
-        model = dense.load(folder, config, quantization_config=CompressedTensorsConfig(dequantize=True))
+    unread, verbosity = experts.unread(folder), logging.get_verbosity()
+    if unread:  # its load report lists the experts filled below, which are no news
+        logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings(), experts.reading(config):  # split experts read back (Granite 4)
+            warnings.filterwarnings("ignore", message="You passed `quantization_config`")  # dequantize=True is the point
+            model, info = dense.load(folder, config, quantization_config=CompressedTensorsConfig(dequantize=True),
+                                     output_loading_info=True)
+    finally:
+        logging.set_verbosity(verbosity)
+    left = set(info["missing_keys"]) - experts.filled(model, folder, config)  # gpt-oss's: only vLLM reads them
+    if unread and left:
+        raise ValueError(f"{folder}: transformers left {', '.join(sorted(left)[:3])} unread")
     return dense.widened(model)
 
 
@@ -85,8 +98,10 @@ def outputs(name: str, dtype, shape: tuple, targeted: bool, recipe, kv: list, sc
     if not targeted:
         return [dense.stored(name, dtype, shape, recipe), *extra]
     if experts.fused(name, shape):  # one Linear per expert, each quantized unless the recipe leaves it out
-        return [found for module, linear in experts.linears(name, shape)
-                for found in outputs(f"{module}.weight", dtype, linear, recipe.quantizes(module), recipe, [], scales)]
+        return [Output(experts.written(found.name), found.dtype, found.shape)
+                for module, linear in experts.linears(name, shape)
+                for found in outputs(f"{module}.weight", dtype, linear, recipe.quantizes(module), recipe, [], scales)
+                if experts.written(found.name)]
     args, module = recipe.weights, name[: -len(".weight")]
     rows, columns = shape
     if args.type == "float" and (args.strategy == "tensor_group" or args.microscaled):
@@ -144,9 +159,10 @@ def known_outputs(name: str, shape: tuple, targeted: bool, recipe, calibration, 
 
     scale_dtype, scalar = scales
     if targeted and experts.fused(name, shape):
-        return {key: value for module, linear in experts.linears(name, shape) if recipe.quantizes(module)
-                for key, value in known_outputs(f"{module}.weight", linear, True, recipe, calibration, [],
-                                                arithmetic, scales).items()}
+        return {experts.written(key): value for module, linear in experts.linears(name, shape)
+                if recipe.quantizes(module) for key, value in known_outputs(
+                    f"{module}.weight", linear, True, recipe, calibration, [], arithmetic, scales).items()
+                if experts.written(key)}
     found = {}
     for key, artifact_name in kv:
         found[artifact_name] = arithmetic.scale(calibration.kv_amax[key], recipe.kv_cache_scheme,
@@ -184,7 +200,7 @@ def computed(name: str, tensor, recipe, arithmetic, scales: tuple) -> dict:
             else:
                 arithmetic.finite(f"{module}.weight", weight)
                 found[f"{module}.weight"] = weight.to(getattr(torch, recipe.dtype))  # as dense.stored writes it
-        return found
+        return {experts.written(key): value for key, value in found.items() if experts.written(key)}
     scale_dtype, scalar = scales
     args, module = recipe.weights, name[: -len(".weight")]
     values, scale, *global_scale = arithmetic.weight(name, tensor, scale_dtype)  # NVFP4: and its global scale

@@ -32,11 +32,14 @@ def recognizes(folder: Path, config: dict | None) -> bool:
 
 
 def load(folder: Path, config: dict | None, decode=None, **kwargs):
-    """The checkpoint through transformers' own loading, in FP32 (kwargs: from_pretrained's, e.g. a quantizer)."""
+    """The checkpoint through transformers' own loading, in FP32, in eval mode (kwargs: from_pretrained's, e.g. a
+    quantizer; with output_loading_info, (model, its loading info) as from_pretrained returns them)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False, **kwargs).eval()
+    found = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False, **kwargs)
+    (found[0] if kwargs.get("output_loading_info") else found).eval()
+    return found
 
 
 def widened(model):

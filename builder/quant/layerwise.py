@@ -35,13 +35,13 @@ def register(kind: str) -> str:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
 
-    if kind == "eager":  # Gemma 2: sdpa would drop the attention logits' softcapping
-        attend = importlib.import_module("transformers.models.gemma2.modeling_gemma2").eager_attention_forward
-        mask = eager_mask
-    else:
+    if kind == "sdpa":
         attend = importlib.import_module("transformers.integrations.sdpa_attention").sdpa_attention_forward
         mask = sdpa_mask
-    name = f"builder_observed_{kind}"
+    else:  # eager: Gemma 2's (sdpa would drop the attention logits' softcapping), or a model module's own
+        module = "transformers.models.gemma2.modeling_gemma2" if kind == "eager" else kind  # (gpt-oss's sinks)
+        attend, mask = importlib.import_module(module).eager_attention_forward, eager_mask
+    name = f"builder_observed_{kind.rpartition('.')[2]}"
     AttentionInterface.register(name, observed(attend))
     ALL_MASK_ATTENTION_FUNCTIONS.register(name, mask)
     return name

@@ -51,7 +51,9 @@ class Family:
     layer_norms: int = 2              # hidden-size norm vectors per decoder layer
     qk_norm: str | None = None        # q_norm/k_norm over head_dim, or over the full width (full)
     qkv_bias: str = "config"          # biases of q/k/v: config (attention_bias), always, never
-    calibrate_with: str = "sdpa"      # attention kernel calibration runs (eager: sdpa drops softcapping)
+    calibrate_with: str = "sdpa"      # attention kernel calibration runs (eager: sdpa drops softcapping; a model
+    #                                   module's path: its own eager attention, derived where transformers has
+    #                                   no sdpa for the model: gpt-oss's sinks, builder/source/skeleton.py)
     embedding_scale: bool = False     # input embeddings x sqrt(hidden) (a non-persistent buffer)
     norm_offset: bool = False         # RMSNorm multiplies by 1 + weight (Gemma), not by weight
     tied_only: bool = False           # vLLM loads only tied lm_head checkpoints

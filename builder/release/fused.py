@@ -8,7 +8,7 @@ from builder import formats
 
 FUSED_ON_DISK = {"Llama4ForCausalLM": "llama4_text", "GptOssForCausalLM": "gpt_oss",
                  "GraniteMoeHybridForCausalLM": "granitemoehybrid"}
-EXPERTS_SPLIT = ("Llama4ForCausalLM", "GraniteMoeHybridForCausalLM")
+EXPERTS_SPLIT = ("Llama4ForCausalLM", "GraniteMoeHybridForCausalLM", "GptOssForCausalLM")
 SPLIT_WHY = ("the builder writes them one Linear per expert (vLLM's layout) for compressed-tensors FP8 or "
              "weight-only integer weights per tensor, channel or group with minmax scales (round to nearest or "
              "GPTQ), and NVFP4 and MX presets rounded to nearest; not for this recipe")
@@ -19,12 +19,21 @@ SPLIT_PRESETS = ("nvfp4a16", "nvfp4", "mxfp4a16", "mxfp4", "mxfp8a16", "mxfp8")
 # ... but not for these families: transformers 5.17 reads Granite 4's split experts back through Mixtral's
 # converters (formats/experts.py reading), whose dequantization leaves NVFP4's global scales unread
 PRESETS_NOT_SPLIT = {"GraniteMoeHybridForCausalLM": ("nvfp4a16", "nvfp4")}
+# ... and gpt-oss's only as symmetric weight-only integers, packed, per group or channel (compressed-tensors
+# WNA16: w4a16, w4a16-gptq): vLLM 0.32's gpt-oss loader reads experts per expert only as
+# CompressedTensorsWNA16MoEMethod's packed weights and scales (models/gpt_oss.py l. 72-81, l. 340-352;
+# formats/experts.py), no zero points
+INTEGER_ONLY = ("GptOssForCausalLM",)
+# ... whose split experts transformers does not read (vLLM's own names): the builder's loader decompresses them
+# into transformers' fused parameters (formats/experts.py filled) for its evaluation
+VLLM_NAMES = ("GptOssForCausalLM",)
 WHY = {"Llama4ForCausalLM": SPLIT_WHY,
        "GraniteMoeHybridForCausalLM": SPLIT_WHY + " (nor NVFP4: transformers 5.17 leaves the global scales of "
        "Granite 4's split experts unread when it loads them)",
-       "GptOssForCausalLM": "vLLM 0.32 reads no compressed-tensors per-expert layout of gpt-oss (experts "
-       "fused in BF16 or under its own parameter names only): its quantized release is gpt-oss's own MXFP4 "
-       "(quant=gpt-oss-mxfp4)",
+       "GptOssForCausalLM": "vLLM 0.32 reads gpt-oss's experts quantized one per expert only as symmetric "
+       "weight-only integers, packed, with minmax scales (compressed-tensors WNA16: quant=w4a16, w4a16-gptq), or in "
+       "gpt-oss's "
+       "own MXFP4 (quant=gpt-oss-mxfp4); not this recipe",
        None: "the builder quantizes one Linear per expert and knows no converter for this layout"}
 
 
@@ -39,6 +48,16 @@ def splits(recipe) -> bool:
                                                                  or recipe.packed)
 
 
+def split_on_write(cls: str, recipe) -> bool:
+    """Whether a quantized build of this family writes its fused experts one Linear per expert."""
+    if cls not in EXPERTS_SPLIT or recipe.weights is None or not splits(recipe):
+        return False
+    if cls in INTEGER_ONLY:
+        args = recipe.weights
+        return recipe.preset is None and recipe.packed and args.symmetric and args.strategy in ("channel", "group")
+    return recipe.preset not in PRESETS_NOT_SPLIT.get(cls, ())
+
+
 def kept_fused(cls: str, layout: str) -> bool:
     """Whether a format quantizes this family's experts fused, as they are (its FUSED, for its FAMILIES)."""
     fmt = formats.of(layout)
@@ -49,8 +68,7 @@ def refusal(arch: dict, recipe) -> str | None:
     """Why a recipe cannot quantize a model whose architecture block lists fused experts; None when it can
     (no weights quantized, no fused experts, or a family and recipe whose experts are split on write)."""
     names = [entry["name"] for entry in arch.get("checkpoint") or () if entry["role"] == "fused"]
-    if recipe.weights is None or not names or (arch["class"] in EXPERTS_SPLIT and splits(recipe) and recipe.preset
-                                               not in PRESETS_NOT_SPLIT.get(arch["class"], ())) \
+    if recipe.weights is None or not names or split_on_write(arch["class"], recipe) \
             or kept_fused(arch["class"], recipe.format):
         return None
     return (f"{arch['class']} stores its experts fused ({names[0]}); {WHY.get(arch['class'], WHY[None])} "

@@ -49,7 +49,7 @@ OUTPUT_VERSIONS = {
     "import.hf": 1,                  # builder import: files copied from a Hugging Face snapshot
     "import.delta": 1,               # builder import: base + delta
     "import.quantized": 1,           # builder import: a quantized checkpoint dequantized (source/dequantize.py)
-    "experts.split": 1,              # fused experts written one Linear per expert (formats/experts.py: Llama 4)
+    "experts.split": 1,              # fused experts written one Linear per expert (formats/experts.py: Llama 4, Granite 4, gpt-oss)
 }
 # Installed packages whose versions can change what a part writes (pinned exactly in pyproject.toml).
 PART_PACKAGES = {
@@ -120,8 +120,8 @@ INPUT_KEYS = ("weights", "data", "toolchain", "versions")
 def parts(spec: dict) -> tuple:
     """The parts of the builder a release runs, sorted."""
     found = {"layout", "release-files", "math", *Recipe.of(spec["quant"]).parts}
-    if spec["model"]["architecture"]["class"] in fused.EXPERTS_SPLIT and Recipe.of(spec["quant"]).weights:
-        found.add("experts.split")  # a quantized Llama 4: its experts split (no other release runs it)
+    if fused.split_on_write(spec["model"]["architecture"]["class"], Recipe.of(spec["quant"])):
+        found.add("experts.split")  # a quantized Llama 4, Granite 4, gpt-oss: its experts split (no other runs it)
     if spec["calibration"]["dataset"] is not None and "calibration" in found:
         found.add("data")
     if spec["eval"]["dataset"] is not None:

@@ -35,13 +35,13 @@ def weight_bytes(arch: dict, recipe: Recipe) -> int:
         for size in tensor.shape:
             count *= size
         module = tensor.name[: -len(".weight")]
-        if tensor.linear and recipe.quantizes(module, tensor.cls):
+        if kept_fused and tensor.expert:  # gpt-oss's experts in its MXFP4 (fused, counted per expert): E8M0 bytes
+            total += count * recipe.weights.num_bits // 8 + count // recipe.weights.group_size
+        elif tensor.linear and recipe.quantizes(module, tensor.cls):
             rows, columns = tensor.shape
             scale = 1 if recipe.weights.scale_dtype else element  # float8_e4m3fn and uint8 are one byte each
             per_scale = scale if recipe.weights.symmetric else 2 * scale  # asymmetric: a bias per scale too
             total += count * recipe.weights.num_bits // 8 + recipe.weights.scale_count(rows, columns) * per_scale
-        elif kept_fused and tensor.expert and not tensor.linear:  # gpt-oss's experts in its MXFP4: E8M0 bytes
-            total += count * recipe.weights.num_bits // 8 + count // recipe.weights.group_size
         else:
             total += count * element
     return total

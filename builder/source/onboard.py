@@ -206,7 +206,8 @@ def next_steps(root: Path, name: str, spec: dict) -> str:
 
 
 # The recipe a new model's first release is suggested with: the first of these that its family takes
-# (gpt-oss quantizes only into its own MXFP4; bf16 always builds).
+# (gpt-oss's experts quantize only into its own MXFP4 or, one per expert, into weight-only integers; bf16
+# always builds).
 FIRST_RECIPES = ("fp8-dynamic", "gpt-oss-mxfp4", "bf16")
 
 

@@ -53,9 +53,31 @@ class Experts(nn.ModuleList):
         chosen = nn.functional.one_hot(top_k_index, num_classes=len(self)).permute(2, 1, 0)
         for expert in torch.greater(chosen.sum(dim=(-1, -2)), 0).nonzero()[:, 0].tolist():
             position, tokens = torch.where(chosen[expert])
-            result = self[expert](hidden_states[tokens]) * top_k_weights[tokens, position, None]
+            result = self.run(expert, hidden_states[tokens]) * top_k_weights[tokens, position, None]
             out.index_add_(0, tokens, result.to(out.dtype))
         return out
+
+    def run(self, expert: int, x):
+        """One expert's output for the tokens routed to it."""
+        return self[expert](x)
+
+
+class InterleavedExperts(Experts):
+    """gpt-oss's experts (GptOssExperts: gate and up interleaved in one matrix, biases, its clamped gate) as
+    one w13 and one w2 Linear per expert, named as written (formats/experts.py), the biases kept fused under
+    their checkpoint names, the gate GptOssExperts' own: the same routing arithmetic, for calibration."""
+
+    def __init__(self, fused: nn.Module):
+        count, hidden, double = fused.gate_up_proj.shape
+        nn.ModuleList.__init__(self, (nn.ModuleDict({"w13": nn.Linear(hidden, double, bias=False),
+                                                     "w2": nn.Linear(double // 2, hidden, bias=False)})
+                                      for _ in range(count)))
+        self.gate_up_proj_bias, self.down_proj_bias = fused.gate_up_proj_bias, fused.down_proj_bias
+        self.gate = fused._apply_gate
+
+    def run(self, expert: int, x):
+        linears = self[expert]
+        return linears.w2(self.gate(linears.w13(x) + self.gate_up_proj_bias[expert])) + self.down_proj_bias[expert]
 
 
 class ScaledExperts(nn.Module):
@@ -98,13 +120,19 @@ def build(config_dir: Path, attention=None, split: bool = False):
     decoder-only *ForCausalLM, with the checkpoint renamings derived from transformers; None for
     anything else (the caller refuses it).
     split: experts kept fused on disk that a quantized build writes one Linear per expert (formats/experts.py
-    SPLIT: Llama 4 as ScaledExperts, Granite 4 as Experts), for calibration; without it they stay as the
-    checkpoint holds them.
+    SPLIT: Llama 4 as ScaledExperts, Granite 4 as Experts, gpt-oss as InterleavedExperts), for calibration;
+    without it they stay as the checkpoint holds them.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(config_dir, trust_remote_code=False)
     family = families.of_class((config.architectures or [None])[0])
+    if family is not None and family.calibrate_with == "sdpa":
+        from transformers.models.auto.auto_factory import _get_model_class
+
+        model_class = _get_model_class(config, AutoModelForCausalLM._model_mapping)
+        if not model_class._supports_sdpa:  # gpt-oss's attention sinks: its own eager attention
+            family = dataclasses.replace(family, calibrate_with=model_class.__module__)
     options = {"attn_implementation": attention(family)} if attention and family else {}
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, experts_implementation="eager",
@@ -119,6 +147,8 @@ def build(config_dir: Path, attention=None, split: bool = False):
                 layout = split_experts.SPLIT.get(type(getattr(block, "experts", None)).__name__)
                 if layout is not None and layout.scaled_inputs:
                     setattr(layer, child, ScaledExperts(block))
+                elif layout is not None and layout.interleaved:
+                    block.experts = InterleavedExperts(block.experts)
                 elif layout is not None:  # the plain fused layout (unfusable), outputs weighed by the router
                     block.experts = Experts(block.experts, split_experts.NAMES)
             for name, module in layer.named_modules():
