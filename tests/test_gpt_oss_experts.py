@@ -181,7 +181,9 @@ def test_calibration_sees_each_experts_routed_tokens_as_a_full_forward_does(oss_
 #   expert E's slice of the fused parameter for CompressedTensorsWNA16MoEMethod (l. 340-352, _load_packed_expert
 #   l. 259-284: weight and scale [rows, ...], w13 rows narrowed by tensor parallelism, w2 columns).
 # - l. 1209-1236: any other name holding `.w13_weight` or `.w2_weight` is taken for a fused BF16 tensor [E, in,
-#   out] and sliced in three dimensions: a per-expert `w13_weight_shape` would fail there, so none is written.
+#   out] and sliced in three dimensions: a per-expert `w13_weight_shape` would fail there, so none is written;
+#   the MoE method's own w13_weight_shape stays unset, which model_loader/default_loader.py l. 505-519 checks
+#   only for unquantized models (or when weight tracking is asked for), and nothing reads.
 # - quantization/compressed_tensors/compressed_tensors_moe/compressed_tensors_moe_wna16.py l. 183-355: the
 #   parameters, [E, 2 x inter, hidden / 8] w13_weight_packed, [E, 2 x inter, hidden / group] w13_weight_scale,
 #   w2 likewise, w13_bias [E, 2 x inter] and w2_bias [E, hidden] (has_bias), no zero points when symmetric.
