@@ -132,6 +132,10 @@ def test_fused_experts_build_in_bf16_and_refuse_the_recipes_they_cannot_be_writt
     assert torch.equal(result, logits(download, IDS, quantized=False)[0])
     arch = yaml.safe_load((repo.root / "specs" / "model" / "tiny.yaml").read_text())["architecture"]
     assert fused.FUSED_ON_DISK[arch["class"]] == model_type  # the README's rows of fused families
+    moe = arch["moe"]  # every fused expert counted: the card's total and active parameters, fit's width check
+    assert (moe["num_experts"], moe["expert_intermediate_size"]) == (4, config["intermediate_size"]), moe
+    card = (tmp_path / "bf16" / "README.md").read_text()
+    assert f"(top-{config['num_experts_per_tok']} of 4 experts per token)" in card
     refused = repo.run("resolve", f"tiny-{quantized}", check=2)
     lines = refused.stderr.strip().splitlines()
     assert len(lines) == 1 and "fact 'expert layout'" in lines[0] and "docs/models.md" in lines[0], refused.stderr

@@ -5,6 +5,7 @@ why the others refuse quantizing recipes (the fact 'expert layout'; docs/models.
 """
 
 from builder import formats
+from builder.formats import experts as on_disk
 
 FUSED_ON_DISK = {"Llama4ForCausalLM": "llama4_text", "GptOssForCausalLM": "gpt_oss",
                  "GraniteMoeHybridForCausalLM": "granitemoehybrid"}
@@ -64,12 +65,24 @@ def kept_fused(cls: str, layout: str) -> bool:
     return bool(getattr(fmt, "FUSED", None)) and cls in (fmt.FAMILIES or {}).values()
 
 
+def quantizes_experts(arch: dict, recipe) -> bool:
+    """Whether a recipe quantizes any of the fused experts' Linears (not when its ignore names every one of a
+    known layout, formats/experts.py: they are then written fused, as the source holds them, which every
+    runtime reads); any fused tensor of a layout the builder does not know counts as quantized."""
+    for entry in (entry for entry in arch.get("checkpoint") or () if entry["role"] == "fused"):
+        name, shape = entry["name"].replace("{layer}", str((entry.get("layers") or [0])[0])), tuple(entry.get("shape", ()))
+        if not on_disk.fused(name, shape) or any(recipe.quantizes(module) for module, _ in on_disk.linears(name, shape)):
+            return True
+    return False
+
+
 def refusal(arch: dict, recipe) -> str | None:
     """Why a recipe cannot quantize a model whose architecture block lists fused experts; None when it can
-    (no weights quantized, no fused experts, or a family and recipe whose experts are split on write)."""
+    (no weights quantized, no fused experts, a family and recipe whose experts are split on write, or a
+    recipe that leaves every expert out)."""
     names = [entry["name"] for entry in arch.get("checkpoint") or () if entry["role"] == "fused"]
     if recipe.weights is None or not names or split_on_write(arch["class"], recipe) \
-            or kept_fused(arch["class"], recipe.format):
+            or kept_fused(arch["class"], recipe.format) or not quantizes_experts(arch, recipe):
         return None
     return (f"{arch['class']} stores its experts fused ({names[0]}); {WHY.get(arch['class'], WHY[None])} "
             "(the fact 'expert layout' in builder/release/fused.py)")

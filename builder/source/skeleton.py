@@ -223,7 +223,8 @@ def facts(config, family, model) -> dict:
     block = families.facts(config.to_dict())
     if family is None or family.planned:
         return block
-    entries, experts = {}, {}
+    entries, experts, fused_widths = {}, {}, set()
+    hidden = config.get_text_config().hidden_size
     for name, parameter, module in parameters(model):
         disk = checkpoint_name(name, family)
         owner = name.rsplit(".", 1)[0]
@@ -240,10 +241,15 @@ def facts(config, family, model) -> dict:
         if expert:
             experts.setdefault(int(layer.group(1)), set()).add(int(expert.group(1)))
             entry["experts"] = max(entry["experts"] or 0, int(expert.group(1)) + 1)
+        elif role == "fused" and layer and split_experts.fused(disk, tuple(parameter.shape)):  # Llama 4, gpt-oss:
+            experts.setdefault(int(layer.group(1)), set()).update(range(parameter.shape[0]))  # every expert, and
+            fused_widths |= {columns for _, (rows, columns) in split_experts.linears(disk, tuple(parameter.shape))
+                             if rows == hidden}  # its width: the input features of its down projection
     block = {**block, "model_type": config.model_type,
              "checkpoint": [{k: v for k, v in entry.items() if v is not None} for entry in entries.values()]}
     if experts:
-        sizes = sorted({getattr(m, m.names[0]).weight.shape[0] for m in model.modules() if isinstance(m, Expert)})
+        sizes = sorted({getattr(m, m.names[0]).weight.shape[0] for m in model.modules() if isinstance(m, Expert)}
+                       | fused_widths)
         layers = range(config.num_hidden_layers)
         block["moe"] = {"num_experts": max(len(found) for found in experts.values()),
                         "num_experts_per_tok": config.num_experts_per_tok, "expert_intermediate_size": sizes[0],
