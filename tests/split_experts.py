@@ -21,10 +21,12 @@ RECIPES = {"fp8-dynamic": "", "w4a16": "quant:\n  weights:\n    group_size: 32\n
            # no KV-cache scales: neither family has a row naming its k/v projections (the fact 'attention')
            "fp8-static": CALIBRATION + "quant:\n  kv_cache_scheme: null\n",
            "w4a16-gptq": CALIBRATION + "quant:\n  weights:\n    group_size: 32\n",
+           # GPTQ with imatrix_mse's searched group scales (the observer's search, for experts no token reaches too)
+           "w4a16-gptq-imatrix": CALIBRATION + "quant:\n  weights:\n    group_size: 32\n",
            # compressed-tensors' FP4 and MX presets, rounded to nearest (NVFP4's activation global scale calibrated)
            "nvfp4a16": "", "nvfp4": CALIBRATION, "mxfp4a16": ""}
 TARGETS = {"nvfp4a16": "vllm-b200", "nvfp4": "vllm-b200", "mxfp4a16": "vllm-b200"}  # the others: vllm-h100
-RELATIVE_RMS = {"fp8-dynamic": 0.15, "w4a16": 0.5, "fp8-static": 0.15, "w4a16-gptq": 0.6,  # tests/test_families.py's
+RELATIVE_RMS = {"fp8-dynamic": 0.15, "w4a16": 0.5, "fp8-static": 0.15, "w4a16-gptq": 0.6, "w4a16-gptq-imatrix": 0.6,
                 "nvfp4a16": 0.5, "nvfp4": 0.6, "mxfp4a16": 0.5}
 EVAL = "eval:\n  samples: 2\n  sequence_length: 32\n"
 # 4-bit floats move a random tiny Granite 4's perplexity on 2 x 32 tokens by ~5.6 %, past the shipped 5 % gate
@@ -48,7 +50,7 @@ VLLM_PARAMETERS = {"fp8-dynamic": {"w13_weight", "w13_weight_scale", "w2_weight"
                                   "w2_weight_scale", "w2_input_scale"},
                    "w4a16": {"w13_weight_packed", "w13_weight_scale", "w13_weight_shape", "w2_weight_packed",
                              "w2_weight_scale", "w2_weight_shape"}}
-VLLM_PARAMETERS["w4a16-gptq"] = VLLM_PARAMETERS["w4a16"]
+VLLM_PARAMETERS["w4a16-gptq"] = VLLM_PARAMETERS["w4a16-gptq-imatrix"] = VLLM_PARAMETERS["w4a16"]
 VLLM_PARAMETERS["mxfp4a16"] = {"w13_weight_packed", "w13_weight_scale", "w2_weight_packed", "w2_weight_scale"}
 VLLM_PARAMETERS["nvfp4a16"] = VLLM_PARAMETERS["mxfp4a16"] | {"w13_weight_global_scale", "w2_weight_global_scale"}
 VLLM_PARAMETERS["nvfp4"] = VLLM_PARAMETERS["nvfp4a16"] | {"w13_input_global_scale", "w2_input_global_scale"}
@@ -210,7 +212,7 @@ def rounded_source_values(folder, recipe: str, split: dict) -> None:
         values, state = found[module]
         scale = state["weight_scale"].float()
         rounded = quantize.quantize_weight(weight, scale, args).float()
-        if recipe.endswith("-gptq"):  # GPTQ rounds otherwise (each expert had a Hessian): its integers
+        if "-gptq" in recipe:  # GPTQ rounds otherwise (each expert had a Hessian): its integers
             assert not torch.equal(unpacked(state["weight_packed"], weight.shape), rounded), module
             rounded = unpacked(state["weight_packed"], weight.shape)
         expanded = scale.repeat_interleave(args.group_size, dim=1) if args.strategy == "group" else scale

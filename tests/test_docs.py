@@ -166,7 +166,7 @@ def supported_models_table() -> str:
     """Family x recipe x runtime (builder/release/families.py, the formats' FAMILIES): which runtime loads
     each family's release of each kind of recipe, and which fact refuses it where none does."""
     from builder import formats
-    from builder.release import families, fused
+    from builder.release import families, fit, fused
 
     def cell(family, kind: str) -> str:
         moe = family.moe is not None or family.experts_on_disk
@@ -191,9 +191,11 @@ def supported_models_table() -> str:
         recipes = {quant: Recipe.of(yaml.safe_load((PROJECT / "specs" / "quant" / f"{quant}.yaml").read_text()))
                    for quant in QUANTS_OF_KIND[kind]}
         built = [quant for quant, recipe in recipes.items() if not [
-            key for key, _ in families.fact_problems(arch, recipe) if key != ("quant", "kv_cache_scheme")]]
+            key for key, _ in fit.scaling_family_problems(arch, recipe) if key != ("quant", "kv_cache_scheme")]]
         if kind == "bf16":
             return "vLLM, transformers"
+        if kind == "smoothquant" and not built:
+            return "refused (no norms absorb the factors)"
         if not built:
             return "refused (`expert layout`)"
         if all(fused.kept_fused(cls, recipes[quant].format) for quant in built):

@@ -28,7 +28,8 @@ STEMS = [f"model.layers.{layer}.mlp.experts" for layer in LAYERS]
 ROUTERS = [f"model.layers.{layer}.mlp.router" for layer in LAYERS]
 PARTS = ("w13", "w2")
 RECIPES = {"w4a16": "quant:\n  weights:\n    group_size: 32\n",
-           "w4a16-gptq": CALIBRATION + "quant:\n  weights:\n    group_size: 32\n"}
+           "w4a16-gptq": CALIBRATION + "quant:\n  weights:\n    group_size: 32\n",
+           "w4a16-gptq-imatrix": CALIBRATION + "quant:\n  weights:\n    group_size: 32\n"}
 
 
 def tiny_model():
@@ -117,6 +118,25 @@ def test_compressed_tensors_decompressor_gives_back_each_experts_rounded_source_
     split = source_split(oss_repo)
     assert len(split) == len(PARTS) * EXPERTS * len(LAYERS)
     rounded_source_values(built[recipe][0], recipe, split)
+
+
+def test_a_searched_observer_searches_every_experts_scales_without_calibration(oss_repo, built, tmp_path):
+    """w4a16 with the mse observer, rounded to nearest: observe.searched_scales splits the fused parameters, so
+    every expert's group scales are searched (as for experts no calibration token reaches under GPTQ), the
+    values are the source rounded with them, and they are not minmax's."""
+    from builder import build
+    from conftest import release_text
+    from split_experts import read_tensors
+
+    name = "tiny-oss-w4a16-mse"
+    (oss_repo.root / "specs" / "release" / f"{name}.yaml").write_text(release_text(
+        name, "tiny-oss", "w4a16", "vllm-h100") + "quant:\n  weights:\n    group_size: 32\n    observer: mse\n")
+    build.build(oss_repo.root, name, out=tmp_path / name, log=lambda m: None)
+    rounded_source_values(tmp_path / name, "w4a16", source_split(oss_repo))
+    searched, minmax = read_tensors(tmp_path / name), read_tensors(built["w4a16"][0])
+    scales = [f"{stem}.{expert}.{part}_weight_scale" for stem in STEMS for expert in range(EXPERTS) for part in PARTS]
+    assert all(name in searched for name in scales)
+    assert sum(not torch.equal(searched[name], minmax[name]) for name in scales) == len(scales)
 
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
@@ -226,14 +246,12 @@ def test_expert_names_and_quantization_config_are_what_vllms_gpt_oss_loader_read
 
 
 @pytest.mark.parametrize("recipe, words", [("fp8-dynamic", "only as symmetric weight-only integers"),
-                                           ("w4a16-gptq-imatrix", "with minmax scales"),
-                                           ("nvfp4a16", "quant=w4a16, w4a16-gptq")])
+                                           ("w8a8-int8", "packed"),
+                                           ("nvfp4a16", "quant=w4a16, w4a16-gptq, w4a16-gptq-imatrix")])
 def test_recipes_vllm_cannot_read_per_expert_are_refused_in_one_line_naming_the_fact(oss_repo, recipe, words):
     from conftest import release_text
 
     text = release_text(f"tiny-oss-{recipe}", "tiny-oss", recipe, "vllm-b200" if recipe == "nvfp4a16" else "vllm-h100")
-    if recipe == "w4a16-gptq-imatrix":  # whatever else it needs given, the expert layout alone refuses it
-        text = text.replace("\n\nrelease:", "\n  - override /calibration: licenses\n\nrelease:") + RECIPES["w4a16-gptq"]
     (oss_repo.root / "specs" / "release" / f"tiny-oss-{recipe}.yaml").write_text(text)
     refused = oss_repo.run("resolve", f"tiny-oss-{recipe}", check=2)
     lines = refused.stderr.strip().splitlines()

@@ -14,6 +14,7 @@ from dataclasses import replace
 import torch
 
 from builder.console import progress
+from builder.formats import experts
 from builder.quant import fp4, quantize
 from builder.quant.results import Calibration
 from builder.release.recipe import Args, Recipe
@@ -159,12 +160,21 @@ def searched_scales(recipe: Recipe, tensors: dict, modules: dict,
     rounded, importance = found.gptq, found.imatrix
     dtype, _ = quantize.scale_format(recipe)
     names = [name for name in sorted(tensors) if quantize.targeted(name, tensors[name].shape, modules, recipe)
-             and name[: -len(".weight")] not in rounded]
+             and (experts.fused(name, tuple(tensors[name].shape)) or name[: -len(".weight")] not in rounded)]
     scales = {}
     with reader(tensors) as read:
         for name in progress(names, desc="search scales", unit="tensor"):
-            weight = quantize.smoothed(name, read(name), calibration).to(torch.float32)
-            quantize.require_finite(name, quantize.grouped_amax(weight, recipe.weights))
-            module = name[: -len(".weight")]
-            scales[module] = weight_scale(weight, recipe.weights, dtype, importance.get(module))
+            for module, weight in linears(name, read, calibration).items():  # fused experts: one per expert
+                if module not in rounded and recipe.quantizes(module):
+                    quantize.require_finite(f"{module}.weight", quantize.grouped_amax(weight, recipe.weights))
+                    scales[module] = weight_scale(weight, recipe.weights, dtype, importance.get(module))
     return replace(found, weight_scale=scales)
+
+
+def linears(name: str, read, calibration: Calibration | None) -> dict:
+    """{module: weight, FP32} of a targeted tensor: a Linear's weight (SmoothQuant's or AWQ's factor applied), or
+    the per-expert Linears a fused experts parameter is written as (formats/experts.py)."""
+    tensor = read(name)
+    if experts.fused(name, tuple(tensor.shape)):
+        return {module: weight.to(torch.float32) for module, weight in experts.split(name, tensor).items()}
+    return {name[: -len(".weight")]: quantize.smoothed(name, tensor, calibration).to(torch.float32)}

@@ -11,8 +11,8 @@ FUSED_ON_DISK = {"Llama4ForCausalLM": "llama4_text", "GptOssForCausalLM": "gpt_o
                  "GraniteMoeHybridForCausalLM": "granitemoehybrid"}
 EXPERTS_SPLIT = ("Llama4ForCausalLM", "GraniteMoeHybridForCausalLM", "GptOssForCausalLM")
 SPLIT_WHY = ("the builder writes them one Linear per expert (vLLM's layout) for compressed-tensors FP8 or "
-             "weight-only integer weights per tensor, channel or group with minmax scales (round to nearest or "
-             "GPTQ), and NVFP4 and MX presets rounded to nearest; not for this recipe")
+             "weight-only integer weights per tensor, channel or group (round to nearest or GPTQ, minmax or "
+             "searched scales), and NVFP4 and MX presets rounded to nearest; not for this recipe")
 # compressed-tensors' FP4 and MX presets whose experts are written split, rounded to nearest (an expert's gate
 # and up share NVFP4's global scale, quant/quantize.py fused_maxima); W4AFP8 is not: vLLM's Llama 4 W4A8 MoE
 # path was not checked
@@ -21,7 +21,7 @@ SPLIT_PRESETS = ("nvfp4a16", "nvfp4", "mxfp4a16", "mxfp4", "mxfp8a16", "mxfp8")
 # converters (formats/experts.py reading), whose dequantization leaves NVFP4's global scales unread
 PRESETS_NOT_SPLIT = {"GraniteMoeHybridForCausalLM": ("nvfp4a16", "nvfp4")}
 # ... and gpt-oss's only as symmetric weight-only integers, packed, per group or channel (compressed-tensors
-# WNA16: w4a16, w4a16-gptq): vLLM 0.32's gpt-oss loader reads experts per expert only as
+# WNA16: w4a16, w4a16-gptq, w4a16-gptq-imatrix): vLLM 0.32's gpt-oss loader reads experts per expert only as
 # CompressedTensorsWNA16MoEMethod's packed weights and scales (models/gpt_oss.py l. 72-81, l. 340-352;
 # formats/experts.py), no zero points
 INTEGER_ONLY = ("GptOssForCausalLM",)
@@ -32,7 +32,7 @@ WHY = {"Llama4ForCausalLM": SPLIT_WHY,
        "GraniteMoeHybridForCausalLM": SPLIT_WHY + " (nor NVFP4: transformers 5.17 leaves the global scales of "
        "Granite 4's split experts unread when it loads them)",
        "GptOssForCausalLM": "vLLM 0.32 reads gpt-oss's experts quantized one per expert only as symmetric "
-       "weight-only integers, packed, with minmax scales (compressed-tensors WNA16: quant=w4a16, w4a16-gptq), or in "
+       "weight-only integers, packed (compressed-tensors WNA16: quant=w4a16, w4a16-gptq, w4a16-gptq-imatrix), or in "
        "gpt-oss's "
        "own MXFP4 (quant=gpt-oss-mxfp4); not this recipe",
        None: "the builder quantizes one Linear per expert and knows no converter for this layout"}
@@ -41,7 +41,7 @@ WHY = {"Llama4ForCausalLM": SPLIT_WHY,
 def splits(recipe) -> bool:
     """Whether a recipe's weights are written for experts split one Linear per expert (EXPERTS_SPLIT, tested)."""
     args = recipe.weights
-    if recipe.format != "compressed-tensors" or args.observer != "minmax":
+    if recipe.format != "compressed-tensors" or (recipe.preset is not None and args.observer != "minmax"):
         return False
     if recipe.preset is not None:
         return recipe.preset in SPLIT_PRESETS and recipe.algorithm == "rtn"
