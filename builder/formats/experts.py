@@ -38,7 +38,8 @@ import contextlib
 from dataclasses import dataclass
 
 NAMES = ("gate_proj", "up_proj", "down_proj")  # one expert's Linears as written (vLLM's checkpoint names)
-# a per-expert Linear's tensors a compressed-tensors writer may write (weight: left unquantized)
+# a per-expert Linear's tensors a compressed-tensors writer may write (weight without weight_scale: left
+# unquantized)
 STORED = ("weight", "weight_packed", "weight_scale", "weight_zero_point", "weight_global_scale")
 
 
@@ -295,7 +296,7 @@ def filled(model, folder, config: dict) -> set:
                 module = f"{block}.experts.{expert}.{part}"
                 stored = {leaf: read(f"{module}{held.joiner}{leaf}") for leaf in STORED
                           if f"{module}{held.joiner}{leaf}" in tensors}
-                if "weight" not in stored:  # quantized: decompressed as compressed-tensors reads its format
+                if "weight_scale" in stored:  # quantized: decompressed as compressed-tensors reads its format
                     stored = compressor.decompress({**stored, "weight_shape": torch.tensor(shape)}, scheme)
                 stacked.append(stored["weight"].t() if held.inputs_first else stored["weight"])
             fused_tensor.data = torch.stack(stacked).to(fused_tensor.dtype)
