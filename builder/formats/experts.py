@@ -251,9 +251,9 @@ def reading(config: dict | None):
 def unread(folder) -> bool:
     """Whether the artifact in folder holds experts in a layout transformers does not read (gpt-oss's, under
     vLLM's names): loading it reports them unexpected and the fused parameters missing, which filled sets."""
-    from builder.source.load import tensor_index
+    from builder.tensorfile import index_of
 
-    for name in tensor_index(folder):
+    for name in index_of(sorted(folder.glob("*.safetensors"))):
         stem, _, tensor = name.rpartition(".")
         part, _, leaf = tensor.partition("_")
         if part in JOINED and leaf and stem.rpartition(".")[2].isdigit():
@@ -268,10 +268,9 @@ def filled(model, folder, config: dict) -> set:
     artifact's scheme), then stacked as the fused parameter holds them. In place; returns their names."""
     import torch
 
-    from builder.source.load import tensor_index
-    from builder.tensorfile import reader
+    from builder.tensorfile import index_of, reader
 
-    tensors = tensor_index(folder)
+    tensors = index_of(sorted(folder.glob("*.safetensors")))  # an artifact's files, every shard
     unset = {}  # name -> (fused parameter, its MoE block's path, Fused, one expert's Linear's shape)
     for module_name, module in model.named_modules():
         for held in SPLIT[type(module).__name__].parameters if type(module).__name__ in SPLIT else ():
