@@ -32,9 +32,8 @@ WHY = {"Llama4ForCausalLM": SPLIT_WHY,
        "GraniteMoeHybridForCausalLM": SPLIT_WHY + " (nor NVFP4: transformers 5.17 leaves the global scales of "
        "Granite 4's split experts unread when it loads them)",
        "GptOssForCausalLM": "vLLM 0.32 reads gpt-oss's experts quantized one per expert only as symmetric "
-       "weight-only integers, packed (compressed-tensors WNA16: quant=w4a16, w4a16-gptq, w4a16-gptq-imatrix), or in "
-       "gpt-oss's "
-       "own MXFP4 (quant=gpt-oss-mxfp4); not this recipe",
+       "weight-only integers, packed (compressed-tensors WNA16: quant=w4a16, w4a16-gptq, w4a16-gptq-imatrix), "
+       "or in gpt-oss's own MXFP4 (quant=gpt-oss-mxfp4); not this recipe",
        None: "the builder quantizes one Linear per expert and knows no converter for this layout"}
 
 
@@ -70,8 +69,10 @@ def quantizes_experts(arch: dict, recipe) -> bool:
     known layout, formats/experts.py: they are then written fused, as the source holds them, which every
     runtime reads); any fused tensor of a layout the builder does not know counts as quantized."""
     for entry in (entry for entry in arch.get("checkpoint") or () if entry["role"] == "fused"):
-        name, shape = entry["name"].replace("{layer}", str((entry.get("layers") or [0])[0])), tuple(entry.get("shape", ()))
-        if not on_disk.fused(name, shape) or any(recipe.quantizes(module) for module, _ in on_disk.linears(name, shape)):
+        name = entry["name"].replace("{layer}", str((entry.get("layers") or [0])[0]))
+        shape = tuple(entry.get("shape", ()))
+        if not on_disk.fused(name, shape) or any(recipe.quantizes(module) for module, _ in
+                                                 on_disk.linears(name, shape)):
             return True
     return False
 

@@ -49,7 +49,7 @@ OUTPUT_VERSIONS = {
     "import.hf": 1,                  # builder import: files copied from a Hugging Face snapshot
     "import.delta": 1,               # builder import: base + delta
     "import.quantized": 1,           # builder import: a quantized checkpoint dequantized (source/dequantize.py)
-    "experts.split": 1,              # fused experts written one Linear per expert (formats/experts.py: Llama 4, Granite 4, gpt-oss)
+    "experts.split": 1,              # fused experts written one Linear per expert (formats/experts.py)
 }
 # Installed packages whose versions can change what a part writes (pinned exactly in pyproject.toml).
 PART_PACKAGES = {
