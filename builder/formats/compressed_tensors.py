@@ -13,7 +13,7 @@ plus F32 `weight_global_scale` and, with FP4 activations, `input_global_scale`) 
 from pathlib import Path
 
 from builder.formats import dense, experts
-from builder.tensorfile import Output
+from builder.tensorfile import Output, index_of
 
 VERSION = 1            # tensor names, packing and quantization_config
 PACKAGES = ("compressed-tensors",)  # its version is written into config.json
@@ -52,7 +52,8 @@ def load(folder: Path, config: dict | None, decode=None):
     from transformers.utils import logging
     from transformers.utils.quantization_config import CompressedTensorsConfig
 
-    unread, verbosity = experts.unread(folder), logging.get_verbosity()
+    tensors = index_of(sorted(folder.glob("*.safetensors")))  # the artifact's tensors, every shard
+    unread, verbosity = experts.unread(tensors), logging.get_verbosity()
     if unread:  # its load report lists the experts filled below, which are no news
         logging.set_verbosity_error()
     try:
@@ -62,7 +63,7 @@ def load(folder: Path, config: dict | None, decode=None):
                                      output_loading_info=True)
     finally:
         logging.set_verbosity(verbosity)
-    left = set(info["missing_keys"]) - experts.filled(model, folder, config)  # gpt-oss's: only vLLM reads them
+    left = set(info["missing_keys"]) - experts.filled(model, tensors, config)  # gpt-oss's: only vLLM reads them
     if unread and left:
         raise ValueError(f"{folder}: transformers left {', '.join(sorted(left)[:3])} unread")
     return dense.widened(model)

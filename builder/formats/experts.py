@@ -248,12 +248,11 @@ def reading(config: dict | None):
             mapping.USER_REGISTERED_MAPPINGS.discard(model_type)
 
 
-def unread(folder) -> bool:
-    """Whether the artifact in folder holds experts in a layout transformers does not read (gpt-oss's, under
-    vLLM's names): loading it reports them unexpected and the fused parameters missing, which filled sets."""
-    from builder.tensorfile import index_of
-
-    for name in index_of(sorted(folder.glob("*.safetensors"))):
+def unread(tensors: dict) -> bool:
+    """Whether an artifact (tensors: its tensor index) holds experts in a layout transformers does not read
+    (gpt-oss's, under vLLM's names): loading it reports them unexpected and the fused parameters missing,
+    which filled sets."""
+    for name in tensors:
         stem, _, tensor = name.rpartition(".")
         part, _, leaf = tensor.partition("_")
         if part in JOINED and leaf and stem.rpartition(".")[2].isdigit():
@@ -261,16 +260,15 @@ def unread(folder) -> bool:
     return False
 
 
-def filled(model, folder, config: dict) -> set:
+def filled(model, tensors: dict, config: dict) -> set:
     """Sets the fused experts parameters of model (transformers' own, left unset as it loaded the
-    compressed-tensors artifact in folder) from the artifact's per-expert Linears of a layout transformers does
+    compressed-tensors artifact whose tensor index is tensors) from the artifact's per-expert Linears of a layout transformers does
     not read (gpt-oss's): each decompressed by compressed-tensors' own decompressor (the format's, with the
     artifact's scheme), then stacked as the fused parameter holds them. In place; returns their names."""
     import torch
 
-    from builder.tensorfile import index_of, reader
+    from builder.tensorfile import reader
 
-    tensors = index_of(sorted(folder.glob("*.safetensors")))  # an artifact's files, every shard
     unset = {}  # name -> (fused parameter, its MoE block's path, Fused, one expert's Linear's shape)
     for module_name, module in model.named_modules():
         for held in SPLIT[type(module).__name__].parameters if type(module).__name__ in SPLIT else ():
