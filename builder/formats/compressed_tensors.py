@@ -99,10 +99,9 @@ def outputs(name: str, dtype, shape: tuple, targeted: bool, recipe, kv: list, sc
     if not targeted:
         return [dense.stored(name, dtype, shape, recipe), *extra]
     if experts.fused(name, shape):  # one Linear per expert, each quantized unless the recipe leaves it out
-        return [Output(experts.written(found.name), found.dtype, found.shape)
-                for module, linear in experts.linears(name, shape)
+        return [Output(written, found.dtype, found.shape) for module, linear in experts.linears(name, shape)
                 for found in outputs(f"{module}.weight", dtype, linear, recipe.quantizes(module), recipe, [], scales)
-                if experts.written(found.name)]
+                if (written := experts.written(found.name))]
     args, module = recipe.weights, name[: -len(".weight")]
     rows, columns = shape
     if args.type == "float" and (args.strategy == "tensor_group" or args.microscaled):
@@ -160,10 +159,10 @@ def known_outputs(name: str, shape: tuple, targeted: bool, recipe, calibration, 
 
     scale_dtype, scalar = scales
     if targeted and experts.fused(name, shape):
-        return {experts.written(key): value for module, linear in experts.linears(name, shape)
-                if recipe.quantizes(module) for key, value in known_outputs(
-                    f"{module}.weight", linear, True, recipe, calibration, [], arithmetic, scales).items()
-                if experts.written(key)}
+        return experts.as_written({key: value for module, linear in experts.linears(name, shape)
+                                   if recipe.quantizes(module) for key, value in known_outputs(
+                                       f"{module}.weight", linear, True, recipe, calibration, [], arithmetic,
+                                       scales).items()})
     found = {}
     for key, artifact_name in kv:
         found[artifact_name] = arithmetic.scale(calibration.kv_amax[key], recipe.kv_cache_scheme,
@@ -201,7 +200,7 @@ def computed(name: str, tensor, recipe, arithmetic, scales: tuple) -> dict:
             else:
                 arithmetic.finite(f"{module}.weight", weight)
                 found[f"{module}.weight"] = weight.to(getattr(torch, recipe.dtype))  # as dense.stored writes it
-        return {experts.written(key): value for key, value in found.items() if experts.written(key)}
+        return experts.as_written(found)
     scale_dtype, scalar = scales
     args, module = recipe.weights, name[: -len(".weight")]
     values, scale, *global_scale = arithmetic.weight(name, tensor, scale_dtype)  # NVFP4: and its global scale

@@ -174,6 +174,12 @@ def written(name: str) -> str | None:
     return f"{stem}{held.joiner}{tensor}"
 
 
+def as_written(found: dict) -> dict:
+    """{name: tensor} of per-expert Linears' tensors under their artifact names (written), those the layout
+    leaves out dropped."""
+    return {name: value for key, value in found.items() if (name := written(key))}
+
+
 def sliced(read, tensors: dict):
     """read(name) -> tensor (the reader of the tensor index tensors), also for the per-expert Linears'
     weights of fused parameters the index holds instead (expert_weight): each fused parameter read once
