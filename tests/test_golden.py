@@ -75,6 +75,8 @@ RECIPES = {
     "nvfp4": ("nvfp4", "licenses", "none", SMALL_CALIBRATION),
     "nvfp4a16-gptq-imatrix": ("nvfp4a16-gptq-imatrix", "licenses", "none", SMALL_CALIBRATION),
     "nvfp4-gptq-imatrix": ("nvfp4-gptq-imatrix", "licenses", "none", SMALL_CALIBRATION),
+    "nvfp4a16-gptq-asymmetric": ("nvfp4a16-gptq-imatrix", "licenses", "none",
+                                 {**SMALL_CALIBRATION, "quant": {"gptq": {"asymmetric": True}}}),
     "mxfp4a16": ("mxfp4a16", "none", "none", {}),
     "mxfp4": ("mxfp4", "none", "none", {}),
     "mxfp8": ("mxfp8", "none", "none", {}),
@@ -117,7 +119,7 @@ DERIVED = (MANIFEST_FILE, PROVENANCE_FILE)
 # Which parts decide each kind of file (the diagnosis names those the failing case runs).
 FILE_PARTS = (
     (lambda path: path.endswith(".safetensors") or path.endswith(".index.json"),
-     ("layout", "format.", "quantize.", "gptq", "observer.", "smoothing", "awq", "calibration", "data")),
+     ("layout", "format.", "quantize.", "gptq", "gptq.", "observer.", "smoothing", "awq", "calibration", "data")),
     (lambda path: path.endswith(".gguf"), ("format.", "quantize.", "imatrix", "calibration", "data")),
     (lambda path: path == "config.json", ("layout", "format.")),
     (lambda path: path in ("release.json", "serve.json", "README.md"), ("release-files",)),

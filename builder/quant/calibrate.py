@@ -17,7 +17,7 @@ import torch
 
 from builder.console import progress
 from builder.formats import experts
-from builder.quant import awq, gptq, imatrix, layerwise, quantize, smoothquant, statistics, step
+from builder.quant import asymmetric, awq, gptq, imatrix, layerwise, quantize, smoothquant, statistics, step
 from builder.quant.results import Calibration
 from builder.release.recipe import Recipe
 from builder.source import skeleton
@@ -26,9 +26,10 @@ from builder.spill import Spill
 from builder.tensorfile import reader
 
 # Every calibration step, in the order they observe and finish a layer: SmoothQuant changes the layer
-# before the others see it; AWQ rescales the Hessians and E[x²] sums before they are read; GPTQ last.
+# before the others see it; AWQ rescales the Hessians and E[x²] sums before they are read; the cross sums
+# of GPTQ's asymmetric calibration run the source model's stream beside; GPTQ last.
 STEPS = (smoothquant.SMOOTHQUANT, statistics.ACTIVATIONS, statistics.KV_CACHE, gptq.HESSIAN, awq.AWQ,
-         imatrix.MEAN_SQUARES, imatrix.IMPORTANCE, gptq.GPTQ)
+         imatrix.MEAN_SQUARES, imatrix.IMPORTANCE, asymmetric.CROSS, gptq.GPTQ)
 
 
 def plan(recipe: Recipe) -> tuple:
@@ -49,7 +50,8 @@ def calibrate(source: Path, tensors: dict, modules: dict, recipe: Recipe, ids: t
     FP32 sums; importance: llama.cpp's imatrix recipes, FP64 sums), modules by their checkpoint names,
     on the CPU; results of a step under a key no field names go to other; gptq is the
     Spill when given one (GPTQ's results go to disk as each layer finishes). Only one decoder layer's
-    weights and one set of hidden states (FP32, [samples, length, hidden]) are in memory at a time.
+    weights and one set of hidden states (FP32, [samples, length, hidden]) are in memory at a time (two
+    with GPTQ's asymmetric calibration: the source model's beside them).
     device: where the layers run (cpu, cuda): one layer's weights on it at a time; the hidden states
     too when they fit in half its free memory, else on the CPU, a batch at a time on the device.
     """
@@ -64,14 +66,17 @@ def calibrate(source: Path, tensors: dict, modules: dict, recipe: Recipe, ids: t
     passes = [*(([s], False) for s in steps if s.own_pass), ([s for s in steps if not s.own_pass], not rewrites)]
     with reader(tensors) as whole:
         read = experts.sliced(whole, tensors)  # split experts' Linears sliced from their fused parameters
-        hidden, arguments = layerwise.first_inputs(model, config, read, ids, device)
+        beside = any(s.beside for s in steps)
+        hidden, arguments = layerwise.first_inputs(model, config, read, ids, device, streams=2 if beside else 1)
+        source = [batch.clone() for batch in hidden] if beside else None  # the source model's stream
         layers = model.model.layers
         for index in progress(range(len(layers)), desc="calibrate", unit="layer"):
             prefix, module = f"model.layers.{index}.", layers[index]
             layerwise.materialize(module, prefix, family, read, device, stored)
             layer = step.Layer(index, prefix, module, family, targeted(module, prefix, family, modules, recipe),
-                               lambda replace, m=module, i=index: layerwise.run(m, i, hidden, arguments, replace),
-                               log)
+                               None, log)
+            layer.run = lambda replace, beside=False, m=module, i=index, layer=layer: layerwise.run(
+                m, i, hidden, arguments, replace, (source, lambda: layer.running(step.SOURCE)) if beside else None)
             for group, replace in passes:
                 keep(found, index, one_pass(layer, group, recipe, replace))
             if rewrites:
@@ -86,7 +91,7 @@ def one_pass(layer: step.Layer, steps: list, recipe: Recipe, replace: bool) -> d
     {result key: {name: value}}."""
     try:
         seen = {s.name: s.observe(layer, recipe) for s in steps}
-        layer.run(replace)
+        layer.run(replace, any(s.beside for s in steps))
     finally:
         layer.unhook()
     found = {}

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from builder.errors import BuilderError, Problem
-from builder.quant import fp4, layerwise, observe
+from builder.quant import asymmetric, fp4, layerwise, observe
 from builder.quant.quantize import FP8, fused, quantized_dtype, scale_format
 from builder.quant.step import Layer, Step, means, shared_sums
 from builder.release.recipe import Args, Recipe
@@ -313,7 +313,9 @@ def finish(layer: Layer, recipe: Recipe, seen: dict) -> dict:
     """Round each Linear of the layer with its Hessian (and the imatrix_mse observer's E[x²] when the
     recipe searches scales with it); the layer then computes with its rounded weights: {"gptq":
     {module: (values, scale)}} (NVFP4: (codes, scale, global), global scales shared as vLLM fuses the
-    Linears). A Linear no token reached (an expert) has no Hessian: it is rounded to nearest.
+    Linears). A Linear no token reached (an expert) has no Hessian: it is rounded to nearest. With
+    gptq.asymmetric (builder/quant/asymmetric.py) the leading Linears round towards the source model's
+    outputs: their weights are replaced by those targets first (the Hessians summed for it).
 
     Memory: Linears that read the same input share one Hessian, summed when they are rounded (see
     gather), factorised once in its own memory and freed after the column loop of the last of them
@@ -326,6 +328,10 @@ def finish(layer: Layer, recipe: Recipe, seen: dict) -> dict:
     """
     hessians = seen["hessian"]
     importance = means(seen["mean_squares"]) if "mean_squares" in seen else {}  # E[x²], builder/quant/imatrix.py
+    if "cross" in seen:  # asymmetric calibration: the leading Linears round towards the source's outputs
+        for name in seen["cross"]["names"] & hessians.keys():
+            hessians[name][0] = summed(hessians[name][0])
+        asymmetric.targets_(layer, recipe, hessians, seen["cross"])
     rounded = sorted((name for name in layer.linears if name in hessians),
                      key=lambda name: layer.linears[name].weight.shape[1])  # stable: storage order within a width
     readers = {}  # id of a shared Hessian entry -> how many Linears still need its factor

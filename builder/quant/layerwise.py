@@ -149,13 +149,13 @@ def release(module: torch.nn.Module) -> None:
     module.to_empty(device="meta")
 
 
-def first_inputs(model, config, read, ids: torch.Tensor, device: torch.device) -> tuple:
+def first_inputs(model, config, read, ids: torch.Tensor, device: torch.device, streams: int = 1) -> tuple:
     """(hidden, arguments): the hidden states entering layer 0 as a list of batches of BATCH samples
-    of ids [samples, length] (on the device when they fit, see hidden_states_device), and per batch
-    size each layer's (args, kwargs) on the device. The embedding is freed afterwards (meta)."""
+    of ids [samples, length] (on the device when streams copies of them fit, see hidden_states_device),
+    and per batch size each layer's (args, kwargs) on the device. The embedding is freed afterwards (meta)."""
     rows, indices = torch.unique(ids, sorted=True, return_inverse=True)
     prepare_model_inputs(model, config, read, rows)
-    storage = hidden_states_device(device, ids, config.hidden_size)
+    storage = hidden_states_device(device, ids, config.hidden_size * streams)
     hidden, arguments = [], {}
     for batch in indices.split(BATCH):
         calls = layer_inputs(model, batch, every_layer=len(batch) not in arguments)
@@ -165,17 +165,31 @@ def first_inputs(model, config, read, ids: torch.Tensor, device: torch.device) -
     return hidden, arguments
 
 
-def run(layer: torch.nn.Module, index: int, hidden: list, arguments: dict, replace: bool) -> None:
+def run(layer: torch.nn.Module, index: int, hidden: list, arguments: dict, replace: bool,
+        beside: tuple | None = None) -> None:
     """Run decoder layer index over every batch of hidden states with the inputs the model gives it
-    (on the layer's device); with replace, each batch's outputs take its inputs' place (where it was)."""
+    (on the layer's device); with replace, each batch's outputs take its inputs' place (where it was).
+
+    beside: (the source model's hidden states, running): each batch of them runs first, inside
+    running() (the hooks of that stream hear it), and its outputs always take its inputs' place."""
     device = next(layer.parameters()).device
     with torch.no_grad():
         for position, batch in enumerate(hidden):
             args, kwargs = arguments[len(batch)][index]
+            if beside is not None:
+                source, running = beside
+                with running():
+                    result = layer(source[position].to(device), *args, **kwargs)
+                source[position] = output(result).to(source[position].device)
             result = layer(batch.to(device), *args, **kwargs)
             if replace:
-                hidden[position] = (result[0] if isinstance(result, tuple) else result).to(batch.device)
+                hidden[position] = output(result).to(batch.device)
             del result
+
+
+def output(result) -> torch.Tensor:
+    """A decoder layer's hidden states out of what its forward returns."""
+    return result[0] if isinstance(result, tuple) else result
 
 
 def hidden_states_device(device: torch.device, ids: torch.Tensor, width: int) -> torch.device:

@@ -7,7 +7,7 @@ the KV cache (KV-cache scales). Exact: maxima, whatever the batch order.
 
 import torch
 
-from builder.quant.step import ANY, Layer, Step, rows
+from builder.quant.step import ANY, CALIBRATION, Layer, Step, rows
 
 KV_SCALES = ("self_attn.k_scale", "self_attn.v_scale")  # where compressed-tensors and vLLM look for them
 
@@ -56,7 +56,7 @@ def observe_kv(layer: Layer, recipe) -> dict:
         for name, tensor in zip(names, (key, value)):
             running_max(amax, name, tensor)
 
-    attention.builder_observe = on_kv
+    attention.builder_observe = layer.only(CALIBRATION, on_kv)
     layer.removers.append(lambda: delattr(attention, "builder_observe"))
     return amax
 

@@ -9,6 +9,7 @@ No session object: a step's state is what its observe returned, handed to its ow
 of the steps after it (`needs` names the steps whose state it reads), and dropped with the layer.
 """
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -16,6 +17,9 @@ import torch
 
 from builder.source import skeleton
 
+# The streams of hidden states a layer runs: the calibration's (each layer's inputs from the layers before
+# it as calibration left them: rounded), and beside it, where a step asks (Step.beside), the source model's.
+CALIBRATION, SOURCE = "calibration", "source"
 ANY = ...  # in Step.when: the recipe field holds any value but None
 
 
@@ -35,7 +39,10 @@ class Step:
     (moved to the CPU by the walk). own_pass: it changes the layer the others observe (folds factors
     into it), so it observes and finishes in a pass of its own, first. rewrites: its finish changes the
     layer's outputs (rounds its weights), so the layer runs once more to hand them to the next layer.
-    spilled: its results are a layer's weights, kept in the build's Spill when given one.
+    spilled: its results are a layer's weights, kept in the build's Spill when given one. beside: its
+    observe also hooks the source model's stream (stream=SOURCE): in its pass each batch of the source
+    model's hidden states runs through the layer, as the source's weights left it, before the same batch
+    of the calibration's.
     """
 
     name: str
@@ -47,6 +54,7 @@ class Step:
     own_pass: bool = False
     rewrites: bool = False
     spilled: bool = False
+    beside: bool = False
 
 
 def folds(step: Step) -> bool:
@@ -70,8 +78,9 @@ def runs(step: Step, recipe) -> bool:
 @dataclass
 class Layer:
     """One decoder layer as the steps see it: on its device, its targeted Linears by checkpoint name;
-    run(replace) runs it over every calibration batch in FP32 (with replace, its outputs become the
-    next layer's inputs). Weights are FP32, except plain Linears' when no step folds factors into
+    run(replace, beside=False) runs it over every calibration batch in FP32 (with replace, its outputs
+    become the next layer's inputs; with beside, each after the same batch of the source model's stream,
+    whose outputs always become its next inputs). Weights are FP32, except plain Linears' when no step folds factors into
     them (folds): those keep the checkpoint's dtype and are widened as each Linear runs
     (layerwise.materialize); GPTQ reads them in FP32 with .to(torch.float32)."""
 
@@ -83,18 +92,32 @@ class Layer:
     run: Callable
     log: Callable
     removers: list = field(default_factory=list)
+    stream: str = CALIBRATION     # the stream running now (hooks hear only their own)
 
     def name(self, module: str) -> str:
         """The checkpoint name of a module of this layer (named as in module.named_modules())."""
         return skeleton.checkpoint_name(self.prefix + module, self.family)
 
-    def on_input(self, module: torch.nn.Module, hook) -> None:
-        """hook(module, args) before module runs, until unhook()."""
-        self.removers.append(module.register_forward_pre_hook(hook).remove)
+    def on_input(self, module: torch.nn.Module, hook, stream: str = CALIBRATION) -> None:
+        """hook(module, args) before module runs on the stream's batches, until unhook()."""
+        self.removers.append(module.register_forward_pre_hook(self.only(stream, hook)).remove)
 
-    def on_output(self, module: torch.nn.Module, hook) -> None:
-        """hook(module, args, output) after module runs, until unhook()."""
-        self.removers.append(module.register_forward_hook(hook).remove)
+    def on_output(self, module: torch.nn.Module, hook, stream: str = CALIBRATION) -> None:
+        """hook(module, args, output) after module runs on the stream's batches, until unhook()."""
+        self.removers.append(module.register_forward_hook(self.only(stream, hook)).remove)
+
+    def only(self, stream: str, hook):
+        """hook, called only while the layer runs the stream (else nothing happens)."""
+        return lambda *args: hook(*args) if self.stream == stream else None
+
+    @contextmanager
+    def running(self, stream: str):
+        """The layer runs the stream's batches inside."""
+        self.stream = stream
+        try:
+            yield
+        finally:
+            self.stream = CALIBRATION
 
     def unhook(self) -> None:
         """Remove every hook and drop what the steps asked to drop (references to the last batch)."""

@@ -36,6 +36,7 @@ OUTPUT_VERSIONS = {
     "quantize.affine": 1,            # MLX's affine groups: scales, biases, codes
     "quantize.mlxfp": 1,             # MLX's float modes mxfp4, nvfp4, mxfp8: uint8 scales, codes (quant/mlxfp.py)
     "gptq": 5,                       # GPTQ's column loop (integer, FP8, FP4 weights); 2: MKL_CBWR; 3: Cholesky + trtri; 4: Babai (no inverse); 5: panels of 16
+    "gptq.asymmetric": 1,            # GPTQ's targets moved to the source model's outputs (quant/asymmetric.py)
     "observer.mse": 1,               # weight scales searched for the least rounding error
     "observer.imatrix_mse": 1,       # the same, errors weighted by the inputs' E[x²] per column
     "smoothing": 1,                  # SmoothQuant: per-channel factors folded into each layer's norms and Linears
@@ -67,6 +68,7 @@ PART_PACKAGES = {
     "quantize.affine": ("torch",),
     "quantize.mlxfp": ("torch",),
     "gptq": ("torch",),
+    "gptq.asymmetric": ("torch",),
     "observer.mse": ("torch",),
     "observer.imatrix_mse": ("torch",),
     "imatrix": ("torch",),

@@ -130,6 +130,8 @@ class Recipe:
                 found.append(formats.quantizer(self) or args.part)
         if self.algorithm in ("gptq", "imatrix"):
             found.append(self.algorithm)
+        if self.gptq is not None and self.gptq.asymmetric:
+            found.append("gptq.asymmetric")
         if self.weights is not None and self.weights.observer != "minmax":
             found.append(f"observer.{self.weights.observer}")
         if self.smoothing is not None:
@@ -237,6 +239,9 @@ def arithmetic_problems(recipe: Recipe) -> list:
                       "scale search; use it with format gguf"))
     if (recipe.algorithm == "gptq") != (recipe.gptq is not None):
         found.append((("quant", "gptq"), "GPTQ settings are required with algorithm gptq and not allowed otherwise"))
+    if recipe.gptq is not None and recipe.gptq.asymmetric and recipe.awq is not None:
+        found.append((("quant", "gptq", "asymmetric"), "true: not with awq (its factors rescale the inputs "
+                      "GPTQ's sums are made of; the source model's stream would need them too): set false or drop awq"))
     for key, args in (("input_activations", acts), ("kv_cache_scheme", kv)):
         if args is not None and (args.observer != "minmax" or args.settings):
             found.append((("quant", key, "observer"), f"{args.observer}: scale search is for weights; "
