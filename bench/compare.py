@@ -5,7 +5,8 @@ by builder.evaluate), and whether our recipes build twice to the same bytes.
 
     python bench/compare.py [--formats fp8-dynamic,fp8-static,w8a8-int8,w4a16] [--samples 64] [--length 512]
         [--eval-samples 32] [--texts docstrings,code] [--repeat] [--skip llm-compressor:w4a16-gptq-mse,...]
-        [--keep DIR] [--llmc /work/venvs/llmc/bin/python] [--json bench/results.json]   (from the repository root)
+        [--variant RECIPE:OVERRIDE,...] [--keep DIR] [--llmc /work/venvs/llmc/bin/python] [--json bench/results.json]
+        (from the repository root)
 
 --keep DIR keeps every artifact and its measurements in DIR, and a later run reuses what it finds there
 (a long comparison can be run a format at a time, or resumed); without it all goes in a temporary folder.
@@ -76,8 +77,8 @@ def calibrates(recipe: str) -> bool:
     return resolve(ROOT, f"{MODEL}-{recipe}")["calibration"]["dataset"] is not None
 
 
-def ours(recipe: str, out: Path, samples: int, length: int) -> dict:
-    overrides = ["eval=none"]  # evaluated below, like theirs, outside the timed run
+def ours(recipe: str, out: Path, samples: int, length: int, extra: tuple = ()) -> dict:
+    overrides = ["eval=none", *extra]  # evaluated below, like theirs, outside the timed run
     if calibrates(recipe):
         overrides += [f"calibration.samples={samples}", f"calibration.sequence_length={length}"]
     result = measured([sys.executable, "-m", "builder", "build", f"{MODEL}-{recipe}", *overrides,
@@ -123,16 +124,21 @@ def run_format(name: str, args, ids_file: Path, eval_ids: dict, scratch: Path) -
 
     rows, outs = [], []
     recipes_ours, recipes_theirs = FORMATS[name]
+    variants = [tuple(item.split(":", 1)) for item in args.variant.split(",") if item]  # (recipe, override)
+    recipes_ours = (*recipes_ours, *(f"{recipe}:{override}" for recipe, override in variants if recipe in recipes_ours))
     for side, recipes in (("ours", recipes_ours), ("llm-compressor", recipes_theirs)):
         for recipe in recipes:
             if f"{side}:{recipe}" in args.skip.split(","):
                 continue
-            out = scratch / f"{side}-{recipe}"
+            base, _, override = recipe.partition(":")
+            out = scratch / f"{side}-{base}{'-' + override.strip('+').replace('=', '-') if override else ''}"
             row = {"format": name, "side": side, "recipe": recipe}
             if side == "ours":
-                row.update(kept(out, lambda out: ours(recipe, out, args.samples, args.length)))
+                extra = (override,) if override else ()
+                row.update(kept(out, lambda out: ours(base, out, args.samples, args.length, extra)))
                 if args.repeat and recipe != recipes[0] and f"again:{recipe}" not in args.skip.split(","):
-                    again = kept(scratch / f"again-{recipe}", lambda out: ours(recipe, out, args.samples, args.length))
+                    again = kept(scratch / f"again-{out.name.removeprefix('ours-')}",
+                                 lambda out: ours(base, out, args.samples, args.length, extra))
                     row["repeat_seconds"], row["repeat_digest"] = again["seconds"], again["content_digest"]
                     row["repeatable"] = again["content_digest"] == row["content_digest"]
             else:
@@ -166,6 +172,8 @@ def main() -> None:
                         help=f"evaluation texts, of {', '.join(TEXTS)}; TEXT:N evaluates N windows of it")
     parser.add_argument("--repeat", action="store_true", help="build each of our non-default recipes twice")
     parser.add_argument("--skip", default="", help="side:recipe pairs not to run, e.g. llm-compressor:w4a16-gptq-mse (again:RECIPE: no repeat build)")
+    parser.add_argument("--variant", default="", help="our recipes built again with one override each, as rows of "
+                        "their own, e.g. nvfp4a16-gptq-imatrix:+quant.gptq.asymmetric=true")
     parser.add_argument("--keep", type=Path, help="keep artifacts and measurements here, and reuse them")
     parser.add_argument("--llmc", default="/work/venvs/llmc/bin/python")
     parser.add_argument("--json", type=Path)

@@ -5,7 +5,6 @@ for; the source model's stream runs beside the calibration's, heard only by the 
 import pytest
 import torch
 
-import conftest
 from builder import build
 from builder.errors import BuilderError
 from builder.quant import asymmetric, layerwise, statistics
@@ -13,8 +12,8 @@ from builder.quant.step import SOURCE, Layer, shared_sums
 from builder.release.recipe import Recipe
 from builder.release.resolve import resolve
 from conftest import Repo
-from test_fp4 import LINEARS, MODEL
-from test_fp4_gptq import CALIBRATION, decoded
+from test_fp4 import LINEARS
+from test_fp4_gptq import CALIBRATION, decoded, tiny_repo  # noqa: F401 (the fixture: a tiny Llama, nvfp4a16)
 
 GPTQ = {"block_size": 128, "dampening_frac": 0.1, "actorder": "static"}
 
@@ -123,19 +122,6 @@ def test_kv_cache_and_input_maxima_hear_the_calibration_stream_alone():
     assert float(inputs["q"]) == 1.5  # the calibration's x * 1.5, not the source's 13.5
 
 
-@pytest.fixture(scope="module")
-def tiny_repo(tmp_path_factory) -> Repo:
-    repo = Repo.fresh(tmp_path_factory.mktemp("asymmetric") / "repo")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(conftest.TINY, "tiny-fp4", MODEL)
-        repo.add_model("tiny-fp4", tokenizer=True)
-    (repo.root / "specs" / "release" / "tiny-fp4-nvfp4a16.yaml").write_text(
-        "# @package _global_\ndefaults:\n  - override /model: tiny-fp4\n  - override /quant: nvfp4a16-gptq-imatrix\n"
-        "  - override /target: vllm-b200\n  - override /calibration: licenses\n\n"
-        "release:\n  name: tiny-fp4-nvfp4a16\n  version: 0.0.1\n")
-    return repo
-
-
 def test_on_a_tiny_model_asymmetric_gptq_builds_twice_alike_and_leaves_less_logit_error_than_gptq(tiny_repo, tmp_path):
     """nvfp4a16-gptq-imatrix on a tiny Llama (two layers), with and without gptq.asymmetric, on 4 windows of the
     licence texts; the logits of the source model with each artifact's decoded Linears, against the source's, on
@@ -146,15 +132,16 @@ def test_on_a_tiny_model_asymmetric_gptq_builds_twice_alike_and_leaves_less_logi
     from builder.source import data
 
     manifests = {}
+    overrides = ("quant=nvfp4a16-gptq-imatrix", *CALIBRATION)
     for name, extra in (("gptq", ()), ("asymmetric", ("+quant.gptq.asymmetric=true",)),
                         ("again", ("+quant.gptq.asymmetric=true",))):
-        manifests[name] = build.build(tiny_repo.root, "tiny-fp4-nvfp4a16", (*CALIBRATION, *extra), out=tmp_path / name,
+        manifests[name] = build.build(tiny_repo.root, "tiny-fp4-nvfp4a16", (*overrides, *extra), out=tmp_path / name,
                                       log=lambda m: None)
     assert manifests["asymmetric"]["content_digest"] == manifests["again"]["content_digest"]
     assert manifests["asymmetric"]["content_digest"] != manifests["gptq"]["content_digest"]
     assert "gptq.asymmetric" in manifests["asymmetric"]["inputs"]["versions"]
     assert "gptq.asymmetric" not in manifests["gptq"]["inputs"]["versions"]
-    spec = resolve(tiny_repo.root, "tiny-fp4-nvfp4a16", CALIBRATION)["calibration"]
+    spec = resolve(tiny_repo.root, "tiny-fp4-nvfp4a16", overrides)["calibration"]
     weights = tiny_repo.root / "weights" / "tiny-fp4"
     ids = data.samples(tiny_repo.root, spec, weights, file="test", group="calibration")
     model = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32)
