@@ -191,11 +191,11 @@ class GPTQ(Group):
         description="static: columns rounded in order of decreasing input energy (scales and layout unchanged); "
                     "null: in storage order")
     asymmetric: bool = Field(
-        False, description="true: each Linear's rounded outputs on the quantized model's inputs are fitted to the "
-                           "source model's outputs on its own inputs, so a layer also makes up for the error of the "
-                           "layers before it (GPTAQ's asymmetric calibration, Li et al. 2025; runs the source model "
-                           "beside the calibration, one more forward pass per layer); optional, absent: false, each "
-                           "Linear fitted to its source weights on the quantized inputs (GPTQ)")
+        False, description="true: each layer's leading Linears (q/k/v) are fitted, on the quantized model's inputs, "
+                           "to the source model's outputs on its own inputs, so the layer also makes up for the error "
+                           "of the layers before it (after GPTAQ, Li et al. 2025; runs the source model beside the "
+                           "calibration, one more forward pass per layer); optional, absent: false, each Linear "
+                           "fitted to its source weights on the quantized inputs (GPTQ)")
 
 
 class AWQ(Group):
