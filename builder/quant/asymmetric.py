@@ -21,6 +21,7 @@ layer (attention does), and a leading Linear whose two streams differ in tokens 
 import torch
 
 from builder.errors import BuilderError, Problem
+from builder.quant.dampen import dampen_, indefinite
 from builder.quant.step import CALIBRATION, SOURCE, Layer, Step, rows
 
 
@@ -59,9 +60,9 @@ def observe(layer: Layer, recipe) -> dict:
 
 def targets_(layer: Layer, recipe, hessians: dict, cross: dict) -> None:
     """The leading Linears get their target W' (FP32) as their weight, before GPTQ reads it (and NVFP4's
-    global scales are taken): W' = W (C + λI)ᵀ (H + λI)⁻¹, λ as gptq.factorise dampens H (inputs never
-    seen count 1 on the diagonal first); Linears sharing a Hessian share one factorisation. The entries
-    hold the Hessians summed (gptq.summed).
+    global scales are taken): W' = W (C + λI)ᵀ (H + λI)⁻¹ (above), H dampened as
+    gptq.factorise dampens it (dampen_), C the CROSS step's sum; Linears sharing a Hessian share one Cholesky.
+    The entries hold the Hessians summed (gptq.summed).
 
     Only the leading Linears: the others' calibration inputs are made by the layer's own unrounded
     Linears, and the difference from the source's that they would make up for is mostly made up for
@@ -71,7 +72,13 @@ def targets_(layer: Layer, recipe, hessians: dict, cross: dict) -> None:
     for name in sorted(cross["names"] & hessians.keys()):
         groups.setdefault(id(hessians[name]), []).append(name)
     for names in groups.values():
-        root, dampening = factor(hessians[names[0]][0], recipe.gptq.dampening_frac, names[0])
+        dampened = hessians[names[0]][0].to(torch.float32).clone()
+        _, dampening = dampen_(dampened, recipe.gptq.dampening_frac)
+        try:
+            root = torch.linalg.cholesky(dampened)  # lower triangular
+        except RuntimeError:
+            raise indefinite(recipe.gptq.dampening_frac, names[0]) from None
+        del dampened
         moved = cross["sum"] + dampening * torch.eye(len(root), device=root.device)  # C + λI
         for name in names:
             module = layer.linears[name]
@@ -80,21 +87,6 @@ def targets_(layer: Layer, recipe, hessians: dict, cross: dict) -> None:
             del weight
         del root, moved
     cross["sum"] = None
-
-
-def factor(hessian: torch.Tensor, fraction: float, module: str) -> tuple:
-    """(L, λ): the lower Cholesky factor of H + λI (H with the diagonal of inputs never seen at 1, as
-    GPTQ dampens it), and λ = fraction x the mean of that diagonal. H is left unchanged."""
-    dampened = hessian.to(torch.float32).clone()
-    dead = torch.diag(dampened) == 0
-    dampened[dead, dead] = 1
-    dampening = fraction * torch.mean(torch.diag(dampened))
-    dampened.diagonal().add_(dampening)
-    try:
-        return torch.linalg.cholesky(dampened), dampening
-    except RuntimeError:
-        raise BuilderError(Problem("quant", "gptq.dampening_frac", f"{fraction}: the Hessian of {module} is not "
-                                   "positive definite; raise dampening_frac or calibrate on more samples")) from None
 
 
 CROSS = Step("cross", (), {"gptq.asymmetric": True}, observe=observe, beside=True)

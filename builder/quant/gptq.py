@@ -15,6 +15,7 @@ import torch
 
 from builder.errors import BuilderError, Problem
 from builder.quant import asymmetric, fp4, layerwise, observe
+from builder.quant.dampen import dampen_, indefinite
 from builder.quant.quantize import FP8, fused, quantized_dtype, scale_format
 from builder.quant.step import Layer, Step, means, shared_sums
 from builder.release.recipe import Args, Recipe
@@ -53,10 +54,7 @@ def factorise(hessian: torch.Tensor, settings, module: str) -> Factor:
     order = column_order(hessian, settings.actorder)
     if settings.actorder is not None:
         permute_(hessian, order)
-    dead = torch.diag(hessian) == 0
-    hessian[dead, dead] = 1
-    # the eye's off-diagonal zeros added nothing: the dampening goes on the diagonal alone
-    hessian.diagonal().add_(settings.dampening_frac * torch.mean(torch.diag(hessian)))
+    dead, _ = dampen_(hessian, settings.dampening_frac)
     return Factor(order, dead, upper_root(hessian, settings.dampening_frac, module))
 
 
@@ -212,9 +210,7 @@ def upper_root(hessian: torch.Tensor, dampening: float, module: str) -> torch.Te
     try:
         torch.linalg.cholesky(factor, out=factor)
     except RuntimeError:
-        raise BuilderError(Problem("quant", "gptq.dampening_frac", f"{dampening}: the Hessian of {module} "
-                                   "is not positive definite; raise dampening_frac or calibrate on more "
-                                   "samples")) from None
+        raise indefinite(dampening, module) from None
     turn_(hessian)  # J L J (a half turn of the square): upper triangular
     return factor
 
