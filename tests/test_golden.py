@@ -34,8 +34,6 @@ WIDE = {"tiny-llama": ("llama", dict(intermediate_size=512, num_key_value_heads=
 Q5_TARGET = {"target": {"schemes": ["w16a16", "w8a16-int", "w5a16-int", "w4a16-int"]}}
 # The tiny models' Linears (64 and 128 features; 32 k/v rows) hold whole 32x32 blocks, not 128x128 ones.
 BLOCKS_32 = {"quant": {"weights": {"block_structure": [32, 32]}, "input_activations": {"group_size": 32}}}
-# GPTQ group by group: act order keeping each scale's columns together, scales searched on compensated weights
-GPTQ_GROUPS = {"actorder": "groups", "scales": "compensated"}
 # case -> (quant option, calibration option, eval option, extra release keys)
 RECIPES = {
     "bf16": ("bf16", "none", "none", {}),
@@ -52,8 +50,6 @@ RECIPES = {
     "w8a8-int8-gptq-imatrix": ("w8a8-int8-gptq-imatrix", "licenses", "none", SMALL_CALIBRATION),
     "w4a16-gptq-imatrix": ("w4a16-gptq-imatrix", "licenses", "none",
                            {**SMALL_CALIBRATION, "quant": {"weights": {"group_size": 32}}}),
-    "w4a16-gptq-groups": ("w4a16-gptq-imatrix", "licenses", "none",
-                          {**SMALL_CALIBRATION, "quant": {"weights": {"group_size": 32}, "gptq": GPTQ_GROUPS}}),
     "w4a16-awq-gptq-imatrix": ("w4a16-awq-gptq-imatrix", "licenses", "none",
                                {**SMALL_CALIBRATION, "quant": {"weights": {"group_size": 32}}}),
     "w8a8-int8-smoothquant": ("w8a8-int8-smoothquant", "licenses", "none", SMALL_CALIBRATION),
@@ -81,8 +77,6 @@ RECIPES = {
     "nvfp4-gptq-imatrix": ("nvfp4-gptq-imatrix", "licenses", "none", SMALL_CALIBRATION),
     "nvfp4a16-gptq-asymmetric": ("nvfp4a16-gptq-imatrix", "licenses", "none",
                                  {**SMALL_CALIBRATION, "quant": {"gptq": {"asymmetric": True}}}),
-    "nvfp4a16-gptq-groups": ("nvfp4a16-gptq-imatrix", "licenses", "none",
-                             {**SMALL_CALIBRATION, "quant": {"gptq": GPTQ_GROUPS}}),
     "mxfp4a16": ("mxfp4a16", "none", "none", {}),
     "mxfp4": ("mxfp4", "none", "none", {}),
     "mxfp8": ("mxfp8", "none", "none", {}),

@@ -24,9 +24,6 @@ LIBRARY = "transformers"
 VLLM = "compressed-tensors"
 SCALES = ("_scale",)   # weight_scale, input_scale, k_scale, v_scale
 # QuantizationArgs fields a recipe does not set, with the values compressed-tensors 0.17 writes for them.
-# GPTQ's column order as compressed-tensors records it: whether the layout needs g_idx ("group") or not
-# ("static", an alias of "weight": calibration ordered, layout unchanged), which is what groups is too
-ACTORDER = {None: None, "static": "static", "groups": "static"}
 QUANTIZATION_ARGS_DEFAULTS = {"actorder": None, "block_structure": None, "observer_kwargs": {},
                               "scale_dtype": None, "zp_dtype": None}
 PACK_BITS = 32  # sub-8-bit weights are packed into int32 words (pack-quantized)
@@ -257,7 +254,7 @@ def quantization_config(recipe, routers: list = ()) -> dict:
 
     weights = quantization_args(recipe.weights)
     if recipe.algorithm == "gptq":  # compressed-tensors records GPTQ's column order with the weights
-        weights["actorder"] = ACTORDER[recipe.gptq.actorder]
+        weights["actorder"] = recipe.gptq.actorder
     # W4AFP8: compressed-tensors infers int-quantized for integer weights with activations unless the
     # scheme names its format (vLLM's W4A8 kernels read pack-quantized weights)
     scheme = {"format": recipe.compression_format if recipe.preset == "w4afp8" else None,

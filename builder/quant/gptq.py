@@ -32,28 +32,26 @@ def quantize(weight: torch.Tensor, hessian: torch.Tensor, recipe: Recipe, module
     GPTQ then picks each column's values so that the error on the calibration inputs' second moments
     (hessian = sum of x xᵀ) is compensated on the columns not yet rounded. Neither input is changed.
     """
-    factor = factorise(hessian.to(torch.float32).clone(), recipe.gptq, module, recipe.weights.group_size)
+    factor = factorise(hessian.to(torch.float32).clone(), recipe.gptq, module)
     return round_weight(weight.to(torch.float32).clone(), factor, recipe, importance, global_scale)
 
 
 @dataclass(frozen=True)
 class Factor:
     """What GPTQ needs of a Hessian, shared by the Linears that read the same input: the order columns
-    are rounded in (order[i]: the storage column rounded i-th), the inputs never seen (in that order),
-    and R, the upper triangular factor of the dampened Hessian (permuted): H = R Rᵀ, held in the
-    Hessian's own memory."""
+    are rounded in, the inputs never seen (in that order), and R, the upper triangular factor of the
+    dampened Hessian (permuted): H = R Rᵀ, held in the Hessian's own memory."""
 
     order: torch.Tensor
     dead: torch.Tensor
     root: torch.Tensor
 
 
-def factorise(hessian: torch.Tensor, settings, module: str, group: int | None = None) -> Factor:
+def factorise(hessian: torch.Tensor, settings, module: str) -> Factor:
     """The Factor of a Hessian (FP32, [columns, columns]), computed in its memory: the Hessian is
     consumed. The same values meet the same operations as H[order][:, order], dampening and the
-    Cholesky factor of its half turn on fresh tensors would: only no copy is made. group: the
-    weights' group size (actorder groups)."""
-    order = column_order(hessian, settings.actorder, group)
+    Cholesky factor of its half turn on fresh tensors would: only no copy is made."""
+    order = column_order(hessian, settings.actorder)
     if settings.actorder is not None:
         permute_(hessian, order)
     dead, _ = dampen_(hessian, settings.dampening_frac)
@@ -65,83 +63,37 @@ def round_weight(weight: torch.Tensor, factor: Factor, recipe: Recipe,
     """GPTQ's column loop on one Linear's FP32 weight (consumed: its memory is the loop's) with the
     Factor of its Hessian: (values, scale) or NVFP4's (codes, scale, global) as quantize returns them.
 
-    Scales come from the recipe's weights observer (NVFP4's group scales under the global scale): on the
-    original weight (gptq.scales source, as llm-compressor's GPTQ takes them before rounding), or each
-    group's when the loop reaches it, on its weights compensated so far (compensated; see Rescale).
-    Each column is then rounded with its scale, exactly as the writer rounds the stored values
-    (NVFP4: builder/quant/fp4.py)."""
+    NVFP4's group scales come from the original weight (as llm-compressor's GPTQ takes them from its
+    observer before rounding), under the global scale; each column is then rounded to E2M1 with its
+    group's scale / global, exactly as builder/quant/fp4.py rounds the written codes."""
     args, block = recipe.weights, recipe.gptq.block_size
     fp4_groups = args.strategy == "tensor_group"
-    if fp4_groups and global_scale is None:
-        global_scale = fp4.global_scale(weight.abs().amax())
-    observer = Observer(args, global_scale, None) if fp4_groups else Observer(args, None, scale_format(recipe)[0])
-    order, rescale = factor.order, None
-    if recipe.gptq.scales == "compensated":
-        rescale = Rescale(observer, order, importance, weight.shape, weight.device)
-        scale, steps_of = rescale.scale, None  # steps found group by group
+    if fp4_groups:
+        if global_scale is None:
+            global_scale = fp4.global_scale(weight.abs().amax())
+        scale = observe.fp4_scales(weight, args, global_scale, importance)
+        steps_of = column_steps(fp4.steps(scale, global_scale), args, weight.shape[0])
     else:
-        scale = observer.scales(weight, importance)
-        steps_of = column_steps(observer.steps(scale), args, weight.shape[0])
+        scale_dtype, _ = scale_format(recipe)
+        scale = observe.weight_scale(weight, args, scale_dtype, importance)
+        steps_of = column_steps(scale.to(torch.float32), args, weight.shape[0])
     codes = torch.empty(weight.shape, dtype=torch.uint8 if fp4_groups else quantized_dtype(args), device=weight.device)
+    order = factor.order
     if recipe.gptq.actorder is not None:
         permute_columns_(weight, order)
     weight[:, factor.dead] = 0
-    column_loop(weight, factor.root, order, steps_of, args, block, codes, rescale)
+    column_loop(weight, factor.root, order, steps_of, args, block, codes)
     del factor, weight  # given the last reference (finish pops it), the Hessian's memory goes now
     if recipe.gptq.actorder is not None:
         permute_columns_(codes.view(torch.uint8), torch.argsort(order))  # storage order: scales and layout unchanged
     return (codes, scale, global_scale) if fp4_groups else (codes, scale)
 
 
-class Observer:
-    """The recipe's weights observer as GPTQ asks it: scales of FP32 weights [rows, columns] (with the
-    inputs' E[x²] per column, for imatrix_mse) and the FP32 step each stored scale is worth. NVFP4
-    (global_scale given): FP8 group scales under the global scale, step scale / global; else the
-    scales in the output scale dtype, step the scale itself."""
-
-    def __init__(self, args: Args, global_scale: torch.Tensor | None, dtype: torch.dtype | None):
-        self.args, self.global_scale, self.dtype = args, global_scale, dtype
-
-    def scales(self, weight: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
-        if self.global_scale is not None:
-            return observe.fp4_scales(weight, self.args, self.global_scale, importance)
-        return observe.weight_scale(weight, self.args, self.dtype, importance)
-
-    def steps(self, scale: torch.Tensor) -> torch.Tensor:
-        return scale.to(torch.float32) if self.global_scale is None else fp4.steps(scale, self.global_scale)
-
-
-class Rescale:
-    """gptq.scales compensated: each group's scale searched by the observer when the column loop reaches
-    the group, on the group's weights as compensated for the error of every column rounded before it
-    (GPTQ's reference implementation takes group scales so; llm-compressor takes them from the original
-    weight). The columns a scale covers are then rounded one after the other, so the order keeps
-    groups whole (actorder null or groups, group_size a multiple of PANEL dividing block_size: the
-    recipe checks). Fills scale [rows, groups] (storage order) as groups are reached."""
-
-    def __init__(self, observer: Observer, order: torch.Tensor, importance: torch.Tensor | None,
-                 shape: tuple, device: torch.device):
-        rows, columns = shape
-        self.observer, self.order, self.importance = observer, order, importance
-        self.group = observer.args.group_size
-        dtype = fp4.FP8 if observer.global_scale is not None else observer.dtype
-        self.scale = torch.empty((rows, columns // self.group), dtype=dtype, device=device)
-
-    def __call__(self, position: int, compensated: torch.Tensor) -> torch.Tensor:
-        """The steps [group, rows] of the group rounded from position on (in the loop's order), its
-        weights compensated so far [rows, group] in that order; its scale goes into self.scale."""
-        index = self.order[position:position + self.group]
-        part = None if self.importance is None else self.importance[index]
-        found = self.observer.scales(compensated.contiguous(), part)  # [rows, 1]: one cell per row
-        self.scale[:, int(index[0]) // self.group] = found[:, 0]
-        return self.observer.steps(found).T.expand(self.group, -1)
-
-
 PANEL = 16  # columns whose sums are updated one by one; the rest of the block gets the panel's part as one product
 
 
 def column_loop(weight: torch.Tensor, root: torch.Tensor, order: torch.Tensor, steps_of, args: Args,
-                block: int, codes: torch.Tensor, rescale=None) -> None:
+                block: int, codes: torch.Tensor) -> None:
     """GPTQ's blocked column loop on the FP32 weight w (columns in order; consumed) with R, the upper
     factor of the permuted Hessian (H = R Rᵀ); each column's code goes into codes (same order).
 
@@ -150,13 +102,7 @@ def column_loop(weight: torch.Tensor, root: torch.Tensor, order: torch.Tensor, s
     v_j is w_j + (Σ_{i<j} d_i R_ij) / R_jj with d_i = w_i - q_i (Babai's nearest plane, Chen et al.
     2025), which needs R alone. Each block of columns gets the earlier blocks' part of the sum as one
     product (their d, held in the weight's memory); within the block, each PANEL of columns adds its
-    part to its own columns one column at a time, and to the rest of the block as one product.
-
-    rescale (gptq.scales compensated): at each group's first column s, rescale(position, v) gives the
-    group's steps from its weights compensated for every column before it, as published GPTQ holds them
-    then: the least error over the columns from s on with those before rounded, w + d_{<s} R_{<s,≥s}
-    R_{≥s,≥s}⁻¹, whose group part needs the group's sums and its diagonal block of R alone (R_{≥s,≥s}⁻¹ is
-    upper triangular): v_g = w_g + sums_g R_gg⁻¹. No steps_of: a block's steps are filled group by group."""
+    part to its own columns one column at a time, and to the rest of the block as one product."""
     q_min, q_max = args.value_range
     columns = weight.shape[1]
     single = weight.device.type == "cpu"
@@ -164,8 +110,7 @@ def column_loop(weight: torch.Tensor, root: torch.Tensor, order: torch.Tensor, s
     for start in range(0, columns, block):
         end = min(start + block, columns)
         # the block's columns as contiguous rows (and its scales): each step reads and updates contiguous memory
-        chunk = weight[:, start:end].T.contiguous()
-        steps = torch.empty_like(chunk) if rescale is not None else steps_of(order[start:end])
+        chunk, steps = weight[:, start:end].T.contiguous(), steps_of(order[start:end])
         sums = (torch.mm(root[:start, start:end].T, weight[:, :start].T) if start
                 else torch.zeros_like(chunk))  # Σ_{i<start} d_i R_ij, [block columns, rows]
         local, found = root[start:end, start:end], torch.empty(chunk.shape, dtype=codes.dtype, device=codes.device)
@@ -174,10 +119,6 @@ def column_loop(weight: torch.Tensor, root: torch.Tensor, order: torch.Tensor, s
         try:
             for first in range(0, end - start, PANEL):
                 last = min(first + PANEL, end - start)
-                if rescale is not None and first % rescale.group == 0:  # a group starts: its scale from its weights
-                    group = slice(first, first + rescale.group)
-                    shift = torch.linalg.solve_triangular(local[group, group].T, sums[group], upper=False)
-                    steps[group] = rescale(start + first, (chunk[group] + shift).T)
                 for i in range(first, last):
                     found[i], rounded = round_column(chunk[i] + sums[i] / local[i, i], steps[i], args, q_min, q_max)
                     chunk[i] -= rounded  # d_i = w_i - q_i
@@ -239,23 +180,14 @@ def round_column(column: torch.Tensor, step: torch.Tensor, args: Args, q_min: fl
     return codes, codes * step
 
 
-def column_order(hessian: torch.Tensor, actorder: str | None, group: int | None = None) -> torch.Tensor:
+def column_order(hessian: torch.Tensor, actorder: str | None) -> torch.Tensor:
     """The order columns are rounded in: storage order, or ("static" activation ordering, as
     llm-compressor's default) by decreasing diagonal of the Hessian, ties kept in storage order.
     Rounding the columns that carry the most input energy first leaves the error compensation to
-    columns that matter less; scales stay those of the storage-order groups, so no g_idx is needed.
-    "groups": the groups of `group` columns that share a scale by decreasing sum of their diagonal,
-    and the columns within each group by decreasing diagonal (ties in storage order): activation order
-    that keeps each group's columns together (what gptq.scales compensated needs)."""
+    columns that matter less; scales stay those of the storage-order groups, so no g_idx is needed."""
     if actorder is None:
         return torch.arange(hessian.shape[0], device=hessian.device)
-    diagonal = torch.diag(hessian)
-    if actorder == "groups":
-        cells = diagonal.reshape(-1, group)
-        groups = torch.sort(cells.sum(dim=1), descending=True, stable=True).indices
-        within = torch.sort(cells[groups], dim=1, descending=True, stable=True).indices
-        return (groups.unsqueeze(1) * group + within).reshape(-1)
-    return torch.sort(diagonal, descending=True, stable=True).indices
+    return torch.sort(torch.diag(hessian), descending=True, stable=True).indices
 
 
 def expand(scale: torch.Tensor, args: Args, columns: int) -> torch.Tensor:
@@ -409,7 +341,7 @@ def finish(layer: Layer, recipe: Recipe, seen: dict) -> dict:
         module.weight.data = module.weight.data.new_empty(0)  # the one FP32 copy is rounded in place
         if id(entry) not in factors:
             hessian, entry[0] = summed(entry[0]), None  # the batches kept go before the factorisation
-            factors[id(entry)] = factorise(hessian.to(torch.float32), recipe.gptq, name, recipe.weights.group_size)
+            factors[id(entry)] = factorise(hessian.to(torch.float32), recipe.gptq, name)
             del hessian  # its memory is the factor now
         readers[id(entry)] -= 1
         share = factors.get if readers[id(entry)] else factors.pop  # the last reader takes the factor along

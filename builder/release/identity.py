@@ -37,8 +37,6 @@ OUTPUT_VERSIONS = {
     "quantize.mlxfp": 1,             # MLX's float modes mxfp4, nvfp4, mxfp8: uint8 scales, codes (quant/mlxfp.py)
     "gptq": 5,                       # GPTQ's column loop (integer, FP8, FP4 weights); 2: MKL_CBWR; 3: Cholesky + trtri; 4: Babai (no inverse); 5: panels of 16
     "gptq.asymmetric": 1,            # GPTQ's targets moved to the source model's outputs (quant/asymmetric.py)
-    "gptq.actorder.groups": 1,       # GPTQ's columns in act order group by group (gptq.column_order)
-    "gptq.scales.compensated": 1,    # each group's scale searched on its compensated weights (gptq.Rescale)
     "observer.mse": 1,               # weight scales searched for the least rounding error
     "observer.imatrix_mse": 1,       # the same, errors weighted by the inputs' E[x²] per column
     "smoothing": 1,                  # SmoothQuant: per-channel factors folded into each layer's norms and Linears
@@ -71,8 +69,6 @@ PART_PACKAGES = {
     "quantize.mlxfp": ("torch",),
     "gptq": ("torch",),
     "gptq.asymmetric": ("torch",),
-    "gptq.actorder.groups": ("torch",),
-    "gptq.scales.compensated": ("torch",),
     "observer.mse": ("torch",),
     "observer.imatrix_mse": ("torch",),
     "imatrix": ("torch",),

@@ -187,23 +187,15 @@ class GPTQ(Group):
 
     block_size: Positive
     dampening_frac: number(gt=0, le=1)
-    actorder: Literal["static", "groups"] | None = Field(
+    actorder: Literal["static"] | None = Field(
         description="static: columns rounded in order of decreasing input energy (scales and layout unchanged); "
-                    "groups: the groups of columns that share a scale in order of decreasing input energy, and "
-                    "the columns within each group too, each group's columns together (group and tensor_group "
-                    "weights; layout unchanged); null: in storage order")
+                    "null: in storage order")
     asymmetric: bool = Field(
         False, description="true: each layer's leading Linears (q/k/v) are fitted, on the quantized model's inputs, "
                            "to the source model's outputs on its own inputs, so the layer also makes up for the error "
                            "of the layers before it (after GPTAQ, Li et al. 2025; runs the source model beside the "
                            "calibration, one more forward pass per layer); optional, absent: false, each Linear "
                            "fitted to its source weights on the quantized inputs (GPTQ)")
-    scales: Literal["source", "compensated"] = Field(
-        "source", description="where the weights observer takes each group's scale: source, the original weight "
-                              "before rounding (llm-compressor's GPTQ); compensated, the group's weights when the "
-                              "column loop reaches it, compensated for the error of every column rounded before "
-                              "(GPTQ's reference implementation; group and tensor_group weights, actorder groups or "
-                              "null, group_size a multiple of 16 dividing block_size); optional, absent: source")
 
 
 class AWQ(Group):

@@ -132,10 +132,6 @@ class Recipe:
             found.append(self.algorithm)
         if self.gptq is not None and self.gptq.asymmetric:
             found.append("gptq.asymmetric")
-        if self.gptq is not None and self.gptq.actorder == "groups":
-            found.append("gptq.actorder.groups")
-        if self.gptq is not None and self.gptq.scales == "compensated":
-            found.append("gptq.scales.compensated")
         if self.weights is not None and self.weights.observer != "minmax":
             found.append(f"observer.{self.weights.observer}")
         if self.smoothing is not None:
@@ -246,8 +242,6 @@ def arithmetic_problems(recipe: Recipe) -> list:
     if recipe.gptq is not None and recipe.gptq.asymmetric and recipe.awq is not None:
         found.append((("quant", "gptq", "asymmetric"), "true: not with awq (its factors rescale the inputs "
                       "GPTQ's sums are made of; the source model's stream would need them too): set false or drop awq"))
-    if recipe.gptq is not None:
-        found += gptq_order_problems(recipe.gptq, weights)
     for key, args in (("input_activations", acts), ("kv_cache_scheme", kv)):
         if args is not None and (args.observer != "minmax" or args.settings):
             found.append((("quant", key, "observer"), f"{args.observer}: scale search is for weights; "
@@ -259,29 +253,6 @@ def arithmetic_problems(recipe: Recipe) -> list:
                       f"observer {weights.observer} (allowed: {allowed})"))
     return found
 
-
-
-def gptq_order_problems(gptq, weights) -> list:
-    """GPTQ's column order and scale source against the weights' groups (builder/quant/gptq.py): actorder
-    groups orders groups of columns that share a scale; compensated scales are searched as a group is
-    reached, so its columns are rounded together, each group within one block of columns and starting a
-    panel (gptq.PANEL: 16)."""
-    grouped = weights is not None and weights.strategy in ("group", "tensor_group")
-    found = []
-    if gptq.actorder == "groups" and not grouped:
-        found.append((("quant", "gptq", "actorder"), "groups: orders the groups of columns that share a scale; "
-                      "the weights need strategy group or tensor_group (use static)"))
-    if gptq.scales == "compensated":
-        if not grouped:
-            found.append((("quant", "gptq", "scales"), "compensated: searches each group's scale as GPTQ reaches it; "
-                          "the weights need strategy group or tensor_group (use source)"))
-        elif gptq.actorder == "static":
-            found.append((("quant", "gptq", "scales"), "compensated: a group's columns are rounded together after "
-                          "its scale is searched; set gptq.actorder to groups or null (static scatters them)"))
-        elif weights.group_size % 16 or gptq.block_size % weights.group_size:
-            found.append((("quant", "gptq", "scales"), f"compensated: group_size {weights.group_size} must be a "
-                          f"multiple of 16 that divides gptq.block_size ({gptq.block_size})"))
-    return found
 
 
 def block_recipe_problems(recipe: Recipe) -> list:
