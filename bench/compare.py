@@ -5,7 +5,7 @@ by builder.evaluate), and whether our recipes build twice to the same bytes.
 
     python bench/compare.py [--formats fp8-dynamic,fp8-static,w8a8-int8,w4a16] [--samples 64] [--length 512]
         [--eval-samples 32] [--texts docstrings,code] [--repeat] [--skip llm-compressor:w4a16-gptq-mse,...]
-        [--variant RECIPE:OVERRIDE,...] [--keep DIR] [--llmc /work/venvs/llmc/bin/python] [--json bench/results.json]
+        [--variant 'RECIPE:OVERRIDE OVERRIDE...,...'] [--keep DIR] [--llmc /work/venvs/llmc/bin/python] [--json bench/results.json]
         (from the repository root)
 
 --keep DIR keeps every artifact and its measurements in DIR, and a later run reuses what it finds there
@@ -131,10 +131,11 @@ def run_format(name: str, args, ids_file: Path, eval_ids: dict, scratch: Path) -
             if f"{side}:{recipe}" in args.skip.split(","):
                 continue
             base, _, override = recipe.partition(":")
-            out = scratch / f"{side}-{base}{'-' + override.strip('+').replace('=', '-') if override else ''}"
+            label = "_".join(item.strip("+").replace("=", "-") for item in override.split())
+            out = scratch / f"{side}-{base}{'-' + label if override else ''}"
             row = {"format": name, "side": side, "recipe": recipe}
             if side == "ours":
-                extra = (override,) if override else ()
+                extra = tuple(override.split())
                 row.update(kept(out, lambda out: ours(base, out, args.samples, args.length, extra)))
                 if args.repeat and recipe != recipes[0] and f"again:{recipe}" not in args.skip.split(","):
                     again = kept(scratch / f"again-{out.name.removeprefix('ours-')}",
@@ -172,8 +173,8 @@ def main() -> None:
                         help=f"evaluation texts, of {', '.join(TEXTS)}; TEXT:N evaluates N windows of it")
     parser.add_argument("--repeat", action="store_true", help="build each of our non-default recipes twice")
     parser.add_argument("--skip", default="", help="side:recipe pairs not to run, e.g. llm-compressor:w4a16-gptq-mse (again:RECIPE: no repeat build)")
-    parser.add_argument("--variant", default="", help="our recipes built again with one override each, as rows of "
-                        "their own, e.g. nvfp4a16-gptq-imatrix:+quant.gptq.asymmetric=true")
+    parser.add_argument("--variant", default="", help="our recipes built again with overrides (separated by spaces), "
+                        "as rows of their own, e.g. nvfp4a16-gptq-imatrix:+quant.gptq.asymmetric=true")
     parser.add_argument("--keep", type=Path, help="keep artifacts and measurements here, and reuse them")
     parser.add_argument("--llmc", default="/work/venvs/llmc/bin/python")
     parser.add_argument("--json", type=Path)
