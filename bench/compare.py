@@ -5,7 +5,8 @@ by builder.evaluate), and whether our recipes build twice to the same bytes.
 
     python bench/compare.py [--formats fp8-dynamic,fp8-static,w8a8-int8,w4a16] [--samples 64] [--length 512]
         [--eval-samples 32] [--texts docstrings,code] [--repeat] [--skip llm-compressor:w4a16-gptq-mse,...]
-        [--variant 'RECIPE:OVERRIDE OVERRIDE...,...'] [--keep DIR] [--llmc /work/venvs/llmc/bin/python] [--json bench/results.json]
+        [--variant 'RECIPE:OVERRIDE OVERRIDE...,...'] [--keep DIR] [--llmc /work/venvs/llmc/bin/python]
+        [--json bench/results.json]
         (from the repository root)
 
 --keep DIR keeps every artifact and its measurements in DIR, and a later run reuses what it finds there

@@ -80,9 +80,9 @@ class Layer:
     """One decoder layer as the steps see it: on its device, its targeted Linears by checkpoint name;
     run(replace, beside=False) runs it over every calibration batch in FP32 (with replace, its outputs
     become the next layer's inputs; with beside, each after the same batch of the source model's stream,
-    whose outputs always become its next inputs). Weights are FP32, except plain Linears' when no step folds factors into
-    them (folds): those keep the checkpoint's dtype and are widened as each Linear runs
-    (layerwise.materialize); GPTQ reads them in FP32 with .to(torch.float32)."""
+    whose outputs always become its next inputs). Weights are FP32, except plain Linears' when no step
+    folds factors into them (folds): those keep the checkpoint's dtype and are widened as each Linear
+    runs (layerwise.materialize); GPTQ reads them in FP32 with .to(torch.float32)."""
 
     index: int
     prefix: str                   # "model.layers.{index}."
